@@ -1,0 +1,320 @@
+// Package config reads the sidecar's and the registry's settings from
+// flags, SFKIT_PROXY_* environment variables and a config file (flags beat
+// env beat file), and validates them.
+package config
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/peterbourgon/ff/v3"
+)
+
+// EnvPrefix is the prefix of every environment variable read.
+const EnvPrefix = "SFKIT_PROXY"
+
+// DefaultSTUN are public STUN servers tried in turn when --stun is not given.
+const DefaultSTUN = "stun.l.google.com:19302,stun.cloudflare.com:3478,stun1.l.google.com:19302"
+
+// Sidecar is the configuration of the proxy sidecar.
+type Sidecar struct {
+	Study       string
+	PID         int
+	Registry    *url.URL
+	AuthKeyFile string
+	AuthKey     string
+	SOCKSListen netip.AddrPort
+	// SOCKSAnyHost allows binding the SOCKS listener to a non-loopback address.
+	SOCKSAnyHost bool
+	UDPListen    netip.AddrPort
+	STUN         []string
+	PeersCIDR    netip.Prefix
+	AllowPorts   PortSet
+	Direct       bool
+	StateDir     string
+	LogLevel     slog.Level
+}
+
+// VirtualAddr returns party pid's address in the peers range.
+func (c *Sidecar) VirtualAddr(pid int) netip.Addr {
+	return VirtualAddr(c.PeersCIDR, pid)
+}
+
+// VirtualAddr returns the address base+pid of prefix p.
+func VirtualAddr(p netip.Prefix, pid int) netip.Addr {
+	b := p.Masked().Addr().As16()
+	carry := pid
+	for i := 15; i >= 0 && carry > 0; i-- {
+		sum := int(b[i]) + carry
+		b[i] = byte(sum)
+		carry = sum >> 8
+	}
+	a := netip.AddrFrom16(b)
+	if p.Addr().Is4() {
+		a = a.Unmap()
+	}
+	return a
+}
+
+// PIDOf returns the party id whose virtual address is a, if a is in p.
+func PIDOf(p netip.Prefix, a netip.Addr) (int, bool) {
+	a = a.Unmap()
+	if !p.Contains(a) {
+		return 0, false
+	}
+	base := p.Masked().Addr().As16()
+	x := a.As16()
+	n := 0
+	for i := 0; i < 16; i++ {
+		if n > 1<<22 {
+			return 0, false
+		}
+		n = n<<8 | (int(x[i]) - int(base[i]))
+	}
+	return n, n >= 0
+}
+
+// ErrHelp is returned when -h was asked for; the usage has been printed.
+var ErrHelp = flag.ErrHelp
+
+// ParseSidecar parses the sidecar's arguments (without the program name).
+// Usage goes to out on -h.
+func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
+	fs := flag.NewFlagSet("sfkit-proxy", flag.ContinueOnError)
+	var (
+		study      = fs.String("study", "", "study ID (required)")
+		pid        = fs.Int("pid", -1, "this party's id, 0 or more (required)")
+		registry   = fs.String("registry", "", "registry URL, e.g. https://sfkit.example.org/ (required)")
+		keyFile    = fs.String("auth-key-file", "", "file holding the registry bearer token")
+		key        = fs.String("auth-key", "", "registry bearer token (prefer the env var or a file: flags show in ps)")
+		socks      = fs.String("socks-listen", "127.0.0.1:1080", "SOCKS5 listen address")
+		anyHost    = fs.Bool("socks-any-host", false, "allow a non-loopback --socks-listen (anyone who reaches it can use your tunnels)")
+		udp        = fs.String("udp-listen", "0.0.0.0:0", "UDP address of the one socket used for STUN and QUIC")
+		stunList   = fs.String("stun", DefaultSTUN, "STUN servers host:port, comma-separated, tried in turn")
+		cidr       = fs.String("peers-cidr", "10.0.0.0/24", "virtual range: party N is the range's base + N")
+		allow      = fs.String("allow-ports", "all", "local ports peers may reach, e.g. 8000-8100,9443, or all")
+		direct     = fs.String("direct", "allow", "destinations outside --peers-cidr: allow (dial directly) or deny")
+		stateDir   = fs.String("state-dir", "", "directory of the persistent identity key (default $XDG_STATE_HOME/sfkit-proxy/STUDY-PID)")
+		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
+		_          = fs.String("config", "", "config file of 'flag value' lines")
+	)
+	fs.Usage = Usage(fs, out, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, demo, version.")
+	if err := parse(fs, args); err != nil {
+		return nil, err
+	}
+	c := &Sidecar{Study: *study, PID: *pid, AuthKeyFile: *keyFile, AuthKey: *key, SOCKSAnyHost: *anyHost}
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	if c.Study == "" {
+		bad("--study is required: the study ID the registry knows")
+	} else if !validStudy(c.Study) {
+		bad("--study %q: use letters, digits, '-', '_' or '.' (at most 128)", c.Study)
+	}
+	if *pid < 0 {
+		bad("--pid is required: this party's id (0, 1, 2, …)")
+	}
+	if *registry == "" {
+		bad("--registry is required: the registry URL, e.g. https://sfkit.example.org/")
+	} else if u, err := url.Parse(*registry); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		bad("--registry %q: want an http:// or https:// URL", *registry)
+	} else {
+		c.Registry = u
+	}
+	var err error
+	if c.SOCKSListen, err = netip.ParseAddrPort(*socks); err != nil {
+		bad("--socks-listen %q: want IP:PORT, e.g. 127.0.0.1:1080", *socks)
+	} else if !c.SOCKSListen.Addr().IsLoopback() && !c.SOCKSAnyHost {
+		bad("--socks-listen %v is not a loopback address: add --socks-any-host if you really mean to expose the proxy", c.SOCKSListen)
+	}
+	if c.UDPListen, err = netip.ParseAddrPort(*udp); err != nil {
+		bad("--udp-listen %q: want IP:PORT, e.g. 0.0.0.0:0", *udp)
+	}
+	for _, s := range strings.Split(*stunList, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		if _, _, err := splitHostPort(s); err != nil {
+			bad("--stun %q: want host:port entries", s)
+			continue
+		}
+		c.STUN = append(c.STUN, s)
+	}
+	if len(c.STUN) == 0 {
+		bad("--stun is empty: give at least one STUN server host:port")
+	}
+	if c.PeersCIDR, err = netip.ParsePrefix(*cidr); err != nil {
+		bad("--peers-cidr %q: want a CIDR such as 10.0.0.0/24", *cidr)
+	} else {
+		c.PeersCIDR = c.PeersCIDR.Masked()
+		if *pid >= 0 && !c.PeersCIDR.Contains(c.VirtualAddr(*pid)) {
+			bad("--pid %d does not fit in --peers-cidr %v: use a larger range", *pid, c.PeersCIDR)
+		}
+	}
+	if c.AllowPorts, err = ParsePorts(*allow); err != nil {
+		bad("--allow-ports: %v", err)
+	}
+	switch *direct {
+	case "allow":
+		c.Direct = true
+	case "deny":
+	default:
+		bad("--direct %q: want allow or deny", *direct)
+	}
+	if c.LogLevel, err = ParseLevel(*logLevel); err != nil {
+		bad("--log-level: %v", err)
+	}
+	c.StateDir = *stateDir
+	if c.StateDir == "" && c.Study != "" && *pid >= 0 {
+		c.StateDir = defaultStateDir(c.Study, *pid)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Registry is the configuration of the reference registry server.
+type Registry struct {
+	Listen   string
+	Tokens   string
+	Data     string
+	TLSCert  string
+	TLSKey   string
+	LogLevel slog.Level
+}
+
+// ParseRegistry parses the arguments of `sfkit-proxy registry`.
+func ParseRegistry(args []string, out io.Writer) (*Registry, error) {
+	fs := flag.NewFlagSet("sfkit-proxy registry", flag.ContinueOnError)
+	var (
+		listen   = fs.String("listen", "127.0.0.1:8080", "HTTP(S) listen address")
+		tokens   = fs.String("tokens", "", "tokens file: lines 'TOKEN STUDY PID', # comments (required)")
+		data     = fs.String("data", "", "directory where the registry keeps its state (required)")
+		cert     = fs.String("tls-cert", "", "TLS certificate file (serve HTTPS)")
+		key      = fs.String("tls-key", "", "TLS key file")
+		logLevel = fs.String("log-level", "info", "debug, info, warn or error")
+		_        = fs.String("config", "", "config file of 'flag value' lines")
+	)
+	fs.Usage = Usage(fs, out, "sfkit-proxy registry [flags]\n\nRuns the reference registry that parties publish their addresses and keys to.")
+	if err := parse(fs, args); err != nil {
+		return nil, err
+	}
+	c := &Registry{Listen: *listen, Tokens: *tokens, Data: *data, TLSCert: *cert, TLSKey: *key}
+	var errs []error
+	if c.Tokens == "" {
+		errs = append(errs, errors.New("--tokens is required: a file of 'TOKEN STUDY PID' lines"))
+	}
+	if c.Data == "" {
+		errs = append(errs, errors.New("--data is required: a directory for the registry's state"))
+	}
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		errs = append(errs, errors.New("--tls-cert and --tls-key go together"))
+	}
+	if _, _, err := splitHostPort(c.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("--listen %q: want host:port", c.Listen))
+	}
+	var err error
+	if c.LogLevel, err = ParseLevel(*logLevel); err != nil {
+		errs = append(errs, fmt.Errorf("--log-level: %v", err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func parse(fs *flag.FlagSet, args []string) error {
+	fs.SetOutput(io.Discard)
+	err := ff.Parse(fs, args,
+		ff.WithEnvVarPrefix(EnvPrefix),
+		ff.WithConfigFileFlag("config"),
+		ff.WithConfigFileParser(ff.PlainParser),
+	)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.Usage()
+		return ErrHelp
+	}
+	if err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q: every setting is a --flag", fs.Arg(0))
+	}
+	return nil
+}
+
+// EnvName is the environment variable that sets flag name.
+func EnvName(name string) string {
+	return EnvPrefix + "_" + strings.ToUpper(strings.NewReplacer("-", "_", ".", "_").Replace(name))
+}
+
+// Usage returns a usage function listing every flag with its default and env name.
+func Usage(fs *flag.FlagSet, out io.Writer, head string) func() {
+	return func() {
+		fmt.Fprintf(out, "Usage: %s\n\nFlags (each also read from the environment variable shown):\n", head)
+		fs.VisitAll(func(f *flag.Flag) {
+			def := ""
+			if f.DefValue != "" && f.DefValue != "-1" {
+				def = fmt.Sprintf(" (default %q)", f.DefValue)
+			}
+			fmt.Fprintf(out, "  --%s\n        %s%s [$%s]\n", f.Name, f.Usage, def, EnvName(f.Name))
+		})
+	}
+}
+
+// ParseLevel parses a log level name.
+func ParseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("%q: want debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+func validStudy(s string) bool {
+	if len(s) > 128 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+// ValidStudy reports whether s is an acceptable study ID.
+func ValidStudy(s string) bool { return s != "" && validStudy(s) }
+
+func splitHostPort(s string) (string, uint16, error) {
+	i := strings.LastIndexByte(s, ':')
+	if i <= 0 {
+		return "", 0, errors.New("missing port")
+	}
+	p, err := strconv.ParseUint(s[i+1:], 10, 16)
+	if err != nil {
+		return "", 0, err
+	}
+	return s[:i], uint16(p), nil
+}
+
+func defaultStateDir(study string, pid int) string {
+	base := os.Getenv("XDG_STATE_HOME")
+	if base == "" {
+		if home, err := os.UserHomeDir(); err == nil {
+			base = filepath.Join(home, ".local", "state")
+		} else {
+			base = os.TempDir()
+		}
+	}
+	return filepath.Join(base, "sfkit-proxy", fmt.Sprintf("%s-%d", study, pid))
+}

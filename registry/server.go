@@ -1,0 +1,369 @@
+package registry
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"sfkit-proxy/config"
+)
+
+// Grant is what a token allows: writing one party's entry, reading its study.
+type Grant struct {
+	Study string
+	PID   int
+}
+
+// ParseTokens reads a tokens file: lines "TOKEN STUDY PID", blank lines and
+// '#' comments allowed.
+func ParseTokens(r *bufio.Scanner) (map[string]Grant, error) {
+	grants := make(map[string]Grant)
+	for n := 1; r.Scan(); n++ {
+		line := strings.TrimSpace(r.Text())
+		if i := strings.IndexByte(line, '#'); i >= 0 {
+			line = strings.TrimSpace(line[:i])
+		}
+		if line == "" {
+			continue
+		}
+		f := strings.Fields(line)
+		if len(f) != 3 {
+			return nil, fmt.Errorf("line %d: want 'TOKEN STUDY PID', got %d fields", n, len(f))
+		}
+		if len(f[0]) < 16 {
+			return nil, fmt.Errorf("line %d: token too short: use at least 16 random characters", n)
+		}
+		if !config.ValidStudy(f[1]) {
+			return nil, fmt.Errorf("line %d: study %q: use letters, digits, '-', '_' or '.'", n, f[1])
+		}
+		pid, err := strconv.Atoi(f[2])
+		if err != nil || pid < 0 {
+			return nil, fmt.Errorf("line %d: pid %q: want a number 0 or more", n, f[2])
+		}
+		h := hashToken(f[0])
+		if _, dup := grants[h]; dup {
+			return nil, fmt.Errorf("line %d: token repeated", n)
+		}
+		grants[h] = Grant{Study: f[1], PID: pid}
+	}
+	if err := r.Err(); err != nil {
+		return nil, err
+	}
+	return grants, nil
+}
+
+// LoadTokens reads a tokens file from disk.
+func LoadTokens(path string) (map[string]Grant, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("tokens file: %w", err)
+	}
+	defer f.Close()
+	g, err := ParseTokens(bufio.NewScanner(f))
+	if err != nil {
+		return nil, fmt.Errorf("tokens file %s: %w", path, err)
+	}
+	return g, nil
+}
+
+func hashToken(t string) string {
+	h := sha256.Sum256([]byte(t))
+	return string(h[:])
+}
+
+// ServerOptions configure a Server. Zero values are documented per field.
+type ServerOptions struct {
+	// Grants maps hashed tokens to grants; build it with LoadTokens.
+	Grants map[string]Grant
+	// DataDir holds state.json; empty keeps state in memory only.
+	DataDir string
+	// Logger; nil discards.
+	Logger *slog.Logger
+	// MaxWait caps a long poll; zero means 60 s.
+	MaxWait time.Duration
+	// Rate limits requests per token per second; zero means 20 (burst 40).
+	Rate float64
+}
+
+// Server is the reference registry: an http.Handler.
+type Server struct {
+	opts ServerOptions
+	log  *slog.Logger
+	mux  *http.ServeMux
+
+	mu       sync.Mutex // guards studies, changed, limiters
+	studies  map[string]*study
+	changed  chan struct{} // closed and replaced on every change
+	limiters map[string]*rate.Limiter
+}
+
+type study struct {
+	Version uint64        `json:"version"`
+	Parties map[int]Entry `json:"parties"`
+}
+
+// NewServer returns a server with state loaded from opts.DataDir.
+func NewServer(opts ServerOptions) (*Server, error) {
+	if opts.MaxWait == 0 {
+		opts.MaxWait = 60 * time.Second
+	}
+	if opts.Rate == 0 {
+		opts.Rate = 20
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{opts: opts, log: log, studies: make(map[string]*study), changed: make(chan struct{}), limiters: make(map[string]*rate.Limiter)}
+	if opts.DataDir != "" {
+		if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
+			return nil, fmt.Errorf("registry data dir: %w", err)
+		}
+		b, err := os.ReadFile(s.statePath())
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+		case err != nil:
+			return nil, fmt.Errorf("registry state: %w", err)
+		default:
+			if err := json.Unmarshal(b, &s.studies); err != nil {
+				return nil, fmt.Errorf("registry state %s is corrupt: %w (move it away to start empty)", s.statePath(), err)
+			}
+		}
+	}
+	s.mux = http.NewServeMux()
+	s.mux.HandleFunc("PUT /v1/studies/{study}/parties/{pid}", s.put)
+	s.mux.HandleFunc("DELETE /v1/studies/{study}/parties/{pid}", s.delete)
+	s.mux.HandleFunc("GET /v1/studies/{study}/parties", s.list)
+	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	return s, nil
+}
+
+func (s *Server) statePath() string { return filepath.Join(s.opts.DataDir, "state.json") }
+
+// ServeHTTP implements http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+func httpError(w http.ResponseWriter, code int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(map[string]string{"error": msg})
+}
+
+// authorize checks the bearer token and that it belongs to the study in the
+// path. It writes the error and returns false when not.
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request) (Grant, bool) {
+	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok || tok == "" {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="sfkit-proxy"`)
+		httpError(w, http.StatusUnauthorized, "missing bearer token")
+		return Grant{}, false
+	}
+	h := hashToken(tok)
+	g, ok := s.opts.Grants[h]
+	if !ok {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="sfkit-proxy", error="invalid_token"`)
+		httpError(w, http.StatusUnauthorized, "unknown token")
+		return Grant{}, false
+	}
+	s.mu.Lock()
+	lim := s.limiters[h]
+	if lim == nil {
+		lim = rate.NewLimiter(rate.Limit(s.opts.Rate), int(2*s.opts.Rate))
+		s.limiters[h] = lim
+	}
+	s.mu.Unlock()
+	if !lim.Allow() {
+		w.Header().Set("Retry-After", "1")
+		httpError(w, http.StatusTooManyRequests, "too many requests: slow down")
+		return Grant{}, false
+	}
+	if r.PathValue("study") != g.Study {
+		httpError(w, http.StatusForbidden, "token is not valid for this study")
+		return Grant{}, false
+	}
+	return g, true
+}
+
+func (s *Server) ownEntry(w http.ResponseWriter, r *http.Request) (Grant, bool) {
+	g, ok := s.authorize(w, r)
+	if !ok {
+		return g, false
+	}
+	pid, err := strconv.Atoi(r.PathValue("pid"))
+	if err != nil || pid < 0 {
+		httpError(w, http.StatusBadRequest, "pid in path must be a number 0 or more")
+		return g, false
+	}
+	if pid != g.PID {
+		httpError(w, http.StatusForbidden, fmt.Sprintf("token may only write party %d's entry", g.PID))
+		return g, false
+	}
+	return g, true
+}
+
+func (s *Server) put(w http.ResponseWriter, r *http.Request) {
+	g, ok := s.ownEntry(w, r)
+	if !ok {
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, MaxBody)
+	e, err := DecodeEntry(r.Body)
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			httpError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body over %d bytes", MaxBody))
+			return
+		}
+		httpError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if e.PID != g.PID {
+		httpError(w, http.StatusBadRequest, "pid in body differs from pid in path")
+		return
+	}
+	e.Updated = time.Now().UTC()
+	if err := s.update(g.Study, func(st *study) bool {
+		old, had := st.Parties[g.PID]
+		old.Updated = e.Updated
+		if had && equalEntry(old, e) {
+			return false
+		}
+		st.Parties[g.PID] = e
+		return true
+	}); err != nil {
+		s.log.Error("registry state not saved", "err", err)
+		httpError(w, http.StatusInternalServerError, "state not saved")
+		return
+	}
+	s.log.Debug("party published", "study", g.Study, "pid", g.PID)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func equalEntry(a, b Entry) bool {
+	ja, _ := json.Marshal(a)
+	jb, _ := json.Marshal(b)
+	return string(ja) == string(jb)
+}
+
+func (s *Server) delete(w http.ResponseWriter, r *http.Request) {
+	g, ok := s.ownEntry(w, r)
+	if !ok {
+		return
+	}
+	if err := s.update(g.Study, func(st *study) bool {
+		_, had := st.Parties[g.PID]
+		delete(st.Parties, g.PID)
+		return had
+	}); err != nil {
+		s.log.Error("registry state not saved", "err", err)
+		httpError(w, http.StatusInternalServerError, "state not saved")
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// update applies f to the study under the lock; when f reports a change it
+// bumps the version, saves and wakes long polls.
+func (s *Server) update(name string, f func(*study) bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.studies[name]
+	if st == nil {
+		st = &study{Parties: make(map[int]Entry)}
+		s.studies[name] = st
+	}
+	if !f(st) {
+		return nil
+	}
+	st.Version++
+	close(s.changed)
+	s.changed = make(chan struct{})
+	return s.saveLocked()
+}
+
+func (s *Server) saveLocked() error {
+	if s.opts.DataDir == "" {
+		return nil
+	}
+	b, err := json.Marshal(s.studies)
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(s.opts.DataDir, "state-*.tmp")
+	if err != nil {
+		return err
+	}
+	_, werr := tmp.Write(b)
+	serr := tmp.Sync()
+	cerr := tmp.Close()
+	if err := errors.Join(werr, serr, cerr); err != nil {
+		os.Remove(tmp.Name())
+		return err
+	}
+	return os.Rename(tmp.Name(), s.statePath())
+}
+
+func (s *Server) list(w http.ResponseWriter, r *http.Request) {
+	g, ok := s.authorize(w, r)
+	if !ok {
+		return
+	}
+	q := r.URL.Query()
+	var after uint64
+	if v := q.Get("after"); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			httpError(w, http.StatusBadRequest, "after must be a version number")
+			return
+		}
+		after = n
+	}
+	var wait time.Duration
+	if v := q.Get("wait"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			httpError(w, http.StatusBadRequest, "wait must be a duration such as 25s")
+			return
+		}
+		wait = min(d, s.opts.MaxWait)
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), wait)
+	defer cancel()
+	for {
+		s.mu.Lock()
+		l := List{Parties: []Entry{}}
+		if st := s.studies[g.Study]; st != nil {
+			l.Version = st.Version
+			for _, pid := range slices.Sorted(maps.Keys(st.Parties)) {
+				l.Parties = append(l.Parties, st.Parties[pid])
+			}
+		}
+		changed := s.changed
+		s.mu.Unlock()
+		if l.Version != after || wait == 0 {
+			w.Header().Set("Content-Type", "application/json")
+			json.NewEncoder(w).Encode(l)
+			return
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			wait = 0 // answer with what there is
+		}
+	}
+}

@@ -1,0 +1,62 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"sfkit-proxy/config"
+	"sfkit-proxy/registry"
+)
+
+// runRegistry serves the reference registry until ctx ends.
+func runRegistry(ctx context.Context, cfg *config.Registry, log *slog.Logger) error {
+	grants, err := registry.LoadTokens(cfg.Tokens)
+	if err != nil {
+		return err
+	}
+	srv, err := registry.NewServer(registry.ServerOptions{Grants: grants, DataDir: cfg.Data, Logger: log.With("component", "registry")})
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("registry listen %s: %w", cfg.Listen, err)
+	}
+	log.Info("registry serving", "addr", ln.Addr(), "parties", len(grants), "tls", cfg.TLSCert != "")
+	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second,
+		// Long polls end when ctx does.
+		BaseContext: func(net.Listener) context.Context { return ctx }}
+	return serveHTTP(ctx, hs, ln, cfg.TLSCert, cfg.TLSKey)
+}
+
+// serveHTTP serves until ctx ends, then shuts down gracefully.
+func serveHTTP(ctx context.Context, hs *http.Server, ln net.Listener, cert, key string) error {
+	errc := make(chan error, 1)
+	go func() {
+		if cert != "" {
+			errc <- hs.ServeTLS(ln, cert, key)
+		} else {
+			errc <- hs.Serve(ln)
+		}
+	}()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	serr := hs.Shutdown(sctx)
+	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+		serr = errors.Join(serr, err)
+	}
+	if serr != nil && !errors.Is(serr, context.DeadlineExceeded) {
+		return serr
+	}
+	return ctx.Err()
+}

@@ -1,0 +1,297 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"sfkit-proxy/config"
+	"sfkit-proxy/quicmux"
+	"sfkit-proxy/registry"
+	"sfkit-proxy/socks"
+	"sfkit-proxy/stun"
+)
+
+// runSidecar builds the sidecar's parts in dependency order and runs them
+// until ctx ends or one fails. onReady, if set, is told the SOCKS address
+// once everything is listening.
+func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady func(socksAddr netip.AddrPort)) error {
+	log = log.With("party", cfg.PID)
+	token, err := staticToken(cfg)
+	if err != nil {
+		return err
+	}
+	id, err := quicmux.LoadIdentity(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	if cfg.Registry.Scheme == "http" && !isLoopbackHost(cfg.Registry.Hostname()) {
+		log.Warn("registry URL is plain http: tokens and addresses cross the network unencrypted; use https outside a lab", "registry", cfg.Registry.Redacted())
+	}
+	if !cfg.SOCKSListen.Addr().IsLoopback() {
+		log.Warn("SOCKS listener is not on loopback: anyone who can reach it can use this party's tunnels", "addr", cfg.SOCKSListen)
+	}
+	ln, err := net.Listen("tcp", cfg.SOCKSListen.String())
+	if err != nil {
+		return fmt.Errorf("socks listen %v: %w (is another sidecar running? pick another --socks-listen)", cfg.SOCKSListen, err)
+	}
+	checkKey := quicmux.NewCheckKey()
+	mux, err := quicmux.Listen(cfg.UDPListen, quicmux.Options{
+		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
+		AllowPort: cfg.AllowPorts.Contains,
+	})
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	reg := &registry.Client{Base: cfg.Registry, Study: cfg.Study, PID: cfg.PID, Token: token,
+		HTTP: &http.Client{Timeout: 45 * time.Second}}
+	pub := &publisher{reg: reg, mux: mux, log: log.With("component", "registry"), kick: make(chan struct{}, 1),
+		entry: registry.Entry{PID: cfg.PID, Pin: id.Pin, CheckKey: checkKey, Instance: quicmux.NewCheckKey()[:16],
+			NAT: stun.NATUnknown, AllowPorts: cfg.AllowPorts.String()}}
+	policy := &peerPolicy{ports: make(map[int]config.PortSet)}
+	ka := &stun.Keepalive{Client: mux.STUN(), Servers: cfg.STUN, Network: mux.Network(), OnMapping: pub.setMapping,
+		OnRound: func(err error) {
+			if err != nil {
+				log.Warn("stun failed; peers may not reach this party from outside its network", "err", err)
+			}
+		}}
+	srv := socks.New(socks.Options{
+		Logger: log, Peers: cfg.PeersCIDR, Self: cfg.PID, Direct: cfg.Direct, PeerAllows: policy.allows,
+		DialPeer: func(ctx context.Context, pid int, port uint16) (socks.Conn, error) {
+			return mux.Dial(ctx, pid, port)
+		},
+	})
+	log.Info("sidecar starting", "study", cfg.Study, "socks", ln.Addr(), "udp", mux.LocalAddr(), "pin", id.Pin,
+		"virtual_addr", cfg.VirtualAddr(cfg.PID), "allow_ports", cfg.AllowPorts.String())
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return mux.Run(gctx) })
+	g.Go(func() error { return ka.Run(gctx) })
+	g.Go(func() error { return pub.run(gctx) })
+	g.Go(func() error { return watch(gctx, reg, mux, policy, cfg.PID, log.With("component", "registry")) })
+	g.Go(func() error { return srv.Serve(gctx, ln) })
+	if onReady != nil {
+		onReady(netip.MustParseAddrPort(ln.Addr().String()))
+	}
+	err = g.Wait()
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	if derr := reg.Delete(dctx); derr != nil {
+		log.Debug("registry entry not removed", "err", derr)
+	}
+	log.Info("sidecar stopped")
+	return err
+}
+
+func isLoopbackHost(h string) bool {
+	if h == "localhost" {
+		return true
+	}
+	a, err := netip.ParseAddr(h)
+	return err == nil && a.IsLoopback()
+}
+
+// staticToken reads the bearer token from --auth-key-file (again on every
+// refresh, so a rotated file is picked up) or --auth-key.
+func staticToken(cfg *config.Sidecar) (registry.TokenFunc, error) {
+	read := func() (string, error) {
+		if cfg.AuthKeyFile == "" {
+			return cfg.AuthKey, nil
+		}
+		b, err := os.ReadFile(cfg.AuthKeyFile)
+		if err != nil {
+			return "", fmt.Errorf("read --auth-key-file: %w", err)
+		}
+		tok := strings.TrimSpace(string(b))
+		if tok == "" {
+			return "", fmt.Errorf("--auth-key-file %s is empty: put the registry token in it", cfg.AuthKeyFile)
+		}
+		return tok, nil
+	}
+	if cfg.AuthKeyFile == "" && cfg.AuthKey == "" {
+		return nil, fmt.Errorf("no registry credential: give --auth-key-file PATH or set %s", config.EnvName("auth-key"))
+	}
+	tok, err := read()
+	if err != nil {
+		return nil, err
+	}
+	var mu sync.Mutex // guards tok
+	return func(_ context.Context, refresh bool) (string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if refresh {
+			t, err := read()
+			if err != nil {
+				return "", err
+			}
+			tok = t
+		}
+		return tok, nil
+	}, nil
+}
+
+// publisher keeps this party's registry entry current.
+type publisher struct {
+	reg  *registry.Client
+	mux  *quicmux.Mux
+	log  *slog.Logger
+	kick chan struct{}
+
+	mu    sync.Mutex // guards entry
+	entry registry.Entry
+}
+
+// setMapping records what STUN learned and publishes it at once.
+func (p *publisher) setMapping(m stun.Mapping) {
+	p.mu.Lock()
+	var cands []registry.Candidate
+	for _, c := range p.entry.Candidates {
+		if c.Kind != registry.KindSrflx {
+			cands = append(cands, c)
+		}
+	}
+	p.entry.Candidates = append(cands, registry.Candidate{Kind: registry.KindSrflx, Addr: m.Addr})
+	p.entry.NAT = m.NAT
+	p.mu.Unlock()
+	p.log.Info("external address learned", "addr", m.Addr, "nat", m.NAT)
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (p *publisher) snapshot() registry.Entry {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	e := p.entry
+	e.Candidates = nil
+	for _, h := range p.mux.HostCandidates() {
+		e.Candidates = append(e.Candidates, registry.Candidate{Kind: registry.KindHost, Addr: h})
+	}
+	for _, c := range p.entry.Candidates {
+		if c.Kind != registry.KindHost {
+			e.Candidates = append(e.Candidates, c)
+		}
+	}
+	return e
+}
+
+// run publishes now, on every change and every few minutes, retrying with
+// backoff. A credential the registry rejects before the first success ends
+// the sidecar: that needs a person, not a retry.
+func (p *publisher) run(ctx context.Context) error {
+	published := false
+	backoff := time.Second
+	for {
+		e := p.snapshot()
+		err := p.reg.Publish(ctx, e)
+		wait := 5 * time.Minute
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			var se *registry.StatusError
+			if errors.As(err, &se) && (se.Code == http.StatusUnauthorized || se.Code == http.StatusForbidden) {
+				if !published {
+					return fmt.Errorf("registry rejected this party's credential (%d: %s): check --auth-key-file, --study and --pid", se.Code, se.Msg)
+				}
+				p.log.Error("registry rejected this party's credential; retrying", "code", se.Code, "msg", se.Msg)
+			} else {
+				p.log.Warn("registry publish failed; retrying, existing tunnels keep working", "err", err, "in", backoff)
+			}
+			wait = backoff + rand.N(backoff/4+1)
+			backoff = min(2*backoff, 30*time.Second)
+		} else {
+			if !published {
+				p.log.Info("published to registry", "candidates", len(e.Candidates))
+			}
+			published = true
+			backoff = time.Second
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-p.kick:
+			t.Stop()
+		case <-t.C:
+		}
+	}
+}
+
+// peerPolicy holds the ports each peer publishes as reachable.
+type peerPolicy struct {
+	mu    sync.Mutex // guards ports
+	ports map[int]config.PortSet
+}
+
+func (pp *peerPolicy) allows(pid int, port uint16) bool {
+	pp.mu.Lock()
+	defer pp.mu.Unlock()
+	ps, ok := pp.ports[pid]
+	return !ok || ps.Contains(port)
+}
+
+// watch long-polls the registry and hands every new view to the mux.
+func watch(ctx context.Context, reg *registry.Client, mux *quicmux.Mux, policy *peerPolicy, self int, log *slog.Logger) error {
+	var after uint64
+	backoff := time.Second
+	failing := false
+	for {
+		l, err := reg.List(ctx, after, 25*time.Second)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if !failing {
+				log.Warn("registry unreachable; retrying, existing tunnels keep working", "err", err)
+			}
+			failing = true
+			t := time.NewTimer(backoff + rand.N(backoff/4+1))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return ctx.Err()
+			case <-t.C:
+			}
+			backoff = min(2*backoff, 30*time.Second)
+			continue
+		}
+		if failing {
+			log.Info("registry reachable again")
+		}
+		failing, backoff, after = false, time.Second, l.Version
+		infos := make([]quicmux.PeerInfo, 0, len(l.Parties))
+		ports := make(map[int]config.PortSet)
+		for _, e := range l.Parties {
+			if e.PID == self {
+				continue
+			}
+			in := quicmux.PeerInfo{PID: e.PID, Pin: e.Pin, CheckKey: e.CheckKey, Instance: e.Instance}
+			for _, c := range e.Candidates {
+				in.Candidates = append(in.Candidates, c.Addr)
+			}
+			infos = append(infos, in)
+			if ps, err := config.ParsePorts(e.AllowPorts); err == nil {
+				ports[e.PID] = ps
+			}
+		}
+		policy.mu.Lock()
+		policy.ports = ports
+		policy.mu.Unlock()
+		mux.SetPeers(infos)
+	}
+}

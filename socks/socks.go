@@ -1,0 +1,240 @@
+// Package socks is the sidecar's SOCKS5 front: armon/go-socks5 with a Dial
+// that sends destinations inside the peers range through the tunnel and
+// every other destination straight out (or refuses it, by policy).
+package socks
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	socks5 "github.com/armon/go-socks5"
+
+	"sfkit-proxy/config"
+)
+
+// Conn is what a peer dial returns: a connection that can half-close.
+type Conn interface {
+	net.Conn
+	CloseWrite() error
+}
+
+// Options configure a Server. Zero values are documented per field.
+type Options struct {
+	// Logger; nil discards.
+	Logger *slog.Logger
+	// Peers is the virtual range: its base + N is party N.
+	Peers netip.Prefix
+	// Self is this party's id; its own virtual address reaches 127.0.0.1.
+	Self int
+	// DialPeer opens a tunnelled connection to port at party pid (required).
+	DialPeer func(ctx context.Context, pid int, port uint16) (Conn, error)
+	// PeerAllows reports whether party pid publishes port as reachable; nil
+	// means every port (the peer still enforces its own policy).
+	PeerAllows func(pid int, port uint16) bool
+	// Direct allows destinations outside Peers; false refuses them.
+	Direct bool
+	// HandshakeTimeout bounds a client's greeting and request; zero means 10 s.
+	HandshakeTimeout time.Duration
+	// DialTimeout bounds reaching a destination; zero means 20 s.
+	DialTimeout time.Duration
+	// OnConnect, if set, is told the outcome of every CONNECT.
+	OnConnect func(dest string, pid int, err error)
+}
+
+// Server serves SOCKS5.
+type Server struct {
+	opts Options
+	log  *slog.Logger
+
+	mu    sync.Mutex // guards conns
+	conns map[net.Conn]struct{}
+}
+
+// New returns a server.
+func New(opts Options) *Server {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.HandshakeTimeout == 0 {
+		opts.HandshakeTimeout = 10 * time.Second
+	}
+	if opts.DialTimeout == 0 {
+		opts.DialTimeout = 20 * time.Second
+	}
+	return &Server{opts: opts, log: opts.Logger.With("component", "socks"), conns: make(map[net.Conn]struct{})}
+}
+
+// Serve accepts clients on ln until ctx ends, then closes ln and every
+// client connection and waits for their handlers.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	var wg sync.WaitGroup
+	stop := context.AfterFunc(ctx, func() {
+		ln.Close()
+		s.mu.Lock()
+		for c := range s.conns {
+			c.Close()
+		}
+		s.mu.Unlock()
+	})
+	defer stop()
+	defer wg.Wait()
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) {
+				// Too many open files and the like: back off, keep serving.
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; backing off", "err", err, "delay", delay)
+				time.Sleep(delay)
+				continue
+			}
+			return fmt.Errorf("socks accept: %w", err)
+		}
+		delay = 0
+		s.mu.Lock()
+		s.conns[c] = struct{}{}
+		s.mu.Unlock()
+		wg.Go(func() {
+			defer func() {
+				s.mu.Lock()
+				delete(s.conns, c)
+				s.mu.Unlock()
+			}()
+			s.serveConn(c)
+		})
+	}
+}
+
+// serveConn runs one client through go-socks5, which has no deadlines of
+// its own: the handshake deadline is lifted once the request is read (in
+// the rule check, which runs just before the dial).
+func (s *Server) serveConn(c net.Conn) {
+	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
+	srv, err := socks5.New(&socks5.Config{
+		Resolver: keepNames{},
+		Rules:    rules{s: s, c: c},
+		Dial:     s.dial,
+		Logger:   slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	})
+	if err != nil {
+		s.log.Error("socks server setup failed", "err", err)
+		c.Close()
+		return
+	}
+	srv.ServeConn(c)
+}
+
+// keepNames leaves host names unresolved, so that socks5h names reach dial.
+type keepNames struct{}
+
+func (keepNames) Resolve(ctx context.Context, _ string) (context.Context, net.IP, error) {
+	return ctx, nil, nil
+}
+
+type rules struct {
+	s *Server
+	c net.Conn
+}
+
+// Allow lifts the handshake deadline and applies the policy: CONNECT only;
+// peers' published ports; direct destinations only if allowed.
+func (r rules) Allow(ctx context.Context, req *socks5.Request) (context.Context, bool) {
+	r.c.SetDeadline(time.Time{})
+	if req.Command != socks5.ConnectCommand {
+		return ctx, true // go-socks5 answers "command not supported"
+	}
+	host := req.DestAddr.FQDN
+	if req.DestAddr.IP != nil {
+		host = req.DestAddr.IP.String()
+	}
+	pid, isPeer := r.s.peerOf(host)
+	switch {
+	case isPeer && r.s.opts.PeerAllows != nil && pid != r.s.opts.Self && !r.s.opts.PeerAllows(pid, uint16(req.DestAddr.Port)):
+		r.s.log.Info("refused: port not allowed by peer", "peer", pid, "port", req.DestAddr.Port)
+		r.s.report(req.DestAddr.Address(), pid, errNotAllowed)
+		return ctx, false
+	case !isPeer && !r.s.opts.Direct:
+		r.s.log.Info("refused: direct destinations are denied (--direct deny)", "dest", req.DestAddr.Address())
+		r.s.report(req.DestAddr.Address(), -1, errDirectDenied)
+		return ctx, false
+	}
+	return ctx, true
+}
+
+var (
+	errNotAllowed   = errors.New("port not allowed by peer")
+	errDirectDenied = errors.New("direct destinations denied")
+)
+
+func (s *Server) report(dest string, pid int, err error) {
+	if s.opts.OnConnect != nil {
+		s.opts.OnConnect(dest, pid, err)
+	}
+}
+
+// peerOf returns the party whose virtual address host is.
+func (s *Server) peerOf(host string) (int, bool) {
+	a, err := netip.ParseAddr(host)
+	if err != nil {
+		return 0, false
+	}
+	return config.PIDOf(s.opts.Peers, a)
+}
+
+func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.opts.DialTimeout)
+	defer cancel()
+	host, portStr, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	port, err := strconv.ParseUint(portStr, 10, 16)
+	if err != nil {
+		return nil, err
+	}
+	pid, isPeer := s.peerOf(host)
+	if !isPeer || pid == s.opts.Self {
+		target := addr
+		if isPeer {
+			target = net.JoinHostPort("127.0.0.1", portStr)
+		}
+		var d net.Dialer
+		c, err := d.DialContext(ctx, network, target)
+		s.report(addr, -1, err)
+		if err != nil {
+			s.log.Debug("direct dial failed", "dest", addr, "err", err)
+		}
+		return c, err
+	}
+	c, err := s.opts.DialPeer(ctx, pid, uint16(port))
+	s.report(addr, pid, err)
+	if err != nil {
+		s.log.Info("tunnel dial failed", "peer", pid, "port", port, "err", err)
+		return nil, err
+	}
+	local := &net.TCPAddr{IP: config.VirtualAddr(s.opts.Peers, s.opts.Self).AsSlice()}
+	return &tunnelConn{Conn: c, local: local, remote: &net.TCPAddr{IP: net.ParseIP(host), Port: int(port)}}, nil
+}
+
+// tunnelConn gives go-socks5 the *net.TCPAddr it insists on (it panics on
+// any other LocalAddr type) and keeps CloseWrite visible.
+type tunnelConn struct {
+	Conn
+	local, remote *net.TCPAddr
+}
+
+func (c *tunnelConn) LocalAddr() net.Addr  { return c.local }
+func (c *tunnelConn) RemoteAddr() net.Addr { return c.remote }
