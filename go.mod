@@ -1,6 +1,6 @@
 module sfkit-proxy
 
-go 1.26
+go 1.26.0
 
 require (
 	github.com/armon/go-socks5 v0.0.0-20160902184237-e75332964ef5

@@ -457,6 +457,10 @@ func (m *Mux) connect(ctx context.Context, p *peer, log *slog.Logger) {
 	tick := time.NewTicker(m.opts.CheckInterval)
 	defer tick.Stop()
 	dialer := m.opts.PID < p.pid
+	// Answers to an earlier round may still be queued; their paths may be gone.
+	for len(p.checkCh) > 0 {
+		<-p.checkCh
+	}
 	start := time.Now()
 	warned := false
 	for {
@@ -478,7 +482,7 @@ func (m *Mux) connect(ctx context.Context, p *peer, log *slog.Logger) {
 				log.Warn("no path to peer yet; still trying", "after", time.Since(start).Round(time.Second), "last_err", lastErr)
 			}
 		case r := <-p.checkCh:
-			if !dialer {
+			if !dialer || !slices.Contains(m.targets(p), r.From) {
 				continue
 			}
 			conn, err := m.dial(ctx, p, r.From)
@@ -504,21 +508,27 @@ func (m *Mux) setErr(p *peer, err error) {
 // sendChecks sends one check to each of p's candidates.
 func (m *Mux) sendChecks(p *peer) {
 	m.mu.Lock()
-	info := p.info
-	targets := append(slices.Clone(info.Candidates), p.prflx...)
+	key := p.info.CheckKey
 	m.mu.Unlock()
-	slices.SortFunc(targets, func(a, b netip.AddrPort) int { return a.Compare(b) })
-	targets = slices.Compact(targets)
 	user := checkUsername(m.opts.Study, p.pid, m.opts.PID)
-	for _, t := range targets {
-		if t.Addr().Is4() != m.LocalAddr().Addr().Is4() {
-			continue
-		}
+	for _, t := range m.targets(p) {
 		tx := stun.NewTxID()
-		if err := m.stun.Send(t, stun.CheckRequest(tx, user, info.CheckKey), tx, info.CheckKey, p.checkCh); err != nil {
+		if err := m.stun.Send(t, stun.CheckRequest(tx, user, key), tx, key, p.checkCh); err != nil {
 			m.log.Debug("check not sent", "peer", p.pid, "to", t, "err", err)
 		}
 	}
+}
+
+// targets are the addresses to check for p: its published candidates and
+// the addresses its own checks came from, of our socket's family.
+func (m *Mux) targets(p *peer) []netip.AddrPort {
+	m.mu.Lock()
+	all := append(slices.Clone(p.info.Candidates), p.prflx...)
+	m.mu.Unlock()
+	v4 := m.LocalAddr().Addr().Is4()
+	all = slices.DeleteFunc(all, func(a netip.AddrPort) bool { return a.Addr().Is4() != v4 })
+	slices.SortFunc(all, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return slices.Compact(all)
 }
 
 func (m *Mux) dial(ctx context.Context, p *peer, to netip.AddrPort) (*quic.Conn, error) {

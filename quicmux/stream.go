@@ -24,10 +24,27 @@ var (
 // waits, within ctx, for the party to register and for a path to it. The
 // error of a refused or disallowed port says so.
 func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*StreamConn, error) {
-	conn, err := m.waitConn(ctx, pid)
-	if err != nil {
-		return nil, err
+	// A connection may die under us (the peer restarted, the path broke);
+	// nothing has reached the client yet, so opening again is safe.
+	for attempt := 0; ; attempt++ {
+		conn, err := m.waitConn(ctx, pid)
+		if err != nil {
+			return nil, err
+		}
+		c, err := m.openStream(ctx, conn, pid, port)
+		if err == nil || conn.Context().Err() == nil || ctx.Err() != nil || attempt == 2 {
+			return c, err
+		}
+		m.mu.Lock()
+		p := m.peers[pid]
+		m.mu.Unlock()
+		if p != nil {
+			m.dropConn(p, conn, context.Cause(conn.Context()))
+		}
 	}
+}
+
+func (m *Mux) openStream(ctx context.Context, conn *quic.Conn, pid int, port uint16) (*StreamConn, error) {
 	str, err := conn.OpenStreamSync(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("open stream to party %d: %w", pid, err)
@@ -70,6 +87,11 @@ func (m *Mux) waitConn(ctx context.Context, pid int) (*quic.Conn, error) {
 		select {
 		case <-changed:
 		case <-ctx.Done():
+			m.mu.Lock()
+			if p != nil {
+				lastErr = p.lastErr
+			}
+			m.mu.Unlock()
 			if p == nil {
 				return nil, fmt.Errorf("party %d: %w", pid, ErrUnknownPeer)
 			}

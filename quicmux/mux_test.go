@@ -1,0 +1,278 @@
+package quicmux
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"runtime"
+	"testing"
+	"time"
+
+	"sfkit-proxy/stun"
+)
+
+type testParty struct {
+	m    *Mux
+	info PeerInfo
+	stop func()
+}
+
+// startParty runs a Mux on loopback. identity may be nil for a new one.
+func startParty(t *testing.T, pid int, id *Identity, allow func(uint16) bool) *testParty {
+	t.Helper()
+	if id == nil {
+		var err error
+		if id, err = LoadIdentity(t.TempDir()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	key := NewCheckKey()
+	m, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), Options{
+		Study: "test", PID: pid, Identity: id, CheckKey: key, AllowPort: allow, CheckInterval: 50 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	stopped := false
+	p := &testParty{m: m, info: PeerInfo{PID: pid, Pin: id.Pin, CheckKey: key, Instance: NewCheckKey(), Candidates: m.HostCandidates()}}
+	p.stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("Run = %v; want context.Canceled", err)
+		}
+	}
+	t.Cleanup(p.stop)
+	return p
+}
+
+func introduce(parties ...*testParty) {
+	var infos []PeerInfo
+	for _, p := range parties {
+		infos = append(infos, p.info)
+	}
+	for _, p := range parties {
+		p.m.SetPeers(infos)
+	}
+}
+
+// halfCloseEcho accepts connections, reads each to EOF, then writes back
+// what it read and closes: it only answers if the half-close arrived.
+func halfCloseEcho(t *testing.T) uint16 {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				b, err := io.ReadAll(c)
+				if err == nil {
+					c.Write(b)
+				}
+			}()
+		}
+	}()
+	return uint16(ln.Addr().(*net.TCPAddr).Port)
+}
+
+func allowAll(uint16) bool { return true }
+
+func ctxTimeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func roundTrip(t *testing.T, m *Mux, pid int, port uint16, size int) {
+	t.Helper()
+	c, err := m.Dial(ctxTimeout(t, 10*time.Second), pid, port)
+	if err != nil {
+		t.Fatalf("Dial(party %d, port %d) = %v", pid, port, err)
+	}
+	defer c.Close()
+	want := make([]byte, size)
+	rand.Read(want)
+	go func() {
+		c.Write(want)
+		c.CloseWrite()
+	}()
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	got, err := io.ReadAll(c)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("echo of %d bytes: got %d bytes, %v", size, len(got), err)
+	}
+}
+
+func TestTunnelBothWaysWithHalfClose(t *testing.T) {
+	echo := halfCloseEcho(t)
+	time.Sleep(10 * time.Millisecond) // let the echo's accept loop park
+	base := runtime.NumGoroutine()
+	a := startParty(t, 0, nil, allowAll)
+	b := startParty(t, 1, nil, allowAll)
+	introduce(a, b)
+	roundTrip(t, a.m, 1, echo, 3<<20) // dialer side opens
+	roundTrip(t, b.m, 0, echo, 3<<20) // acceptor side opens on the same connection
+	// Many concurrent streams on the one connection.
+	errs := make(chan error, 50)
+	for range 50 {
+		go func() {
+			c, err := a.m.Dial(ctxTimeout(t, 10*time.Second), 1, echo)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			c.Write([]byte("ping"))
+			c.CloseWrite()
+			got, err := io.ReadAll(c)
+			if err == nil && string(got) != "ping" {
+				err = errors.New("got " + string(got))
+			}
+			errs <- err
+		}()
+	}
+	for range 50 {
+		if err := <-errs; err != nil {
+			t.Errorf("concurrent stream: %v", err)
+		}
+	}
+	a.stop()
+	b.stop()
+	waitGoroutines(t, base)
+}
+
+func TestStreamStatuses(t *testing.T) {
+	echo := halfCloseEcho(t)
+	a := startParty(t, 0, nil, allowAll)
+	b := startParty(t, 1, nil, func(p uint16) bool { return p != 1 })
+	introduce(a, b)
+	closed, _ := net.Listen("tcp", "127.0.0.1:0")
+	closedPort := uint16(closed.Addr().(*net.TCPAddr).Port)
+	closed.Close()
+	tests := []struct {
+		name string
+		port uint16
+		want error
+	}{
+		{"nothing listening", closedPort, ErrRefused},
+		{"not allowed", 1, ErrNotAllowed},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := a.m.Dial(ctxTimeout(t, 10*time.Second), 1, tt.port)
+			if !errors.Is(err, tt.want) {
+				t.Errorf("Dial(port %d) = %v, %v; want %v", tt.port, c, err, tt.want)
+			}
+		})
+	}
+	roundTrip(t, a.m, 1, echo, 1000) // the connection is still good
+}
+
+func TestUnknownPeer(t *testing.T) {
+	a := startParty(t, 0, nil, allowAll)
+	_, err := a.m.Dial(ctxTimeout(t, 200*time.Millisecond), 7, 80)
+	if !errors.Is(err, ErrUnknownPeer) {
+		t.Errorf("Dial(party 7) = %v; want ErrUnknownPeer", err)
+	}
+}
+
+func TestWrongPinIsRejected(t *testing.T) {
+	a := startParty(t, 0, nil, allowAll)
+	b := startParty(t, 1, nil, allowAll)
+	impostor, _ := LoadIdentity(t.TempDir())
+	bad := b.info
+	bad.Pin = impostor.Pin // a believes party 1 has another key
+	a.m.SetPeers([]PeerInfo{a.info, bad})
+	b.m.SetPeers([]PeerInfo{a.info, b.info})
+	_, err := a.m.Dial(ctxTimeout(t, 2*time.Second), 1, 80)
+	if !errors.Is(err, ErrNoPath) {
+		t.Fatalf("Dial with a wrong pin = %v; want ErrNoPath", err)
+	}
+	if want := "presented key"; !bytes.Contains([]byte(err.Error()), []byte(want)) {
+		t.Errorf("error %q does not say the key was wrong", err)
+	}
+}
+
+func TestPeerRestartIsReachedAgain(t *testing.T) {
+	echo := halfCloseEcho(t)
+	id, _ := LoadIdentity(t.TempDir())
+	a := startParty(t, 0, nil, allowAll)
+	b := startParty(t, 1, id, allowAll)
+	introduce(a, b)
+	roundTrip(t, a.m, 1, echo, 100)
+	b.stop()
+	b2 := startParty(t, 1, id, allowAll) // same key, new port and instance
+	introduce(a, b2)
+	roundTrip(t, a.m, 1, echo, 100)
+	roundTrip(t, b2.m, 0, echo, 100)
+}
+
+func TestStrangersChecksAreIgnored(t *testing.T) {
+	a := startParty(t, 0, nil, allowAll)
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	to := net.UDPAddrFromAddrPort(a.m.LocalAddr())
+	tests := []struct {
+		name string
+		pkt  []byte
+	}{
+		{"wrong key", stun.CheckRequest(stun.NewTxID(), "test:0:1", "not-the-check-key")},
+		{"wrong study", stun.CheckRequest(stun.NewTxID(), "other:0:1", a.info.CheckKey)},
+		{"no integrity", stun.Request(stun.NewTxID())},
+		{"garbage", []byte{0, 1, 2, 3}},
+	}
+	for _, tt := range tests {
+		pc.WriteTo(tt.pkt, to)
+	}
+	// A valid check is answered, so the silence above is meaningful.
+	pc.WriteTo(stun.CheckRequest(stun.NewTxID(), "test:0:1", a.info.CheckKey), to)
+	pc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 1500)
+	n, _, err := pc.ReadFrom(buf)
+	if err != nil {
+		t.Fatalf("valid check not answered: %v", err)
+	}
+	m, err := stun.Parse(buf[:n])
+	if err != nil || m.Verify(a.info.CheckKey) != nil {
+		t.Fatalf("answer = %v, %v; want a signed response", m, err)
+	}
+	pc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, _, err := pc.ReadFrom(buf); err == nil {
+		t.Errorf("got a second answer (%d bytes); strangers' checks must be ignored", n)
+	}
+}
+
+// waitGoroutines fails if the goroutine count does not return to base.
+func waitGoroutines(t *testing.T, base int) {
+	t.Helper()
+	var n int
+	for range 100 {
+		if n = runtime.NumGoroutine(); n <= base {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	buf := make([]byte, 1<<20)
+	t.Errorf("%d goroutines left, %d before:\n%s", n, base, buf[:runtime.Stack(buf, true)])
+}
