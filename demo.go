@@ -33,14 +33,10 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	parties := fs.Int("parties", 3, "number of parties")
 	sizeMB := fs.Int("size-mb", 32, "size of each party's file in MiB")
 	level := fs.String("log-level", "warn", "log level of the sidecars")
-	fs.Usage = config.Usage(fs, stderr, "sfkit-proxy demo [flags]\n\nRuns a registry, a STUN server and several parties on loopback and moves a file across every ordered pair.")
+	fs.Usage = config.Usage(fs, stderr, "", "sfkit-proxy demo [flags]\n\nRuns a registry, a STUN server and several parties on loopback and moves a file across every ordered pair.")
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fs.Usage()
-			return config.ErrHelp
-		}
-		return err
+		return err // on -h, flag has printed the usage already
 	}
 	lvl, err := config.ParseLevel(*level)
 	if err != nil {
@@ -221,4 +217,3 @@ func fetch(ctx context.Context, c *http.Client, u string) (int64, [32]byte, erro
 	copy(sum[:], h.Sum(nil))
 	return n, sum, err
 }
-

@@ -19,8 +19,12 @@ import (
 	"github.com/peterbourgon/ff/v3"
 )
 
-// EnvPrefix is the prefix of every environment variable read.
-const EnvPrefix = "SFKIT_PROXY"
+// Prefixes of the environment variables read by the sidecar and by the
+// registry server (SFKIT_PROXY_SOCKS_LISTEN, SFKIT_PROXY_REGISTRY_LISTEN).
+const (
+	EnvPrefix         = "SFKIT_PROXY"
+	RegistryEnvPrefix = "SFKIT_PROXY_REGISTRY"
+)
 
 // DefaultSTUN are public STUN servers tried in turn when --stun is not given.
 const DefaultSTUN = "stun.l.google.com:19302,stun.cloudflare.com:3478,stun1.l.google.com:19302"
@@ -91,24 +95,24 @@ var ErrHelp = flag.ErrHelp
 func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	fs := flag.NewFlagSet("sfkit-proxy", flag.ContinueOnError)
 	var (
-		study      = fs.String("study", "", "study ID (required)")
-		pid        = fs.Int("pid", -1, "this party's id, 0 or more (required)")
-		registry   = fs.String("registry", "", "registry URL, e.g. https://sfkit.example.org/ (required)")
-		keyFile    = fs.String("auth-key-file", "", "file holding the registry bearer token")
-		key        = fs.String("auth-key", "", "registry bearer token (prefer the env var or a file: flags show in ps)")
-		socks      = fs.String("socks-listen", "127.0.0.1:1080", "SOCKS5 listen address")
-		anyHost    = fs.Bool("socks-any-host", false, "allow a non-loopback --socks-listen (anyone who reaches it can use your tunnels)")
-		udp        = fs.String("udp-listen", "0.0.0.0:0", "UDP address of the one socket used for STUN and QUIC")
-		stunList   = fs.String("stun", DefaultSTUN, "STUN servers host:port, comma-separated, tried in turn")
-		cidr       = fs.String("peers-cidr", "10.0.0.0/24", "virtual range: party N is the range's base + N")
-		allow      = fs.String("allow-ports", "all", "local ports peers may reach, e.g. 8000-8100,9443, or all")
-		direct     = fs.String("direct", "allow", "destinations outside --peers-cidr: allow (dial directly) or deny")
-		stateDir   = fs.String("state-dir", "", "directory of the persistent identity key (default $XDG_STATE_HOME/sfkit-proxy/STUDY-PID)")
-		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
-		_          = fs.String("config", "", "config file of 'flag value' lines")
+		study    = fs.String("study", "", "study ID (required)")
+		pid      = fs.Int("pid", -1, "this party's id, 0 or more (required)")
+		registry = fs.String("registry", "", "registry URL, e.g. https://sfkit.example.org/ (required)")
+		keyFile  = fs.String("auth-key-file", "", "file holding the registry bearer token")
+		key      = fs.String("auth-key", "", "registry bearer token (prefer the env var or a file: flags show in ps)")
+		socks    = fs.String("socks-listen", "127.0.0.1:1080", "SOCKS5 listen address")
+		anyHost  = fs.Bool("socks-any-host", false, "allow a non-loopback --socks-listen (anyone who reaches it can use your tunnels)")
+		udp      = fs.String("udp-listen", "0.0.0.0:0", "UDP address of the one socket used for STUN and QUIC")
+		stunList = fs.String("stun", DefaultSTUN, "STUN servers host:port, comma-separated, tried in turn")
+		cidr     = fs.String("peers-cidr", "10.0.0.0/24", "virtual range: party N is the range's base + N")
+		allow    = fs.String("allow-ports", "all", "local ports peers may reach, e.g. 8000-8100,9443, or all")
+		direct   = fs.String("direct", "allow", "destinations outside --peers-cidr: allow (dial directly) or deny")
+		stateDir = fs.String("state-dir", "", "directory of the persistent identity key (default $XDG_STATE_HOME/sfkit-proxy/STUDY-PID)")
+		logLevel = fs.String("log-level", "info", "debug, info, warn or error")
+		_        = fs.String("config", "", "config file of 'flag value' lines")
 	)
-	fs.Usage = Usage(fs, out, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, demo, version.")
-	if err := parse(fs, args); err != nil {
+	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, demo, version.")
+	if err := parse(fs, args, EnvPrefix); err != nil {
 		return nil, err
 	}
 	c := &Sidecar{Study: *study, PID: *pid, AuthKeyFile: *keyFile, AuthKey: *key, SOCKSAnyHost: *anyHost}
@@ -204,8 +208,8 @@ func ParseRegistry(args []string, out io.Writer) (*Registry, error) {
 		logLevel = fs.String("log-level", "info", "debug, info, warn or error")
 		_        = fs.String("config", "", "config file of 'flag value' lines")
 	)
-	fs.Usage = Usage(fs, out, "sfkit-proxy registry [flags]\n\nRuns the reference registry that parties publish their addresses and keys to.")
-	if err := parse(fs, args); err != nil {
+	fs.Usage = Usage(fs, out, RegistryEnvPrefix, "sfkit-proxy registry [flags]\n\nRuns the reference registry that parties publish their addresses and keys to.")
+	if err := parse(fs, args, RegistryEnvPrefix); err != nil {
 		return nil, err
 	}
 	c := &Registry{Listen: *listen, Tokens: *tokens, Data: *data, TLSCert: *cert, TLSKey: *key}
@@ -232,19 +236,15 @@ func ParseRegistry(args []string, out io.Writer) (*Registry, error) {
 	return c, nil
 }
 
-func parse(fs *flag.FlagSet, args []string) error {
+func parse(fs *flag.FlagSet, args []string, prefix string) error {
 	fs.SetOutput(io.Discard)
 	err := ff.Parse(fs, args,
-		ff.WithEnvVarPrefix(EnvPrefix),
+		ff.WithEnvVarPrefix(prefix),
 		ff.WithConfigFileFlag("config"),
 		ff.WithConfigFileParser(ff.PlainParser),
 	)
-	if errors.Is(err, flag.ErrHelp) {
-		fs.Usage()
-		return ErrHelp
-	}
 	if err != nil {
-		return err
+		return err // on -h, flag has printed the usage already
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q: every setting is a --flag", fs.Arg(0))
@@ -252,21 +252,31 @@ func parse(fs *flag.FlagSet, args []string) error {
 	return nil
 }
 
-// EnvName is the environment variable that sets flag name.
-func EnvName(name string) string {
-	return EnvPrefix + "_" + strings.ToUpper(strings.NewReplacer("-", "_", ".", "_").Replace(name))
+// EnvName is the environment variable that sets the sidecar's flag name.
+func EnvName(name string) string { return envName(EnvPrefix, name) }
+
+func envName(prefix, name string) string {
+	return prefix + "_" + strings.ToUpper(strings.NewReplacer("-", "_", ".", "_").Replace(name))
 }
 
-// Usage returns a usage function listing every flag with its default and env name.
-func Usage(fs *flag.FlagSet, out io.Writer, head string) func() {
+// Usage returns a usage function listing every flag with its default and,
+// when prefix is not empty, its environment variable.
+func Usage(fs *flag.FlagSet, out io.Writer, prefix, head string) func() {
 	return func() {
-		fmt.Fprintf(out, "Usage: %s\n\nFlags (each also read from the environment variable shown):\n", head)
+		fmt.Fprintf(out, "Usage: %s\n\nFlags", head)
+		if prefix != "" {
+			fmt.Fprint(out, " (each also read from the environment variable shown)")
+		}
+		fmt.Fprintln(out, ":")
 		fs.VisitAll(func(f *flag.Flag) {
-			def := ""
+			def, env := "", ""
 			if f.DefValue != "" && f.DefValue != "-1" {
 				def = fmt.Sprintf(" (default %q)", f.DefValue)
 			}
-			fmt.Fprintf(out, "  --%s\n        %s%s [$%s]\n", f.Name, f.Usage, def, EnvName(f.Name))
+			if prefix != "" {
+				env = " [$" + envName(prefix, f.Name) + "]"
+			}
+			fmt.Fprintf(out, "  --%s\n        %s%s%s\n", f.Name, f.Usage, def, env)
 		})
 	}
 }

@@ -91,9 +91,9 @@ type Mux struct {
 // Mux.mu.
 type peer struct {
 	pid     int
-	infoCh  chan struct{}     // a new info arrived
-	connCh  chan struct{}     // the accept loop installed a connection
-	checkCh chan stun.Result  // answers to our connectivity checks
+	infoCh  chan struct{}       // a new info arrived
+	connCh  chan struct{}       // the accept loop installed a connection
+	checkCh chan stun.Result    // answers to our connectivity checks
 	prflxCh chan netip.AddrPort // addresses its valid checks came from
 	cancel  context.CancelFunc
 

@@ -1,0 +1,40 @@
+# sfkit-proxy: `make demo` runs the local multi-party demo, `make test` runs
+# every test (the NAT lab too, when root).
+GO      ?= go
+BIN     ?= sfkit-proxy
+IMAGE   ?= sfkit-proxy:latest
+GOFLAGS ?= -trimpath
+
+.PHONY: all build demo test unit e2e fuzz image bench clean
+
+all: build
+
+# A static binary: it runs in a FROM-scratch image as well as on a host.
+build:
+	CGO_ENABLED=0 $(GO) build $(GOFLAGS) -o $(BIN) .
+
+demo: build
+	./$(BIN) demo
+
+test: unit e2e
+
+unit:
+	$(GO) vet ./...
+	$(GO) test -race -count=1 ./...
+
+# Real NATs in network namespaces (skips, saying so, when not root).
+e2e: build
+	scripts/nat-lab.sh ./$(BIN)
+
+# A short run of every fuzz target.
+fuzz:
+	for t in FuzzParse:./stun FuzzParseRequest:./quicmux FuzzParseReply:./quicmux \
+	         FuzzDecodeEntry:./registry FuzzParsePorts:./config; do \
+		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 20s "$${t#*:}" || exit 1; \
+	done
+
+image: build
+	d=$$(mktemp -d) && cp $(BIN) Dockerfile $$d/ && docker build -t $(IMAGE) $$d; rc=$$?; rm -rf $$d; exit $$rc
+
+clean:
+	rm -f $(BIN)

@@ -1,0 +1,171 @@
+package config
+
+import (
+	"errors"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestParsePorts(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    string
+		has     []uint16
+		hasNot  []uint16
+		wantErr bool
+	}{
+		{in: "all", want: "all", has: []uint16{1, 8020, 65535}},
+		{in: "8000-8100,9443", want: "8000-8100,9443", has: []uint16{8000, 8050, 8100, 9443}, hasNot: []uint16{7999, 8101, 9442}},
+		{in: " 9443 , 8000-8100 ", want: "8000-8100,9443"},
+		{in: "10-20,15-30,31", want: "10-31", has: []uint16{31}, hasNot: []uint16{32}},
+		{in: "", wantErr: true},
+		{in: "0", wantErr: true},
+		{in: "70000", wantErr: true},
+		{in: "20-10", wantErr: true},
+		{in: "80,", wantErr: true},
+		{in: "a-b", wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			got, err := ParsePorts(tt.in)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("ParsePorts(%q) = %v, %v; want error %v", tt.in, got, err, tt.wantErr)
+			}
+			if err != nil {
+				return
+			}
+			if got.String() != tt.want {
+				t.Errorf("ParsePorts(%q) = %q; want %q", tt.in, got, tt.want)
+			}
+			for _, p := range tt.has {
+				if !got.Contains(p) {
+					t.Errorf("ParsePorts(%q).Contains(%d) = false", tt.in, p)
+				}
+			}
+			for _, p := range tt.hasNot {
+				if got.Contains(p) {
+					t.Errorf("ParsePorts(%q).Contains(%d) = true", tt.in, p)
+				}
+			}
+		})
+	}
+}
+
+func FuzzParsePorts(f *testing.F) {
+	for _, s := range []string{"all", "8000-8100,9443", "1", "65535", "1-2,3-4"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		ps, err := ParsePorts(s)
+		if err != nil {
+			return
+		}
+		again, err := ParsePorts(ps.String())
+		if err != nil || again.String() != ps.String() {
+			t.Errorf("ParsePorts(%q).String() = %q does not parse back the same: %q, %v", s, ps, again, err)
+		}
+	})
+}
+
+func TestVirtualAddr(t *testing.T) {
+	p := netip.MustParsePrefix("10.0.0.0/24")
+	tests := []struct {
+		pid  int
+		want string
+	}{{0, "10.0.0.0"}, {1, "10.0.0.1"}, {254, "10.0.0.254"}, {300, "10.0.1.44"}}
+	for _, tt := range tests {
+		if got := VirtualAddr(p, tt.pid); got.String() != tt.want {
+			t.Errorf("VirtualAddr(%v, %d) = %v; want %s", p, tt.pid, got, tt.want)
+		}
+		pid, ok := PIDOf(p, netip.MustParseAddr(tt.want))
+		if in := p.Contains(netip.MustParseAddr(tt.want)); ok != in || (ok && pid != tt.pid) {
+			t.Errorf("PIDOf(%s) = %d, %v; want %d, %v", tt.want, pid, ok, tt.pid, in)
+		}
+	}
+	if _, ok := PIDOf(p, netip.MustParseAddr("192.168.1.1")); ok {
+		t.Error("PIDOf(192.168.1.1) is in 10.0.0.0/24")
+	}
+}
+
+var required = []string{"--study", "s1", "--pid", "0", "--registry", "https://r.example/", "--state-dir", "/tmp/x"}
+
+func TestParseSidecarErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"nothing", nil, "--study is required"},
+		{"no pid", []string{"--study", "s", "--registry", "https://r/"}, "--pid is required"},
+		{"no registry", []string{"--study", "s", "--pid", "1"}, "--registry is required"},
+		{"bad registry", append(required, "--registry", "ftp://x"), "want an http:// or https:// URL"},
+		{"public socks", append(required, "--socks-listen", "0.0.0.0:1080"), "--socks-any-host"},
+		{"bad ports", append(required, "--allow-ports", "99999"), "--allow-ports"},
+		{"bad direct", append(required, "--direct", "maybe"), "want allow or deny"},
+		{"pid outside range", append(required, "--pid", "300"), "does not fit"},
+		{"stray argument", append(required, "extra"), "unexpected argument"},
+		{"unknown flag", append(required, "--nope"), "nope"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ParseSidecar(tt.args, io.Discard)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("ParseSidecar(%q) = %v; want error with %q", tt.args, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestParseSidecarPrecedence(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "conf")
+	os.WriteFile(file, []byte("socks-listen 127.0.0.1:1001\nallow-ports 1-10\nlog-level debug\n"), 0o600)
+	t.Setenv("SFKIT_PROXY_SOCKS_LISTEN", "127.0.0.1:1002")
+	t.Setenv("SFKIT_PROXY_ALLOW_PORTS", "20-30")
+	args := append(required, "--config", file, "--allow-ports", "40")
+	c, err := ParseSidecar(args, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.SOCKSListen.String() != "127.0.0.1:1002" {
+		t.Errorf("socks-listen = %v; want env (127.0.0.1:1002) over file", c.SOCKSListen)
+	}
+	if c.AllowPorts.String() != "40" {
+		t.Errorf("allow-ports = %v; want flag (40) over env and file", c.AllowPorts)
+	}
+	if c.LogLevel.String() != "DEBUG" {
+		t.Errorf("log-level = %v; want file's debug", c.LogLevel)
+	}
+	if c.UDPListen.String() != "0.0.0.0:0" || !c.Direct || len(c.STUN) != 3 {
+		t.Errorf("defaults: udp %v direct %v stun %v", c.UDPListen, c.Direct, c.STUN)
+	}
+}
+
+func TestHelpListsEveryFlagAndEnv(t *testing.T) {
+	var out strings.Builder
+	_, err := ParseSidecar([]string{"-h"}, &out)
+	if !errors.Is(err, ErrHelp) {
+		t.Fatalf("ParseSidecar(-h) = %v; want ErrHelp", err)
+	}
+	for _, want := range []string{"--study", "--pid", "--registry", "--auth-key-file", "--socks-listen", "--udp-listen",
+		"--stun", "--peers-cidr", "--allow-ports", "--direct", "--state-dir", "--config", "--log-level",
+		"$SFKIT_PROXY_SOCKS_LISTEN", `(default "127.0.0.1:1080")`} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("help lacks %q", want)
+		}
+	}
+}
+
+func TestParseRegistry(t *testing.T) {
+	if _, err := ParseRegistry(nil, io.Discard); err == nil || !strings.Contains(err.Error(), "--tokens is required") {
+		t.Errorf("ParseRegistry() = %v; want --tokens is required", err)
+	}
+	c, err := ParseRegistry([]string{"--tokens", "t", "--data", "d"}, io.Discard)
+	if err != nil || c.Listen != "127.0.0.1:8080" {
+		t.Errorf("ParseRegistry = %+v, %v; want loopback default", c, err)
+	}
+}

@@ -1,0 +1,288 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"sfkit-proxy/config"
+	"sfkit-proxy/stun"
+)
+
+func TestDemo(t *testing.T) {
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"demo", "--size-mb", "2"}, &out, io.Discard); err != nil {
+		t.Fatalf("demo = %v\n%s", err, out.String())
+	}
+	for _, want := range []string{"all 6 transfers verified", "refused=true"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("demo output lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+// lab is a registry, a STUN server and sidecars on loopback.
+type lab struct {
+	t        *testing.T
+	dir      string
+	regURL   string
+	regStop  func()
+	regLn    string
+	stunAddr string
+	tokens   map[int]string
+}
+
+func newLab(t *testing.T) *lab {
+	t.Helper()
+	l := &lab{t: t, dir: t.TempDir(), tokens: map[int]string{}}
+	var tok strings.Builder
+	for pid := range 4 {
+		l.tokens[pid] = "test-token-" + rand.Text()
+		fmt.Fprintf(&tok, "%s lab %d\n", l.tokens[pid], pid)
+	}
+	os.WriteFile(filepath.Join(l.dir, "tokens"), []byte(tok.String()), 0o600)
+	l.startRegistry("127.0.0.1:0")
+	spc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { stun.Serve(ctx, spc, slog.New(slog.DiscardHandler)); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	l.stunAddr = spc.LocalAddr().String()
+	return l
+}
+
+// startRegistry runs `sfkit-proxy registry` in-process on addr.
+func (l *lab) startRegistry(addr string) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cfg := &config.Registry{Listen: addr, Tokens: filepath.Join(l.dir, "tokens"), Data: filepath.Join(l.dir, "registry")}
+	if addr == "127.0.0.1:0" {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			l.t.Fatal(err)
+		}
+		cfg.Listen = ln.Addr().String()
+		ln.Close()
+	}
+	done := make(chan error, 1)
+	go func() { done <- runRegistry(ctx, cfg, slog.New(slog.DiscardHandler)) }()
+	l.regLn = cfg.Listen
+	l.regURL = "http://" + cfg.Listen + "/"
+	stopped := false
+	l.regStop = func() {
+		if !stopped {
+			stopped = true
+			cancel()
+			<-done
+		}
+	}
+	l.t.Cleanup(l.regStop)
+	waitTCP(l.t, cfg.Listen)
+}
+
+func waitTCP(t *testing.T, addr string) {
+	for range 100 {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("nothing listens on %s", addr)
+}
+
+// party runs a sidecar and returns its SOCKS address.
+func (l *lab) party(pid int, extra ...string) (netip.AddrPort, func()) {
+	l.t.Helper()
+	keyFile := filepath.Join(l.dir, "key"+strconv.Itoa(pid))
+	os.WriteFile(keyFile, []byte(l.tokens[pid]), 0o600)
+	args := append([]string{"--study", "lab", "--pid", strconv.Itoa(pid), "--registry", l.regURL,
+		"--auth-key-file", keyFile, "--socks-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0",
+		"--stun", l.stunAddr, "--state-dir", filepath.Join(l.dir, "state"+strconv.Itoa(pid))}, extra...)
+	cfg, err := config.ParseSidecar(args, io.Discard)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan netip.AddrPort, 1)
+	done := make(chan error, 1)
+	go func() { done <- runSidecar(ctx, cfg, slog.New(slog.DiscardHandler), func(a netip.AddrPort) { ready <- a }) }()
+	var addr netip.AddrPort
+	select {
+	case addr = <-ready:
+	case err := <-done:
+		l.t.Fatalf("party %d: %v", pid, err)
+	}
+	stopped := false
+	stop := func() {
+		if !stopped {
+			stopped = true
+			cancel()
+			if err := <-done; !errors.Is(err, context.Canceled) {
+				l.t.Errorf("party %d stopped with %v", pid, err)
+			}
+		}
+	}
+	l.t.Cleanup(stop)
+	return addr, stop
+}
+
+// fileServer serves size random bytes on 127.0.0.1 and returns the port and
+// the content's sha256.
+func fileServer(t *testing.T, size int) (int, string) {
+	t.Helper()
+	data := make([]byte, size)
+	rand.Read(data)
+	sum := sha256.Sum256(data)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.ServeContent(w, r, "f", time.Time{}, bytes.NewReader(data))
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().(*net.TCPAddr).Port, hex.EncodeToString(sum[:])
+}
+
+func TestRealCurlAndNcatThroughSOCKS(t *testing.T) {
+	for _, tool := range []string{"curl", "ncat"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s is not installed (apt-get install curl ncat)", tool)
+		}
+	}
+	l := newLab(t)
+	port, sum := fileServer(t, 5<<20)
+	s0, _ := l.party(0)
+	l.party(1)
+	curl := exec.Command("curl", "-sS", "--fail", "--max-time", "60", fmt.Sprintf("http://10.0.0.1:%d/", port))
+	curl.Env = append(os.Environ(), "ALL_PROXY=socks5h://"+s0.String())
+	out, err := curl.Output()
+	if err != nil {
+		t.Fatalf("curl through party 0 to party 1: %v", err)
+	}
+	if got := sha256.Sum256(out); hex.EncodeToString(got[:]) != sum {
+		t.Errorf("curl got %d bytes with another sha256", len(out))
+	}
+	// A line echo at party 1, reached with ncat through party 0's proxy.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		b := make([]byte, 64)
+		n, _ := c.Read(b)
+		c.Write(bytes.ToUpper(b[:n]))
+	}()
+	nc := exec.Command("ncat", "--no-shutdown", "--proxy", s0.String(), "--proxy-type", "socks5",
+		"10.0.0.1", strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+	nc.Stdin = strings.NewReader("hello party one\n")
+	got, err := nc.Output()
+	if err != nil || string(got) != "HELLO PARTY ONE\n" {
+		t.Errorf("ncat echo = %q, %v; want %q", got, err, "HELLO PARTY ONE\n")
+	}
+}
+
+func fetchVia(t *testing.T, socksAddr netip.AddrPort, u string) (int64, string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	n, sum, err := fetch(ctx, socksClient(socksAddr), u)
+	return n, hex.EncodeToString(sum[:]), err
+}
+
+func TestRegistryOutageKeepsTunnels(t *testing.T) {
+	l := newLab(t)
+	port, sum := fileServer(t, 1<<20)
+	s0, _ := l.party(0)
+	l.party(1)
+	u := fmt.Sprintf("http://10.0.0.1:%d/", port)
+	if _, got, err := fetchVia(t, s0, u); err != nil || got != sum {
+		t.Fatalf("before outage: %v", err)
+	}
+	l.regStop()
+	for i := range 3 {
+		if _, got, err := fetchVia(t, s0, u); err != nil || got != sum {
+			t.Fatalf("during outage, fetch %d: %v", i, err)
+		}
+	}
+	// The registry comes back on the same address; a new party joins.
+	l.startRegistry(l.regLn)
+	s2, _ := l.party(2)
+	if _, got, err := fetchVia(t, s2, u); err != nil || got != sum {
+		t.Fatalf("after outage, from a new party: %v", err)
+	}
+}
+
+func TestPeerRestartThroughRegistry(t *testing.T) {
+	l := newLab(t)
+	port, sum := fileServer(t, 1<<20)
+	s0, _ := l.party(0)
+	_, stop1 := l.party(1)
+	u := fmt.Sprintf("http://10.0.0.1:%d/", port)
+	if _, got, err := fetchVia(t, s0, u); err != nil || got != sum {
+		t.Fatalf("first fetch: %v", err)
+	}
+	stop1()
+	l.party(1) // same state dir: same key; new UDP port
+	if _, got, err := fetchVia(t, s0, u); err != nil || got != sum {
+		t.Fatalf("after party 1 restarted: %v", err)
+	}
+}
+
+func TestStartupErrorsAreClear(t *testing.T) {
+	l := newLab(t)
+	bad := filepath.Join(l.dir, "badkey")
+	os.WriteFile(bad, []byte("not-a-token-anyone-knows"), 0o600)
+	empty := filepath.Join(l.dir, "empty")
+	os.WriteFile(empty, nil, 0o600)
+	base := []string{"--study", "lab", "--pid", "1", "--registry", l.regURL, "--socks-listen", "127.0.0.1:0",
+		"--udp-listen", "127.0.0.1:0", "--stun", l.stunAddr, "--state-dir", t.TempDir()}
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"rejected token", append(base, "--auth-key-file", bad), "registry rejected this party's credential (401"},
+		{"missing key file", append(base, "--auth-key-file", filepath.Join(l.dir, "nope")), "read --auth-key-file"},
+		{"empty key file", append(base, "--auth-key-file", empty), "is empty"},
+		{"no credential", base, "no registry credential"},
+		{"token of another party", append(base, "--auth-key", l.tokens[2]), "403"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			var stderr bytes.Buffer
+			err := run(ctx, tt.args, io.Discard, &stderr)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("run = %v; want error with %q", err, tt.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,182 @@
+package socks
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// echoServer answers each connection with what it reads.
+func echoServer(t *testing.T) *net.TCPListener {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); io.Copy(c, c) }()
+		}
+	}()
+	return ln
+}
+
+type dialRecord struct {
+	mu    sync.Mutex
+	calls []string
+}
+
+func startServer(t *testing.T, opts Options) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- New(opts).Serve(ctx, ln) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("Serve = %v; want context.Canceled", err)
+		}
+	})
+	return ln.Addr().String()
+}
+
+// connect performs a SOCKS5 CONNECT and returns the reply code and conn.
+func connect(t *testing.T, proxy string, atyp byte, host string, port uint16) (byte, net.Conn) {
+	t.Helper()
+	c, err := net.Dial("tcp", proxy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Write([]byte{5, 1, 0})
+	var sel [2]byte
+	if _, err := io.ReadFull(c, sel[:]); err != nil || sel != [2]byte{5, 0} {
+		t.Fatalf("method selection = %v, %v", sel, err)
+	}
+	req := []byte{5, 1, 0, atyp}
+	if atyp == 3 {
+		req = append(req, byte(len(host)))
+		req = append(req, host...)
+	} else {
+		req = append(req, netip.MustParseAddr(host).AsSlice()...)
+	}
+	req = append(req, byte(port>>8), byte(port))
+	c.Write(req)
+	var rep [10]byte
+	if _, err := io.ReadFull(c, rep[:]); err != nil {
+		t.Fatalf("reply: %v", err)
+	}
+	c.SetDeadline(time.Time{})
+	return rep[1], c
+}
+
+func TestRouting(t *testing.T) {
+	echo := echoServer(t)
+	echoPort := uint16(echo.Addr().(*net.TCPAddr).Port)
+	rec := &dialRecord{}
+	proxy := startServer(t, Options{
+		Peers: netip.MustParsePrefix("10.0.0.0/24"), Self: 0, Direct: true,
+		PeerAllows: func(pid int, port uint16) bool { return port != 22 },
+		DialPeer: func(ctx context.Context, pid int, port uint16) (Conn, error) {
+			rec.mu.Lock()
+			rec.calls = append(rec.calls, fmt.Sprintf("%d:%d", pid, port))
+			rec.mu.Unlock()
+			if pid == 9 {
+				return nil, errors.New("party 9: connection refused by peer's local port")
+			}
+			c, err := net.Dial("tcp", echo.Addr().String()) // stands for the tunnel
+			if err != nil {
+				return nil, err
+			}
+			return c.(*net.TCPConn), nil
+		},
+	})
+	tests := []struct {
+		name  string
+		atyp  byte
+		host  string
+		port  uint16
+		code  byte
+		calls string
+	}{
+		{"peer by IPv4", 1, "10.0.0.2", 8020, 0, "2:8020"},
+		{"peer by name (socks5h)", 3, "10.0.0.3", 8021, 0, "3:8021"},
+		{"own virtual address is local", 1, "10.0.0.0", echoPort, 0, ""},
+		{"direct by name", 3, "localhost", echoPort, 0, ""},
+		{"peer port not published", 1, "10.0.0.2", 22, 2, ""},
+		{"peer refuses", 1, "10.0.0.9", 80, 5, "9:80"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rec.mu.Lock()
+			rec.calls = nil
+			rec.mu.Unlock()
+			code, c := connect(t, proxy, tt.atyp, tt.host, tt.port)
+			if code != tt.code {
+				t.Fatalf("CONNECT %s:%d reply = %d; want %d", tt.host, tt.port, code, tt.code)
+			}
+			rec.mu.Lock()
+			calls := strings.Join(rec.calls, ",")
+			rec.mu.Unlock()
+			if calls != tt.calls {
+				t.Errorf("peer dials = %q; want %q", calls, tt.calls)
+			}
+			if code != 0 {
+				return
+			}
+			c.Write([]byte("hello"))
+			buf := make([]byte, 5)
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "hello" {
+				t.Errorf("echo = %q, %v", buf, err)
+			}
+		})
+	}
+}
+
+func TestDirectDenied(t *testing.T) {
+	echo := echoServer(t)
+	proxy := startServer(t, Options{Peers: netip.MustParsePrefix("10.0.0.0/24"), Direct: false,
+		DialPeer: func(context.Context, int, uint16) (Conn, error) { return nil, errors.New("unused") }})
+	if code, _ := connect(t, proxy, 1, "127.0.0.1", uint16(echo.Addr().(*net.TCPAddr).Port)); code != 2 {
+		t.Errorf("direct CONNECT with --direct deny = %d; want 2 (not allowed)", code)
+	}
+}
+
+func TestStalledClientTimesOutWithoutBlockingOthers(t *testing.T) {
+	echo := echoServer(t)
+	proxy := startServer(t, Options{Peers: netip.MustParsePrefix("10.0.0.0/24"), Direct: true,
+		HandshakeTimeout: 300 * time.Millisecond,
+		DialPeer:         func(context.Context, int, uint16) (Conn, error) { return nil, errors.New("unused") }})
+	stalled, err := net.Dial("tcp", proxy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stalled.Close()
+	stalled.Write([]byte{5}) // a greeting cut short, then silence
+	// Meanwhile another client is served.
+	if code, _ := connect(t, proxy, 1, "127.0.0.1", uint16(echo.Addr().(*net.TCPAddr).Port)); code != 0 {
+		t.Errorf("second client's CONNECT = %d; want 0", code)
+	}
+	stalled.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadAll(stalled); err != nil {
+		t.Errorf("stalled client: %v; want the server to close it (EOF)", err)
+	}
+}
