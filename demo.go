@@ -124,7 +124,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			"--study", "demo", "--pid", strconv.Itoa(i),
 			"--registry", "http://" + rln.Addr().String() + "/",
 			"--auth-key-file", keyPath,
-			"--socks-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0",
+			"--socks-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
 			"--stun", spc.LocalAddr().String(),
 			"--allow-ports", strconv.Itoa(p.port),
 			"--state-dir", filepath.Join(dir, "state"+strconv.Itoa(i)),
@@ -134,7 +134,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 		ps[i] = p
 		g.Go(func() error {
-			return runSidecar(gctx, cfg, log, func(a netip.AddrPort) { p.socks <- a })
+			return runSidecar(gctx, cfg, log, func(l listening) { p.socks <- l.socks })
 		})
 	}
 	socksAddrs := make([]netip.AddrPort, len(ps))

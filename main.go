@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"runtime/debug"
 	"syscall"
 
+	"sfkit-proxy/admin"
 	"sfkit-proxy/config"
 )
 
@@ -41,6 +43,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				return err
 			}
 			return runRegistry(ctx, cfg, newLogger(stderr, cfg.LogLevel))
+		case "status", "ping":
+			cfg, err := config.ParseAdminClient(args[0], args[1:], stderr)
+			if err != nil {
+				return err
+			}
+			return runAdminClient(ctx, args[0], cfg, stdout)
 		case "demo":
 			return runDemo(ctx, args[1:], stdout, stderr)
 		case "version":
@@ -69,4 +77,33 @@ func version() string {
 		return bi.Main.Version
 	}
 	return "unknown"
+}
+
+// runAdminClient prints the status of, or pings through, a running sidecar.
+func runAdminClient(ctx context.Context, cmd string, cfg *config.AdminClient, stdout io.Writer) error {
+	c := &admin.Client{Addr: cfg.Addr}
+	if cmd == "ping" {
+		r, err := c.Ping(ctx, cfg.PID, cfg.Count)
+		if err != nil {
+			return fmt.Errorf("ping party %d: %w", cfg.PID, err)
+		}
+		if cfg.JSON {
+			return json.NewEncoder(stdout).Encode(r)
+		}
+		for _, ms := range r.RTTMillis {
+			fmt.Fprintf(stdout, "pong from party %d via %s %s: time=%.2f ms\n", r.PID, r.Path, r.RemoteAddr, ms)
+		}
+		return nil
+	}
+	s, err := c.Status(ctx)
+	if err != nil {
+		return err
+	}
+	if cfg.JSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(s)
+	}
+	admin.PrintStatus(stdout, s)
+	return nil
 }

@@ -109,23 +109,23 @@ func waitTCP(t *testing.T, addr string) {
 	t.Fatalf("nothing listens on %s", addr)
 }
 
-// party runs a sidecar and returns its SOCKS address.
-func (l *lab) party(pid int, extra ...string) (netip.AddrPort, func()) {
+// party runs a sidecar and returns where it listens.
+func (l *lab) party(pid int, extra ...string) (listening, func()) {
 	l.t.Helper()
 	keyFile := filepath.Join(l.dir, "key"+strconv.Itoa(pid))
 	os.WriteFile(keyFile, []byte(l.tokens[pid]), 0o600)
 	args := append([]string{"--study", "lab", "--pid", strconv.Itoa(pid), "--registry", l.regURL,
-		"--auth-key-file", keyFile, "--socks-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0",
+		"--auth-key-file", keyFile, "--socks-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
 		"--stun", l.stunAddr, "--state-dir", filepath.Join(l.dir, "state"+strconv.Itoa(pid))}, extra...)
 	cfg, err := config.ParseSidecar(args, io.Discard)
 	if err != nil {
 		l.t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	ready := make(chan netip.AddrPort, 1)
+	ready := make(chan listening, 1)
 	done := make(chan error, 1)
-	go func() { done <- runSidecar(ctx, cfg, slog.New(slog.DiscardHandler), func(a netip.AddrPort) { ready <- a }) }()
-	var addr netip.AddrPort
+	go func() { done <- runSidecar(ctx, cfg, slog.New(slog.DiscardHandler), func(a listening) { ready <- a }) }()
+	var addr listening
 	select {
 	case addr = <-ready:
 	case err := <-done:
@@ -175,7 +175,7 @@ func TestRealCurlAndNcatThroughSOCKS(t *testing.T) {
 	s0, _ := l.party(0)
 	l.party(1)
 	curl := exec.Command("curl", "-sS", "--fail", "--max-time", "60", fmt.Sprintf("http://10.0.0.1:%d/", port))
-	curl.Env = append(os.Environ(), "ALL_PROXY=socks5h://"+s0.String())
+	curl.Env = append(os.Environ(), "ALL_PROXY=socks5h://"+s0.socks.String())
 	out, err := curl.Output()
 	if err != nil {
 		t.Fatalf("curl through party 0 to party 1: %v", err)
@@ -199,7 +199,7 @@ func TestRealCurlAndNcatThroughSOCKS(t *testing.T) {
 		n, _ := c.Read(b)
 		c.Write(bytes.ToUpper(b[:n]))
 	}()
-	nc := exec.Command("ncat", "--no-shutdown", "--proxy", s0.String(), "--proxy-type", "socks5",
+	nc := exec.Command("ncat", "--no-shutdown", "--proxy", s0.socks.String(), "--proxy-type", "socks5",
 		"10.0.0.1", strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
 	nc.Stdin = strings.NewReader("hello party one\n")
 	got, err := nc.Output()
@@ -212,7 +212,9 @@ func fetchVia(t *testing.T, socksAddr netip.AddrPort, u string) (int64, string, 
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	n, sum, err := fetch(ctx, socksClient(socksAddr), u)
+	c := socksClient(socksAddr)
+	defer c.CloseIdleConnections()
+	n, sum, err := fetch(ctx, c, u)
 	return n, hex.EncodeToString(sum[:]), err
 }
 
@@ -222,19 +224,19 @@ func TestRegistryOutageKeepsTunnels(t *testing.T) {
 	s0, _ := l.party(0)
 	l.party(1)
 	u := fmt.Sprintf("http://10.0.0.1:%d/", port)
-	if _, got, err := fetchVia(t, s0, u); err != nil || got != sum {
+	if _, got, err := fetchVia(t, s0.socks, u); err != nil || got != sum {
 		t.Fatalf("before outage: %v", err)
 	}
 	l.regStop()
 	for i := range 3 {
-		if _, got, err := fetchVia(t, s0, u); err != nil || got != sum {
+		if _, got, err := fetchVia(t, s0.socks, u); err != nil || got != sum {
 			t.Fatalf("during outage, fetch %d: %v", i, err)
 		}
 	}
 	// The registry comes back on the same address; a new party joins.
 	l.startRegistry(l.regLn)
 	s2, _ := l.party(2)
-	if _, got, err := fetchVia(t, s2, u); err != nil || got != sum {
+	if _, got, err := fetchVia(t, s2.socks, u); err != nil || got != sum {
 		t.Fatalf("after outage, from a new party: %v", err)
 	}
 }
@@ -245,12 +247,12 @@ func TestPeerRestartThroughRegistry(t *testing.T) {
 	s0, _ := l.party(0)
 	_, stop1 := l.party(1)
 	u := fmt.Sprintf("http://10.0.0.1:%d/", port)
-	if _, got, err := fetchVia(t, s0, u); err != nil || got != sum {
+	if _, got, err := fetchVia(t, s0.socks, u); err != nil || got != sum {
 		t.Fatalf("first fetch: %v", err)
 	}
 	stop1()
 	l.party(1) // same state dir: same key; new UDP port
-	if _, got, err := fetchVia(t, s0, u); err != nil || got != sum {
+	if _, got, err := fetchVia(t, s0.socks, u); err != nil || got != sum {
 		t.Fatalf("after party 1 restarted: %v", err)
 	}
 }

@@ -12,10 +12,12 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sync/errgroup"
 
+	"sfkit-proxy/admin"
 	"sfkit-proxy/config"
 	"sfkit-proxy/quicmux"
 	"sfkit-proxy/registry"
@@ -23,10 +25,15 @@ import (
 	"sfkit-proxy/stun"
 )
 
+// listening is where a started sidecar listens.
+type listening struct {
+	socks, admin netip.AddrPort // admin is zero when the API is off
+}
+
 // runSidecar builds the sidecar's parts in dependency order and runs them
-// until ctx ends or one fails. onReady, if set, is told the SOCKS address
+// until ctx ends or one fails. onReady, if set, is told where it listens
 // once everything is listening.
-func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady func(socksAddr netip.AddrPort)) error {
+func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady func(listening)) error {
 	log = log.With("party", cfg.PID)
 	token, err := staticToken(cfg)
 	if err != nil {
@@ -46,6 +53,16 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 	if err != nil {
 		return fmt.Errorf("socks listen %v: %w (is another sidecar running? pick another --socks-listen)", cfg.SOCKSListen, err)
 	}
+	var adminLn net.Listener
+	if cfg.AdminListen.IsValid() {
+		if !cfg.AdminListen.Addr().IsLoopback() {
+			log.Warn("management API is not on loopback: anyone who can reach it sees this party's status", "addr", cfg.AdminListen)
+		}
+		if adminLn, err = net.Listen("tcp", cfg.AdminListen.String()); err != nil {
+			ln.Close()
+			return fmt.Errorf("admin listen %v: %w (pick another --admin-listen, or off)", cfg.AdminListen, err)
+		}
+	}
 	checkKey := quicmux.NewCheckKey()
 	mux, err := quicmux.Listen(cfg.UDPListen, quicmux.Options{
 		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
@@ -53,17 +70,25 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 	})
 	if err != nil {
 		ln.Close()
+		if adminLn != nil {
+			adminLn.Close()
+		}
 		return err
 	}
+	st := &state{socks: make(map[string]uint64)}
 	reg := &registry.Client{Base: cfg.Registry, Study: cfg.Study, PID: cfg.PID, Token: token,
 		HTTP: &http.Client{Timeout: 45 * time.Second}}
-	pub := &publisher{reg: reg, mux: mux, log: log.With("component", "registry"), kick: make(chan struct{}, 1),
+	pub := &publisher{reg: reg, mux: mux, st: st, log: log.With("component", "registry"), kick: make(chan struct{}, 1),
 		entry: registry.Entry{PID: cfg.PID, Pin: id.Pin, CheckKey: checkKey, Instance: quicmux.NewCheckKey()[:16],
 			NAT: stun.NATUnknown, AllowPorts: cfg.AllowPorts.String()}}
 	policy := &peerPolicy{ports: make(map[int]config.PortSet)}
-	ka := &stun.Keepalive{Client: mux.STUN(), Servers: cfg.STUN, Network: mux.Network(), OnMapping: pub.setMapping,
+	ka := &stun.Keepalive{Client: mux.STUN(), Servers: cfg.STUN, Network: mux.Network(),
+		OnMapping: func(m stun.Mapping) {
+			st.setMapping(m)
+			pub.setMapping(m)
+		},
 		OnRound: func(err error) {
-			if err != nil {
+			if st.stunRound(err) && err != nil {
 				log.Warn("stun failed; peers may not reach this party from outside its network", "err", err)
 			}
 		}}
@@ -72,6 +97,7 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 		DialPeer: func(ctx context.Context, pid int, port uint16) (socks.Conn, error) {
 			return mux.Dial(ctx, pid, port)
 		},
+		OnConnect: st.socksRequest,
 	})
 	log.Info("sidecar starting", "study", cfg.Study, "socks", ln.Addr(), "udp", mux.LocalAddr(), "pin", id.Pin,
 		"virtual_addr", cfg.VirtualAddr(cfg.PID), "allow_ports", cfg.AllowPorts.String())
@@ -80,10 +106,26 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 	g.Go(func() error { return mux.Run(gctx) })
 	g.Go(func() error { return ka.Run(gctx) })
 	g.Go(func() error { return pub.run(gctx) })
-	g.Go(func() error { return watch(gctx, reg, mux, policy, cfg.PID, log.With("component", "registry")) })
+	g.Go(func() error { return watch(gctx, reg, mux, policy, st, cfg.PID, log.With("component", "registry")) })
 	g.Go(func() error { return srv.Serve(gctx, ln) })
+	where := listening{socks: netip.MustParseAddrPort(ln.Addr().String())}
+	if adminLn != nil {
+		where.admin = netip.MustParseAddrPort(adminLn.Addr().String())
+		h := admin.NewHandler(admin.Options{
+			Logger: log,
+			Status: func() admin.Status { return st.status(cfg, mux.Stats(), where.socks) },
+			Ping: func(ctx context.Context, pid int) (time.Duration, string, string, error) {
+				rtt, path, addr, err := mux.Ping(ctx, pid)
+				return rtt, path, addr.String(), err
+			},
+			Ready: st.ready,
+		})
+		g.Go(func() error {
+			return serveHTTP(gctx, &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}, adminLn, "", "")
+		})
+	}
 	if onReady != nil {
-		onReady(netip.MustParseAddrPort(ln.Addr().String()))
+		onReady(where)
 	}
 	err = g.Wait()
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
@@ -146,6 +188,7 @@ func staticToken(cfg *config.Sidecar) (registry.TokenFunc, error) {
 type publisher struct {
 	reg  *registry.Client
 	mux  *quicmux.Mux
+	st   *state
 	log  *slog.Logger
 	kick chan struct{}
 
@@ -198,10 +241,11 @@ func (p *publisher) run(ctx context.Context) error {
 		e := p.snapshot()
 		err := p.reg.Publish(ctx, e)
 		wait := 5 * time.Minute
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		p.st.registryResult(err, true)
 		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
 			var se *registry.StatusError
 			if errors.As(err, &se) && (se.Code == http.StatusUnauthorized || se.Code == http.StatusForbidden) {
 				if !published {
@@ -246,16 +290,17 @@ func (pp *peerPolicy) allows(pid int, port uint16) bool {
 }
 
 // watch long-polls the registry and hands every new view to the mux.
-func watch(ctx context.Context, reg *registry.Client, mux *quicmux.Mux, policy *peerPolicy, self int, log *slog.Logger) error {
+func watch(ctx context.Context, reg *registry.Client, mux *quicmux.Mux, policy *peerPolicy, st *state, self int, log *slog.Logger) error {
 	var after uint64
 	backoff := time.Second
 	failing := false
 	for {
 		l, err := reg.List(ctx, after, 25*time.Second)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		st.registryResult(err, false)
 		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
 			if !failing {
 				log.Warn("registry unreachable; retrying, existing tunnels keep working", "err", err)
 			}
@@ -294,4 +339,131 @@ func watch(ctx context.Context, reg *registry.Client, mux *quicmux.Mux, policy *
 		policy.mu.Unlock()
 		mux.SetPeers(infos)
 	}
+}
+
+// state is what the sidecar knows of itself, for the management API.
+type state struct {
+	mu             sync.Mutex // guards everything below
+	mapping        stun.Mapping
+	stunDone       bool
+	stunErr        string
+	stunOK         uint64
+	stunFailed     uint64
+	mappingChanges uint64
+	published      bool
+	regOK          bool
+	regErr         string
+	socks          map[string]uint64 // "target/outcome" → count
+}
+
+func (st *state) setMapping(m stun.Mapping) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.mapping.Addr.IsValid() && st.mapping.Addr != m.Addr {
+		st.mappingChanges++
+	}
+	st.mapping = m
+}
+
+// stunRound records a STUN round; it reports whether the outcome changed
+// (so that a failure is logged once, not every round).
+func (st *state) stunRound(err error) bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	prev := st.stunErr
+	if err != nil {
+		st.stunFailed++
+		st.stunErr = err.Error()
+		return prev == ""
+	}
+	st.stunOK++
+	st.stunDone = true
+	st.stunErr = ""
+	return prev != ""
+}
+
+func (st *state) registryResult(err error, publish bool) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.regOK = err == nil
+	st.regErr = ""
+	if err != nil {
+		st.regErr = err.Error()
+	} else if publish {
+		st.published = true
+	}
+}
+
+func (st *state) socksRequest(dest string, pid int, err error) {
+	target := "direct"
+	if pid >= 0 {
+		target = "peer"
+	}
+	outcome := "unreachable"
+	switch {
+	case err == nil:
+		outcome = "ok"
+	case errors.Is(err, quicmux.ErrNotAllowed), errors.Is(err, socks.ErrNotAllowed):
+		outcome = "not_allowed"
+	case errors.Is(err, socks.ErrDirectDenied):
+		outcome = "denied"
+	case errors.Is(err, quicmux.ErrRefused), errors.Is(err, syscall.ECONNREFUSED):
+		outcome = "refused"
+	}
+	st.mu.Lock()
+	st.socks[target+"/"+outcome]++
+	st.mu.Unlock()
+}
+
+func (st *state) ready() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	switch {
+	case !st.published:
+		return errors.New("not registered yet")
+	case !st.stunDone:
+		return errors.New("external address not learned yet (STUN)")
+	}
+	return nil
+}
+
+func (st *state) status(cfg *config.Sidecar, ms quicmux.Stats, socksAddr netip.AddrPort) admin.Status {
+	st.mu.Lock()
+	s := admin.Status{
+		Study: cfg.Study, PID: cfg.PID, VirtualAddr: cfg.VirtualAddr(cfg.PID).String(), SOCKS: socksAddr.String(),
+		NAT:      st.mapping.NAT,
+		Registry: admin.RegistryStatus{URL: cfg.Registry.Redacted(), Reachable: st.regOK, Published: st.published, LastError: st.regErr},
+		STUN: admin.STUNStatus{Done: st.stunDone, LastError: st.stunErr, Refreshes: st.stunOK, Failures: st.stunFailed,
+			MappingChanges: st.mappingChanges},
+		Counters: admin.Counters{DialsOK: ms.DialsOK, DialsFailed: ms.DialsFailed, AcceptsOK: ms.AcceptsOK,
+			AcceptsRejected: ms.AcceptsRejected, ChecksSent: ms.ChecksSent, ChecksAnswered: ms.ChecksAnswered,
+			SOCKS: make(map[string]uint64, len(st.socks))},
+		Peers: []admin.Peer{},
+	}
+	if st.mapping.Addr.IsValid() {
+		s.ExternalAddr = st.mapping.Addr.String()
+	}
+	if s.NAT == "" {
+		s.NAT = stun.NATUnknown
+	}
+	for k, v := range st.socks {
+		s.Counters.SOCKS[k] = v
+	}
+	st.mu.Unlock()
+	for _, p := range ms.Peers {
+		ap := admin.Peer{PID: p.PID, State: p.State, Path: p.Path, RTTMillis: float64(p.RTT.Microseconds()) / 1000,
+			OpenConns: p.OpenConns, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv, LastError: p.LastError,
+			Rate: admin.Rates{CurrentSent: p.RateSent, CurrentReceived: p.RateRecv, AverageSent: p.AvgSent,
+				AverageReceived: p.AvgRecv, MaxSent: p.MaxSent, MaxReceived: p.MaxRecv}}
+		if p.RemoteAddr.IsValid() {
+			ap.RemoteAddr = p.RemoteAddr.String()
+			since := p.Since
+			ap.ConnectedSince = &since
+		}
+		for _, t := range p.Traffic {
+			ap.Traffic = append(ap.Traffic, admin.PathTraffic{Path: t.Path, Conns: t.Conns, BytesSent: t.BytesSent, BytesReceived: t.BytesRecv})
+		}
+		s.Peers = append(s.Peers, ap)
+	}
+	return s
 }

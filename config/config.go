@@ -26,6 +26,9 @@ const (
 	RegistryEnvPrefix = "SFKIT_PROXY_REGISTRY"
 )
 
+// DefaultAdminListen is where the management API listens unless told.
+const DefaultAdminListen = "127.0.0.1:1081"
+
 // DefaultSTUN are public STUN servers tried in turn when --stun is not given.
 const DefaultSTUN = "stun.l.google.com:19302,stun.cloudflare.com:3478,stun1.l.google.com:19302"
 
@@ -46,6 +49,8 @@ type Sidecar struct {
 	Direct       bool
 	StateDir     string
 	LogLevel     slog.Level
+	// AdminListen is the management API's address; invalid (zero) when off.
+	AdminListen netip.AddrPort
 }
 
 // VirtualAddr returns party pid's address in the peers range.
@@ -109,9 +114,11 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		direct   = fs.String("direct", "allow", "destinations outside --peers-cidr: allow (dial directly) or deny")
 		stateDir = fs.String("state-dir", "", "directory of the persistent identity key (default $XDG_STATE_HOME/sfkit-proxy/STUDY-PID)")
 		logLevel = fs.String("log-level", "info", "debug, info, warn or error")
+		admin    = fs.String("admin-listen", DefaultAdminListen, "management API (status, metrics) address, or off")
+		adminAny = fs.Bool("admin-any-host", false, "allow a non-loopback --admin-listen")
 		_        = fs.String("config", "", "config file of 'flag value' lines")
 	)
-	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, demo, version.")
+	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, status, ping, demo, version.")
 	if err := parse(fs, args, EnvPrefix); err != nil {
 		return nil, err
 	}
@@ -176,6 +183,13 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	if c.LogLevel, err = ParseLevel(*logLevel); err != nil {
 		bad("--log-level: %v", err)
 	}
+	if *admin != "off" && *admin != "" {
+		if c.AdminListen, err = netip.ParseAddrPort(*admin); err != nil {
+			bad("--admin-listen %q: want IP:PORT, e.g. %s, or off", *admin, DefaultAdminListen)
+		} else if !c.AdminListen.Addr().IsLoopback() && !*adminAny {
+			bad("--admin-listen %v is not a loopback address: add --admin-any-host if you really mean to expose the API", c.AdminListen)
+		}
+	}
 	c.StateDir = *stateDir
 	if c.StateDir == "" && c.Study != "" && *pid >= 0 {
 		c.StateDir = defaultStateDir(c.Study, *pid)
@@ -236,13 +250,13 @@ func ParseRegistry(args []string, out io.Writer) (*Registry, error) {
 	return c, nil
 }
 
-func parse(fs *flag.FlagSet, args []string, prefix string) error {
+func parse(fs *flag.FlagSet, args []string, prefix string, opts ...ff.Option) error {
 	fs.SetOutput(io.Discard)
-	err := ff.Parse(fs, args,
+	err := ff.Parse(fs, args, append([]ff.Option{
 		ff.WithEnvVarPrefix(prefix),
 		ff.WithConfigFileFlag("config"),
 		ff.WithConfigFileParser(ff.PlainParser),
-	)
+	}, opts...)...)
 	if err != nil {
 		return err // on -h, flag has printed the usage already
 	}
@@ -327,4 +341,65 @@ func defaultStateDir(study string, pid int) string {
 		}
 	}
 	return filepath.Join(base, "sfkit-proxy", fmt.Sprintf("%s-%d", study, pid))
+}
+
+// AdminClient is the configuration of `sfkit-proxy status` and
+// `sfkit-proxy ping`: they find the API from the sidecar's own
+// --admin-listen, SFKIT_PROXY_ADMIN_LISTEN or --config file.
+type AdminClient struct {
+	Addr  string
+	JSON  bool
+	Count int
+	PID   int
+}
+
+// ParseAdminClient parses the arguments of cmd ("status" or "ping"). ping
+// takes the party id as its one argument.
+func ParseAdminClient(cmd string, args []string, out io.Writer) (*AdminClient, error) {
+	fs := flag.NewFlagSet("sfkit-proxy "+cmd, flag.ContinueOnError)
+	addr := fs.String("admin-listen", DefaultAdminListen, "the sidecar's management API address")
+	jsonOut := fs.Bool("json", false, "print JSON")
+	count := fs.Int("count", 3, "pings to send (ping)")
+	_ = fs.String("config", "", "the sidecar's config file")
+	head := "sfkit-proxy status [flags]\n\nPrints the sidecar's state and each peer's."
+	if cmd == "ping" {
+		head = "sfkit-proxy ping [flags] PID\n\nMeasures the round trip through the tunnel to party PID and names the path."
+	}
+	fs.Usage = Usage(fs, out, EnvPrefix, head)
+	// Take the party id out first: flag stops at the first non-flag.
+	var rest []string
+	var pidArg string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if cmd == "ping" && pidArg == "" && !strings.HasPrefix(a, "-") && (i == 0 || !takesValue(args[i-1])) {
+			pidArg = a
+			continue
+		}
+		rest = append(rest, a)
+	}
+	fs.SetOutput(io.Discard)
+	if err := ff.Parse(fs, rest, ff.WithEnvVarPrefix(EnvPrefix), ff.WithConfigFileFlag("config"),
+		ff.WithConfigFileParser(ff.PlainParser), ff.WithIgnoreUndefined(true)); err != nil {
+		return nil, err
+	}
+	c := &AdminClient{Addr: *addr, JSON: *jsonOut, Count: *count, PID: -1}
+	if cmd == "ping" {
+		pid, err := strconv.Atoi(pidArg)
+		if err != nil || pid < 0 {
+			return nil, fmt.Errorf("ping needs a party id: sfkit-proxy ping PID")
+		}
+		c.PID = pid
+		if c.Count < 1 || c.Count > 100 {
+			return nil, fmt.Errorf("--count %d: want 1 to 100", c.Count)
+		}
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	return c, nil
+}
+
+func takesValue(flagArg string) bool {
+	name := strings.TrimLeft(flagArg, "-")
+	return (name == "admin-listen" || name == "count" || name == "config") && !strings.Contains(flagArg, "=")
 }

@@ -104,6 +104,8 @@ func TestParseSidecarErrors(t *testing.T) {
 		{"no registry", []string{"--study", "s", "--pid", "1"}, "--registry is required"},
 		{"bad registry", append(required, "--registry", "ftp://x"), "want an http:// or https:// URL"},
 		{"public socks", append(required, "--socks-listen", "0.0.0.0:1080"), "--socks-any-host"},
+		{"public admin API", append(required, "--admin-listen", "0.0.0.0:1081"), "--admin-any-host"},
+		{"bad admin address", append(required, "--admin-listen", "localhost"), "--admin-listen"},
 		{"bad ports", append(required, "--allow-ports", "99999"), "--allow-ports"},
 		{"bad direct", append(required, "--direct", "maybe"), "want allow or deny"},
 		{"pid outside range", append(required, "--pid", "300"), "does not fit"},
@@ -167,5 +169,45 @@ func TestParseRegistry(t *testing.T) {
 	c, err := ParseRegistry([]string{"--tokens", "t", "--data", "d"}, io.Discard)
 	if err != nil || c.Listen != "127.0.0.1:8080" {
 		t.Errorf("ParseRegistry = %+v, %v; want loopback default", c, err)
+	}
+}
+
+func TestParseAdminClient(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "sidecar.conf")
+	// A sidecar's config file: the client takes admin-listen and ignores the rest.
+	os.WriteFile(file, []byte("study s1\npid 2\nadmin-listen 127.0.0.1:2001\n"), 0o600)
+	tests := []struct {
+		name    string
+		cmd     string
+		args    []string
+		env     string
+		want    AdminClient
+		wantErr string
+	}{
+		{"status default", "status", nil, "", AdminClient{Addr: DefaultAdminListen, Count: 3, PID: -1}, ""},
+		{"status json from env", "status", []string{"--json"}, "127.0.0.1:2002", AdminClient{Addr: "127.0.0.1:2002", JSON: true, Count: 3, PID: -1}, ""},
+		{"status from sidecar config", "status", []string{"--config", file}, "", AdminClient{Addr: "127.0.0.1:2001", Count: 3, PID: -1}, ""},
+		{"ping pid first", "ping", []string{"2", "--count", "5"}, "", AdminClient{Addr: DefaultAdminListen, Count: 5, PID: 2}, ""},
+		{"ping pid last", "ping", []string{"--admin-listen", "127.0.0.1:9", "0"}, "", AdminClient{Addr: "127.0.0.1:9", Count: 3, PID: 0}, ""},
+		{"ping without pid", "ping", nil, "", AdminClient{}, "needs a party id"},
+		{"ping bad count", "ping", []string{"1", "--count", "0"}, "", AdminClient{}, "--count"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.env != "" {
+				t.Setenv("SFKIT_PROXY_ADMIN_LISTEN", tt.env)
+			}
+			got, err := ParseAdminClient(tt.cmd, tt.args, io.Discard)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Errorf("ParseAdminClient(%q) = %v; want error with %q", tt.args, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || *got != tt.want {
+				t.Errorf("ParseAdminClient(%q) = %+v, %v; want %+v", tt.args, got, err, tt.want)
+			}
+		})
 	}
 }

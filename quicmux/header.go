@@ -7,14 +7,24 @@ import (
 )
 
 // The stream protocol. The opener of a stream writes a request header, the
-// acceptor answers with a reply; then the stream carries the TCP bytes.
+// acceptor answers with a reply; then a connect stream carries the TCP bytes
+// and a ping stream ends.
 //
-//	request: version (1 byte, 1) | port (2 bytes, big endian)
+//	request: version (1 byte, 1) | kind (1 byte) | port (2 bytes, big endian)
 //	reply:   version (1 byte, 1) | status (1 byte)
 const (
 	headerVersion = 1
-	requestLen    = 3
+	requestLen    = 4
 	replyLen      = 2
+)
+
+// Kind is what a stream is for.
+type Kind byte
+
+// Kinds.
+const (
+	KindConnect Kind = 0 // a tunnelled TCP connection to the port
+	KindPing    Kind = 1 // answered at once, to measure the round trip
 )
 
 // Status is the acceptor's answer to a stream request.
@@ -55,20 +65,27 @@ var (
 	ErrUnreachable = errors.New("peer could not reach its local port")
 )
 
-// AppendRequest appends a request header for port.
-func AppendRequest(b []byte, port uint16) []byte {
-	return append(b, headerVersion, byte(port>>8), byte(port))
+// AppendRequest appends a request header.
+func AppendRequest(b []byte, k Kind, port uint16) []byte {
+	return append(b, headerVersion, byte(k), byte(port>>8), byte(port))
 }
 
+// ErrKind is returned for a request kind this version does not know.
+var ErrKind = errors.New("unknown stream kind")
+
 // ParseRequest decodes a request header.
-func ParseRequest(b []byte) (port uint16, err error) {
+func ParseRequest(b []byte) (k Kind, port uint16, err error) {
 	if len(b) < requestLen {
-		return 0, io.ErrUnexpectedEOF
+		return 0, 0, io.ErrUnexpectedEOF
 	}
 	if b[0] != headerVersion {
-		return 0, fmt.Errorf("%w %d", ErrVersion, b[0])
+		return 0, 0, fmt.Errorf("%w %d", ErrVersion, b[0])
 	}
-	return uint16(b[1])<<8 | uint16(b[2]), nil
+	k = Kind(b[1])
+	if k != KindConnect && k != KindPing {
+		return 0, 0, fmt.Errorf("%w %d", ErrKind, b[1])
+	}
+	return k, uint16(b[2])<<8 | uint16(b[3]), nil
 }
 
 // AppendReply appends a reply.

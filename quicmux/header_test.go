@@ -10,19 +10,22 @@ func TestRequestHeader(t *testing.T) {
 	tests := []struct {
 		name    string
 		b       []byte
+		kind    Kind
 		port    uint16
 		wantErr error
 	}{
-		{"port 8020", AppendRequest(nil, 8020), 8020, nil},
-		{"port 65535", AppendRequest(nil, 65535), 65535, nil},
-		{"short", []byte{1, 0}, 0, io.ErrUnexpectedEOF},
-		{"future version", []byte{2, 0x1f, 0x54}, 0, ErrVersion},
+		{"connect 8020", AppendRequest(nil, KindConnect, 8020), KindConnect, 8020, nil},
+		{"connect 65535", AppendRequest(nil, KindConnect, 65535), KindConnect, 65535, nil},
+		{"ping", AppendRequest(nil, KindPing, 0), KindPing, 0, nil},
+		{"short", []byte{1, 0, 0}, 0, 0, io.ErrUnexpectedEOF},
+		{"future version", []byte{2, 0, 0x1f, 0x54}, 0, 0, ErrVersion},
+		{"unknown kind", []byte{1, 9, 0x1f, 0x54}, 0, 0, ErrKind},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			port, err := ParseRequest(tt.b)
-			if !errors.Is(err, tt.wantErr) || port != tt.port {
-				t.Errorf("ParseRequest(%x) = %d, %v; want %d, %v", tt.b, port, err, tt.port, tt.wantErr)
+			kind, port, err := ParseRequest(tt.b)
+			if !errors.Is(err, tt.wantErr) || port != tt.port || kind != tt.kind {
+				t.Errorf("ParseRequest(%x) = %d, %d, %v; want %d, %d, %v", tt.b, kind, port, err, tt.kind, tt.port, tt.wantErr)
 			}
 		})
 	}
@@ -54,15 +57,16 @@ func TestReply(t *testing.T) {
 }
 
 func FuzzParseRequest(f *testing.F) {
-	f.Add(AppendRequest(nil, 8020))
-	f.Add([]byte{2, 0, 0})
+	f.Add(AppendRequest(nil, KindConnect, 8020))
+	f.Add(AppendRequest(nil, KindPing, 0))
+	f.Add([]byte{2, 0, 0, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		port, err := ParseRequest(b)
+		kind, port, err := ParseRequest(b)
 		if err != nil {
 			return
 		}
-		if got, _ := ParseRequest(AppendRequest(nil, port)); got != port {
-			t.Errorf("round trip of %d = %d", port, got)
+		if k2, p2, _ := ParseRequest(AppendRequest(nil, kind, port)); k2 != kind || p2 != port {
+			t.Errorf("round trip of %d/%d = %d/%d", kind, port, k2, p2)
 		}
 	})
 }

@@ -84,7 +84,8 @@ type Mux struct {
 	peers   map[int]*peer
 	changed chan struct{} // closed and replaced when any peer's state changes
 
-	wg sync.WaitGroup // stream handlers and per-connection goroutines
+	wg    sync.WaitGroup // stream handlers and per-connection goroutines
+	count counters
 }
 
 // peer is the state of one remote party. Fields after mu are guarded by
@@ -97,18 +98,24 @@ type peer struct {
 	prflxCh chan netip.AddrPort // addresses its valid checks came from
 	cancel  context.CancelFunc
 
-	info    PeerInfo
-	prflx   []netip.AddrPort // learned from its checks, newest last
-	conn    *quic.Conn
-	path    netip.AddrPort
-	state   string
-	lastErr string
+	info     PeerInfo
+	prflx    []netip.AddrPort // learned from its checks, newest last
+	conn     *quic.Conn
+	path     netip.AddrPort
+	pathKind string
+	since    time.Time
+	connTr   *traffic // the counters of conn's path kind
+	state    string
+	lastErr  string
+	traffic  map[string]*traffic // by path kind
+	rates    rates
 }
 
 // Peer states.
 const (
-	StateConnecting = "connecting"
-	StateDirect     = "direct"
+	StateConnecting  = "connecting"
+	StateDirect      = "direct"
+	StateUnreachable = "unreachable" // no path after 30 s of trying
 )
 
 // Listen opens the UDP socket on addr and the QUIC transport on it.
@@ -250,10 +257,14 @@ func (m *Mux) Run(ctx context.Context) error {
 	bg.Go(func() { errc <- m.readLoop(ctx) })
 	bg.Go(func() { errc <- m.acceptLoop(ctx) })
 
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
 	var err error
 loop:
 	for {
 		select {
+		case now := <-tick.C:
+			m.sample(now)
 		case <-ctx.Done():
 			break loop
 		case err = <-errc:
@@ -296,6 +307,7 @@ func (m *Mux) reconcile(ctx context.Context, infos []PeerInfo, bg *sync.WaitGrou
 			pctx, pcancel := context.WithCancel(ctx)
 			p = &peer{
 				pid: in.PID, info: in, state: StateConnecting, cancel: pcancel,
+				rates:  rates{start: time.Now(), last: time.Now()},
 				infoCh: make(chan struct{}, 1), connCh: make(chan struct{}, 1),
 				checkCh: make(chan stun.Result, 64), prflxCh: make(chan netip.AddrPort, 8),
 			}
@@ -478,21 +490,26 @@ func (m *Mux) connect(ctx context.Context, p *peer, log *slog.Logger) {
 				warned = true
 				m.mu.Lock()
 				lastErr := p.lastErr
+				p.state = StateUnreachable
+				m.broadcastLocked()
 				m.mu.Unlock()
 				log.Warn("no path to peer yet; still trying", "after", time.Since(start).Round(time.Second), "last_err", lastErr)
 			}
 		case r := <-p.checkCh:
+			m.count.checksAnswered.Add(1)
 			if !dialer || !slices.Contains(m.targets(p), r.From) {
 				continue
 			}
 			conn, err := m.dial(ctx, p, r.From)
 			if err != nil {
 				if ctx.Err() == nil {
+					m.count.dialsFailed.Add(1)
 					log.Debug("dial peer failed", "addr", r.From, "err", err)
 					m.setErr(p, err)
 				}
 				continue
 			}
+			m.count.dialsOK.Add(1)
 			m.installConn(ctx, p, conn, r.From)
 			return
 		}
@@ -515,7 +532,9 @@ func (m *Mux) sendChecks(p *peer) {
 		tx := stun.NewTxID()
 		if err := m.stun.Send(t, stun.CheckRequest(tx, user, key), tx, key, p.checkCh); err != nil {
 			m.log.Debug("check not sent", "peer", p.pid, "to", t, "err", err)
+			continue
 		}
+		m.count.checksSent.Add(1)
 	}
 }
 
@@ -549,14 +568,17 @@ func (m *Mux) dial(ctx context.Context, p *peer, to netip.AddrPort) (*quic.Conn,
 func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, path netip.AddrPort) {
 	m.mu.Lock()
 	old := p.conn
-	p.conn, p.path, p.state, p.lastErr = conn, path, StateDirect, ""
+	p.conn, p.path, p.pathKind, p.since, p.state, p.lastErr = conn, path, PathDirect, time.Now(), StateDirect, ""
+	tr := p.trafficLocked(PathDirect)
+	p.connTr = tr
 	m.broadcastLocked()
 	m.mu.Unlock()
 	if old != nil {
 		old.CloseWithError(codeReplaced, "replaced by a newer connection")
 	}
-	m.log.Info("peer connected", "peer", p.pid, "path", StateDirect, "addr", path)
-	m.wg.Go(func() { m.serveStreams(ctx, p.pid, conn) })
+	m.log.Info("peer connected", "peer", p.pid, "path", PathDirect, "addr", path,
+		"rtt", conn.ConnectionStats().SmoothedRTT)
+	m.wg.Go(func() { m.serveStreams(ctx, p.pid, conn, tr) })
 }
 
 func (m *Mux) dropConn(p *peer, conn *quic.Conn, err error) {
@@ -565,7 +587,7 @@ func (m *Mux) dropConn(p *peer, conn *quic.Conn, err error) {
 	if p.conn != conn {
 		return
 	}
-	p.conn, p.state = nil, StateConnecting
+	p.conn, p.connTr, p.pathKind, p.state = nil, nil, "", StateConnecting
 	p.lastErr = err.Error()
 	m.broadcastLocked()
 }
@@ -584,9 +606,11 @@ func (m *Mux) acceptLoop(ctx context.Context) error {
 		pin := PinOf(conn.ConnectionState().TLS.PeerCertificates[0])
 		p := m.peerByPin(pin)
 		if p == nil {
+			m.count.acceptsRejected.Add(1)
 			conn.CloseWithError(codeRejected, "unknown peer")
 			continue
 		}
+		m.count.acceptsOK.Add(1)
 		m.installConn(ctx, p, conn, netip.MustParseAddrPort(conn.RemoteAddr().String()))
 		notify(p.connCh)
 	}
@@ -620,6 +644,7 @@ func (m *Mux) serverTLS() *tls.Config {
 			return errors.New("peer sent no certificate")
 		}
 		if m.peerByPin(PinOf(cs.PeerCertificates[0])) == nil {
+			m.count.acceptsRejected.Add(1)
 			m.log.Warn("rejected handshake from unknown key", "pin", PinOf(cs.PeerCertificates[0]))
 			return errors.New("peer key is not pinned by any party of this study")
 		}

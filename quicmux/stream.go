@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -20,40 +22,79 @@ var (
 	ErrNoPath      = errors.New("no path to party yet")
 )
 
+// route is a peer's live connection and what to count its streams in.
+type route struct {
+	conn *quic.Conn
+	tr   *traffic
+	kind string
+	addr netip.AddrPort
+}
+
 // Dial opens a tunnelled TCP connection to port on party pid's loopback. It
 // waits, within ctx, for the party to register and for a path to it. The
 // error of a refused or disallowed port says so.
 func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*StreamConn, error) {
-	// A connection may die under us (the peer restarted, the path broke);
-	// nothing has reached the client yet, so opening again is safe.
+	str, rt, err := m.open(ctx, pid, KindConnect, port)
+	if err != nil {
+		return nil, err
+	}
+	rt.tr.opened.Add(1)
+	rt.tr.open.Add(1)
+	c := &StreamConn{str: str, tr: rt.tr, local: rt.conn.LocalAddr(), remote: rt.conn.RemoteAddr(),
+		start: time.Now(), log: m.log.With("peer", pid, "port", port, "dir", "out", "path", rt.kind)}
+	c.log.Info("tunnel opened")
+	return c, nil
+}
+
+// Ping measures the round trip of a request through the tunnel to pid, and
+// names the path it took.
+func (m *Mux) Ping(ctx context.Context, pid int) (rtt time.Duration, path string, addr netip.AddrPort, err error) {
+	start := time.Now()
+	str, rt, err := m.open(ctx, pid, KindPing, 0)
+	if err != nil {
+		return 0, "", netip.AddrPort{}, err
+	}
+	rtt = time.Since(start)
+	str.Close()
+	str.CancelRead(codeStreamAbort)
+	return rtt, rt.kind, rt.addr, nil
+}
+
+// open opens a stream of kind k to pid and reads the peer's reply. A
+// connection may die under us (the peer restarted, the path broke); nothing
+// has reached the client yet, so opening again is safe.
+func (m *Mux) open(ctx context.Context, pid int, k Kind, port uint16) (*quic.Stream, route, error) {
 	for attempt := 0; ; attempt++ {
-		conn, err := m.waitConn(ctx, pid)
+		rt, err := m.waitConn(ctx, pid)
 		if err != nil {
-			return nil, err
+			return nil, route{}, err
 		}
-		c, err := m.openStream(ctx, conn, pid, port)
-		if err == nil || conn.Context().Err() == nil || ctx.Err() != nil || attempt == 2 {
-			return c, err
+		str, err := openStream(ctx, rt.conn, k, port)
+		if err == nil {
+			return str, rt, nil
+		}
+		if rt.conn.Context().Err() == nil || ctx.Err() != nil || attempt == 2 {
+			return nil, route{}, fmt.Errorf("party %d port %d: %w", pid, port, err)
 		}
 		m.mu.Lock()
 		p := m.peers[pid]
 		m.mu.Unlock()
 		if p != nil {
-			m.dropConn(p, conn, context.Cause(conn.Context()))
+			m.dropConn(p, rt.conn, context.Cause(rt.conn.Context()))
 		}
 	}
 }
 
-func (m *Mux) openStream(ctx context.Context, conn *quic.Conn, pid int, port uint16) (*StreamConn, error) {
+func openStream(ctx context.Context, conn *quic.Conn, k Kind, port uint16) (*quic.Stream, error) {
 	str, err := conn.OpenStreamSync(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("open stream to party %d: %w", pid, err)
+		return nil, fmt.Errorf("open stream: %w", err)
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		str.SetDeadline(dl)
 	}
 	var hdr [replyLen]byte
-	_, err = str.Write(AppendRequest(nil, port))
+	_, err = str.Write(AppendRequest(nil, k, port))
 	if err == nil {
 		_, err = io.ReadFull(str, hdr[:])
 	}
@@ -63,60 +104,57 @@ func (m *Mux) openStream(ctx context.Context, conn *quic.Conn, pid int, port uin
 	if err != nil {
 		str.CancelRead(codeStreamAbort)
 		str.CancelWrite(codeStreamAbort)
-		return nil, fmt.Errorf("party %d port %d: %w", pid, port, err)
+		return nil, err
 	}
 	str.SetDeadline(time.Time{})
-	return &StreamConn{str: str, local: conn.LocalAddr(), remote: conn.RemoteAddr()}, nil
+	return str, nil
 }
 
-// waitConn returns the connection to pid, waiting for one within ctx.
-func (m *Mux) waitConn(ctx context.Context, pid int) (*quic.Conn, error) {
+// waitConn returns the route to pid, waiting for one within ctx.
+func (m *Mux) waitConn(ctx context.Context, pid int) (route, error) {
 	for {
 		m.mu.Lock()
 		p := m.peers[pid]
-		var conn *quic.Conn
-		var lastErr string
-		if p != nil {
-			conn, lastErr = p.conn, p.lastErr
+		var rt route
+		if p != nil && p.conn != nil {
+			rt = route{conn: p.conn, tr: p.connTr, kind: p.pathKind, addr: p.path}
 		}
 		changed := m.changed
 		m.mu.Unlock()
-		if conn != nil {
-			return conn, nil
+		if rt.conn != nil {
+			return rt, nil
 		}
 		select {
 		case <-changed:
 		case <-ctx.Done():
-			m.mu.Lock()
-			if p != nil {
-				lastErr = p.lastErr
-			}
-			m.mu.Unlock()
 			if p == nil {
-				return nil, fmt.Errorf("party %d: %w", pid, ErrUnknownPeer)
+				return route{}, fmt.Errorf("party %d: %w", pid, ErrUnknownPeer)
 			}
+			m.mu.Lock()
+			lastErr := p.lastErr
+			m.mu.Unlock()
 			if lastErr != "" {
-				return nil, fmt.Errorf("party %d: %w (last error: %s)", pid, ErrNoPath, lastErr)
+				return route{}, fmt.Errorf("party %d: %w (last error: %s)", pid, ErrNoPath, lastErr)
 			}
-			return nil, fmt.Errorf("party %d: %w", pid, ErrNoPath)
+			return route{}, fmt.Errorf("party %d: %w", pid, ErrNoPath)
 		}
 	}
 }
 
 // serveStreams accepts the streams a peer opens on conn until it closes.
-func (m *Mux) serveStreams(ctx context.Context, pid int, conn *quic.Conn) {
+func (m *Mux) serveStreams(ctx context.Context, pid int, conn *quic.Conn, tr *traffic) {
 	for {
 		str, err := conn.AcceptStream(ctx)
 		if err != nil {
 			return
 		}
-		m.wg.Go(func() { m.serveStream(ctx, pid, str) })
+		m.wg.Go(func() { m.serveStream(ctx, pid, str, tr) })
 	}
 }
 
 // serveStream reads a stream's header, dials the allowed local port and
 // pipes bytes both ways.
-func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream) {
+func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, tr *traffic) {
 	log := m.log.With("peer", pid)
 	str.SetReadDeadline(time.Now().Add(10 * time.Second))
 	var hdr [requestLen]byte
@@ -135,13 +173,18 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream) {
 		}
 		return err
 	}
-	port, err := ParseRequest(hdr[:])
-	if err != nil {
+	kind, port, err := ParseRequest(hdr[:])
+	switch {
+	case err != nil:
 		log.Warn("peer sent a bad stream header", "err", err)
 		reply(StatusBadRequest)
 		return
-	}
-	if !m.opts.AllowPort(port) {
+	case kind == KindPing:
+		reply(StatusOK)
+		str.Close()
+		str.CancelRead(codeStreamAbort)
+		return
+	case !m.opts.AllowPort(port):
 		log.Warn("peer asked for a port that --allow-ports does not allow", "port", port)
 		reply(StatusNotAllowed)
 		return
@@ -162,18 +205,38 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream) {
 	if err := reply(StatusOK); err != nil {
 		return
 	}
-	pipe(tcp, str)
+	tr.opened.Add(1)
+	tr.open.Add(1)
+	defer tr.open.Add(-1)
+	start := time.Now()
+	log = log.With("port", port, "dir", "in")
+	log.Info("tunnel opened")
+	sent, recv, perr := pipe(tcp, str, tr)
+	logClosed(log, start, sent, recv, perr)
+}
+
+func logClosed(log *slog.Logger, start time.Time, sent, recv uint64, err error) {
+	outcome := "ok"
+	if err != nil {
+		outcome = "reset"
+	}
+	log.Info("tunnel closed", "sent", sent, "received", recv, "duration", time.Since(start).Round(time.Millisecond),
+		"outcome", outcome, "err", err)
 }
 
 // pipe copies between a local TCP connection and a stream until both
 // directions end. A clean end (EOF) is passed on as a half-close; an error
-// resets the other side.
-func pipe(tcp *net.TCPConn, str *quic.Stream) {
+// resets the other side. It returns the bytes sent to the peer and received
+// from it, and the first error.
+func pipe(tcp *net.TCPConn, str *quic.Stream, tr *traffic) (sent, recv uint64, err error) {
 	var wg sync.WaitGroup
+	var upErr error
 	wg.Go(func() {
 		buf := make([]byte, 64<<10)
-		_, err := io.CopyBuffer(str, readerOnly{tcp}, buf)
+		n, err := io.CopyBuffer(countingWriter{str, &tr.sent}, readerOnly{tcp}, buf)
+		sent = uint64(n)
 		if err != nil {
+			upErr = err
 			str.CancelWrite(codeStreamAbort)
 			tcp.CloseRead()
 			return
@@ -181,8 +244,9 @@ func pipe(tcp *net.TCPConn, str *quic.Stream) {
 		str.Close()
 	})
 	buf := make([]byte, 64<<10)
-	_, err := io.CopyBuffer(tcp, readerOnly{str}, buf)
-	if err != nil {
+	n, downErr := io.CopyBuffer(tcp, readerOnly{countingReader{str, &tr.recv}}, buf)
+	recv = uint64(n)
+	if downErr != nil {
 		tcp.SetLinger(0)
 		tcp.Close() // resets the local side; unblocks the other copy
 		str.CancelRead(codeStreamAbort)
@@ -190,20 +254,63 @@ func pipe(tcp *net.TCPConn, str *quic.Stream) {
 		tcp.CloseWrite()
 	}
 	wg.Wait()
+	return sent, recv, errors.Join(downErr, upErr)
 }
 
 // readerOnly hides WriterTo/ReaderFrom so that io.CopyBuffer uses the buffer.
 type readerOnly struct{ io.Reader }
 
+type countingReader struct {
+	r io.Reader
+	n *atomic.Uint64
+}
+
+func (c countingReader) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	c.n.Add(uint64(n))
+	return n, err
+}
+
+type countingWriter struct {
+	w io.Writer
+	n *atomic.Uint64
+}
+
+func (c countingWriter) Write(b []byte) (int, error) {
+	n, err := c.w.Write(b)
+	c.n.Add(uint64(n))
+	return n, err
+}
+
 // StreamConn is a tunnelled TCP connection: a net.Conn over one QUIC stream.
 // CloseWrite sends FIN; Close ends both directions.
 type StreamConn struct {
 	str           *quic.Stream
+	tr            *traffic
 	local, remote net.Addr
+	start         time.Time
+	log           *slog.Logger
+	sent, recv    atomic.Uint64
+	readErr       atomic.Value // first non-EOF read error, for the close log
+	closed        atomic.Bool
 }
 
-func (c *StreamConn) Read(b []byte) (int, error)  { return c.str.Read(b) }
-func (c *StreamConn) Write(b []byte) (int, error) { return c.str.Write(b) }
+func (c *StreamConn) Read(b []byte) (int, error) {
+	n, err := c.str.Read(b)
+	c.recv.Add(uint64(n))
+	c.tr.recv.Add(uint64(n))
+	if err != nil && err != io.EOF {
+		c.readErr.CompareAndSwap(nil, err)
+	}
+	return n, err
+}
+
+func (c *StreamConn) Write(b []byte) (int, error) {
+	n, err := c.str.Write(b)
+	c.sent.Add(uint64(n))
+	c.tr.sent.Add(uint64(n))
+	return n, err
+}
 
 // CloseWrite half-closes: the peer's local connection reads EOF.
 func (c *StreamConn) CloseWrite() error { return c.str.Close() }
@@ -211,13 +318,13 @@ func (c *StreamConn) CloseWrite() error { return c.str.Close() }
 // Close stops reading and finishes writing what was written.
 func (c *StreamConn) Close() error {
 	c.str.CancelRead(codeStreamAbort)
-	return c.str.Close()
-}
-
-// Abort resets both directions, for errors.
-func (c *StreamConn) Abort() {
-	c.str.CancelRead(codeStreamAbort)
-	c.str.CancelWrite(codeStreamAbort)
+	err := c.str.Close()
+	if c.closed.CompareAndSwap(false, true) {
+		c.tr.open.Add(-1)
+		rerr, _ := c.readErr.Load().(error)
+		logClosed(c.log, c.start, c.sent.Load(), c.recv.Load(), rerr)
+	}
+	return err
 }
 
 func (c *StreamConn) LocalAddr() net.Addr                { return c.local }

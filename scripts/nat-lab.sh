@@ -86,6 +86,7 @@ INET=$(ns inet)
 addns inet
 inns inet ip link add br0 type bridge
 inns inet ip addr add 203.0.113.10/24 dev br0
+inns inet ip addr add 203.0.113.11/24 dev br0
 inns inet ip link set br0 up
 
 # router i with party i behind it; $2 is the party's namespace path or name.
@@ -111,7 +112,7 @@ router() {
 }
 
 # Services in the "internet".
-inns inet turnserver -n --no-cli --stun-only --listening-ip=203.0.113.10 --listening-port=3478 \
+inns inet turnserver -n --no-cli --stun-only --listening-ip=203.0.113.10 --listening-ip=203.0.113.11 --listening-port=3478 \
 	--no-tls --no-dtls --log-file="$DIR/coturn.log" --simple-log --pidfile="$DIR/turn.pid" >/dev/null 2>&1 &
 PIDS+=($!)
 : >"$DIR/tokens"
@@ -125,7 +126,7 @@ inns inet "$BIN" registry --listen 203.0.113.10:8080 --tokens "$DIR/tokens" --da
 	>"$DIR/registry.log" 2>&1 &
 PIDS+=($!)
 
-SIDECAR_ARGS=(--study e2e --registry http://203.0.113.10:8080/ --stun 203.0.113.10:3478
+SIDECAR_ARGS=(--study e2e --registry http://203.0.113.10:8080/ --stun 203.0.113.10:3478,203.0.113.11:3478
 	--allow-ports 8000,9000 --log-level debug)
 
 # A party's local services: a file server and an echo server on its loopback.
@@ -240,9 +241,36 @@ for a in $(seq 0 $((NPARTIES - 1))); do
 	done
 done
 
+# Each party's own status API says every peer is direct and has carried bytes.
+for a in $(seq 0 $((NPARTIES - 1))); do
+	if ! inns "p$a" "$BIN" status --json >"$DIR/status$a.json" 2>"$DIR/status$a.err"; then
+		echo "party $a: sfkit-proxy status failed: $(cat "$DIR/status$a.err")"
+		fails=$((fails + 1))
+		continue
+	fi
+	if ! python3 - "$DIR/status$a.json" "$a" "$NPARTIES" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+me, n = int(sys.argv[2]), int(sys.argv[3])
+peers = {p["pid"]: p for p in s["peers"]}
+bad = [f"peer {b}: {peers.get(b)}" for b in range(n) if b != me and not (
+    b in peers and peers[b]["state"] == "direct" and peers[b]["bytes_sent"] > 0 and peers[b]["bytes_received"] > 0)]
+# Two STUN addresses saw the same mapping: MASQUERADE is endpoint-independent.
+if bad or not s["registry"]["reachable"] or not s["stun"]["done"] or s["nat"] != "endpoint-independent":
+    print(f"party {me} status: " + "; ".join(bad) + f" registry={s['registry']} stun={s['stun']} nat={s['nat']}")
+    sys.exit(1)
+PY
+	then
+		fails=$((fails + 1))
+	fi
+done
+inns p0 "$BIN" status | tee "$DIR/status-table.txt"
+
 if [ "$fails" -ne 0 ]; then
 	echo "nat-lab: $fails checks failed"
 	exit 1
 fi
-log "$((NPARTIES * (NPARTIES - 1))) ordered pairs: ${SIZE_MB} MiB curl transfers verified and ncat echoes answered"
-echo "$((NPARTIES * (NPARTIES - 1) * 2)) passed, 0 failed"
+pairs=$((NPARTIES * (NPARTIES - 1)))
+log "$pairs ordered pairs: ${SIZE_MB} MiB curl transfers verified, ncat echoes answered, all direct through the NATs"
+# transfers, echoes and direct paths per pair; a status per party; the refused port
+echo "$((3 * pairs + NPARTIES + 1)) passed, 0 failed"

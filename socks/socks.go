@@ -164,19 +164,20 @@ func (r rules) Allow(ctx context.Context, req *socks5.Request) (context.Context,
 	switch {
 	case isPeer && r.s.opts.PeerAllows != nil && pid != r.s.opts.Self && !r.s.opts.PeerAllows(pid, uint16(req.DestAddr.Port)):
 		r.s.log.Info("refused: port not allowed by peer", "peer", pid, "port", req.DestAddr.Port)
-		r.s.report(req.DestAddr.Address(), pid, errNotAllowed)
+		r.s.report(req.DestAddr.Address(), pid, ErrNotAllowed)
 		return ctx, false
 	case !isPeer && !r.s.opts.Direct:
 		r.s.log.Info("refused: direct destinations are denied (--direct deny)", "dest", req.DestAddr.Address())
-		r.s.report(req.DestAddr.Address(), -1, errDirectDenied)
+		r.s.report(req.DestAddr.Address(), -1, ErrDirectDenied)
 		return ctx, false
 	}
 	return ctx, true
 }
 
+// Errors reported to OnConnect for requests refused by policy.
 var (
-	errNotAllowed   = errors.New("port not allowed by peer")
-	errDirectDenied = errors.New("direct destinations denied")
+	ErrNotAllowed   = errors.New("port not allowed by peer")
+	ErrDirectDenied = errors.New("direct destinations denied")
 )
 
 func (s *Server) report(dest string, pid int, err error) {

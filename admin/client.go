@@ -1,0 +1,112 @@
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"text/tabwriter"
+	"time"
+)
+
+// Client reads a sidecar's API at Addr (host:port).
+type Client struct {
+	Addr string
+	HTTP *http.Client // nil means a client with a 15 s timeout
+}
+
+func (c *Client) get(ctx context.Context, path string, q url.Values, v any) error {
+	hc := c.HTTP
+	if hc == nil {
+		hc = &http.Client{Timeout: 15 * time.Second}
+	}
+	u := url.URL{Scheme: "http", Host: c.Addr, Path: path, RawQuery: q.Encode()}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("no sidecar API at %s (is sfkit-proxy running? set --admin-listen): %w", c.Addr, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		var e struct{ Error string }
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			return fmt.Errorf("%s", e.Error)
+		}
+		return fmt.Errorf("sidecar API answered %s", resp.Status)
+	}
+	return json.Unmarshal(b, v)
+}
+
+// Status fetches the status.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var s Status
+	err := c.get(ctx, "/v1/status", nil, &s)
+	return s, err
+}
+
+// Ping asks the sidecar to ping pid count times.
+func (c *Client) Ping(ctx context.Context, pid, count int) (PingResult, error) {
+	var r PingResult
+	err := c.get(ctx, "/v1/ping", url.Values{"pid": {strconv.Itoa(pid)}, "count": {strconv.Itoa(count)}}, &r)
+	return r, err
+}
+
+// PrintStatus writes s as a table.
+func PrintStatus(w io.Writer, s Status) {
+	reg := "reachable"
+	if !s.Registry.Reachable {
+		reg = "UNREACHABLE: " + s.Registry.LastError
+	}
+	ext := s.ExternalAddr
+	if ext == "" {
+		ext = "unknown (" + s.STUN.LastError + ")"
+	}
+	fmt.Fprintf(w, "party %d of study %s at %s; socks %s\n", s.PID, s.Study, s.VirtualAddr, s.SOCKS)
+	fmt.Fprintf(w, "external %s, NAT %s; registry %s\n\n", ext, s.NAT, reg)
+	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tSTATE\tREMOTE\tRTT\tCONNS\tSENT\tRECEIVED\tRATE OUT (now/avg/max)\tRATE IN (now/avg/max)\tLAST ERROR")
+	for _, p := range s.Peers {
+		state := p.State
+		if p.Path != "" && p.Path != p.State {
+			state += "/" + p.Path
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%.2fms\t%d\t%s\t%s\t%s\t%s\t%s\n", p.PID, state, dash(p.RemoteAddr), p.RTTMillis,
+			p.OpenConns, bytesText(float64(p.BytesSent)), bytesText(float64(p.BytesReceived)),
+			rates(p.Rate.CurrentSent, p.Rate.AverageSent, p.Rate.MaxSent),
+			rates(p.Rate.CurrentReceived, p.Rate.AverageReceived, p.Rate.MaxReceived), dash(p.LastError))
+	}
+	tw.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func rates(now, avg, mx float64) string {
+	return bytesText(now) + "/s " + bytesText(avg) + "/s " + bytesText(mx) + "/s"
+}
+
+func bytesText(b float64) string {
+	switch {
+	case b >= 1e9:
+		return fmt.Sprintf("%.1fGB", b/1e9)
+	case b >= 1e6:
+		return fmt.Sprintf("%.1fMB", b/1e6)
+	case b >= 1e3:
+		return fmt.Sprintf("%.1fkB", b/1e3)
+	}
+	return fmt.Sprintf("%.0fB", b)
+}

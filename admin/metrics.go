@@ -1,0 +1,81 @@
+package admin
+
+import (
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metric descriptions. Everything is read from one Status snapshot per
+// scrape, so the numbers agree with /v1/status.
+var (
+	descPeerBytes   = prometheus.NewDesc("sfkit_proxy_peer_bytes_total", "Bytes of tunnelled TCP data exchanged with a peer.", []string{"peer", "path", "direction"}, nil)
+	descPeerConns   = prometheus.NewDesc("sfkit_proxy_peer_connections_total", "Tunnelled TCP connections opened with a peer, either direction.", []string{"peer", "path"}, nil)
+	descPeerOpen    = prometheus.NewDesc("sfkit_proxy_peer_open_connections", "Tunnelled TCP connections open now.", []string{"peer"}, nil)
+	descPeerState   = prometheus.NewDesc("sfkit_proxy_peer_state", "1 for the peer's current state (connecting, direct, relayed, unreachable).", []string{"peer", "state"}, nil)
+	descPeerRTT     = prometheus.NewDesc("sfkit_proxy_peer_rtt_seconds", "Smoothed round-trip time of the QUIC connection to the peer.", []string{"peer"}, nil)
+	descHandshakes  = prometheus.NewDesc("sfkit_proxy_handshakes_total", "QUIC handshakes with peers by role and outcome.", []string{"role", "outcome"}, nil)
+	descChecks      = prometheus.NewDesc("sfkit_proxy_holepunch_checks_total", "Connectivity checks (hole punching) sent and answered.", []string{"outcome"}, nil)
+	descSTUN        = prometheus.NewDesc("sfkit_proxy_stun_refreshes_total", "STUN binding rounds by outcome.", []string{"outcome"}, nil)
+	descMapping     = prometheus.NewDesc("sfkit_proxy_stun_mapping_changes_total", "Times the external address changed.", nil, nil)
+	descSOCKS       = prometheus.NewDesc("sfkit_proxy_socks_requests_total", "SOCKS CONNECT requests by target and outcome.", []string{"target", "outcome"}, nil)
+	descRegistryUp  = prometheus.NewDesc("sfkit_proxy_registry_up", "1 if the last registry request succeeded.", nil, nil)
+	peerStatesShown = []string{"connecting", "direct", "relayed", "unreachable"}
+)
+
+type collector struct{ status func() Status }
+
+func (c collector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(c, ch) }
+
+func (c collector) Collect(ch chan<- prometheus.Metric) {
+	s := c.status()
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	for _, p := range s.Peers {
+		pid := strconv.Itoa(p.PID)
+		for _, t := range p.Traffic {
+			counter(descPeerBytes, t.BytesSent, pid, t.Path, "sent")
+			counter(descPeerBytes, t.BytesReceived, pid, t.Path, "received")
+			counter(descPeerConns, t.Conns, pid, t.Path)
+		}
+		gauge(descPeerOpen, float64(p.OpenConns), pid)
+		for _, st := range peerStatesShown {
+			v := 0.0
+			if p.State == st {
+				v = 1
+			}
+			gauge(descPeerState, v, pid, st)
+		}
+		gauge(descPeerRTT, p.RTTMillis/1000, pid)
+	}
+	k := s.Counters
+	counter(descHandshakes, k.DialsOK, "dial", "ok")
+	counter(descHandshakes, k.DialsFailed, "dial", "failed")
+	counter(descHandshakes, k.AcceptsOK, "accept", "ok")
+	counter(descHandshakes, k.AcceptsRejected, "accept", "rejected")
+	counter(descChecks, k.ChecksSent, "sent")
+	counter(descChecks, k.ChecksAnswered, "answered")
+	counter(descSTUN, s.STUN.Refreshes, "ok")
+	counter(descSTUN, s.STUN.Failures, "failed")
+	counter(descMapping, s.STUN.MappingChanges)
+	keys := make([]string, 0, len(k.SOCKS))
+	for key := range k.SOCKS {
+		keys = append(keys, key)
+	}
+	sort.Strings(keys)
+	for _, key := range keys {
+		target, outcome, _ := strings.Cut(key, "/")
+		counter(descSOCKS, k.SOCKS[key], target, outcome)
+	}
+	up := 0.0
+	if s.Registry.Reachable {
+		up = 1
+	}
+	gauge(descRegistryUp, up)
+}
