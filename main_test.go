@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -22,8 +23,21 @@ import (
 	"time"
 
 	"sfkit-proxy/config"
+	"sfkit-proxy/metadata"
+	"sfkit-proxy/metadata/metadatatest"
 	"sfkit-proxy/stun"
 )
+
+// closedAddr is a loopback host:port with nothing behind it.
+func closedAddr(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := ln.Addr().String()
+	ln.Close()
+	return a
+}
 
 func TestDemo(t *testing.T) {
 	var out bytes.Buffer
@@ -40,6 +54,7 @@ func TestDemo(t *testing.T) {
 // lab is a registry, a STUN server and sidecars on loopback.
 type lab struct {
 	t        *testing.T
+	regCfg   func(*config.Registry) // adjusts the registry's config, if set
 	dir      string
 	regURL   string
 	regStop  func()
@@ -48,9 +63,11 @@ type lab struct {
 	tokens   map[int]string
 }
 
-func newLab(t *testing.T) *lab {
+func newLab(t *testing.T) *lab { return newLabWith(t, nil) }
+
+func newLabWith(t *testing.T, regCfg func(*config.Registry)) *lab {
 	t.Helper()
-	l := &lab{t: t, dir: t.TempDir(), tokens: map[int]string{}}
+	l := &lab{t: t, dir: t.TempDir(), tokens: map[int]string{}, regCfg: regCfg}
 	var tok strings.Builder
 	for pid := range 4 {
 		l.tokens[pid] = "test-token-" + rand.Text()
@@ -81,6 +98,9 @@ func (l *lab) startRegistry(addr string) {
 		}
 		cfg.Listen = ln.Addr().String()
 		ln.Close()
+	}
+	if l.regCfg != nil {
+		l.regCfg(cfg)
 	}
 	done := make(chan error, 1)
 	go func() { done <- runRegistry(ctx, cfg, slog.New(slog.DiscardHandler)) }()
@@ -114,9 +134,13 @@ func (l *lab) party(pid int, extra ...string) (listening, func()) {
 	l.t.Helper()
 	keyFile := filepath.Join(l.dir, "key"+strconv.Itoa(pid))
 	os.WriteFile(keyFile, []byte(l.tokens[pid]), 0o600)
-	args := append([]string{"--study", "lab", "--pid", strconv.Itoa(pid), "--registry", l.regURL,
-		"--auth-key-file", keyFile, "--socks-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-		"--stun", l.stunAddr, "--state-dir", filepath.Join(l.dir, "state"+strconv.Itoa(pid))}, extra...)
+	args := []string{"--study", "lab", "--pid", strconv.Itoa(pid), "--registry", l.regURL}
+	if pid >= 0 && l.tokens[pid] != "" {
+		args = append(args, "--auth-key-file", keyFile)
+	}
+	args = append(args, "--socks-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+		"--stun", l.stunAddr, "--state-dir", filepath.Join(l.dir, "state"+strconv.Itoa(pid)))
+	args = append(args, extra...)
 	cfg, err := config.ParseSidecar(args, io.Discard)
 	if err != nil {
 		l.t.Fatal(err)
@@ -259,6 +283,9 @@ func TestPeerRestartThroughRegistry(t *testing.T) {
 
 func TestStartupErrorsAreClear(t *testing.T) {
 	l := newLab(t)
+	// Without a key the sidecar asks the cloud; point it at nothing, on loopback.
+	t.Setenv("GCE_METADATA_HOST", closedAddr(t))
+	t.Setenv(metadata.AzureEndpointEnv, "http://"+closedAddr(t))
 	bad := filepath.Join(l.dir, "badkey")
 	os.WriteFile(bad, []byte("not-a-token-anyone-knows"), 0o600)
 	empty := filepath.Join(l.dir, "empty")
@@ -270,10 +297,10 @@ func TestStartupErrorsAreClear(t *testing.T) {
 		args []string
 		want string
 	}{
-		{"rejected token", append(base, "--auth-key-file", bad), "registry rejected this party's credential (401"},
+		{"rejected token", append(base, "--auth-key-file", bad), "registry rejected this party's credential from --auth-key-file (401: unknown token)"},
 		{"missing key file", append(base, "--auth-key-file", filepath.Join(l.dir, "nope")), "read --auth-key-file"},
 		{"empty key file", append(base, "--auth-key-file", empty), "is empty"},
-		{"no credential", base, "no registry credential"},
+		{"no credential and no cloud", base, "no cloud metadata endpoint answered"},
 		{"token of another party", append(base, "--auth-key", l.tokens[2]), "403"},
 	}
 	for _, tt := range tests {
@@ -286,5 +313,50 @@ func TestStartupErrorsAreClear(t *testing.T) {
 				t.Errorf("run = %v; want error with %q", err, tt.want)
 			}
 		})
+	}
+}
+
+func TestPartyWithCloudCredential(t *testing.T) {
+	is, err := metadatatest.NewIssuer("https://accounts.google.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rotated, _ := metadatatest.NewIssuer("https://accounts.google.com")
+	meta := &metadatatest.Server{}
+	// The first token is signed with a key the registry no longer trusts:
+	// the registry answers 401, the sidecar refreshes once and retries.
+	gce := httptest.NewServer(meta.GCE(is, metadatatest.Identity{Email: "party3@study.iam.gserviceaccount.com",
+		SignWith: func(n int64) *metadatatest.Issuer {
+			if n == 1 {
+				return rotated
+			}
+			return is
+		}}))
+	defer gce.Close()
+	t.Setenv("GCE_METADATA_HOST", strings.TrimPrefix(gce.URL, "http://"))
+	t.Setenv(metadata.AzureEndpointEnv, "http://"+closedAddr(t))
+	var regURL string
+	l := newLabWith(t, func(c *config.Registry) {
+		dir := t.TempDir()
+		os.WriteFile(filepath.Join(dir, "jwks"), is.JWKS(), 0o600)
+		os.WriteFile(filepath.Join(dir, "members"), []byte("party3@study.iam.gserviceaccount.com lab 3\n"), 0o600)
+		regURL = "http://" + c.Listen + "/"
+		c.OIDCIssuer, c.OIDCAudience, c.OIDCJWKS, c.Members = is.URL, regURL, filepath.Join(dir, "jwks"), filepath.Join(dir, "members")
+	})
+	delete(l.tokens, 3) // party 3 has no key file
+	port, sum := fileServer(t, 1<<20)
+	p0, _ := l.party(0)
+	p3, _ := l.party(3)
+	if _, got, err := fetchVia(t, p0.socks, fmt.Sprintf("http://10.0.0.3:%d/", port)); err != nil || got != sum {
+		t.Fatalf("party 0 -> party 3: %v", err)
+	}
+	if _, got, err := fetchVia(t, p3.socks, fmt.Sprintf("http://10.0.0.0:%d/", port)); err != nil || got != sum {
+		t.Fatalf("party 3 -> party 0: %v", err)
+	}
+	if meta.LastAudience() != regURL {
+		t.Errorf("token audience = %q; want the registry URL %q", meta.LastAudience(), regURL)
+	}
+	if meta.Issued.Load() < 2 {
+		t.Errorf("metadata server issued %d tokens; want a refresh after the first was refused", meta.Issued.Load())
 	}
 }

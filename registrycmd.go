@@ -15,11 +15,26 @@ import (
 
 // runRegistry serves the reference registry until ctx ends.
 func runRegistry(ctx context.Context, cfg *config.Registry, log *slog.Logger) error {
-	grants, err := registry.LoadTokens(cfg.Tokens)
-	if err != nil {
-		return err
+	grants := map[string]registry.Grant{}
+	if cfg.Tokens != "" {
+		var err error
+		if grants, err = registry.LoadTokens(cfg.Tokens); err != nil {
+			return err
+		}
 	}
-	srv, err := registry.NewServer(registry.ServerOptions{Grants: grants, DataDir: cfg.Data, Logger: log.With("component", "registry")})
+	var verifier *registry.OIDC
+	if cfg.OIDCIssuer != "" {
+		members, err := registry.LoadMembers(cfg.Members)
+		if err != nil {
+			return err
+		}
+		if verifier, err = registry.NewOIDC(ctx, cfg.OIDCIssuer, cfg.OIDCAudience, cfg.OIDCJWKS, members); err != nil {
+			return err
+		}
+		log.Info("accepting cloud identity tokens", "issuer", cfg.OIDCIssuer, "audience", cfg.OIDCAudience, "members", len(members))
+	}
+	srv, err := registry.NewServer(registry.ServerOptions{Grants: grants, DataDir: cfg.Data, OIDC: verifier,
+		Logger: log.With("component", "registry")})
 	if err != nil {
 		return err
 	}

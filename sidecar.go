@@ -19,6 +19,7 @@ import (
 
 	"sfkit-proxy/admin"
 	"sfkit-proxy/config"
+	"sfkit-proxy/metadata"
 	"sfkit-proxy/quicmux"
 	"sfkit-proxy/registry"
 	"sfkit-proxy/socks"
@@ -35,7 +36,7 @@ type listening struct {
 // once everything is listening.
 func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady func(listening)) error {
 	log = log.With("party", cfg.PID)
-	token, err := staticToken(cfg)
+	token, credSource, err := credential(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
@@ -78,7 +79,7 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 	st := &state{socks: make(map[string]uint64)}
 	reg := &registry.Client{Base: cfg.Registry, Study: cfg.Study, PID: cfg.PID, Token: token,
 		HTTP: &http.Client{Timeout: 45 * time.Second}}
-	pub := &publisher{reg: reg, mux: mux, st: st, log: log.With("component", "registry"), kick: make(chan struct{}, 1),
+	pub := &publisher{reg: reg, mux: mux, st: st, credSource: credSource, log: log.With("component", "registry"), kick: make(chan struct{}, 1),
 		entry: registry.Entry{PID: cfg.PID, Pin: id.Pin, CheckKey: checkKey, Instance: quicmux.NewCheckKey()[:16],
 			NAT: stun.NATUnknown, AllowPorts: cfg.AllowPorts.String()}}
 	policy := &peerPolicy{ports: make(map[int]config.PortSet)}
@@ -145,6 +146,38 @@ func isLoopbackHost(h string) bool {
 	return err == nil && a.IsLoopback()
 }
 
+// credential returns where the registry token comes from: a key file or
+// --auth-key when given, else the cloud instance's metadata endpoint.
+func credential(ctx context.Context, cfg *config.Sidecar, log *slog.Logger) (registry.TokenFunc, string, error) {
+	if cfg.AuthKeyFile != "" || cfg.AuthKey != "" {
+		src := "--auth-key-file"
+		if cfg.AuthKeyFile == "" {
+			src = "--auth-key"
+		}
+		log.Info("registry credential", "source", src)
+		tf, err := staticToken(cfg)
+		return tf, src, err
+	}
+	// The audience is the registry URL, so a token is good for this registry only.
+	s, err := metadata.Discover(ctx, cfg.Registry.String(), metadata.Options{})
+	if err != nil {
+		return nil, "", fmt.Errorf("no registry credential: give --auth-key-file PATH or set %s; on a cloud VM the metadata endpoint is used, but %w (on AWS, use a key file)",
+			config.EnvName("auth-key"), err)
+	}
+	src := s.Provider + " metadata"
+	log.Info("registry credential", "source", src)
+	return func(ctx context.Context, refresh bool) (string, error) {
+		if refresh {
+			s.Invalidate()
+		}
+		t, err := s.TokenContext(ctx)
+		if err != nil {
+			return "", err
+		}
+		return t.AccessToken, nil
+	}, src, nil
+}
+
 // staticToken reads the bearer token from --auth-key-file (again on every
 // refresh, so a rotated file is picked up) or --auth-key.
 func staticToken(cfg *config.Sidecar) (registry.TokenFunc, error) {
@@ -161,9 +194,6 @@ func staticToken(cfg *config.Sidecar) (registry.TokenFunc, error) {
 			return "", fmt.Errorf("--auth-key-file %s is empty: put the registry token in it", cfg.AuthKeyFile)
 		}
 		return tok, nil
-	}
-	if cfg.AuthKeyFile == "" && cfg.AuthKey == "" {
-		return nil, fmt.Errorf("no registry credential: give --auth-key-file PATH or set %s", config.EnvName("auth-key"))
 	}
 	tok, err := read()
 	if err != nil {
@@ -186,11 +216,12 @@ func staticToken(cfg *config.Sidecar) (registry.TokenFunc, error) {
 
 // publisher keeps this party's registry entry current.
 type publisher struct {
-	reg  *registry.Client
-	mux  *quicmux.Mux
-	st   *state
-	log  *slog.Logger
-	kick chan struct{}
+	reg        *registry.Client
+	mux        *quicmux.Mux
+	st         *state
+	credSource string // where the token comes from, for error messages
+	log        *slog.Logger
+	kick       chan struct{}
 
 	mu    sync.Mutex // guards entry
 	entry registry.Entry
@@ -249,7 +280,7 @@ func (p *publisher) run(ctx context.Context) error {
 			var se *registry.StatusError
 			if errors.As(err, &se) && (se.Code == http.StatusUnauthorized || se.Code == http.StatusForbidden) {
 				if !published {
-					return fmt.Errorf("registry rejected this party's credential (%d: %s): check --auth-key-file, --study and --pid", se.Code, se.Msg)
+					return fmt.Errorf("registry rejected this party's credential from %s (%d: %s): check it, --study and --pid", p.credSource, se.Code, se.Msg)
 				}
 				p.log.Error("registry rejected this party's credential; retrying", "code", se.Code, "msg", se.Msg)
 			} else {

@@ -208,6 +208,11 @@ type Registry struct {
 	TLSCert  string
 	TLSKey   string
 	LogLevel slog.Level
+	// Cloud identity tokens, accepted when OIDCIssuer is set.
+	OIDCIssuer   string
+	OIDCAudience string
+	OIDCJWKS     string
+	Members      string
 }
 
 // ParseRegistry parses the arguments of `sfkit-proxy registry`.
@@ -220,16 +225,24 @@ func ParseRegistry(args []string, out io.Writer) (*Registry, error) {
 		cert     = fs.String("tls-cert", "", "TLS certificate file (serve HTTPS)")
 		key      = fs.String("tls-key", "", "TLS key file")
 		logLevel = fs.String("log-level", "info", "debug, info, warn or error")
+		issuer   = fs.String("oidc-issuer", "", "accept cloud identity tokens from this issuer, e.g. https://accounts.google.com")
+		audience = fs.String("oidc-audience", "", "the audience those tokens must carry: the registry URL parties use")
+		jwks     = fs.String("oidc-jwks", "", "the issuer's signing keys: a JWKS file or URL")
+		members  = fs.String("members", "", "members file: lines 'IDENTITY STUDY PID' (IDENTITY: the token's email, else sub)")
 		_        = fs.String("config", "", "config file of 'flag value' lines")
 	)
 	fs.Usage = Usage(fs, out, RegistryEnvPrefix, "sfkit-proxy registry [flags]\n\nRuns the reference registry that parties publish their addresses and keys to.")
 	if err := parse(fs, args, RegistryEnvPrefix); err != nil {
 		return nil, err
 	}
-	c := &Registry{Listen: *listen, Tokens: *tokens, Data: *data, TLSCert: *cert, TLSKey: *key}
+	c := &Registry{Listen: *listen, Tokens: *tokens, Data: *data, TLSCert: *cert, TLSKey: *key,
+		OIDCIssuer: *issuer, OIDCAudience: *audience, OIDCJWKS: *jwks, Members: *members}
 	var errs []error
-	if c.Tokens == "" {
-		errs = append(errs, errors.New("--tokens is required: a file of 'TOKEN STUDY PID' lines"))
+	if c.Tokens == "" && c.OIDCIssuer == "" {
+		errs = append(errs, errors.New("--tokens is required (or --oidc-issuer with its flags): a file of 'TOKEN STUDY PID' lines"))
+	}
+	if n := countSet(c.OIDCIssuer, c.OIDCAudience, c.OIDCJWKS, c.Members); n != 0 && n != 4 {
+		errs = append(errs, errors.New("--oidc-issuer, --oidc-audience, --oidc-jwks and --members go together"))
 	}
 	if c.Data == "" {
 		errs = append(errs, errors.New("--data is required: a directory for the registry's state"))
@@ -302,6 +315,16 @@ func ParseLevel(s string) (slog.Level, error) {
 		return 0, fmt.Errorf("%q: want debug, info, warn or error", s)
 	}
 	return l, nil
+}
+
+func countSet(ss ...string) int {
+	n := 0
+	for _, s := range ss {
+		if s != "" {
+			n++
+		}
+	}
+	return n
 }
 
 func validStudy(s string) bool {

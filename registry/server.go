@@ -30,8 +30,14 @@ type Grant struct {
 }
 
 // ParseTokens reads a tokens file: lines "TOKEN STUDY PID", blank lines and
-// '#' comments allowed.
+// '#' comments allowed. The map is keyed by the token's hash.
 func ParseTokens(r *bufio.Scanner) (map[string]Grant, error) {
+	return parseGrants(r, 16, hashToken)
+}
+
+// parseGrants reads lines "KEY STUDY PID"; keys shorter than minKey are
+// refused, and key(KEY) indexes the map.
+func parseGrants(r *bufio.Scanner, minKey int, key func(string) string) (map[string]Grant, error) {
 	grants := make(map[string]Grant)
 	for n := 1; r.Scan(); n++ {
 		line := strings.TrimSpace(r.Text())
@@ -45,8 +51,8 @@ func ParseTokens(r *bufio.Scanner) (map[string]Grant, error) {
 		if len(f) != 3 {
 			return nil, fmt.Errorf("line %d: want 'TOKEN STUDY PID', got %d fields", n, len(f))
 		}
-		if len(f[0]) < 16 {
-			return nil, fmt.Errorf("line %d: token too short: use at least 16 random characters", n)
+		if len(f[0]) < minKey {
+			return nil, fmt.Errorf("line %d: token too short: use at least %d random characters", n, minKey)
 		}
 		if !config.ValidStudy(f[1]) {
 			return nil, fmt.Errorf("line %d: study %q: use letters, digits, '-', '_' or '.'", n, f[1])
@@ -55,11 +61,11 @@ func ParseTokens(r *bufio.Scanner) (map[string]Grant, error) {
 		if err != nil || pid < 0 {
 			return nil, fmt.Errorf("line %d: pid %q: want a number 0 or more", n, f[2])
 		}
-		h := hashToken(f[0])
-		if _, dup := grants[h]; dup {
+		k := key(f[0])
+		if _, dup := grants[k]; dup {
 			return nil, fmt.Errorf("line %d: token repeated", n)
 		}
-		grants[h] = Grant{Study: f[1], PID: pid}
+		grants[k] = Grant{Study: f[1], PID: pid}
 	}
 	if err := r.Err(); err != nil {
 		return nil, err
@@ -98,6 +104,8 @@ type ServerOptions struct {
 	MaxWait time.Duration
 	// Rate limits requests per token per second; zero means 20 (burst 40).
 	Rate float64
+	// OIDC, if set, also accepts cloud identity tokens.
+	OIDC *OIDC
 }
 
 // Server is the reference registry: an http.Handler.
@@ -175,6 +183,17 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request) (Grant, bool)
 	}
 	h := hashToken(tok)
 	g, ok := s.opts.Grants[h]
+	if !ok && s.opts.OIDC != nil && strings.Count(tok, ".") == 2 {
+		var id string
+		var err error
+		if g, id, err = s.opts.OIDC.Grant(r.Context(), tok); err != nil {
+			s.log.Info("identity token refused", "identity", id, "err", err)
+			w.Header().Set("WWW-Authenticate", `Bearer realm="sfkit-proxy", error="invalid_token"`)
+			httpError(w, http.StatusUnauthorized, "invalid identity token: "+err.Error())
+			return Grant{}, false
+		}
+		ok = true
+	}
 	if !ok {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="sfkit-proxy", error="invalid_token"`)
 		httpError(w, http.StatusUnauthorized, "unknown token")

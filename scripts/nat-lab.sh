@@ -8,6 +8,9 @@
 #                         (new connections from the wan side are dropped)
 #   party i:             192.168.(10+i).2 behind router i, running sfkit-proxy,
 #                         a file server on 127.0.0.1:8000 and a line echo on :9000
+#   party 2 has no key file: it takes its registry credential from a fake GCE
+#                         metadata server on its loopback (GCE_METADATA_HOST),
+#                         and the registry verifies the ID token (OIDC)
 #   party 3 (optional):  the same, but the sidecar runs in a Docker container
 #                         from the FROM-scratch image, as non-root, --cap-drop ALL
 #
@@ -30,7 +33,7 @@ if [ "$(id -u)" != 0 ]; then
 	echo "SKIP nat-lab: needs root for network namespaces (run as root, as CI does)"
 	exit 0
 fi
-for tool in ip iptables turnserver curl ncat python3 sha256sum; do
+for tool in ip iptables turnserver curl ncat python3 sha256sum go; do
 	command -v "$tool" >/dev/null || { echo "nat-lab: $tool is missing (apt-get install iproute2 iptables coturn curl ncat python3)" >&2; exit 1; }
 done
 BIN=$(realpath "$BIN")
@@ -122,8 +125,20 @@ for i in 0 1 2 3; do
 	printf '%s\n' "$tok" >"$DIR/token$i"
 	chmod 644 "$DIR/token$i"
 done
+# Party 2's cloud: a fake GCE metadata server in its namespace, whose JWKS the
+# registry trusts. It is started with party 2's namespace, below; the registry
+# needs the JWKS first, so the namespace is made here.
+addns p2
+(cd "$(dirname "$0")/.." && go build -o "$DIR/fakemeta" ./scripts/fakemeta)
+inns p2 "$DIR/fakemeta" --listen 127.0.0.1:8089 --email party2@e2e.iam.gserviceaccount.com \
+	--jwks-out "$DIR/jwks.json" >"$DIR/fakemeta.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 50); do [ -s "$DIR/jwks.json" ] && break; sleep 0.1; done
+echo "party2@e2e.iam.gserviceaccount.com e2e 2" >"$DIR/members"
+sed -i '/ e2e 2$/d' "$DIR/tokens" # party 2 has no static token
 inns inet "$BIN" registry --listen 203.0.113.10:8080 --tokens "$DIR/tokens" --data "$DIR/registry" \
-	>"$DIR/registry.log" 2>&1 &
+	--oidc-issuer https://accounts.google.com --oidc-audience http://203.0.113.10:8080/ \
+	--oidc-jwks "$DIR/jwks.json" --members "$DIR/members" >"$DIR/registry.log" 2>&1 &
 PIDS+=($!)
 
 SIDECAR_ARGS=(--study e2e --registry http://203.0.113.10:8080/ --stun 203.0.113.10:3478,203.0.113.11:3478
@@ -142,11 +157,17 @@ services() {
 }
 
 for i in $(seq 0 $((NPARTIES - 1))); do
-	addns "p$i"
+	[ "$i" = 2 ] || addns "p$i"
 	router "$i" "$(ns "p$i")"
 	services "$i"
-	inns "p$i" "$BIN" --pid "$i" "${SIDECAR_ARGS[@]}" --state-dir "$DIR/state$i" \
-		--auth-key-file "$DIR/token$i" >"$DIR/p$i.log" 2>&1 &
+	if [ "$i" = 2 ]; then
+		# No key file: the credential comes from the (fake) cloud metadata server.
+		inns "p$i" env GCE_METADATA_HOST=127.0.0.1:8089 SFKIT_PROXY_AZURE_IMDS=http://127.0.0.1:1 \
+			"$BIN" --pid "$i" "${SIDECAR_ARGS[@]}" --state-dir "$DIR/state$i" >"$DIR/p$i.log" 2>&1 &
+	else
+		inns "p$i" "$BIN" --pid "$i" "${SIDECAR_ARGS[@]}" --state-dir "$DIR/state$i" \
+			--auth-key-file "$DIR/token$i" >"$DIR/p$i.log" 2>&1 &
+	fi
 	PIDS+=($!)
 done
 
@@ -241,6 +262,13 @@ for a in $(seq 0 $((NPARTIES - 1))); do
 	done
 done
 
+if grep -q 'msg="registry credential" party=2 source="gce metadata"' "$DIR/p2.log"; then
+	log "party 2 registered with an ID token from the (fake) GCE metadata server"
+else
+	echo "party 2 did not take its credential from the metadata server"
+	fails=$((fails + 1))
+fi
+
 # Each party's own status API says every peer is direct and has carried bytes.
 for a in $(seq 0 $((NPARTIES - 1))); do
 	if ! inns "p$a" "$BIN" status --json >"$DIR/status$a.json" 2>"$DIR/status$a.err"; then
@@ -272,5 +300,6 @@ if [ "$fails" -ne 0 ]; then
 fi
 pairs=$((NPARTIES * (NPARTIES - 1)))
 log "$pairs ordered pairs: ${SIZE_MB} MiB curl transfers verified, ncat echoes answered, all direct through the NATs"
-# transfers, echoes and direct paths per pair; a status per party; the refused port
-echo "$((3 * pairs + NPARTIES + 1)) passed, 0 failed"
+# transfers, echoes and direct paths per pair; a status per party; the
+# refused port; the cloud credential
+echo "$((3 * pairs + NPARTIES + 2)) passed, 0 failed"
