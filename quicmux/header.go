@@ -23,8 +23,9 @@ type Kind byte
 
 // Kinds.
 const (
-	KindConnect Kind = 0 // a tunnelled TCP connection to the port
-	KindPing    Kind = 1 // answered at once, to measure the round trip
+	KindConnect    Kind = 0 // a tunnelled TCP connection to the port
+	KindPing       Kind = 1 // answered at once, to measure the round trip
+	KindPathNotice Kind = 2 // the dialer moved the connection to the direct path
 )
 
 // Status is the acceptor's answer to a stream request.
@@ -82,7 +83,7 @@ func ParseRequest(b []byte) (k Kind, port uint16, err error) {
 		return 0, 0, fmt.Errorf("%w %d", ErrVersion, b[0])
 	}
 	k = Kind(b[1])
-	if k != KindConnect && k != KindPing {
+	if k > KindPathNotice {
 		return 0, 0, fmt.Errorf("%w %d", ErrKind, b[1])
 	}
 	return k, uint16(b[2])<<8 | uint16(b[3]), nil

@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -45,6 +46,31 @@ type PeerInfo struct {
 	CheckKey   string
 	Instance   string
 	Candidates []netip.AddrPort
+	// Relays are the candidates that are relayed addresses.
+	Relays []netip.AddrPort
+}
+
+// Relay is a relayed allocation (a TURN allocation) to reach peers through
+// when no direct path works.
+type Relay struct {
+	// Conn sends and receives through the relay; Run closes it.
+	Conn net.PacketConn
+	// Addr is the relayed address peers send to (published as a candidate).
+	Addr netip.AddrPort
+	// Server names the relay, for logs and status.
+	Server string
+}
+
+// endpoint is a local socket peers are reached through: the main UDP socket
+// or a relay allocation, each with its QUIC transport, listener and STUN
+// transactions.
+type endpoint struct {
+	relay  bool
+	server string // the relay's name
+	conn   net.PacketConn
+	tr     *quic.Transport
+	ln     *quic.Listener
+	stun   *stun.Client
 }
 
 // Options configure a Mux. Zero values are documented per field.
@@ -66,17 +92,21 @@ type Options struct {
 	CheckInterval time.Duration
 	// DialTimeout bounds one QUIC handshake; zero means 5 s.
 	DialTimeout time.Duration
+	// Relay, if set, is a relayed allocation used when no direct path works.
+	Relay *Relay
+	// RelayDelay is how long direct checks get before a relayed path is
+	// taken; zero means 3 s.
+	RelayDelay time.Duration
 }
 
 // Mux is a sidecar's UDP socket, QUIC transport and peer connections.
 type Mux struct {
-	opts Options
-	log  *slog.Logger
-	pc   *net.UDPConn
-	tr   *quic.Transport
-	ln   *quic.Listener
-	stun *stun.Client
-	qc   *quic.Config
+	opts  Options
+	log   *slog.Logger
+	pc    *net.UDPConn
+	main  *endpoint
+	relay *endpoint // nil without a relay
+	qc    *quic.Config
 
 	updates chan []PeerInfo // latest registry view, for Run
 
@@ -86,35 +116,52 @@ type Mux struct {
 
 	wg    sync.WaitGroup // stream handlers and per-connection goroutines
 	count counters
+	// blockDirect drops direct connectivity checks both ways, as a firewall
+	// that blocks UDP would; for tests of the relayed path.
+	blockDirect atomic.Bool
 }
 
-// peer is the state of one remote party. Fields after mu are guarded by
+// peer is the state of one remote party. Fields after cancel are guarded by
 // Mux.mu.
 type peer struct {
-	pid     int
-	infoCh  chan struct{}       // a new info arrived
-	connCh  chan struct{}       // the accept loop installed a connection
-	checkCh chan stun.Result    // answers to our connectivity checks
-	prflxCh chan netip.AddrPort // addresses its valid checks came from
-	cancel  context.CancelFunc
+	pid          int
+	infoCh       chan struct{}       // a new info arrived
+	connCh       chan struct{}       // the accept loop installed a connection
+	checkCh      chan stun.Result    // answers to checks from the main socket
+	relayCheckCh chan stun.Result    // answers to checks from the relay
+	prflxCh      chan netip.AddrPort // addresses its valid checks came from
+	cancel       context.CancelFunc
+	relaySending atomic.Bool // checks through the relay are being sent
 
-	info     PeerInfo
-	prflx    []netip.AddrPort // learned from its checks, newest last
-	conn     *quic.Conn
-	path     netip.AddrPort
-	pathKind string
-	since    time.Time
-	connTr   *traffic // the counters of conn's path kind
-	state    string
-	lastErr  string
-	traffic  map[string]*traffic // by path kind
-	rates    rates
+	info    PeerInfo
+	prflx   []netip.AddrPort // learned from its checks, newest last
+	link    *link            // the connection in use, nil when none
+	state   string
+	lastErr string
+	traffic map[string]*traffic // by path kind
+	rates   rates
+}
+
+// link is a QUIC connection to a peer and what it runs over.
+type link struct {
+	conn *quic.Conn
+	ep   *endpoint // the local endpoint it was made on
+	// local and remote are read once, when the link is made: quic-go's
+	// Conn.LocalAddr and RemoteAddr race with a path switch.
+	local, remote netip.AddrPort
+	since         time.Time
+	tr            *traffic     // counters of its path kind when it was made
+	open          atomic.Int64 // tunnelled connections on it, to drain it gracefully
+	// direct is set once the link moved from a relay to the direct path: by
+	// migration on the dialer, by the dialer's notice on the acceptor.
+	direct atomic.Bool
 }
 
 // Peer states.
 const (
 	StateConnecting  = "connecting"
 	StateDirect      = "direct"
+	StateRelayed     = "relayed"
 	StateUnreachable = "unreachable" // no path after 30 s of trying
 )
 
@@ -138,12 +185,18 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 	if opts.DialTimeout == 0 {
 		opts.DialTimeout = 5 * time.Second
 	}
+	if opts.RelayDelay == 0 {
+		opts.RelayDelay = 3 * time.Second
+	}
 	network := "udp4"
 	if addr.Addr().Is6() && !addr.Addr().Is4In6() {
 		network = "udp6"
 	}
 	pc, err := net.ListenUDP(network, net.UDPAddrFromAddrPort(addr))
 	if err != nil {
+		if opts.Relay != nil {
+			opts.Relay.Conn.Close()
+		}
 		return nil, fmt.Errorf("udp listen %v: %w", addr, err)
 	}
 	m := &Mux{
@@ -164,20 +217,42 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 			MaxConnectionReceiveWindow:     64 << 20,
 		},
 	}
-	m.tr = &quic.Transport{Conn: pc}
-	m.stun = stun.NewClient(m.tr)
+	if m.main, err = m.newEndpoint(pc, false, ""); err != nil {
+		pc.Close()
+		if opts.Relay != nil {
+			opts.Relay.Conn.Close()
+		}
+		return nil, err
+	}
+	if opts.Relay != nil {
+		if m.relay, err = m.newEndpoint(opts.Relay.Conn, true, opts.Relay.Server); err != nil {
+			m.main.close()
+			pc.Close()
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// newEndpoint runs a QUIC transport and listener on conn.
+func (m *Mux) newEndpoint(conn net.PacketConn, relay bool, server string) (*endpoint, error) {
+	ep := &endpoint{relay: relay, server: server, conn: conn, tr: &quic.Transport{Conn: conn}}
+	ep.stun = stun.NewClient(ep.tr)
 	// Turn on the non-QUIC packet queue before anything is sent, so that no
 	// early STUN answer is dropped.
 	done, cancel := context.WithCancel(context.Background())
 	cancel()
-	m.tr.ReadNonQUICPacket(done, nil)
-	m.ln, err = m.tr.Listen(m.serverTLS(), m.qc)
-	if err != nil {
-		m.tr.Close()
-		pc.Close()
+	ep.tr.ReadNonQUICPacket(done, nil)
+	var err error
+	if ep.ln, err = ep.tr.Listen(m.serverTLS(), m.qc); err != nil {
+		ep.tr.Close()
 		return nil, fmt.Errorf("quic listen: %w", err)
 	}
-	return m, nil
+	return ep, nil
+}
+
+func (ep *endpoint) close() error {
+	return errors.Join(ep.ln.Close(), ep.tr.Close(), ep.conn.Close())
 }
 
 // LocalAddr is the socket's local address.
@@ -195,7 +270,14 @@ func (m *Mux) Network() string {
 }
 
 // STUN is the client for STUN transactions on the shared socket.
-func (m *Mux) STUN() *stun.Client { return m.stun }
+func (m *Mux) STUN() *stun.Client { return m.main.stun }
+
+func (m *Mux) endpoints() []*endpoint {
+	if m.relay != nil {
+		return []*endpoint{m.main, m.relay}
+	}
+	return []*endpoint{m.main}
+}
 
 // HostCandidates lists the addresses of local interfaces where the socket
 // can be reached: the bound address, or every usable interface address of
@@ -253,10 +335,12 @@ func (m *Mux) SetPeers(infos []PeerInfo) {
 func (m *Mux) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	var bg sync.WaitGroup
-	errc := make(chan error, 2)
-	bg.Go(func() { errc <- m.readLoop(ctx) })
-	bg.Go(func() { errc <- m.acceptLoop(ctx) })
-
+	eps := m.endpoints()
+	errc := make(chan error, 2*len(eps))
+	for _, ep := range eps {
+		bg.Go(func() { errc <- m.readLoop(ctx, ep) })
+		bg.Go(func() { errc <- m.acceptLoop(ctx, ep) })
+	}
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	var err error
@@ -277,15 +361,20 @@ loop:
 	m.mu.Lock()
 	for _, p := range m.peers {
 		p.cancel()
-		if p.conn != nil {
-			p.conn.CloseWithError(codeShutdown, "shutdown")
+		if p.link != nil {
+			p.link.conn.CloseWithError(codeShutdown, "shutdown")
 		}
 	}
 	m.mu.Unlock()
-	m.ln.Close()
+	for _, ep := range eps {
+		ep.ln.Close()
+	}
 	bg.Wait()
 	m.wg.Wait()
-	cerr := errors.Join(m.tr.Close(), m.pc.Close())
+	var cerr error
+	for _, ep := range eps {
+		cerr = errors.Join(cerr, ep.close())
+	}
 	if err != nil && !errors.Is(err, context.Canceled) {
 		return errors.Join(err, cerr)
 	}
@@ -308,8 +397,8 @@ func (m *Mux) reconcile(ctx context.Context, infos []PeerInfo, bg *sync.WaitGrou
 			p = &peer{
 				pid: in.PID, info: in, state: StateConnecting, cancel: pcancel,
 				rates:  rates{start: time.Now(), last: time.Now()},
-				infoCh: make(chan struct{}, 1), connCh: make(chan struct{}, 1),
-				checkCh: make(chan stun.Result, 64), prflxCh: make(chan netip.AddrPort, 8),
+				infoCh: make(chan struct{}, 1), connCh: make(chan struct{}, 1), checkCh: make(chan stun.Result, 64),
+				relayCheckCh: make(chan stun.Result, 64), prflxCh: make(chan netip.AddrPort, 8),
 			}
 			m.peers[in.PID] = p
 			m.log.Info("peer registered", "peer", in.PID, "candidates", in.Candidates)
@@ -327,8 +416,8 @@ func (m *Mux) reconcile(ctx context.Context, infos []PeerInfo, bg *sync.WaitGrou
 		}
 		m.log.Info("peer left the registry", "peer", pid)
 		p.cancel()
-		if p.conn != nil {
-			p.conn.CloseWithError(codeShutdown, "peer left the registry")
+		if p.link != nil {
+			p.link.conn.CloseWithError(codeShutdown, "peer left the registry")
 		}
 		delete(m.peers, pid)
 	}
@@ -336,7 +425,8 @@ func (m *Mux) reconcile(ctx context.Context, infos []PeerInfo, bg *sync.WaitGrou
 }
 
 func samePeerInfo(a, b PeerInfo) bool {
-	return a.Pin == b.Pin && a.CheckKey == b.CheckKey && a.Instance == b.Instance && slices.Equal(a.Candidates, b.Candidates)
+	return a.Pin == b.Pin && a.CheckKey == b.CheckKey && a.Instance == b.Instance &&
+		slices.Equal(a.Candidates, b.Candidates) && slices.Equal(a.Relays, b.Relays)
 }
 
 func notify(c chan struct{}) {
@@ -351,12 +441,12 @@ func (m *Mux) broadcastLocked() {
 	m.changed = make(chan struct{})
 }
 
-// readLoop takes every non-QUIC packet off the socket: STUN responses go to
-// the STUN client, binding requests are peers' connectivity checks.
-func (m *Mux) readLoop(ctx context.Context) error {
+// readLoop takes every non-QUIC packet off an endpoint: STUN responses go
+// to its STUN client, binding requests are peers' connectivity checks.
+func (m *Mux) readLoop(ctx context.Context, ep *endpoint) error {
 	buf := make([]byte, 1500)
 	for {
-		n, addr, err := m.tr.ReadNonQUICPacket(ctx, buf)
+		n, addr, err := ep.tr.ReadNonQUICPacket(ctx, buf)
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -374,11 +464,14 @@ func (m *Mux) readLoop(ctx context.Context) error {
 			m.log.Debug("ignoring non-quic packet", "from", from, "err", err)
 			continue
 		}
-		if !msg.Request {
-			m.stun.Handle(msg, from)
+		if !ep.relay && m.blockDirect.Load() {
 			continue
 		}
-		m.answerCheck(msg, from)
+		if !msg.Request {
+			ep.stun.Handle(msg, from)
+			continue
+		}
+		m.answerCheck(ep, msg, from)
 	}
 }
 
@@ -389,7 +482,7 @@ func checkUsername(study string, to, from int) string {
 
 // answerCheck answers a peer's connectivity check if it carries our study,
 // our pid and integrity with our check key; anything else is ignored.
-func (m *Mux) answerCheck(msg *stun.Message, from netip.AddrPort) {
+func (m *Mux) answerCheck(ep *endpoint, msg *stun.Message, from netip.AddrPort) {
 	study, rest, ok1 := strings.Cut(msg.Username, ":")
 	to, fromPID, ok2 := strings.Cut(rest, ":")
 	pid, err := strconv.Atoi(fromPID)
@@ -402,7 +495,7 @@ func (m *Mux) answerCheck(msg *stun.Message, from netip.AddrPort) {
 		m.log.Debug("ignoring check with bad integrity", "from", from, "peer", pid)
 		return
 	}
-	if _, err := m.tr.WriteTo(resp, net.UDPAddrFromAddrPort(from)); err != nil {
+	if _, err := ep.tr.WriteTo(resp, net.UDPAddrFromAddrPort(from)); err != nil {
 		m.log.Debug("check answer failed", "to", from, "err", err)
 	}
 	m.mu.Lock()
@@ -416,187 +509,11 @@ func (m *Mux) answerCheck(msg *stun.Message, from netip.AddrPort) {
 	}
 }
 
-// runPeer keeps a connection to p until ctx ends.
-func (m *Mux) runPeer(ctx context.Context, p *peer) {
-	log := m.log.With("peer", p.pid)
-	for ctx.Err() == nil {
-		m.mu.Lock()
-		conn, inst := p.conn, p.info.Instance
-		m.mu.Unlock()
-		if conn == nil {
-			m.connect(ctx, p, log)
-			continue
-		}
-		select {
-		case <-ctx.Done():
-		case <-p.connCh:
-		case <-conn.Context().Done():
-			err := context.Cause(conn.Context())
-			log.Warn("peer connection lost", "err", err)
-			m.dropConn(p, conn, err)
-		case <-p.infoCh:
-			m.mu.Lock()
-			restarted := p.info.Instance != inst || PinOf(conn.ConnectionState().TLS.PeerCertificates[0]) != p.info.Pin
-			m.mu.Unlock()
-			if restarted {
-				log.Info("peer restarted; reconnecting")
-				conn.CloseWithError(codeRestart, "peer restarted")
-				m.dropConn(p, conn, errors.New("peer restarted"))
-			}
-		case ap := <-p.prflxCh:
-			m.learn(p, ap)
-		}
-	}
-}
-
-// learn remembers an address a peer's valid check came from.
-func (m *Mux) learn(p *peer, ap netip.AddrPort) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if slices.Contains(p.prflx, ap) {
-		return
-	}
-	p.prflx = append(p.prflx, ap)
-	if len(p.prflx) > 8 {
-		p.prflx = p.prflx[1:]
-	}
-}
-
-// connect sends connectivity checks to every candidate of p until a
-// connection is up: the lower pid dials the first candidate that answers,
-// the higher waits for the accept loop.
-func (m *Mux) connect(ctx context.Context, p *peer, log *slog.Logger) {
-	tick := time.NewTicker(m.opts.CheckInterval)
-	defer tick.Stop()
-	dialer := m.opts.PID < p.pid
-	// Answers to an earlier round may still be queued; their paths may be gone.
-	for len(p.checkCh) > 0 {
-		<-p.checkCh
-	}
-	start := time.Now()
-	warned := false
-	for {
-		m.sendChecks(p)
-		select {
-		case <-ctx.Done():
-			return
-		case <-p.connCh:
-			return
-		case <-p.infoCh:
-		case ap := <-p.prflxCh:
-			m.learn(p, ap)
-		case <-tick.C:
-			if !warned && time.Since(start) > 30*time.Second {
-				warned = true
-				m.mu.Lock()
-				lastErr := p.lastErr
-				p.state = StateUnreachable
-				m.broadcastLocked()
-				m.mu.Unlock()
-				log.Warn("no path to peer yet; still trying", "after", time.Since(start).Round(time.Second), "last_err", lastErr)
-			}
-		case r := <-p.checkCh:
-			m.count.checksAnswered.Add(1)
-			if !dialer || !slices.Contains(m.targets(p), r.From) {
-				continue
-			}
-			conn, err := m.dial(ctx, p, r.From)
-			if err != nil {
-				if ctx.Err() == nil {
-					m.count.dialsFailed.Add(1)
-					log.Debug("dial peer failed", "addr", r.From, "err", err)
-					m.setErr(p, err)
-				}
-				continue
-			}
-			m.count.dialsOK.Add(1)
-			m.installConn(ctx, p, conn, r.From)
-			return
-		}
-	}
-}
-
-func (m *Mux) setErr(p *peer, err error) {
-	m.mu.Lock()
-	p.lastErr = err.Error()
-	m.mu.Unlock()
-}
-
-// sendChecks sends one check to each of p's candidates.
-func (m *Mux) sendChecks(p *peer) {
-	m.mu.Lock()
-	key := p.info.CheckKey
-	m.mu.Unlock()
-	user := checkUsername(m.opts.Study, p.pid, m.opts.PID)
-	for _, t := range m.targets(p) {
-		tx := stun.NewTxID()
-		if err := m.stun.Send(t, stun.CheckRequest(tx, user, key), tx, key, p.checkCh); err != nil {
-			m.log.Debug("check not sent", "peer", p.pid, "to", t, "err", err)
-			continue
-		}
-		m.count.checksSent.Add(1)
-	}
-}
-
-// targets are the addresses to check for p: its published candidates and
-// the addresses its own checks came from, of our socket's family.
-func (m *Mux) targets(p *peer) []netip.AddrPort {
-	m.mu.Lock()
-	all := append(slices.Clone(p.info.Candidates), p.prflx...)
-	m.mu.Unlock()
-	v4 := m.LocalAddr().Addr().Is4()
-	all = slices.DeleteFunc(all, func(a netip.AddrPort) bool { return a.Addr().Is4() != v4 })
-	slices.SortFunc(all, func(a, b netip.AddrPort) int { return a.Compare(b) })
-	return slices.Compact(all)
-}
-
-func (m *Mux) dial(ctx context.Context, p *peer, to netip.AddrPort) (*quic.Conn, error) {
-	m.mu.Lock()
-	pin := p.info.Pin
-	m.mu.Unlock()
-	dctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
-	defer cancel()
-	conn, err := m.tr.Dial(dctx, net.UDPAddrFromAddrPort(to), m.clientTLS(p.pid, pin), m.qc)
-	if err != nil {
-		return nil, fmt.Errorf("dial peer %d at %v: %w", p.pid, to, err)
-	}
-	return conn, nil
-}
-
-// installConn makes conn p's connection, replacing any older one, and
-// starts serving the streams the peer opens on it.
-func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, path netip.AddrPort) {
-	m.mu.Lock()
-	old := p.conn
-	p.conn, p.path, p.pathKind, p.since, p.state, p.lastErr = conn, path, PathDirect, time.Now(), StateDirect, ""
-	tr := p.trafficLocked(PathDirect)
-	p.connTr = tr
-	m.broadcastLocked()
-	m.mu.Unlock()
-	if old != nil {
-		old.CloseWithError(codeReplaced, "replaced by a newer connection")
-	}
-	m.log.Info("peer connected", "peer", p.pid, "path", PathDirect, "addr", path,
-		"rtt", conn.ConnectionStats().SmoothedRTT)
-	m.wg.Go(func() { m.serveStreams(ctx, p.pid, conn, tr) })
-}
-
-func (m *Mux) dropConn(p *peer, conn *quic.Conn, err error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if p.conn != conn {
-		return
-	}
-	p.conn, p.connTr, p.pathKind, p.state = nil, nil, "", StateConnecting
-	p.lastErr = err.Error()
-	m.broadcastLocked()
-}
-
 // acceptLoop accepts connections from peers with a lower pid; the TLS
 // handshake has already checked their pin.
-func (m *Mux) acceptLoop(ctx context.Context) error {
+func (m *Mux) acceptLoop(ctx context.Context, ep *endpoint) error {
 	for {
-		conn, err := m.ln.Accept(ctx)
+		conn, err := ep.ln.Accept(ctx)
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, quic.ErrServerClosed) {
 				return ctx.Err()
@@ -611,7 +528,7 @@ func (m *Mux) acceptLoop(ctx context.Context) error {
 			continue
 		}
 		m.count.acceptsOK.Add(1)
-		m.installConn(ctx, p, conn, netip.MustParseAddrPort(conn.RemoteAddr().String()))
+		m.installConn(ctx, p, conn, ep)
 		notify(p.connCh)
 	}
 }

@@ -24,6 +24,11 @@ type testParty struct {
 // startParty runs a Mux on loopback. identity may be nil for a new one.
 func startParty(t *testing.T, pid int, id *Identity, allow func(uint16) bool) *testParty {
 	t.Helper()
+	return startPartyWith(t, pid, id, allow, nil)
+}
+
+func startPartyWith(t *testing.T, pid int, id *Identity, allow func(uint16) bool, adjust func(*Options)) *testParty {
+	t.Helper()
 	if id == nil {
 		var err error
 		if id, err = LoadIdentity(t.TempDir()); err != nil {
@@ -31,9 +36,11 @@ func startParty(t *testing.T, pid int, id *Identity, allow func(uint16) bool) *t
 		}
 	}
 	key := NewCheckKey()
-	m, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), Options{
-		Study: "test", PID: pid, Identity: id, CheckKey: key, AllowPort: allow, CheckInterval: 50 * time.Millisecond,
-	})
+	opts := Options{Study: "test", PID: pid, Identity: id, CheckKey: key, AllowPort: allow, CheckInterval: 50 * time.Millisecond}
+	if adjust != nil {
+		adjust(&opts)
+	}
+	m, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), opts)
 	if err != nil {
 		t.Fatal(err)
 	}

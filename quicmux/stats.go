@@ -9,7 +9,8 @@ import (
 
 // Path kinds.
 const (
-	PathDirect = "direct"
+	PathDirect  = "direct"
+	PathRelayed = "relayed"
 )
 
 // traffic counts one peer's tunnelled connections and bytes on one kind of
@@ -45,8 +46,9 @@ type PathTraffic struct {
 // PeerStats is a snapshot of one peer.
 type PeerStats struct {
 	PID        int
-	State      string // connecting, direct, unreachable
+	State      string // connecting, direct, relayed, unreachable
 	Path       string // kind of the path in use, "" when not connected
+	Via        string // the relay, when relayed
 	RemoteAddr netip.AddrPort
 	RTT        time.Duration
 	Since      time.Time // connected since
@@ -130,9 +132,11 @@ func (m *Mux) Stats() Stats {
 	defer m.mu.Unlock()
 	for _, p := range m.peers {
 		ps := PeerStats{PID: p.pid, State: p.state, LastError: p.lastErr}
-		if p.conn != nil {
-			ps.Path, ps.RemoteAddr, ps.Since = p.pathKind, p.path, p.since
-			ps.RTT = p.conn.ConnectionStats().SmoothedRTT
+		if l := p.link; l != nil {
+			ps.Path, ps.Via = m.linkKindLocked(p, l), m.viaLocked(p, l)
+			ps.State = ps.Path // direct or relayed
+			ps.RemoteAddr, ps.Since = l.remote, l.since
+			ps.RTT = l.conn.ConnectionStats().SmoothedRTT
 		}
 		ps.BytesSent, ps.BytesRecv, ps.OpenConns = p.totalsLocked()
 		r := &p.rates

@@ -22,26 +22,19 @@ var (
 	ErrNoPath      = errors.New("no path to party yet")
 )
 
-// route is a peer's live connection and what to count its streams in.
-type route struct {
-	conn *quic.Conn
-	tr   *traffic
-	kind string
-	addr netip.AddrPort
-}
-
 // Dial opens a tunnelled TCP connection to port on party pid's loopback. It
 // waits, within ctx, for the party to register and for a path to it. The
 // error of a refused or disallowed port says so.
 func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*StreamConn, error) {
-	str, rt, err := m.open(ctx, pid, KindConnect, port)
+	str, l, kind, err := m.open(ctx, pid, KindConnect, port)
 	if err != nil {
 		return nil, err
 	}
-	rt.tr.opened.Add(1)
-	rt.tr.open.Add(1)
-	c := &StreamConn{str: str, tr: rt.tr, local: rt.conn.LocalAddr(), remote: rt.conn.RemoteAddr(),
-		start: time.Now(), log: m.log.With("peer", pid, "port", port, "dir", "out", "path", rt.kind)}
+	l.tr.opened.Add(1)
+	l.tr.open.Add(1)
+	l.open.Add(1)
+	c := &StreamConn{str: str, l: l, local: net.UDPAddrFromAddrPort(l.local), remote: net.UDPAddrFromAddrPort(l.remote),
+		start: time.Now(), log: m.log.With("peer", pid, "port", port, "dir", "out", "path", kind)}
 	c.log.Info("tunnel opened")
 	return c, nil
 }
@@ -50,38 +43,33 @@ func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*StreamConn, erro
 // names the path it took.
 func (m *Mux) Ping(ctx context.Context, pid int) (rtt time.Duration, path string, addr netip.AddrPort, err error) {
 	start := time.Now()
-	str, rt, err := m.open(ctx, pid, KindPing, 0)
+	str, l, kind, err := m.open(ctx, pid, KindPing, 0)
 	if err != nil {
 		return 0, "", netip.AddrPort{}, err
 	}
 	rtt = time.Since(start)
 	str.Close()
 	str.CancelRead(codeStreamAbort)
-	return rtt, rt.kind, rt.addr, nil
+	return rtt, kind, l.remote, nil
 }
 
 // open opens a stream of kind k to pid and reads the peer's reply. A
 // connection may die under us (the peer restarted, the path broke); nothing
 // has reached the client yet, so opening again is safe.
-func (m *Mux) open(ctx context.Context, pid int, k Kind, port uint16) (*quic.Stream, route, error) {
+func (m *Mux) open(ctx context.Context, pid int, k Kind, port uint16) (*quic.Stream, *link, string, error) {
 	for attempt := 0; ; attempt++ {
-		rt, err := m.waitConn(ctx, pid)
+		p, l, err := m.waitLink(ctx, pid)
 		if err != nil {
-			return nil, route{}, err
+			return nil, nil, "", err
 		}
-		str, err := openStream(ctx, rt.conn, k, port)
+		str, err := openStream(ctx, l.conn, k, port)
 		if err == nil {
-			return str, rt, nil
+			return str, l, m.linkKind(p, l), nil
 		}
-		if rt.conn.Context().Err() == nil || ctx.Err() != nil || attempt == 2 {
-			return nil, route{}, fmt.Errorf("party %d port %d: %w", pid, port, err)
+		if l.conn.Context().Err() == nil || ctx.Err() != nil || attempt == 2 {
+			return nil, nil, "", fmt.Errorf("party %d port %d: %w", pid, port, err)
 		}
-		m.mu.Lock()
-		p := m.peers[pid]
-		m.mu.Unlock()
-		if p != nil {
-			m.dropConn(p, rt.conn, context.Cause(rt.conn.Context()))
-		}
+		m.dropLink(p, l, context.Cause(l.conn.Context()))
 	}
 }
 
@@ -110,51 +98,51 @@ func openStream(ctx context.Context, conn *quic.Conn, k Kind, port uint16) (*qui
 	return str, nil
 }
 
-// waitConn returns the route to pid, waiting for one within ctx.
-func (m *Mux) waitConn(ctx context.Context, pid int) (route, error) {
+// waitLink returns the link to pid, waiting for one within ctx.
+func (m *Mux) waitLink(ctx context.Context, pid int) (*peer, *link, error) {
 	for {
 		m.mu.Lock()
 		p := m.peers[pid]
-		var rt route
-		if p != nil && p.conn != nil {
-			rt = route{conn: p.conn, tr: p.connTr, kind: p.pathKind, addr: p.path}
+		var l *link
+		if p != nil {
+			l = p.link
 		}
 		changed := m.changed
 		m.mu.Unlock()
-		if rt.conn != nil {
-			return rt, nil
+		if l != nil {
+			return p, l, nil
 		}
 		select {
 		case <-changed:
 		case <-ctx.Done():
 			if p == nil {
-				return route{}, fmt.Errorf("party %d: %w", pid, ErrUnknownPeer)
+				return nil, nil, fmt.Errorf("party %d: %w", pid, ErrUnknownPeer)
 			}
 			m.mu.Lock()
 			lastErr := p.lastErr
 			m.mu.Unlock()
 			if lastErr != "" {
-				return route{}, fmt.Errorf("party %d: %w (last error: %s)", pid, ErrNoPath, lastErr)
+				return nil, nil, fmt.Errorf("party %d: %w (last error: %s)", pid, ErrNoPath, lastErr)
 			}
-			return route{}, fmt.Errorf("party %d: %w", pid, ErrNoPath)
+			return nil, nil, fmt.Errorf("party %d: %w", pid, ErrNoPath)
 		}
 	}
 }
 
-// serveStreams accepts the streams a peer opens on conn until it closes.
-func (m *Mux) serveStreams(ctx context.Context, pid int, conn *quic.Conn, tr *traffic) {
+// serveStreams accepts the streams a peer opens on l until it closes.
+func (m *Mux) serveStreams(ctx context.Context, pid int, l *link) {
 	for {
-		str, err := conn.AcceptStream(ctx)
+		str, err := l.conn.AcceptStream(ctx)
 		if err != nil {
 			return
 		}
-		m.wg.Go(func() { m.serveStream(ctx, pid, str, tr) })
+		m.wg.Go(func() { m.serveStream(ctx, pid, str, l) })
 	}
 }
 
 // serveStream reads a stream's header, dials the allowed local port and
 // pipes bytes both ways.
-func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, tr *traffic) {
+func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *link) {
 	log := m.log.With("peer", pid)
 	str.SetReadDeadline(time.Now().Add(10 * time.Second))
 	var hdr [requestLen]byte
@@ -184,6 +172,14 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, tr *tr
 		str.Close()
 		str.CancelRead(codeStreamAbort)
 		return
+	case kind == KindPathNotice:
+		if !l.direct.Swap(true) {
+			log.Info("path switched", "from", PathRelayed, "to", PathDirect, "by", "peer")
+		}
+		reply(StatusOK)
+		str.Close()
+		str.CancelRead(codeStreamAbort)
+		return
 	case !m.opts.AllowPort(port):
 		log.Warn("peer asked for a port that --allow-ports does not allow", "port", port)
 		reply(StatusNotAllowed)
@@ -205,13 +201,15 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, tr *tr
 	if err := reply(StatusOK); err != nil {
 		return
 	}
-	tr.opened.Add(1)
-	tr.open.Add(1)
-	defer tr.open.Add(-1)
+	l.tr.opened.Add(1)
+	l.tr.open.Add(1)
+	l.open.Add(1)
+	defer l.tr.open.Add(-1)
+	defer l.open.Add(-1)
 	start := time.Now()
 	log = log.With("port", port, "dir", "in")
 	log.Info("tunnel opened")
-	sent, recv, perr := pipe(tcp, str, tr)
+	sent, recv, perr := pipe(tcp, str, l.tr)
 	logClosed(log, start, sent, recv, perr)
 }
 
@@ -286,7 +284,7 @@ func (c countingWriter) Write(b []byte) (int, error) {
 // CloseWrite sends FIN; Close ends both directions.
 type StreamConn struct {
 	str           *quic.Stream
-	tr            *traffic
+	l             *link
 	local, remote net.Addr
 	start         time.Time
 	log           *slog.Logger
@@ -298,7 +296,7 @@ type StreamConn struct {
 func (c *StreamConn) Read(b []byte) (int, error) {
 	n, err := c.str.Read(b)
 	c.recv.Add(uint64(n))
-	c.tr.recv.Add(uint64(n))
+	c.l.tr.recv.Add(uint64(n))
 	if err != nil && err != io.EOF {
 		c.readErr.CompareAndSwap(nil, err)
 	}
@@ -308,7 +306,7 @@ func (c *StreamConn) Read(b []byte) (int, error) {
 func (c *StreamConn) Write(b []byte) (int, error) {
 	n, err := c.str.Write(b)
 	c.sent.Add(uint64(n))
-	c.tr.sent.Add(uint64(n))
+	c.l.tr.sent.Add(uint64(n))
 	return n, err
 }
 
@@ -320,7 +318,8 @@ func (c *StreamConn) Close() error {
 	c.str.CancelRead(codeStreamAbort)
 	err := c.str.Close()
 	if c.closed.CompareAndSwap(false, true) {
-		c.tr.open.Add(-1)
+		c.l.tr.open.Add(-1)
+		c.l.open.Add(-1)
 		rerr, _ := c.readErr.Load().(error)
 		logClosed(c.log, c.start, c.sent.Load(), c.recv.Load(), rerr)
 	}

@@ -1,0 +1,395 @@
+package quicmux
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"sfkit-proxy/stun"
+)
+
+// runPeer keeps a connection to p until ctx ends.
+func (m *Mux) runPeer(ctx context.Context, p *peer) {
+	log := m.log.With("peer", p.pid)
+	for ctx.Err() == nil {
+		m.mu.Lock()
+		l, inst := p.link, p.info.Instance
+		m.mu.Unlock()
+		if l == nil {
+			m.connect(ctx, p, log)
+			continue
+		}
+		m.keep(ctx, p, l, inst, log)
+	}
+}
+
+// keep watches a live link until it ends, is replaced, or the peer
+// restarts. While the link is relayed both sides keep checking the direct
+// path, and the dialer moves to it when it answers.
+func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog.Logger) {
+	var directChecks <-chan time.Time
+	if m.linkKind(p, l) == PathRelayed {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		directChecks = t.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.connCh:
+			return
+		case <-l.conn.Context().Done():
+			err := context.Cause(l.conn.Context())
+			log.Warn("peer connection lost", "err", err)
+			m.dropLink(p, l, err)
+			return
+		case <-p.infoCh:
+			m.mu.Lock()
+			restarted := p.info.Instance != inst || PinOf(l.conn.ConnectionState().TLS.PeerCertificates[0]) != p.info.Pin
+			m.mu.Unlock()
+			if restarted {
+				log.Info("peer restarted; reconnecting")
+				l.conn.CloseWithError(codeRestart, "peer restarted")
+				m.dropLink(p, l, errors.New("peer restarted"))
+			}
+			return
+		case ap := <-p.prflxCh:
+			m.learn(p, ap)
+		case <-directChecks:
+			m.sendChecks(p, false)
+		case r := <-p.checkCh:
+			m.count.checksAnswered.Add(1)
+			if directChecks == nil || m.opts.PID > p.pid || !m.isDirectTarget(p, r.From) {
+				continue
+			}
+			m.upgrade(ctx, p, l, r.From, log)
+			return
+		case <-p.relayCheckCh:
+			m.count.checksAnswered.Add(1)
+		}
+	}
+}
+
+// upgrade moves p from a relayed link to the direct path to `to`: by QUIC
+// connection migration when only the local socket changes (the link runs
+// on our relay and `to` is the address it already talks to), which keeps
+// every open stream; otherwise by a new direct connection, the old one
+// draining until its streams end.
+func (m *Mux) upgrade(ctx context.Context, p *peer, l *link, to netip.AddrPort, log *slog.Logger) {
+	if l.ep.relay && !l.direct.Load() && l.remote == to {
+		err := m.migrate(ctx, l)
+		if err == nil {
+			m.mu.Lock()
+			m.broadcastLocked()
+			m.mu.Unlock()
+			log.Info("path switched", "from", PathRelayed, "to", PathDirect, "addr", to)
+			// Tell the acceptor, which cannot see the switch itself.
+			nctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
+			defer cancel()
+			if str, err := openStream(nctx, l.conn, KindPathNotice, 0); err == nil {
+				str.Close()
+				str.CancelRead(codeStreamAbort)
+			}
+			return
+		}
+		log.Info("could not migrate to the direct path; opening a new connection", "err", err)
+	}
+	conn, err := m.dial(ctx, p, m.main, to)
+	if err != nil {
+		if ctx.Err() == nil {
+			m.count.dialsFailed.Add(1)
+			log.Debug("direct dial failed", "addr", to, "err", err)
+		}
+		return
+	}
+	m.count.dialsOK.Add(1)
+	log.Info("direct path found; new connections use it, relayed ones finish on the relay")
+	m.installConn(ctx, p, conn, m.main)
+}
+
+// migrate switches l's connection from the relay socket to the main one.
+func (m *Mux) migrate(ctx context.Context, l *link) error {
+	path, err := l.conn.AddPath(m.main.tr)
+	if err != nil {
+		return err
+	}
+	pctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
+	defer cancel()
+	if err := path.Probe(pctx); err != nil {
+		path.Close()
+		return fmt.Errorf("probe: %w", err)
+	}
+	if err := path.Switch(); err != nil {
+		path.Close()
+		return fmt.Errorf("switch: %w", err)
+	}
+	l.direct.Store(true)
+	return nil
+}
+
+// learn remembers an address a peer's valid check came from.
+func (m *Mux) learn(p *peer, ap netip.AddrPort) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if slices.Contains(p.prflx, ap) {
+		return
+	}
+	p.prflx = append(p.prflx, ap)
+	if len(p.prflx) > 8 {
+		p.prflx = p.prflx[1:]
+	}
+}
+
+// pair is a local endpoint and a remote address.
+type pair struct {
+	ep *endpoint
+	to netip.AddrPort
+}
+
+// connect sends connectivity checks from every local endpoint to every
+// candidate of p until a connection is up. The lower pid dials: at once on a
+// direct pair that answers; on a relayed pair only when no direct pair has
+// answered within RelayDelay, preferring pairs through its own relay (those
+// can migrate to the direct path later). The higher pid waits for the accept
+// loop.
+func (m *Mux) connect(ctx context.Context, p *peer, log *slog.Logger) {
+	tick := time.NewTicker(m.opts.CheckInterval)
+	defer tick.Stop()
+	dialer := m.opts.PID < p.pid
+	// Answers to an earlier round may still be queued; their paths may be gone.
+	for len(p.checkCh) > 0 {
+		<-p.checkCh
+	}
+	for len(p.relayCheckCh) > 0 {
+		<-p.relayCheckCh
+	}
+	start := time.Now()
+	warned := false
+	var relayed *pair
+	try := func(pr pair) bool {
+		conn, err := m.dial(ctx, p, pr.ep, pr.to)
+		if err != nil {
+			if ctx.Err() == nil {
+				m.count.dialsFailed.Add(1)
+				log.Debug("dial peer failed", "addr", pr.to, "relay", pr.ep.relay, "err", err)
+				m.setErr(p, err)
+			}
+			return false
+		}
+		m.count.dialsOK.Add(1)
+		m.installConn(ctx, p, conn, pr.ep)
+		return true
+	}
+	for {
+		m.sendChecks(p, true)
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.connCh:
+			return
+		case <-p.infoCh:
+		case ap := <-p.prflxCh:
+			m.learn(p, ap)
+		case <-tick.C:
+			if dialer && relayed != nil && time.Since(start) >= m.opts.RelayDelay {
+				if try(*relayed) {
+					return
+				}
+				relayed = nil
+			}
+			if !warned && time.Since(start) > 30*time.Second {
+				warned = true
+				m.mu.Lock()
+				lastErr := p.lastErr
+				p.state = StateUnreachable
+				m.broadcastLocked()
+				m.mu.Unlock()
+				log.Warn("no path to peer yet; still trying", "after", time.Since(start).Round(time.Second), "last_err", lastErr)
+			}
+		case r := <-p.checkCh:
+			m.count.checksAnswered.Add(1)
+			if !dialer || !slices.Contains(m.targets(p), r.From) {
+				continue
+			}
+			if !m.isRelayCandidate(p, r.From) {
+				if try(pair{m.main, r.From}) {
+					return
+				}
+				continue
+			}
+			if relayed == nil {
+				relayed = &pair{m.main, r.From}
+			}
+		case r := <-p.relayCheckCh:
+			m.count.checksAnswered.Add(1)
+			if dialer && slices.Contains(m.targets(p), r.From) && (relayed == nil || !relayed.ep.relay) {
+				relayed = &pair{m.relay, r.From}
+			}
+		}
+	}
+}
+
+func (m *Mux) setErr(p *peer, err error) {
+	m.mu.Lock()
+	p.lastErr = err.Error()
+	m.mu.Unlock()
+}
+
+// sendChecks sends one check from the main socket to each of p's
+// candidates, and with relay also from the relay (in the background: a
+// relay may first have to install permissions).
+func (m *Mux) sendChecks(p *peer, relay bool) {
+	m.mu.Lock()
+	key := p.info.CheckKey
+	m.mu.Unlock()
+	user := checkUsername(m.opts.Study, p.pid, m.opts.PID)
+	targets := m.targets(p)
+	send := func(ep *endpoint, out chan<- stun.Result, to []netip.AddrPort) {
+		for _, t := range to {
+			tx := stun.NewTxID()
+			if err := ep.stun.Send(t, stun.CheckRequest(tx, user, key), tx, key, out); err != nil {
+				m.log.Debug("check not sent", "peer", p.pid, "to", t, "relay", ep.relay, "err", err)
+				continue
+			}
+			m.count.checksSent.Add(1)
+		}
+	}
+	if !m.blockDirect.Load() {
+		send(m.main, p.checkCh, targets)
+	}
+	if relay && m.relay != nil && p.relaySending.CompareAndSwap(false, true) {
+		m.wg.Go(func() {
+			defer p.relaySending.Store(false)
+			send(m.relay, p.relayCheckCh, targets)
+		})
+	}
+}
+
+// targets are the addresses to check for p: its published candidates and
+// the addresses its own checks came from, of our socket's family.
+func (m *Mux) targets(p *peer) []netip.AddrPort {
+	m.mu.Lock()
+	all := append(slices.Clone(p.info.Candidates), p.prflx...)
+	m.mu.Unlock()
+	v4 := m.LocalAddr().Addr().Is4()
+	all = slices.DeleteFunc(all, func(a netip.AddrPort) bool { return a.Addr().Is4() != v4 })
+	slices.SortFunc(all, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return slices.Compact(all)
+}
+
+func (m *Mux) isRelayCandidate(p *peer, a netip.AddrPort) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Contains(p.info.Relays, a)
+}
+
+func (m *Mux) isDirectTarget(p *peer, a netip.AddrPort) bool {
+	return slices.Contains(m.targets(p), a) && !m.isRelayCandidate(p, a)
+}
+
+func (m *Mux) dial(ctx context.Context, p *peer, ep *endpoint, to netip.AddrPort) (*quic.Conn, error) {
+	m.mu.Lock()
+	pin := p.info.Pin
+	m.mu.Unlock()
+	dctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
+	defer cancel()
+	conn, err := ep.tr.Dial(dctx, net.UDPAddrFromAddrPort(to), m.clientTLS(p.pid, pin), m.qc)
+	if err != nil {
+		return nil, fmt.Errorf("dial peer %d at %v: %w", p.pid, to, err)
+	}
+	return conn, nil
+}
+
+// linkKind says whether l runs over a relay: it was made on our relay (and
+// not migrated off it), or it talks to one of p's relay candidates.
+func (m *Mux) linkKind(p *peer, l *link) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.linkKindLocked(p, l)
+}
+
+func (m *Mux) linkKindLocked(p *peer, l *link) string {
+	if m.viaLocked(p, l) != "" {
+		return PathRelayed
+	}
+	return PathDirect
+}
+
+// viaLocked names the relay a link runs through; "" for a direct link.
+func (m *Mux) viaLocked(p *peer, l *link) string {
+	switch {
+	case l.direct.Load():
+		return ""
+	case l.ep.relay:
+		return l.ep.server
+	case slices.Contains(p.info.Relays, l.remote):
+		return "peer's relay " + l.remote.String()
+	}
+	return ""
+}
+
+func addrPortOf(a net.Addr) netip.AddrPort {
+	if ua, ok := a.(*net.UDPAddr); ok {
+		ap := ua.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}
+
+// installConn makes conn p's link, and starts serving the streams the peer
+// opens on it. An older link drains: it serves its open streams to the end
+// and then closes.
+func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *endpoint) {
+	l := &link{conn: conn, ep: ep, since: time.Now(), local: addrPortOf(conn.LocalAddr()), remote: addrPortOf(conn.RemoteAddr())}
+	m.mu.Lock()
+	old := p.link
+	kind := m.linkKindLocked(p, l)
+	via := m.viaLocked(p, l)
+	l.tr = p.trafficLocked(kind)
+	p.link, p.state, p.lastErr = l, StateDirect, ""
+	m.broadcastLocked()
+	m.mu.Unlock()
+	if old != nil {
+		m.wg.Go(func() { m.drain(ctx, old) })
+	}
+	m.log.Info("peer connected", "peer", p.pid, "path", kind, "addr", l.remote, "via", via,
+		"rtt", conn.ConnectionStats().SmoothedRTT)
+	m.wg.Go(func() { m.serveStreams(ctx, p.pid, l) })
+}
+
+// drain closes l once it carries no tunnelled connection (or after a day).
+func (m *Mux) drain(ctx context.Context, l *link) {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	deadline := time.Now().Add(24 * time.Hour)
+	for l.open.Load() > 0 && time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			return // Run closes everything
+		case <-l.conn.Context().Done():
+			return
+		case <-t.C:
+		}
+	}
+	l.conn.CloseWithError(codeReplaced, "replaced by a newer connection")
+}
+
+func (m *Mux) dropLink(p *peer, l *link, err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if p.link != l {
+		return
+	}
+	p.link, p.state = nil, StateConnecting
+	p.lastErr = err.Error()
+	m.broadcastLocked()
+}

@@ -1,0 +1,117 @@
+package quicmux
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"io"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"sfkit-proxy/relay"
+	"sfkit-proxy/relay/relaytest"
+)
+
+// startRelayedParty runs a Mux with a relay allocated on c.
+func startRelayedParty(t *testing.T, pid int, c *relaytest.Coturn, transport string) *testParty {
+	t.Helper()
+	raw := "turn:" + c.Addr() + "?transport=" + transport
+	u, _ := relay.ParseURL(raw)
+	a, err := relay.Allocate(context.Background(), relay.Options{URLs: []relay.URL{u}, User: c.User, Password: c.Pass})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := startPartyWith(t, pid, nil, allowAll, func(o *Options) {
+		o.Relay = &Relay{Conn: a.Conn, Addr: a.Addr, Server: a.Server}
+		o.RelayDelay = 300 * time.Millisecond
+	})
+	p.info.Candidates = append(p.info.Candidates, a.Addr)
+	p.info.Relays = []netip.AddrPort{a.Addr}
+	return p
+}
+
+func peerStats(m *Mux, pid int) PeerStats {
+	for _, p := range m.Stats().Peers {
+		if p.PID == pid {
+			return p
+		}
+	}
+	return PeerStats{}
+}
+
+func waitPath(t *testing.T, m *Mux, pid int, want string) PeerStats {
+	t.Helper()
+	for range 200 {
+		if ps := peerStats(m, pid); ps.Path == want {
+			return ps
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("party %d never reported path %q; stats %+v", pid, want, peerStats(m, pid))
+	return PeerStats{}
+}
+
+func TestRelayedPathWhenUDPIsBlocked(t *testing.T) {
+	c := relaytest.Start(t, relaytest.Options{})
+	for _, transport := range []string{"udp", "tcp"} {
+		t.Run(transport, func(t *testing.T) {
+			echo := halfCloseEcho(t)
+			a := startRelayedParty(t, 0, c, transport)
+			a.m.blockDirect.Store(true)
+			b := startParty(t, 1, nil, allowAll)
+			introduce(a, b)
+			roundTrip(t, a.m, 1, echo, 1<<20)
+			roundTrip(t, b.m, 0, echo, 1<<20)
+			ps := waitPath(t, a.m, 1, PathRelayed)
+			if ps.State != StateRelayed || !strings.HasPrefix(ps.Via, "turn:") {
+				t.Errorf("stats = %+v; want relayed via the TURN server", ps)
+			}
+			if bs := waitPath(t, b.m, 0, PathRelayed); !strings.Contains(bs.Via, "peer's relay") {
+				t.Errorf("acceptor's stats = %+v; want relayed through the peer's relay", bs)
+			}
+		})
+	}
+}
+
+func TestLiveConnectionMigratesToDirect(t *testing.T) {
+	c := relaytest.Start(t, relaytest.Options{})
+	echo := halfCloseEcho(t)
+	a := startRelayedParty(t, 0, c, "udp")
+	a.m.blockDirect.Store(true)
+	b := startParty(t, 1, nil, allowAll)
+	introduce(a, b)
+	conn, err := a.m.Dial(ctxTimeout(t, 10*time.Second), 1, echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	waitPath(t, a.m, 1, PathRelayed)
+	want := make([]byte, 4<<20)
+	rand.Read(want)
+	half := len(want) / 2
+	if _, err := conn.Write(want[:half]); err != nil {
+		t.Fatal(err)
+	}
+	// The firewall opens: the direct path appears mid-transfer.
+	a.m.blockDirect.Store(false)
+	waitPath(t, a.m, 1, PathDirect)
+	if _, err := conn.Write(want[half:]); err != nil {
+		t.Fatalf("write after the switch: %v", err)
+	}
+	conn.CloseWrite()
+	conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+	got, err := io.ReadAll(conn)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("the same connection after the switch: got %d of %d bytes, %v", len(got), len(want), err)
+	}
+	a.m.mu.Lock()
+	l := a.m.peers[1].link
+	a.m.mu.Unlock()
+	if !l.ep.relay || !l.direct.Load() {
+		t.Error("the link was replaced, not migrated")
+	}
+	// The acceptor hears of the switch.
+	waitPath(t, b.m, 0, PathDirect)
+}

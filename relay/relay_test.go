@@ -1,0 +1,111 @@
+package relay
+
+import (
+	"context"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"sfkit-proxy/relay/relaytest"
+)
+
+func TestParseURL(t *testing.T) {
+	tests := []struct {
+		in, want string
+		err      bool
+	}{
+		{"turn:relay.example.org", "turn:relay.example.org:3478?transport=udp", false},
+		{"turn:203.0.113.10:3478?transport=tcp", "turn:203.0.113.10:3478?transport=tcp", false},
+		{"turn:[2001:db8::1]:3478", "turn:[2001:db8::1]:3478?transport=udp", false},
+		{"turns:relay.example.org", "turns:relay.example.org:5349", false},
+		{"turns:relay.example.org:443?transport=tcp", "turns:relay.example.org:443", false},
+		{"stun:relay.example.org", "", true},
+		{"turns:x?transport=udp", "", true},
+		{"turn:x:0", "", true},
+		{"turn:", "", true},
+		{"turn:a/b", "", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			u, err := ParseURL(tt.in)
+			if (err != nil) != tt.err || (err == nil && u.String() != tt.want) {
+				t.Errorf("ParseURL(%q) = %v, %v; want %q (error %v)", tt.in, u, err, tt.want, tt.err)
+			}
+		})
+	}
+}
+
+func TestRESTCredentials(t *testing.T) {
+	// base64(HMAC-SHA1(secret, "EXPIRY:USER")); the expected password is
+	// openssl's: printf '1700000000:party1' | openssl dgst -sha1 -hmac north -binary | base64
+	u, p := RESTCredentials("north", "party1", time.Unix(1700000000, 0))
+	if u != "1700000000:party1" || p != "cY4ydqZYJMOemq21D8wybLrhnMg=" {
+		t.Errorf("RESTCredentials = %q, %q", u, p)
+	}
+}
+
+// exchange sends through the allocation to a UDP socket and back.
+func exchange(t *testing.T, a *Allocation) {
+	t.Helper()
+	peer, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	if _, err := a.Conn.WriteTo([]byte("through the relay"), peer.LocalAddr()); err != nil {
+		t.Fatalf("WriteTo: %v", err)
+	}
+	peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 100)
+	n, from, err := peer.ReadFromUDPAddrPort(buf)
+	if err != nil || string(buf[:n]) != "through the relay" {
+		t.Fatalf("peer got %q, %v", buf[:n], err)
+	}
+	if from != a.Addr {
+		t.Errorf("peer saw it from %v; want the relayed address %v", from, a.Addr)
+	}
+	peer.WriteToUDPAddrPort([]byte("and back"), from)
+	a.Conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, _, err = a.Conn.ReadFrom(buf)
+	if err != nil || string(buf[:n]) != "and back" {
+		t.Fatalf("allocation got %q, %v", buf[:n], err)
+	}
+}
+
+func TestAllocateOverEachTransport(t *testing.T) {
+	c := relaytest.Start(t, relaytest.Options{})
+	for _, raw := range []string{"turn:" + c.Addr() + "?transport=udp", "turn:" + c.Addr() + "?transport=tcp", "turns:" + c.TLSAddr()} {
+		t.Run(raw, func(t *testing.T) {
+			u, err := ParseURL(raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			a, err := Allocate(context.Background(), Options{URLs: []URL{u}, User: c.User, Password: c.Pass, RootCAs: c.RootCAs})
+			if err != nil {
+				t.Fatalf("Allocate = %v", err)
+			}
+			defer a.Conn.Close()
+			exchange(t, a)
+		})
+	}
+}
+
+func TestAllocateFallsThroughAndRejects(t *testing.T) {
+	c := relaytest.Start(t, relaytest.Options{Secret: "the-shared-secret"})
+	good, _ := ParseURL("turn:" + c.Addr())
+	dead, _ := ParseURL("turn:127.0.0.1:1?transport=tcp")
+	a, err := Allocate(context.Background(), Options{URLs: []URL{dead, good}, Secret: "the-shared-secret", User: "party1"})
+	if err != nil {
+		t.Fatalf("Allocate(dead, good) with the REST secret = %v", err)
+	}
+	if a.Server != good.String() {
+		t.Errorf("server = %q; want %q", a.Server, good)
+	}
+	exchange(t, a)
+	a.Conn.Close()
+	_, err = Allocate(context.Background(), Options{URLs: []URL{good}, Secret: "wrong-secret", Timeout: 3 * time.Second})
+	if err == nil || !strings.Contains(err.Error(), good.String()) {
+		t.Errorf("Allocate with a wrong secret = %v; want an error naming the server", err)
+	}
+}
