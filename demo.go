@@ -34,9 +34,8 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	sizeMB := fs.Int("size-mb", 32, "size of each party's file in MiB")
 	level := fs.String("log-level", "warn", "log level of the sidecars")
 	fs.Usage = config.Usage(fs, stderr, "", "sfkit-proxy demo [flags]\n\nRuns a registry, a STUN server and several parties on loopback and moves a file across every ordered pair.")
-	fs.SetOutput(io.Discard)
-	if err := fs.Parse(args); err != nil {
-		return err // on -h, flag has printed the usage already
+	if err := config.ParseFlags(fs, args); err != nil {
+		return err
 	}
 	lvl, err := config.ParseLevel(*level)
 	if err != nil {

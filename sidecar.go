@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -22,6 +23,7 @@ import (
 	"sfkit-proxy/metadata"
 	"sfkit-proxy/quicmux"
 	"sfkit-proxy/registry"
+	"sfkit-proxy/relay"
 	"sfkit-proxy/socks"
 	"sfkit-proxy/stun"
 )
@@ -64,16 +66,24 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 			return fmt.Errorf("admin listen %v: %w (pick another --admin-listen, or off)", cfg.AdminListen, err)
 		}
 	}
-	checkKey := quicmux.NewCheckKey()
-	mux, err := quicmux.Listen(cfg.UDPListen, quicmux.Options{
-		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
-		AllowPort: cfg.AllowPorts.Contains,
-	})
-	if err != nil {
+	closeListeners := func() {
 		ln.Close()
 		if adminLn != nil {
 			adminLn.Close()
 		}
+	}
+	rl, err := allocateRelay(ctx, cfg, log)
+	if err != nil {
+		closeListeners()
+		return err
+	}
+	checkKey := quicmux.NewCheckKey()
+	mux, err := quicmux.Listen(cfg.UDPListen, quicmux.Options{
+		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
+		AllowPort: cfg.AllowPorts.Contains, Relay: rl,
+	})
+	if err != nil {
+		closeListeners()
 		return err
 	}
 	st := &state{socks: make(map[string]uint64)}
@@ -82,6 +92,9 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 	pub := &publisher{reg: reg, mux: mux, st: st, credSource: credSource, log: log.With("component", "registry"), kick: make(chan struct{}, 1),
 		entry: registry.Entry{PID: cfg.PID, Pin: id.Pin, CheckKey: checkKey, Instance: quicmux.NewCheckKey()[:16],
 			NAT: stun.NATUnknown, AllowPorts: cfg.AllowPorts.String()}}
+	if rl != nil {
+		pub.entry.Candidates = []registry.Candidate{{Kind: registry.KindRelay, Addr: rl.Addr}}
+	}
 	policy := &peerPolicy{ports: make(map[int]config.PortSet)}
 	ka := &stun.Keepalive{Client: mux.STUN(), Servers: cfg.STUN, Network: mux.Network(),
 		OnMapping: func(m stun.Mapping) {
@@ -136,6 +149,59 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 	}
 	log.Info("sidecar stopped")
 	return err
+}
+
+// allocateRelay gets a relayed address from the first --relay that gives
+// one. Without one the sidecar still runs (direct paths only), and says so.
+func allocateRelay(ctx context.Context, cfg *config.Sidecar, log *slog.Logger) (*quicmux.Relay, error) {
+	if len(cfg.Relays) == 0 {
+		return nil, nil
+	}
+	o := relay.Options{User: cfg.RelayUser, Logger: log}
+	for _, r := range cfg.Relays {
+		u, err := relay.ParseURL(r)
+		if err != nil {
+			return nil, err
+		}
+		o.URLs = append(o.URLs, u)
+	}
+	readSecret := func(flag, path string) (string, error) {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return "", fmt.Errorf("read %s: %w", flag, err)
+		}
+		if v := strings.TrimSpace(string(b)); v != "" {
+			return v, nil
+		}
+		return "", fmt.Errorf("%s %s is empty", flag, path)
+	}
+	var err error
+	if cfg.RelaySecretFile != "" {
+		if o.Secret, err = readSecret("--relay-secret-file", cfg.RelaySecretFile); err != nil {
+			return nil, err
+		}
+	} else if o.Password, err = readSecret("--relay-password-file", cfg.RelayPasswordFile); err != nil {
+		return nil, err
+	}
+	if cfg.RelayCA != "" {
+		pem, err := os.ReadFile(cfg.RelayCA)
+		if err != nil {
+			return nil, fmt.Errorf("read --relay-ca: %w", err)
+		}
+		o.RootCAs = x509.NewCertPool()
+		if !o.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--relay-ca %s holds no PEM certificate", cfg.RelayCA)
+		}
+	}
+	actx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	a, err := relay.Allocate(actx, o)
+	if err != nil {
+		log.Warn("no relay allocated: parties that no direct path reaches stay unreachable", "err", err)
+		return nil, nil
+	}
+	log.Info("relay allocated", "relay", a.Server, "addr", a.Addr)
+	return &quicmux.Relay{Conn: a.Conn, Addr: a.Addr, Server: a.Server}, nil
 }
 
 func isLoopbackHost(h string) bool {
@@ -359,6 +425,9 @@ func watch(ctx context.Context, reg *registry.Client, mux *quicmux.Mux, policy *
 			in := quicmux.PeerInfo{PID: e.PID, Pin: e.Pin, CheckKey: e.CheckKey, Instance: e.Instance}
 			for _, c := range e.Candidates {
 				in.Candidates = append(in.Candidates, c.Addr)
+				if c.Kind == registry.KindRelay {
+					in.Relays = append(in.Relays, c.Addr)
+				}
 			}
 			infos = append(infos, in)
 			if ps, err := config.ParsePorts(e.AllowPorts); err == nil {
@@ -482,7 +551,7 @@ func (st *state) status(cfg *config.Sidecar, ms quicmux.Stats, socksAddr netip.A
 	}
 	st.mu.Unlock()
 	for _, p := range ms.Peers {
-		ap := admin.Peer{PID: p.PID, State: p.State, Path: p.Path, RTTMillis: float64(p.RTT.Microseconds()) / 1000,
+		ap := admin.Peer{PID: p.PID, State: p.State, Path: p.Path, Via: p.Via, RTTMillis: float64(p.RTT.Microseconds()) / 1000,
 			OpenConns: p.OpenConns, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv, LastError: p.LastError,
 			Rate: admin.Rates{CurrentSent: p.RateSent, CurrentReceived: p.RateRecv, AverageSent: p.AvgSent,
 				AverageReceived: p.AvgRecv, MaxSent: p.MaxSent, MaxReceived: p.MaxRecv}}

@@ -54,6 +54,7 @@ type Peer struct {
 	PID            int           `json:"pid"`
 	State          string        `json:"state"`
 	Path           string        `json:"path,omitempty"`
+	Via            string        `json:"via,omitempty"` // the relay, when relayed
 	RemoteAddr     string        `json:"remote_addr,omitempty"`
 	RTTMillis      float64       `json:"rtt_ms"`
 	ConnectedSince *time.Time    `json:"connected_since,omitempty"`

@@ -77,8 +77,8 @@ func PrintStatus(w io.Writer, s Status) {
 	fmt.Fprintln(tw, "PEER\tSTATE\tREMOTE\tRTT\tCONNS\tSENT\tRECEIVED\tRATE OUT (now/avg/max)\tRATE IN (now/avg/max)\tLAST ERROR")
 	for _, p := range s.Peers {
 		state := p.State
-		if p.Path != "" && p.Path != p.State {
-			state += "/" + p.Path
+		if p.Via != "" {
+			state += " via " + p.Via
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%.2fms\t%d\t%s\t%s\t%s\t%s\t%s\n", p.PID, state, dash(p.RemoteAddr), p.RTTMillis,
 			p.OpenConns, bytesText(float64(p.BytesSent)), bytesText(float64(p.BytesReceived)),

@@ -17,6 +17,8 @@ import (
 	"strings"
 
 	"github.com/peterbourgon/ff/v3"
+
+	"sfkit-proxy/relay"
 )
 
 // Prefixes of the environment variables read by the sidecar and by the
@@ -51,6 +53,12 @@ type Sidecar struct {
 	LogLevel     slog.Level
 	// AdminListen is the management API's address; invalid (zero) when off.
 	AdminListen netip.AddrPort
+	// Relays are TURN URLs (turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT).
+	Relays            []string
+	RelayUser         string
+	RelayPasswordFile string
+	RelaySecretFile   string
+	RelayCA           string
 }
 
 // VirtualAddr returns party pid's address in the peers range.
@@ -115,9 +123,15 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		stateDir = fs.String("state-dir", "", "directory of the persistent identity key (default $XDG_STATE_HOME/sfkit-proxy/STUDY-PID)")
 		logLevel = fs.String("log-level", "info", "debug, info, warn or error")
 		admin    = fs.String("admin-listen", DefaultAdminListen, "management API (status, metrics) address, or off")
+		relays   listFlag
+		relayU   = fs.String("relay-user", "", "TURN username (long-term credentials), or the user part of REST credentials")
+		relayPF  = fs.String("relay-password-file", "", "file holding the TURN password")
+		relaySF  = fs.String("relay-secret-file", "", "file holding coturn's shared secret (--use-auth-secret REST scheme)")
+		relayCA  = fs.String("relay-ca", "", "PEM file of CAs that sign turns: servers (default: the system's)")
 		adminAny = fs.Bool("admin-any-host", false, "allow a non-loopback --admin-listen")
 		_        = fs.String("config", "", "config file of 'flag value' lines")
 	)
+	fs.Var(&relays, "relay", "TURN relay URL, repeatable or comma-separated: turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT")
 	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, status, ping, demo, version.")
 	if err := parse(fs, args, EnvPrefix); err != nil {
 		return nil, err
@@ -189,6 +203,18 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		} else if !c.AdminListen.Addr().IsLoopback() && !*adminAny {
 			bad("--admin-listen %v is not a loopback address: add --admin-any-host if you really mean to expose the API", c.AdminListen)
 		}
+	}
+	c.Relays, c.RelayUser, c.RelayPasswordFile, c.RelaySecretFile, c.RelayCA = relays, *relayU, *relayPF, *relaySF, *relayCA
+	for _, r := range c.Relays {
+		if _, err := relay.ParseURL(r); err != nil {
+			bad("--relay: %v", err)
+		}
+	}
+	if len(c.Relays) > 0 && c.RelayPasswordFile == "" && c.RelaySecretFile == "" {
+		bad("--relay needs credentials: --relay-user with --relay-password-file, or --relay-secret-file")
+	}
+	if c.RelayPasswordFile != "" && c.RelayUser == "" {
+		bad("--relay-password-file needs --relay-user")
 	}
 	c.StateDir = *stateDir
 	if c.StateDir == "" && c.Study != "" && *pid >= 0 {
@@ -264,14 +290,27 @@ func ParseRegistry(args []string, out io.Writer) (*Registry, error) {
 }
 
 func parse(fs *flag.FlagSet, args []string, prefix string, opts ...ff.Option) error {
-	fs.SetOutput(io.Discard)
-	err := ff.Parse(fs, args, append([]ff.Option{
+	return ParseFlags(fs, args, append([]ff.Option{
 		ff.WithEnvVarPrefix(prefix),
 		ff.WithConfigFileFlag("config"),
 		ff.WithConfigFileParser(ff.PlainParser),
 	}, opts...)...)
+}
+
+// ParseFlags parses with ff. The usage is printed for -h only; any other
+// error is one line that points to -h. It returns ErrHelp after -h.
+func ParseFlags(fs *flag.FlagSet, args []string, opts ...ff.Option) error {
+	fs.SetOutput(io.Discard)
+	usage := fs.Usage
+	fs.Usage = func() {} // flag calls it on every error
+	err := ff.Parse(fs, args, opts...)
+	fs.Usage = usage
+	if errors.Is(err, flag.ErrHelp) {
+		usage()
+		return ErrHelp
+	}
 	if err != nil {
-		return err // on -h, flag has printed the usage already
+		return fmt.Errorf("%v (%s -h lists the flags)", err, fs.Name())
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q: every setting is a --flag", fs.Arg(0))
@@ -366,6 +405,20 @@ func defaultStateDir(study string, pid int) string {
 	return filepath.Join(base, "sfkit-proxy", fmt.Sprintf("%s-%d", study, pid))
 }
 
+// listFlag collects a repeatable, comma-separated flag.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+
+func (l *listFlag) Set(v string) error {
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			*l = append(*l, s)
+		}
+	}
+	return nil
+}
+
 // AdminClient is the configuration of `sfkit-proxy status` and
 // `sfkit-proxy ping`: they find the API from the sidecar's own
 // --admin-listen, SFKIT_PROXY_ADMIN_LISTEN or --config file.
@@ -400,8 +453,7 @@ func ParseAdminClient(cmd string, args []string, out io.Writer) (*AdminClient, e
 		}
 		rest = append(rest, a)
 	}
-	fs.SetOutput(io.Discard)
-	if err := ff.Parse(fs, rest, ff.WithEnvVarPrefix(EnvPrefix), ff.WithConfigFileFlag("config"),
+	if err := ParseFlags(fs, rest, ff.WithEnvVarPrefix(EnvPrefix), ff.WithConfigFileFlag("config"),
 		ff.WithConfigFileParser(ff.PlainParser), ff.WithIgnoreUndefined(true)); err != nil {
 		return nil, err
 	}

@@ -110,7 +110,7 @@ func TestParseSidecarErrors(t *testing.T) {
 		{"bad direct", append(required, "--direct", "maybe"), "want allow or deny"},
 		{"pid outside range", append(required, "--pid", "300"), "does not fit"},
 		{"stray argument", append(required, "extra"), "unexpected argument"},
-		{"unknown flag", append(required, "--nope"), "nope"},
+		{"unknown flag", append(required, "--nope"), "flag provided but not defined: -nope (sfkit-proxy -h lists the flags)"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -159,6 +159,14 @@ func TestHelpListsEveryFlagAndEnv(t *testing.T) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("help lacks %q", want)
 		}
+	}
+}
+
+func TestBadFlagIsOneLine(t *testing.T) {
+	var out strings.Builder
+	_, err := ParseSidecar(append(required, "--nope"), &out)
+	if err == nil || strings.Contains(err.Error(), "\n") || out.Len() != 0 {
+		t.Errorf("ParseSidecar(--nope) = %q and printed %d bytes; want one line and no usage", err, out.Len())
 	}
 }
 

@@ -108,7 +108,8 @@ type Mux struct {
 	relay *endpoint // nil without a relay
 	qc    *quic.Config
 
-	updates chan []PeerInfo // latest registry view, for Run
+	updates chan []PeerInfo  // latest registry view, for Run
+	relayQ  chan relayChecks // rounds of checks for relaySender
 
 	mu      sync.Mutex // guards peers, changed
 	peers   map[int]*peer
@@ -204,6 +205,7 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 		log:     opts.Logger.With("component", "quicmux"),
 		pc:      pc,
 		updates: make(chan []PeerInfo, 1),
+		relayQ:  make(chan relayChecks, 64),
 		peers:   make(map[int]*peer),
 		changed: make(chan struct{}),
 		qc: &quic.Config{
@@ -336,10 +338,13 @@ func (m *Mux) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	var bg sync.WaitGroup
 	eps := m.endpoints()
-	errc := make(chan error, 2*len(eps))
+	errc := make(chan error, 2*len(eps)+1)
 	for _, ep := range eps {
 		bg.Go(func() { errc <- m.readLoop(ctx, ep) })
 		bg.Go(func() { errc <- m.acceptLoop(ctx, ep) })
+	}
+	if m.relay != nil {
+		bg.Go(func() { errc <- m.relaySender(ctx) })
 	}
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()

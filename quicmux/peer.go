@@ -266,10 +266,57 @@ func (m *Mux) sendChecks(p *peer, relay bool) {
 		send(m.main, p.checkCh, targets)
 	}
 	if relay && m.relay != nil && p.relaySending.CompareAndSwap(false, true) {
-		m.wg.Go(func() {
-			defer p.relaySending.Store(false)
-			send(m.relay, p.relayCheckCh, targets)
-		})
+		select {
+		case m.relayQ <- relayChecks{p, func() { send(m.relay, p.relayCheckCh, m.relayTargets(targets)) }}:
+		default:
+			p.relaySending.Store(false)
+		}
+	}
+}
+
+// relayTargets keeps the addresses the relay server can reach: a relay on
+// a public address reaches only public ones (coturn tears an allocation
+// down when a send to an unroutable peer fails), one on a private address
+// no loopback or link-local ones. It also drops the server's own relayed
+// addresses, which TURN servers refuse to relay to: a peer behind the same
+// server is reached through its relay from the main socket instead, or
+// through its NAT mapping toward our relay.
+func (m *Mux) relayTargets(targets []netip.AddrPort) []netip.AddrPort {
+	own := m.opts.Relay.Addr.Addr()
+	return slices.DeleteFunc(slices.Clone(targets), func(a netip.AddrPort) bool {
+		ip := a.Addr()
+		switch {
+		case ip == own:
+			return true
+		case own.IsLoopback():
+			return false
+		case ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsUnspecified() || ip.IsMulticast():
+			return true
+		case own.IsPrivate():
+			return false
+		}
+		return ip.IsPrivate()
+	})
+}
+
+// relayChecks is one peer's round of checks through the relay.
+type relayChecks struct {
+	p    *peer
+	send func()
+}
+
+// relaySender sends the checks through the relay one round at a time: a
+// relay may first have to install a permission for each address, and
+// one TURN client takes its transactions best one after another.
+func (m *Mux) relaySender(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case rc := <-m.relayQ:
+			rc.send()
+			rc.p.relaySending.Store(false)
+		}
 	}
 }
 

@@ -115,3 +115,33 @@ func TestLiveConnectionMigratesToDirect(t *testing.T) {
 	// The acceptor hears of the switch.
 	waitPath(t, b.m, 0, PathDirect)
 }
+
+func TestRelayTargets(t *testing.T) {
+	targets := []netip.AddrPort{
+		netip.MustParseAddrPort("203.0.113.21:1000"),  // a peer's public address
+		netip.MustParseAddrPort("203.0.113.10:50000"), // another allocation on our relay server
+		netip.MustParseAddrPort("192.168.11.2:1000"),  // a peer's LAN address
+		netip.MustParseAddrPort("127.0.0.1:1000"),
+		netip.MustParseAddrPort("169.254.1.1:1000"),
+	}
+	tests := []struct {
+		relay string
+		want  []string
+	}{
+		{"203.0.113.10:49999", []string{"203.0.113.21:1000"}},
+		{"10.1.1.1:49999", []string{"203.0.113.21:1000", "203.0.113.10:50000", "192.168.11.2:1000"}},
+		{"127.0.0.1:49999", []string{"203.0.113.21:1000", "203.0.113.10:50000", "192.168.11.2:1000", "169.254.1.1:1000"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.relay, func(t *testing.T) {
+			m := &Mux{opts: Options{Relay: &Relay{Addr: netip.MustParseAddrPort(tt.relay)}}}
+			var got []string
+			for _, a := range m.relayTargets(targets) {
+				got = append(got, a.String())
+			}
+			if strings.Join(got, " ") != strings.Join(tt.want, " ") {
+				t.Errorf("relayTargets via %s = %v; want %v", tt.relay, got, tt.want)
+			}
+		})
+	}
+}

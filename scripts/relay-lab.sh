@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# End-to-end test of the relay fallback (see lab-lib.sh for the topology).
+# coturn in the "internet" offers TURN over UDP, TCP and TLS (a test
+# certificate), with coturn's shared-secret (REST) credentials:
+#
+#   party 0: symmetric NAT (MASQUERADE --random-fully), relay over UDP
+#   party 1: symmetric NAT, relay over TLS (turns:)
+#   party 2: a router that drops every forwarded UDP packet, relay over TCP
+#   party 3: cone NAT, no relay of its own
+#
+# No pair has a direct path. Every ordered pair gets a sha256-checked curl
+# transfer and an ncat echo through ALL_PROXY, and each party's status must
+# say relayed. Then a long transfer from party 3 to party 2 starts relayed,
+# party 2's UDP block is lifted mid-transfer, and the same TCP connection
+# must complete after the path switched to direct. A capture on the relay
+# side during a transfer of a text file must show none of its text.
+#
+# Usage: scripts/relay-lab.sh [path/to/sfkit-proxy]   (env: SIZE_MB=10)
+set -euo pipefail
+LAB=relay-lab
+SIZE_MB=${SIZE_MB:-10}
+# shellcheck source=scripts/lab-lib.sh
+. "$(dirname "$0")/lab-lib.sh"
+command -v tcpdump >/dev/null || { echo "$LAB: tcpdump is missing (apt-get install tcpdump)" >&2; exit 1; }
+command -v openssl >/dev/null || { echo "$LAB: openssl is missing (apt-get install openssl)" >&2; exit 1; }
+
+# Text, so that a capture would show it if it ever crossed the relay in the clear.
+MARKER="SFKIT-PLAINTEXT-MARKER-$ID"
+FILE_GEN="marker_file"
+marker_file() { yes "$MARKER the quick brown fox jumps over the lazy dog" | head -c "$((SIZE_MB << 20))" || true; }
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=203.0.113.10 \
+	-addext subjectAltName=IP:203.0.113.10 -keyout "$DIR/turn-key.pem" -out "$DIR/turn-cert.pem" 2>/dev/null
+head -c 24 /dev/urandom | base64 >"$DIR/turn-secret"
+TURN_ARGS=(--use-auth-secret "--static-auth-secret=$(cat "$DIR/turn-secret")" --realm=sfkit
+	--relay-ip=203.0.113.10 --tls-listening-port=5349 "--cert=$DIR/turn-cert.pem" "--pkey=$DIR/turn-key.pem"
+	--min-port=49152 --max-port=65535)
+internet
+REGISTRY_ARGS=()
+start_registry
+
+SIDECAR_ARGS=(--study e2e --registry http://203.0.113.10:8080/ --stun 203.0.113.10:3478,203.0.113.11:3478
+	--allow-ports 8000,9000 --log-level debug --relay-secret-file "$DIR/turn-secret")
+KINDS=(symmetric symmetric udp-blocked cone)
+RELAYS=("turn:203.0.113.10:3478?transport=udp" "turns:203.0.113.10:5349" "turn:203.0.113.10:3478?transport=tcp" "")
+for i in 0 1 2 3; do
+	addns "p$i"
+	router "$i" "$(ns "p$i")" "${KINDS[$i]}"
+	services "$i"
+	relay=()
+	[ -n "${RELAYS[$i]}" ] && relay=(--relay "${RELAYS[$i]}" --relay-user "party$i" --relay-ca "$DIR/turn-cert.pem")
+	inns "p$i" "$BIN" --pid "$i" "${SIDECAR_ARGS[@]}" "${relay[@]}" --state-dir "$DIR/state$i" \
+		--auth-key-file "$DIR/token$i" >"$DIR/p$i.log" 2>&1 &
+	PIDS+=($!)
+done
+wait_registered 4
+for i in 0 1 2; do
+	if grep -q 'msg="relay allocated"' "$DIR/p$i.log"; then pass; else fail "party $i allocated no relay"; fi
+done
+
+matrix 4
+for a in 0 1 2 3; do check_status "$a" 4 "'relayed'"; done
+inns p3 "$BIN" status | tee "$DIR/status-table.txt"
+
+# The relay sees only ciphertext: capture the "internet" side of the relay
+# while party 0 fetches party 1's text file (both behind symmetric NATs, so
+# relayed both ways through coturn).
+inns inet tcpdump -i br0 -s 512 -U -w "$DIR/relay.pcap" udp or tcp >"$DIR/tcpdump.log" 2>&1 &
+TCPDUMP=$!
+PIDS+=($TCPDUMP)
+sleep 1
+fetch 0 1 >/dev/null
+sleep 1
+kill "$TCPDUMP"
+wait "$TCPDUMP" 2>/dev/null || true
+captured=$(stat -c %s "$DIR/relay.pcap")
+if [ "$captured" -lt $((SIZE_MB << 18)) ]; then
+	fail "capture holds only $captured bytes; the transfer did not cross the relay"
+elif grep -c -a "$MARKER" "$DIR/relay.pcap" >/dev/null; then
+	fail "the relay-side capture shows the file's text"
+else
+	log "relay-side capture: $captured bytes, none of the file's text"
+	pass
+fi
+grep -q -a "$MARKER" "$DIR/www1/file" || fail "the marker check is vacuous: the file lacks the marker"
+
+# A long transfer that starts relayed; party 2's UDP block is lifted in the
+# middle; the same TCP connection must complete, over the direct path.
+log "long transfer 3 -> 2 at 300 kB/s; lifting party 2's UDP block after 5 s"
+(fetch 2 3 --limit-rate 300k >"$DIR/long.out"; echo "rc=$?" >>"$DIR/long.out") &
+LONG=$!
+sleep 5
+ip netns exec "$(ns r2)" iptables -D FORWARD -p udp -j DROP
+for _ in $(seq 1 120); do
+	grep -q 'msg="path switched"' "$DIR/p2.log" && break
+	sleep 0.5
+done
+if grep -q 'msg="path switched" party=2 component=quicmux peer=3 from=relayed to=direct' "$DIR/p2.log"; then
+	log "party 2 moved its connection to party 3 onto the direct path"
+	pass
+else
+	fail "party 2 did not switch to the direct path"
+fi
+wait "$LONG" || true
+cat "$DIR/long.out"
+if grep -q ' ok$' "$DIR/long.out"; then
+	pass
+else
+	fail "the long transfer did not survive the switch"
+fi
+check_status 2 4 "'direct' if b == 3 else 'relayed'"
+finish
