@@ -22,14 +22,17 @@ unit:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./...
 
-# Real NATs in network namespaces (skips, saying so, when not root).
+# Real NATs in network namespaces (skips, saying so, when not root): direct
+# paths through cone NATs, then relayed ones through symmetric NATs and
+# blocked UDP.
 e2e: build
 	scripts/nat-lab.sh ./$(BIN)
+	scripts/relay-lab.sh ./$(BIN)
 
 # A short run of every fuzz target.
 fuzz:
 	for t in FuzzParse:./stun FuzzParseRequest:./quicmux FuzzParseReply:./quicmux \
-	         FuzzDecodeEntry:./registry FuzzParsePorts:./config; do \
+	         FuzzDecodeEntry:./registry FuzzParsePorts:./config FuzzParseRelayURL:./relay; do \
 		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 20s "$${t#*:}" || exit 1; \
 	done
 

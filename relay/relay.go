@@ -79,11 +79,32 @@ func ParseURL(s string) (URL, error) {
 		}
 		host, u.Port = h, uint16(n)
 	}
-	if host == "" || strings.ContainsAny(host, "/@ ") {
+	if !validHost(host) {
 		return URL{}, fmt.Errorf("relay %q: missing or bad host", s)
 	}
 	u.Host = host
 	return u, nil
+}
+
+// validHost reports whether h is an IP address or a DNS name.
+func validHost(h string) bool {
+	if _, err := netip.ParseAddr(h); err == nil {
+		return true
+	}
+	if h == "" || len(h) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(h, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for _, r := range label {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // RESTCredentials returns the username and password of coturn's shared

@@ -25,6 +25,8 @@ func TestParseURL(t *testing.T) {
 		{"turn:x:0", "", true},
 		{"turn:", "", true},
 		{"turn:a/b", "", true},
+		{"turn:[", "", true},
+		{"turn:-x.example", "", true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {
@@ -108,4 +110,20 @@ func TestAllocateFallsThroughAndRejects(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), good.String()) {
 		t.Errorf("Allocate with a wrong secret = %v; want an error naming the server", err)
 	}
+}
+
+func FuzzParseRelayURL(f *testing.F) {
+	for _, s := range []string{"turn:relay.example.org", "turn:203.0.113.10:3478?transport=tcp", "turns:[2001:db8::1]:5349"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		u, err := ParseURL(s)
+		if err != nil {
+			return
+		}
+		again, err := ParseURL(u.String())
+		if err != nil || again != u {
+			t.Errorf("ParseURL(%q).String() = %q parses back as %+v, %v", s, u, again, err)
+		}
+	})
 }
