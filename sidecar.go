@@ -52,7 +52,9 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 	if !cfg.SOCKSListen.Addr().IsLoopback() {
 		log.Warn("SOCKS listener is not on loopback: anyone who can reach it can use this party's tunnels", "addr", cfg.SOCKSListen)
 	}
-	ln, err := net.Listen("tcp", cfg.SOCKSListen.String())
+	// Clients are local: no TCP keepalive (it costs syscalls per connection).
+	lc := net.ListenConfig{KeepAlive: -1}
+	ln, err := lc.Listen(ctx, "tcp", cfg.SOCKSListen.String())
 	if err != nil {
 		return fmt.Errorf("socks listen %v: %w (is another sidecar running? pick another --socks-listen)", cfg.SOCKSListen, err)
 	}

@@ -117,6 +117,7 @@ type Mux struct {
 
 	wg    sync.WaitGroup // stream handlers and per-connection goroutines
 	count counters
+	bufs  bufferPool
 	// blockDirect drops direct connectivity checks both ways, as a firewall
 	// that blocks UDP would; for tests of the relayed path.
 	blockDirect atomic.Bool
@@ -166,6 +167,21 @@ const (
 	StateUnreachable = "unreachable" // no path after 30 s of trying
 )
 
+// QUICConfig is the QUIC configuration of peer connections (exported for
+// benchmarks that compare with raw quic-go).
+func QUICConfig(handshakeTimeout time.Duration) *quic.Config {
+	return &quic.Config{
+		HandshakeIdleTimeout:           handshakeTimeout,
+		MaxIdleTimeout:                 30 * time.Second,
+		KeepAlivePeriod:                15 * time.Second,
+		MaxIncomingStreams:             4096,
+		InitialStreamReceiveWindow:     1 << 20,
+		MaxStreamReceiveWindow:         16 << 20,
+		InitialConnectionReceiveWindow: 2 << 20,
+		MaxConnectionReceiveWindow:     64 << 20,
+	}
+}
+
 // Listen opens the UDP socket on addr and the QUIC transport on it.
 func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 	if opts.Identity == nil || opts.CheckKey == "" {
@@ -208,16 +224,7 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 		relayQ:  make(chan relayChecks, 64),
 		peers:   make(map[int]*peer),
 		changed: make(chan struct{}),
-		qc: &quic.Config{
-			HandshakeIdleTimeout:           opts.DialTimeout,
-			MaxIdleTimeout:                 30 * time.Second,
-			KeepAlivePeriod:                15 * time.Second,
-			MaxIncomingStreams:             4096,
-			InitialStreamReceiveWindow:     1 << 20,
-			MaxStreamReceiveWindow:         16 << 20,
-			InitialConnectionReceiveWindow: 2 << 20,
-			MaxConnectionReceiveWindow:     64 << 20,
-		},
+		qc:      QUICConfig(opts.DialTimeout),
 	}
 	if m.main, err = m.newEndpoint(pc, false, ""); err != nil {
 		pc.Close()

@@ -267,7 +267,7 @@ func (m *Mux) sendChecks(p *peer, relay bool) {
 	}
 	if relay && m.relay != nil && p.relaySending.CompareAndSwap(false, true) {
 		select {
-		case m.relayQ <- relayChecks{p, func() { send(m.relay, p.relayCheckCh, m.relayTargets(targets)) }}:
+		case m.relayQ <- relayChecks{p, func() { send(m.relay, p.relayCheckCh, m.relayTargets(p, targets)) }}:
 		default:
 			p.relaySending.Store(false)
 		}
@@ -278,15 +278,19 @@ func (m *Mux) sendChecks(p *peer, relay bool) {
 // a public address reaches only public ones (coturn tears an allocation
 // down when a send to an unroutable peer fails), one on a private address
 // no loopback or link-local ones. It also drops the server's own relayed
-// addresses, which TURN servers refuse to relay to: a peer behind the same
-// server is reached through its relay from the main socket instead, or
-// through its NAT mapping toward our relay.
-func (m *Mux) relayTargets(targets []netip.AddrPort) []netip.AddrPort {
+// addresses (p's relay candidates on our server's IP), which TURN servers
+// refuse to relay to: a peer behind the same server is reached through its
+// relay from our main socket instead, or through its NAT mapping toward
+// our relay.
+func (m *Mux) relayTargets(p *peer, targets []netip.AddrPort) []netip.AddrPort {
 	own := m.opts.Relay.Addr.Addr()
+	m.mu.Lock()
+	relays := slices.Clone(p.info.Relays)
+	m.mu.Unlock()
 	return slices.DeleteFunc(slices.Clone(targets), func(a netip.AddrPort) bool {
 		ip := a.Addr()
 		switch {
-		case ip == own:
+		case ip == own && slices.Contains(relays, a):
 			return true
 		case own.IsLoopback():
 			return false

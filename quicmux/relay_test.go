@@ -130,13 +130,14 @@ func TestRelayTargets(t *testing.T) {
 	}{
 		{"203.0.113.10:49999", []string{"203.0.113.21:1000"}},
 		{"10.1.1.1:49999", []string{"203.0.113.21:1000", "203.0.113.10:50000", "192.168.11.2:1000"}},
-		{"127.0.0.1:49999", []string{"203.0.113.21:1000", "203.0.113.10:50000", "192.168.11.2:1000", "169.254.1.1:1000"}},
+		{"127.0.0.1:49999", []string{"203.0.113.21:1000", "203.0.113.10:50000", "192.168.11.2:1000", "127.0.0.1:1000", "169.254.1.1:1000"}},
 	}
+	p := &peer{info: PeerInfo{Relays: []netip.AddrPort{netip.MustParseAddrPort("203.0.113.10:50000")}}}
 	for _, tt := range tests {
 		t.Run(tt.relay, func(t *testing.T) {
 			m := &Mux{opts: Options{Relay: &Relay{Addr: netip.MustParseAddrPort(tt.relay)}}}
 			var got []string
-			for _, a := range m.relayTargets(targets) {
+			for _, a := range m.relayTargets(p, targets) {
 				got = append(got, a.String())
 			}
 			if strings.Join(got, " ") != strings.Join(tt.want, " ") {

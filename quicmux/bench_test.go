@@ -1,0 +1,114 @@
+package quicmux
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+func mustAddrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
+func BenchmarkRequestHeader(b *testing.B) {
+	b.ReportAllocs()
+	buf := make([]byte, 0, requestLen)
+	for b.Loop() {
+		buf = AppendRequest(buf[:0], KindConnect, 8020)
+		if _, _, err := ParseRequest(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// benchPair is two connected parties on loopback and a local TCP server at
+// the second that answers each connection with one byte, then copies.
+func benchPair(b *testing.B) (*Mux, uint16) {
+	b.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.Write([]byte{1})
+				io.Copy(io.Discard, c)
+			}()
+		}
+	}()
+	a := startBenchParty(b, 0)
+	p := startBenchParty(b, 1)
+	introduce(a, p)
+	return a.m, uint16(ln.Addr().(*net.TCPAddr).Port)
+}
+
+func startBenchParty(b *testing.B, pid int) *testParty {
+	id, err := LoadIdentity(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	key := NewCheckKey()
+	m, err := Listen(mustAddrPort("127.0.0.1:0"), Options{Study: "bench", PID: pid, Identity: id, CheckKey: key,
+		AllowPort: allowAll, CheckInterval: 50 * time.Millisecond})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	b.Cleanup(func() { cancel(); <-done })
+	return &testParty{m: m, info: PeerInfo{PID: pid, Pin: id.Pin, CheckKey: key, Instance: NewCheckKey(), Candidates: m.HostCandidates()}}
+}
+
+// BenchmarkDial opens a tunnelled connection over an established QUIC
+// connection and reads the first byte from the far side.
+func BenchmarkDial(b *testing.B) {
+	m, port := benchPair(b)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	b.ReportAllocs()
+	for b.Loop() {
+		c, err := m.Dial(ctx, 1, port)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var one [1]byte
+		if _, err := io.ReadFull(c, one[:]); err != nil {
+			b.Fatal(err)
+		}
+		c.Close()
+	}
+}
+
+// BenchmarkCopy moves data through one tunnelled connection: the opener's
+// stream writes, the acceptor's copy loop into the local TCP server.
+func BenchmarkCopy(b *testing.B) {
+	m, port := benchPair(b)
+	c, err := m.Dial(context.Background(), 1, port)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	var one [1]byte
+	io.ReadFull(c, one[:])
+	buf := make([]byte, 256<<10)
+	b.SetBytes(int64(len(buf)))
+	b.ReportAllocs()
+	start := time.Now()
+	n := 0
+	for b.Loop() {
+		if _, err := c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		n++
+	}
+	b.ReportMetric(float64(n*len(buf))/1e6/time.Since(start).Seconds(), "MB/s")
+}
