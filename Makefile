@@ -36,6 +36,12 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 20s "$${t#*:}" || exit 1; \
 	done
 
+# Benchmarks: Go benchmarks of the hot paths, then the tunnel against raw
+# quic-go and raw TCP between processes (table on stdout, bench.json).
+bench: build
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./quicmux ./socks
+	$(GO) run ./scripts/bench --bin ./$(BIN) --json bench.json
+
 image: build
 	d=$$(mktemp -d) && cp $(BIN) Dockerfile $$d/ && docker build -t $(IMAGE) $$d; rc=$$?; rm -rf $$d; exit $$rc
 

@@ -33,7 +33,7 @@ func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*StreamConn, erro
 	l.tr.opened.Add(1)
 	l.tr.open.Add(1)
 	l.open.Add(1)
-	c := &StreamConn{str: str, l: l, local: net.UDPAddrFromAddrPort(l.local), remote: net.UDPAddrFromAddrPort(l.remote),
+	c := &StreamConn{str: str, l: l, bufs: &m.bufs, local: net.UDPAddrFromAddrPort(l.local), remote: net.UDPAddrFromAddrPort(l.remote),
 		start: time.Now(), log: m.log.With("peer", pid, "port", port, "dir", "out", "path", kind)}
 	c.log.Info("tunnel opened")
 	return c, nil
@@ -231,9 +231,7 @@ func pipe(tcp *net.TCPConn, str *quic.Stream, tr *traffic, bufs *bufferPool) (se
 	var wg sync.WaitGroup
 	var upErr error
 	wg.Go(func() {
-		buf := bufs.get()
-		defer bufs.put(buf)
-		n, err := io.CopyBuffer(countingWriter{str, &tr.sent}, readerOnly{tcp}, *buf)
+		n, err := copyAdaptive(countingWriter{str, &tr.sent}, tcp, bufs)
 		sent = uint64(n)
 		if err != nil {
 			upErr = err
@@ -243,9 +241,7 @@ func pipe(tcp *net.TCPConn, str *quic.Stream, tr *traffic, bufs *bufferPool) (se
 		}
 		str.Close()
 	})
-	buf := bufs.get()
-	defer bufs.put(buf)
-	n, downErr := io.CopyBuffer(tcp, readerOnly{countingReader{str, &tr.recv}}, *buf)
+	n, downErr := copyAdaptive(tcp, countingReader{str, &tr.recv}, bufs)
 	recv = uint64(n)
 	if downErr != nil {
 		tcp.SetLinger(0)
@@ -258,22 +254,76 @@ func pipe(tcp *net.TCPConn, str *quic.Stream, tr *traffic, bufs *bufferPool) (se
 	return sent, recv, errors.Join(downErr, upErr)
 }
 
-// bufferPool hands out the pipes' 64 KiB copy buffers, reused across
-// connections.
+// bufferPool hands out the large copy buffers, reused across connections.
 type bufferPool struct{ p sync.Pool }
+
+const (
+	smallBuf = 2 << 10   // what an idle connection holds while it waits
+	largeBuf = 256 << 10 // what a busy one copies with
+)
 
 func (bp *bufferPool) get() *[]byte {
 	if b, ok := bp.p.Get().(*[]byte); ok {
 		return b
 	}
-	b := make([]byte, 64<<10)
+	b := make([]byte, largeBuf)
 	return &b
 }
 
 func (bp *bufferPool) put(b *[]byte) { bp.p.Put(b) }
 
-// readerOnly hides WriterTo/ReaderFrom so that io.CopyBuffer uses the buffer.
-type readerOnly struct{ io.Reader }
+// copyAdaptive copies src to dst until EOF. It waits for data with a small
+// buffer, so that idle connections cost little memory, and copies with a
+// large pooled one while data keeps coming, so that a busy stream gets
+// large writes (quic-go's Write blocks until a chunk is packed; small
+// chunks leave the sender idle between them).
+func copyAdaptive(dst io.Writer, src io.Reader, bufs *bufferPool) (int64, error) {
+	small := make([]byte, smallBuf)
+	var total int64
+	for {
+		n, err := src.Read(small)
+		if n > 0 {
+			w, werr := dst.Write(small[:n])
+			total += int64(w)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if err != nil {
+			if err == io.EOF {
+				return total, nil
+			}
+			return total, err
+		}
+		if n < len(small) {
+			continue
+		}
+		// Busy: copy with the large buffer until a read comes back small.
+		big := bufs.get()
+		for {
+			n, err = src.Read(*big)
+			if n > 0 {
+				w, werr := dst.Write((*big)[:n])
+				total += int64(w)
+				if werr != nil {
+					bufs.put(big)
+					return total, werr
+				}
+			}
+			if err != nil {
+				bufs.put(big)
+				if err == io.EOF {
+					return total, nil
+				}
+				return total, err
+			}
+			if n < smallBuf {
+				break
+			}
+		}
+		bufs.put(big)
+	}
+}
 
 type countingReader struct {
 	r io.Reader
@@ -302,6 +352,7 @@ func (c countingWriter) Write(b []byte) (int, error) {
 type StreamConn struct {
 	str           *quic.Stream
 	l             *link
+	bufs          *bufferPool
 	local, remote net.Addr
 	start         time.Time
 	log           *slog.Logger
@@ -326,6 +377,15 @@ func (c *StreamConn) Write(b []byte) (int, error) {
 	c.l.tr.sent.Add(uint64(n))
 	return n, err
 }
+
+// ReadFrom copies r into the stream until EOF, with large writes while r is
+// busy (see copyAdaptive); io.Copy uses it.
+func (c *StreamConn) ReadFrom(r io.Reader) (int64, error) {
+	return copyAdaptive(writerOnly{c}, r, c.bufs)
+}
+
+// writerOnly hides ReadFrom, so that copyAdaptive writes.
+type writerOnly struct{ io.Writer }
 
 // CloseWrite half-closes: the peer's local connection reads EOF.
 func (c *StreamConn) CloseWrite() error { return c.str.Close() }

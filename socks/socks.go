@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -134,7 +135,19 @@ func (s *Server) serveConn(c net.Conn) {
 		c.Close()
 		return
 	}
-	srv.ServeConn(c)
+	srv.ServeConn(clientConn{c})
+}
+
+// clientConn hides the client connection's WriteTo, so that go-socks5's
+// copy toward a peer reaches the tunnel's ReadFrom (large writes) instead
+// of net.TCPConn's 32 KiB copy loop; CloseWrite stays visible for half-close.
+type clientConn struct{ net.Conn }
+
+func (c clientConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
 }
 
 // keepNames leaves host names unresolved, so that socks5h names reach dial.
@@ -237,5 +250,13 @@ type tunnelConn struct {
 	local, remote *net.TCPAddr
 }
 
-func (c *tunnelConn) LocalAddr() net.Addr  { return c.local }
+func (c *tunnelConn) LocalAddr() net.Addr { return c.local }
+
+// ReadFrom passes io.Copy on to the tunnel's own ReadFrom, when it has one.
+func (c *tunnelConn) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := c.Conn.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{c.Conn}, r)
+}
 func (c *tunnelConn) RemoteAddr() net.Addr { return c.remote }
