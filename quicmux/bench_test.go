@@ -4,12 +4,10 @@ import (
 	"context"
 	"io"
 	"net"
-	"net/netip"
 	"testing"
 	"time"
 )
 
-func mustAddrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
 func BenchmarkRequestHeader(b *testing.B) {
 	b.ReportAllocs()
@@ -44,28 +42,10 @@ func benchPair(b *testing.B) (*Mux, uint16) {
 			}()
 		}
 	}()
-	a := startBenchParty(b, 0)
-	p := startBenchParty(b, 1)
+	a := startParty(b, 0, nil, allowAll)
+	p := startParty(b, 1, nil, allowAll)
 	introduce(a, p)
 	return a.m, uint16(ln.Addr().(*net.TCPAddr).Port)
-}
-
-func startBenchParty(b *testing.B, pid int) *testParty {
-	id, err := LoadIdentity(b.TempDir())
-	if err != nil {
-		b.Fatal(err)
-	}
-	key := NewCheckKey()
-	m, err := Listen(mustAddrPort("127.0.0.1:0"), Options{Study: "bench", PID: pid, Identity: id, CheckKey: key,
-		AllowPort: allowAll, CheckInterval: 50 * time.Millisecond})
-	if err != nil {
-		b.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- m.Run(ctx) }()
-	b.Cleanup(func() { cancel(); <-done })
-	return &testParty{m: m, info: PeerInfo{PID: pid, Pin: id.Pin, CheckKey: key, Instance: NewCheckKey(), Candidates: m.HostCandidates()}}
 }
 
 // BenchmarkDial opens a tunnelled connection over an established QUIC

@@ -22,12 +22,12 @@ type testParty struct {
 }
 
 // startParty runs a Mux on loopback. identity may be nil for a new one.
-func startParty(t *testing.T, pid int, id *Identity, allow func(uint16) bool) *testParty {
+func startParty(t testing.TB, pid int, id *Identity, allow func(uint16) bool) *testParty {
 	t.Helper()
 	return startPartyWith(t, pid, id, allow, nil)
 }
 
-func startPartyWith(t *testing.T, pid int, id *Identity, allow func(uint16) bool, adjust func(*Options)) *testParty {
+func startPartyWith(t testing.TB, pid int, id *Identity, allow func(uint16) bool, adjust func(*Options)) *testParty {
 	t.Helper()
 	if id == nil {
 		var err error

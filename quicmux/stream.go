@@ -66,11 +66,25 @@ func (m *Mux) open(ctx context.Context, pid int, k Kind, port uint16) (*quic.Str
 		if err == nil {
 			return str, l, m.linkKind(p, l), nil
 		}
-		if l.conn.Context().Err() == nil || ctx.Err() != nil || attempt == 2 {
+		if !connectionDead(l.conn, err) || ctx.Err() != nil || attempt == 2 {
 			return nil, nil, "", fmt.Errorf("party %d port %d: %w", pid, port, err)
 		}
-		m.dropLink(p, l, context.Cause(l.conn.Context()))
+		m.dropLink(p, l, err)
 	}
+}
+
+// connectionDead reports whether err, from a stream of conn, means the
+// connection itself is gone (closed, timed out, reset), not just the stream.
+// The connection's context may be cancelled only a moment after.
+func connectionDead(conn *quic.Conn, err error) bool {
+	var (
+		app   *quic.ApplicationError
+		idle  *quic.IdleTimeoutError
+		reset *quic.StatelessResetError
+		trans *quic.TransportError
+	)
+	return conn.Context().Err() != nil || errors.As(err, &app) || errors.As(err, &idle) ||
+		errors.As(err, &reset) || errors.As(err, &trans)
 }
 
 func openStream(ctx context.Context, conn *quic.Conn, k Kind, port uint16) (*quic.Stream, error) {

@@ -44,6 +44,10 @@ cleanup() {
 	for c in "${CLEANUPS[@]}"; do eval "$c"; done
 	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
 	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+	# Whatever still runs in our namespaces was started by this lab too.
+	for n in "${NETNS[@]}"; do ip netns pids "$n" 2>/dev/null | xargs -r kill 2>/dev/null; done
+	sleep 0.2
+	for n in "${NETNS[@]}"; do ip netns pids "$n" 2>/dev/null | xargs -r kill -9 2>/dev/null; done
 	for n in "${NETNS[@]}"; do ip netns delete "$n" 2>/dev/null; done
 	if [ $rc -ne 0 ]; then
 		for f in "$DIR"/*.log; do
@@ -62,6 +66,14 @@ trap 'exit 130' INT TERM
 ns() { echo "sfk${ID}-$1"; }
 addns() { ip netns add "$(ns "$1")"; NETNS+=("$(ns "$1")"); ip -n "$(ns "$1")" link set lo up; }
 inns() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
+# spawn NS LOG CMD...: CMD in namespace NS, in the background, its output in
+# LOG. `ip netns exec` execs CMD, so the PID recorded is CMD's own.
+spawn() {
+	local n=$1 logf=$2
+	shift 2
+	ip netns exec "$(ns "$n")" "$@" >"$logf" 2>&1 &
+	PIDS+=($!)
+}
 # veth NS_A NS_B NAME_A NAME_B TAG: a veth pair between two namespaces.
 veth() {
 	local a="v${ID}a$5" b="v${ID}b$5"
@@ -78,13 +90,11 @@ internet() {
 	inns inet ip addr add 203.0.113.10/24 dev br0
 	inns inet ip addr add 203.0.113.11/24 dev br0
 	inns inet ip link set br0 up
-	inns inet turnserver -n --no-cli --listening-ip=203.0.113.10 --listening-port=3478 \
-		--no-dtls --log-file="$DIR/coturn.log" --simple-log --pidfile="$DIR/turn.pid" "${TURN_ARGS[@]}" >/dev/null 2>&1 &
-	PIDS+=($!)
+	spawn inet /dev/null turnserver -n --no-cli --listening-ip=203.0.113.10 --listening-port=3478 \
+		--no-dtls --log-file="$DIR/coturn.log" --simple-log --pidfile="$DIR/turn.pid" "${TURN_ARGS[@]}"
 	# A second STUN server, so that parties can tell their NAT's behaviour.
-	inns inet turnserver -n --no-cli --listening-ip=203.0.113.11 --listening-port=3478 --stun-only --no-tls \
-		--no-dtls --log-file="$DIR/coturn-stun.log" --simple-log --pidfile="$DIR/turn-stun.pid" >/dev/null 2>&1 &
-	PIDS+=($!)
+	spawn inet /dev/null turnserver -n --no-cli --listening-ip=203.0.113.11 --listening-port=3478 --stun-only --no-tls \
+		--no-dtls --log-file="$DIR/coturn-stun.log" --simple-log --pidfile="$DIR/turn-stun.pid"
 	: >"$DIR/tokens"
 	for i in 0 1 2 3; do
 		tok="$LAB-token-$i-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
@@ -95,9 +105,8 @@ internet() {
 }
 
 start_registry() {
-	inns inet "$BIN" registry --listen 203.0.113.10:8080 --tokens "$DIR/tokens" --data "$DIR/registry" \
-		"${REGISTRY_ARGS[@]}" >"$DIR/registry.log" 2>&1 &
-	PIDS+=($!)
+	spawn inet "$DIR/registry.log" "$BIN" registry --listen 203.0.113.10:8080 --tokens "$DIR/tokens" --data "$DIR/registry" \
+		"${REGISTRY_ARGS[@]}"
 }
 
 # router I PARTY_NS KIND: router i between the internet and party i's
@@ -144,10 +153,8 @@ services() {
 		head -c "$((SIZE_MB << 20))" /dev/urandom >"$DIR/www$i/file"
 	fi
 	sha256sum <"$DIR/www$i/file" | cut -d' ' -f1 >"$DIR/sum$i"
-	inns "p$i" python3 -m http.server 8000 --bind 127.0.0.1 --directory "$DIR/www$i" >"$DIR/http$i.log" 2>&1 &
-	PIDS+=($!)
-	inns "p$i" ncat -l 127.0.0.1 9000 --keep-open --sh-exec 'head -n 1' >"$DIR/echo$i.log" 2>&1 &
-	PIDS+=($!)
+	spawn "p$i" "$DIR/http$i.log" python3 -m http.server 8000 --bind 127.0.0.1 --directory "$DIR/www$i"
+	spawn "p$i" "$DIR/echo$i.log" ncat -l 127.0.0.1 9000 --keep-open --sh-exec 'head -n 1'
 }
 
 # wait_registered N: until the registry lists N parties.

@@ -31,9 +31,8 @@ internet
 # the registry trusts.
 addns p2
 (cd "$(dirname "$0")/.." && go build -o "$DIR/fakemeta" ./scripts/fakemeta)
-inns p2 "$DIR/fakemeta" --listen 127.0.0.1:8089 --email party2@e2e.iam.gserviceaccount.com \
-	--jwks-out "$DIR/jwks.json" >"$DIR/fakemeta.log" 2>&1 &
-PIDS+=($!)
+spawn p2 "$DIR/fakemeta.log" "$DIR/fakemeta" --listen 127.0.0.1:8089 --email party2@e2e.iam.gserviceaccount.com \
+	--jwks-out "$DIR/jwks.json"
 for _ in $(seq 1 50); do [ -s "$DIR/jwks.json" ] && break; sleep 0.1; done
 echo "party2@e2e.iam.gserviceaccount.com e2e 2" >"$DIR/members"
 sed -i '/ e2e 2$/d' "$DIR/tokens" # party 2 has no static token
@@ -49,13 +48,12 @@ for i in $(seq 0 $((NPARTIES - 1))); do
 	services "$i"
 	if [ "$i" = 2 ]; then
 		# No key file: the credential comes from the (fake) cloud metadata server.
-		inns "p$i" env GCE_METADATA_HOST=127.0.0.1:8089 SFKIT_PROXY_AZURE_IMDS=http://127.0.0.1:1 \
-			"$BIN" --pid "$i" "${SIDECAR_ARGS[@]}" --state-dir "$DIR/state$i" >"$DIR/p$i.log" 2>&1 &
+		spawn "p$i" "$DIR/p$i.log" env GCE_METADATA_HOST=127.0.0.1:8089 SFKIT_PROXY_AZURE_IMDS=http://127.0.0.1:1 \
+			"$BIN" --pid "$i" "${SIDECAR_ARGS[@]}" --state-dir "$DIR/state$i"
 	else
-		inns "p$i" "$BIN" --pid "$i" "${SIDECAR_ARGS[@]}" --state-dir "$DIR/state$i" \
-			--auth-key-file "$DIR/token$i" >"$DIR/p$i.log" 2>&1 &
+		spawn "p$i" "$DIR/p$i.log" "$BIN" --pid "$i" "${SIDECAR_ARGS[@]}" --state-dir "$DIR/state$i" \
+			--auth-key-file "$DIR/token$i"
 	fi
-	PIDS+=($!)
 done
 
 # Party 3 in a Docker container, if Docker works here.

@@ -40,7 +40,7 @@ REGISTRY_ARGS=()
 start_registry
 
 SIDECAR_ARGS=(--study e2e --registry http://203.0.113.10:8080/ --stun 203.0.113.10:3478,203.0.113.11:3478
-	--allow-ports 8000,9000 --log-level debug --relay-secret-file "$DIR/turn-secret")
+	--allow-ports 8000,9000,9100 --log-level debug --relay-secret-file "$DIR/turn-secret")
 KINDS=(symmetric symmetric udp-blocked cone)
 RELAYS=("turn:203.0.113.10:3478?transport=udp" "turns:203.0.113.10:5349" "turn:203.0.113.10:3478?transport=tcp" "")
 for i in 0 1 2 3; do
@@ -49,9 +49,8 @@ for i in 0 1 2 3; do
 	services "$i"
 	relay=()
 	[ -n "${RELAYS[$i]}" ] && relay=(--relay "${RELAYS[$i]}" --relay-user "party$i" --relay-ca "$DIR/turn-cert.pem")
-	inns "p$i" "$BIN" --pid "$i" "${SIDECAR_ARGS[@]}" "${relay[@]}" --state-dir "$DIR/state$i" \
-		--auth-key-file "$DIR/token$i" >"$DIR/p$i.log" 2>&1 &
-	PIDS+=($!)
+	spawn "p$i" "$DIR/p$i.log" "$BIN" --pid "$i" "${SIDECAR_ARGS[@]}" "${relay[@]}" --state-dir "$DIR/state$i" \
+		--auth-key-file "$DIR/token$i"
 done
 wait_registered 4
 for i in 0 1 2; do
@@ -65,9 +64,8 @@ inns p3 "$BIN" status | tee "$DIR/status-table.txt"
 # The relay sees only ciphertext: capture the "internet" side of the relay
 # while party 0 fetches party 1's text file (both behind symmetric NATs, so
 # relayed both ways through coturn).
-inns inet tcpdump -i br0 -s 512 -U -w "$DIR/relay.pcap" udp or tcp >"$DIR/tcpdump.log" 2>&1 &
+spawn inet "$DIR/tcpdump.log" tcpdump -i br0 -s 512 -U -w "$DIR/relay.pcap" udp or tcp
 TCPDUMP=$!
-PIDS+=($TCPDUMP)
 sleep 1
 fetch 0 1 >/dev/null
 sleep 1
@@ -85,28 +83,44 @@ fi
 grep -q -a "$MARKER" "$DIR/www1/file" || fail "the marker check is vacuous: the file lacks the marker"
 
 # A long transfer that starts relayed; party 2's UDP block is lifted in the
-# middle; the same TCP connection must complete, over the direct path.
-log "long transfer 3 -> 2 at 300 kB/s; lifting party 2's UDP block after 5 s"
-(fetch 2 3 --limit-rate 300k >"$DIR/long.out"; echo "rc=$?" >>"$DIR/long.out") &
+# middle; the same TCP connection must complete, over the direct path. The
+# source paces itself: 40 chunks of 100 kB, a second apart.
+cat >"$DIR/slow.sh" <<'SLOW'
+#!/bin/sh
+for i in $(seq 1 40); do
+	yes "slow-chunk-$i" | head -c 100000
+	sleep 1
+done
+SLOW
+chmod +x "$DIR/slow.sh"
+sh -c "DIR=$DIR; for i in \$(seq 1 40); do yes slow-chunk-\$i | head -c 100000; done" | sha256sum | cut -d' ' -f1 >"$DIR/slow.sum"
+spawn p3 "$DIR/slow-server.log" ncat -l 127.0.0.1 9100 --sh-exec "$DIR/slow.sh"
+sleep 0.5
+log "long transfer 3 -> 2 (4 MB over 40 s); lifting party 2's UDP block after 5 s"
+ip netns exec "$(ns p2)" timeout 120 ncat --recv-only --proxy 127.0.0.1:1080 --proxy-type socks5 10.0.0.3 9100 \
+	>"$DIR/slow.out" 2>"$DIR/slow.err" &
 LONG=$!
+PIDS+=($LONG)
 sleep 5
 ip netns exec "$(ns r2)" iptables -D FORWARD -p udp -j DROP
 for _ in $(seq 1 120); do
 	grep -q 'msg="path switched"' "$DIR/p2.log" && break
 	sleep 0.5
 done
-if grep -q 'msg="path switched" party=2 component=quicmux peer=3 from=relayed to=direct' "$DIR/p2.log"; then
-	log "party 2 moved its connection to party 3 onto the direct path"
-	pass
-else
+if ! grep -q 'msg="path switched" party=2 component=quicmux peer=3 from=relayed to=direct' "$DIR/p2.log"; then
 	fail "party 2 did not switch to the direct path"
+elif ! kill -0 "$LONG" 2>/dev/null; then
+	fail "the long transfer ended before the path switched: it proves nothing"
+else
+	log "party 2 moved its connection to party 3 onto the direct path while the transfer ran ($(stat -c %s "$DIR/slow.out") bytes in so far)"
+	pass
 fi
 wait "$LONG" || true
-cat "$DIR/long.out"
-if grep -q ' ok$' "$DIR/long.out"; then
+if [ "$(sha256sum <"$DIR/slow.out" | cut -d' ' -f1)" = "$(cat "$DIR/slow.sum")" ]; then
+	log "the same TCP connection completed after the switch: $(stat -c %s "$DIR/slow.out") bytes, sha256 ok"
 	pass
 else
-	fail "the long transfer did not survive the switch"
+	fail "the long transfer did not survive the switch: $(stat -c %s "$DIR/slow.out") bytes, $(cat "$DIR/slow.err")"
 fi
 check_status 2 4 "'direct' if b == 3 else 'relayed'"
 finish
