@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -82,15 +83,17 @@ func (c *Client) do(ctx context.Context, method, path string, body []byte) ([]by
 	if hc == nil {
 		hc = http.DefaultClient
 	}
-	u := c.Base.JoinPath() // copy
+	// The API lives below the base URL's path: https://host/api means
+	// https://host/api/v1/…, with or without a final slash.
+	base := *c.Base
+	if !strings.HasSuffix(base.Path, "/") {
+		base.Path += "/"
+	}
 	ref, err := url.Parse(path)
 	if err != nil {
 		return nil, err
 	}
-	if u.Path == "" {
-		u.Path = "/"
-	}
-	u = u.ResolveReference(ref)
+	u := base.ResolveReference(ref)
 	for attempt := 0; ; attempt++ {
 		tok, err := c.Token(ctx, attempt > 0)
 		if err != nil {

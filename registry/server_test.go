@@ -228,3 +228,19 @@ func FuzzDecodeEntry(f *testing.F) {
 		}
 	})
 }
+
+func TestClientKeepsTheBasePath(t *testing.T) {
+	g, _ := ParseTokens(bufio.NewScanner(strings.NewReader(testTokens)))
+	s, _ := NewServer(ServerOptions{Grants: g})
+	mux := http.NewServeMux()
+	mux.Handle("/api/", http.StripPrefix("/api", s))
+	ts := httptest.NewServer(mux)
+	defer ts.Close()
+	for _, base := range []string{ts.URL + "/api", ts.URL + "/api/"} {
+		u, _ := url.Parse(base)
+		c := &Client{Base: u, Study: "A", PID: 0, Token: func(context.Context, bool) (string, error) { return "tok-study-a-party-0", nil }}
+		if err := c.Publish(context.Background(), entry(0)); err != nil {
+			t.Errorf("Publish with base %q: %v", base, err)
+		}
+	}
+}
