@@ -8,7 +8,6 @@ import (
 	"time"
 )
 
-
 func BenchmarkRequestHeader(b *testing.B) {
 	b.ReportAllocs()
 	buf := make([]byte, 0, requestLen)
@@ -24,28 +23,14 @@ func BenchmarkRequestHeader(b *testing.B) {
 // the second that answers each connection with one byte, then copies.
 func benchPair(b *testing.B) (*Mux, uint16) {
 	b.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.Write([]byte{1})
-				io.Copy(io.Discard, c)
-			}()
-		}
-	}()
+	port := localServer(b, func(c net.Conn) {
+		c.Write([]byte{1})
+		io.Copy(io.Discard, c)
+	})
 	a := startParty(b, 0, nil, allowAll)
 	p := startParty(b, 1, nil, allowAll)
 	introduce(a, p)
-	return a.m, uint16(ln.Addr().(*net.TCPAddr).Port)
+	return a.m, port
 }
 
 // BenchmarkDial opens a tunnelled connection over an established QUIC

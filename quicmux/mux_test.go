@@ -73,9 +73,9 @@ func introduce(parties ...*testParty) {
 	}
 }
 
-// halfCloseEcho accepts connections, reads each to EOF, then writes back
-// what it read and closes: it only answers if the half-close arrived.
-func halfCloseEcho(t *testing.T) uint16 {
+// localServer serves each connection on 127.0.0.1 with handle, until the
+// test ends, and returns the port.
+func localServer(t testing.TB, handle func(net.Conn)) uint16 {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -90,14 +90,21 @@ func halfCloseEcho(t *testing.T) uint16 {
 			}
 			go func() {
 				defer c.Close()
-				b, err := io.ReadAll(c)
-				if err == nil {
-					c.Write(b)
-				}
+				handle(c)
 			}()
 		}
 	}()
 	return uint16(ln.Addr().(*net.TCPAddr).Port)
+}
+
+// halfCloseEcho reads each connection to EOF, then writes back what it read
+// and closes: it only answers if the half-close arrived.
+func halfCloseEcho(t *testing.T) uint16 {
+	return localServer(t, func(c net.Conn) {
+		if b, err := io.ReadAll(c); err == nil {
+			c.Write(b)
+		}
+	})
 }
 
 func allowAll(uint16) bool { return true }
