@@ -406,7 +406,7 @@ func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *end
 	kind := m.linkKindLocked(p, l)
 	via := m.viaLocked(p, l)
 	l.tr = p.trafficLocked(kind)
-	p.link, p.state, p.lastErr = l, StateDirect, ""
+	p.link, p.state, p.lastErr = l, kind, "" // the path kinds are the connected states
 	m.broadcastLocked()
 	m.mu.Unlock()
 	if old != nil {
