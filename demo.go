@@ -60,7 +60,6 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}()
 
 	// The registry, with one token per party.
-	grants := make(map[string]registry.Grant)
 	tokens := make([]string, *parties)
 	var tokFile bytes.Buffer
 	for i := range tokens {
@@ -71,7 +70,8 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err := os.WriteFile(tokPath, tokFile.Bytes(), 0o600); err != nil {
 		return err
 	}
-	if grants, err = registry.LoadTokens(tokPath); err != nil {
+	grants, err := registry.LoadTokens(tokPath)
+	if err != nil {
 		return err
 	}
 	rs, err := registry.NewServer(registry.ServerOptions{Grants: grants, DataDir: filepath.Join(dir, "registry"), Logger: log})

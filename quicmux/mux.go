@@ -162,8 +162,8 @@ type link struct {
 // Peer states.
 const (
 	StateConnecting  = "connecting"
-	StateDirect      = "direct"
-	StateRelayed     = "relayed"
+	StateDirect      = PathDirect    // connected: the state is the path's kind
+	StateRelayed     = PathRelayed   // connected through a relay
 	StateUnreachable = "unreachable" // no path after 30 s of trying
 )
 

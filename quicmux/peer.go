@@ -207,6 +207,8 @@ func (m *Mux) connect(ctx context.Context, p *peer, log *slog.Logger) {
 			}
 			if !warned && time.Since(start) > 30*time.Second {
 				warned = true
+				// Keep trying, but gently: one round a second.
+				tick.Reset(max(m.opts.CheckInterval, time.Second))
 				m.mu.Lock()
 				lastErr := p.lastErr
 				p.state = StateUnreachable

@@ -116,8 +116,8 @@ type Server struct {
 
 	mu       sync.Mutex // guards studies, changed, limiters
 	studies  map[string]*study
-	changed  chan struct{} // closed and replaced on every change
-	limiters map[string]*rate.Limiter
+	changed  chan struct{}           // closed and replaced on every change
+	limiters map[Grant]*rate.Limiter // per party, not per token: cloud tokens rotate
 }
 
 type study struct {
@@ -137,7 +137,7 @@ func NewServer(opts ServerOptions) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{opts: opts, log: log, studies: make(map[string]*study), changed: make(chan struct{}), limiters: make(map[string]*rate.Limiter)}
+	s := &Server{opts: opts, log: log, studies: make(map[string]*study), changed: make(chan struct{}), limiters: make(map[Grant]*rate.Limiter)}
 	if opts.DataDir != "" {
 		if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
 			return nil, fmt.Errorf("registry data dir: %w", err)
@@ -200,10 +200,10 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request) (Grant, bool)
 		return Grant{}, false
 	}
 	s.mu.Lock()
-	lim := s.limiters[h]
+	lim := s.limiters[g]
 	if lim == nil {
 		lim = rate.NewLimiter(rate.Limit(s.opts.Rate), int(2*s.opts.Rate))
-		s.limiters[h] = lim
+		s.limiters[g] = lim
 	}
 	s.mu.Unlock()
 	if !lim.Allow() {

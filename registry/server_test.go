@@ -244,3 +244,22 @@ func TestClientKeepsTheBasePath(t *testing.T) {
 		}
 	}
 }
+
+func TestRateLimitIsPerParty(t *testing.T) {
+	g, _ := ParseTokens(bufio.NewScanner(strings.NewReader(testTokens)))
+	s, _ := NewServer(ServerOptions{Grants: g, Rate: 1}) // burst 2
+	ts := httptest.NewServer(s)
+	defer ts.Close()
+	ctx := context.Background()
+	c0 := client(ts, "A", 0, "tok-study-a-party-0")
+	var last error
+	for range 3 {
+		_, last = c0.List(ctx, 0, 0)
+	}
+	if statusOf(last) != http.StatusTooManyRequests {
+		t.Errorf("third request in a burst of 2 = %v; want 429", last)
+	}
+	if _, err := client(ts, "A", 1, "tok-study-a-party-1").List(ctx, 0, 0); err != nil {
+		t.Errorf("another party's request = %v; want it unaffected", err)
+	}
+}
