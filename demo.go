@@ -74,7 +74,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	rs, err := registry.NewServer(registry.ServerOptions{Grants: grants, DataDir: filepath.Join(dir, "registry"), Logger: log})
+	// Every party runs on this machine: loopback candidates are real here.
+	rs, err := registry.NewServer(registry.ServerOptions{Grants: grants, DataDir: filepath.Join(dir, "registry"), Logger: log,
+		Addrs: config.AddrPolicy{Loopback: true}})
 	if err != nil {
 		return err
 	}

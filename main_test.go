@@ -19,8 +19,11 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	xproxy "golang.org/x/net/proxy"
 
 	"sfkit-proxy/config"
 	"sfkit-proxy/metadata"
@@ -358,5 +361,72 @@ func TestPartyWithCloudCredential(t *testing.T) {
 	}
 	if meta.Issued.Load() < 2 {
 		t.Errorf("metadata server issued %d tokens; want a refresh after the first was refused", meta.Issued.Load())
+	}
+}
+
+// TestResetsCrossTheTunnel: a server at party 1 that resets its connection
+// after 100 kB resets the client at party 0 (never a clean EOF: that would
+// pass for a complete transfer), and a client that resets resets the server.
+// The client is golang.org/x/net/proxy's SOCKS5 dialer, as sfgwas uses.
+func TestResetsCrossTheTunnel(t *testing.T) {
+	l := newLab(t)
+	s0, _ := l.party(0)
+	l.party(1)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	serverSaw := make(chan error, 1)
+	go func() {
+		for i := 0; ; i++ {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			tc := c.(*net.TCPConn)
+			if i == 0 { // first: write, then reset
+				tc.Write(make([]byte, 100_000))
+				time.Sleep(100 * time.Millisecond)
+				tc.SetLinger(0)
+				tc.Close()
+				continue
+			}
+			_, err = io.Copy(io.Discard, tc)
+			serverSaw <- err
+			tc.Close()
+		}
+	}()
+	d, err := xproxy.SOCKS5("tcp", s0.socks.String(), nil, xproxy.Direct)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := net.JoinHostPort("10.0.0.1", strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+	c, err := d.Dial("tcp", target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	n, err := io.Copy(io.Discard, c)
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("client read %d bytes, then %v; want ECONNRESET", n, err)
+	}
+	c.Close()
+
+	c, err = d.Dial("tcp", target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("the first half of a request"))
+	time.Sleep(100 * time.Millisecond)
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close()
+	select {
+	case err := <-serverSaw:
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("server read to %v; want ECONNRESET", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("server never saw the client's end")
 	}
 }

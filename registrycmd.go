@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"time"
 
 	"sfkit-proxy/config"
@@ -33,8 +34,12 @@ func runRegistry(ctx context.Context, cfg *config.Registry, log *slog.Logger) er
 		}
 		log.Info("accepting cloud identity tokens", "issuer", cfg.OIDCIssuer, "audience", cfg.OIDCAudience, "members", len(members))
 	}
+	// A registry on loopback serves parties on this machine only (the
+	// demo, tests): their loopback addresses are real candidates there.
+	host, _, _ := net.SplitHostPort(cfg.Listen)
+	addrs := config.AddrPolicy{Loopback: isLoopbackHost(host), Virtual: netip.MustParsePrefix(config.DefaultPeersCIDR)}
 	srv, err := registry.NewServer(registry.ServerOptions{Grants: grants, DataDir: cfg.Data, OIDC: verifier,
-		Logger: log.With("component", "registry")})
+		Logger: log.With("component", "registry"), Addrs: addrs, EntryTTL: cfg.EntryTTL})
 	if err != nil {
 		return err
 	}

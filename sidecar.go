@@ -82,7 +82,7 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 	checkKey := quicmux.NewCheckKey()
 	mux, err := quicmux.Listen(cfg.UDPListen, quicmux.Options{
 		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
-		AllowPort: cfg.AllowPorts.Contains, Relay: rl,
+		AllowPort: cfg.AllowPorts.Contains, Relay: rl, Virtual: cfg.PeersCIDR,
 	})
 	if err != nil {
 		closeListeners()
@@ -92,7 +92,8 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 	reg := &registry.Client{Base: cfg.Registry, Study: cfg.Study, PID: cfg.PID, Token: token,
 		HTTP: &http.Client{Timeout: 45 * time.Second}}
 	pub := &publisher{reg: reg, mux: mux, st: st, credSource: credSource, log: log.With("component", "registry"), kick: make(chan struct{}, 1),
-		entry: registry.Entry{PID: cfg.PID, Pin: id.Pin, CheckKey: checkKey, Instance: quicmux.NewCheckKey()[:16],
+		addrs: config.AddrPolicy{Loopback: isLoopbackHost(cfg.Registry.Hostname()), Virtual: cfg.PeersCIDR},
+		entry: registry.Entry{PID: cfg.PID, Pin: id.Pin, CheckKey: checkKey.Public(), Instance: quicmux.NewInstance(),
 			NAT: stun.NATUnknown, AllowPorts: cfg.AllowPorts.String()}}
 	if rl != nil {
 		pub.entry.Candidates = []registry.Candidate{{Kind: registry.KindRelay, Addr: rl.Addr}}
@@ -135,6 +136,7 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 				return rtt, path, addr.String(), err
 			},
 			Ready: st.ready,
+			Debug: cfg.AdminDebug,
 		})
 		g.Go(func() error {
 			return serveHTTP(gctx, &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}, adminLn, "", "")
@@ -290,6 +292,7 @@ type publisher struct {
 	credSource string // where the token comes from, for error messages
 	log        *slog.Logger
 	kick       chan struct{}
+	addrs      config.AddrPolicy // what the registry takes as candidates
 
 	mu    sync.Mutex // guards entry
 	entry registry.Entry
@@ -320,7 +323,9 @@ func (p *publisher) snapshot() registry.Entry {
 	e := p.entry
 	e.Candidates = nil
 	for _, h := range p.mux.HostCandidates() {
-		e.Candidates = append(e.Candidates, registry.Candidate{Kind: registry.KindHost, Addr: h})
+		if p.addrs.CheckCandidate(h) == nil && len(e.Candidates) < config.MaxCandidates-2 {
+			e.Candidates = append(e.Candidates, registry.Candidate{Kind: registry.KindHost, Addr: h})
+		}
 	}
 	for _, c := range p.entry.Candidates {
 		if c.Kind != registry.KindHost {
@@ -330,16 +335,17 @@ func (p *publisher) snapshot() registry.Entry {
 	return e
 }
 
-// run publishes now, on every change and every few minutes, retrying with
-// backoff. A credential the registry rejects before the first success ends
-// the sidecar: that needs a person, not a retry.
+// run publishes now, on every change and every config.PublishInterval (so
+// that the entry stays fresh), retrying with backoff. A credential or an
+// entry the registry rejects before the first success ends the sidecar:
+// that needs a person, not a retry.
 func (p *publisher) run(ctx context.Context) error {
 	published := false
 	backoff := time.Second
 	for {
 		e := p.snapshot()
 		err := p.reg.Publish(ctx, e)
-		wait := 5 * time.Minute
+		wait := config.PublishInterval
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -351,6 +357,11 @@ func (p *publisher) run(ctx context.Context) error {
 					return fmt.Errorf("registry rejected this party's credential from %s (%d: %s): check it, --study and --pid", p.credSource, se.Code, se.Msg)
 				}
 				p.log.Error("registry rejected this party's credential; retrying", "code", se.Code, "msg", se.Msg)
+			} else if errors.As(err, &se) && (se.Code == http.StatusConflict || se.Code == http.StatusBadRequest) {
+				if !published {
+					return fmt.Errorf("registry refused this party's entry (%d: %s)", se.Code, se.Msg)
+				}
+				p.log.Error("registry refused this party's entry; retrying", "code", se.Code, "msg", se.Msg)
 			} else {
 				p.log.Warn("registry publish failed; retrying, existing tunnels keep working", "err", err, "in", backoff)
 			}
@@ -420,7 +431,9 @@ func watch(ctx context.Context, reg *registry.Client, mux *quicmux.Mux, policy *
 		failing, backoff, after = false, time.Second, l.Version
 		infos := make([]quicmux.PeerInfo, 0, len(l.Parties))
 		ports := make(map[int]config.PortSet)
-		for _, e := range l.Parties {
+		// A party whose entry went stale is gone (the reference registry
+		// drops such entries itself; others may not).
+		for _, e := range l.Fresh(config.DefaultEntryTTL) {
 			if e.PID == self {
 				continue
 			}

@@ -7,9 +7,13 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
+	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -98,7 +102,7 @@ type Counters struct {
 	SOCKS map[string]uint64 `json:"socks"`
 }
 
-// PingResult is what GET /v1/ping returns.
+// PingResult is what POST /v1/ping returns.
 type PingResult struct {
 	PID        int       `json:"pid"`
 	Path       string    `json:"path"`
@@ -115,7 +119,14 @@ type Options struct {
 	Ping func(ctx context.Context, pid int) (rtt time.Duration, path, addr string, err error)
 	// Ready returns nil once the sidecar is registered and STUN is done.
 	Ready func() error
+	// Debug serves Go profiles under /debug/pprof/.
+	Debug bool
 }
+
+// ActionHeader must be set, to any value, on requests that make the sidecar
+// send traffic (POST /v1/ping). A web page cannot set it on a simple
+// cross-site request, and the API answers no CORS preflight.
+const ActionHeader = "X-Sfkit-Proxy"
 
 // NewHandler returns the API's handler, with a Prometheus registry of its own.
 func NewHandler(opts Options) http.Handler {
@@ -129,7 +140,11 @@ func NewHandler(opts Options) http.Handler {
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, opts.Status())
 	})
-	mux.HandleFunc("GET /v1/ping", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("POST /v1/ping", func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get(ActionHeader) == "" {
+			writeJSON(w, http.StatusForbidden, map[string]string{"error": "missing " + ActionHeader + " header: actions are refused without it (sfkit-proxy ping sets it)"})
+			return
+		}
 		pid, err := strconv.Atoi(r.URL.Query().Get("pid"))
 		if err != nil || pid < 0 {
 			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "pid must be a party id, 0 or more"})
@@ -157,9 +172,11 @@ func NewHandler(opts Options) http.Handler {
 		writeJSON(w, http.StatusOK, res)
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(opts.Logger.Handler(), slog.LevelWarn)}))
-	// Profiles, for performance work (the API is loopback-only by default).
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	if opts.Debug {
+		// Profiles, for performance work, only when asked for (--admin-debug).
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		if opts.Ready != nil {
@@ -170,7 +187,41 @@ func NewHandler(opts Options) http.Handler {
 		}
 		w.Write([]byte("ready\n"))
 	})
-	return mux
+	return localOnly(mux)
+}
+
+// localOnly refuses requests whose Host is a name other than localhost: a
+// page that rebinds its own DNS name to 127.0.0.1 gets nothing. Requests
+// from a browser page of another origin are refused too.
+func localOnly(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !localHost(r.Host) {
+			writeJSON(w, http.StatusForbidden, map[string]string{"error": "host " + strconv.Quote(r.Host) + " not allowed: use localhost or an IP address"})
+			return
+		}
+		if o := r.Header.Get("Origin"); o != "" {
+			u, err := url.Parse(o)
+			if err != nil || !localHost(u.Host) {
+				writeJSON(w, http.StatusForbidden, map[string]string{"error": "cross-origin requests are refused"})
+				return
+			}
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// localHost reports whether a Host header names this machine's API: an IP
+// literal or localhost, with or without a port.
+func localHost(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	_, err := netip.ParseAddr(host)
+	return err == nil
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -18,15 +18,20 @@ type Client struct {
 	HTTP *http.Client // nil means a client with a 15 s timeout
 }
 
-func (c *Client) get(ctx context.Context, path string, q url.Values, v any) error {
+// do sends a request (GET, or POST with the action header) and decodes the
+// JSON answer into v.
+func (c *Client) do(ctx context.Context, method, path string, q url.Values, v any) error {
 	hc := c.HTTP
 	if hc == nil {
 		hc = &http.Client{Timeout: 15 * time.Second}
 	}
 	u := url.URL{Scheme: "http", Host: c.Addr, Path: path, RawQuery: q.Encode()}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	req, err := http.NewRequestWithContext(ctx, method, u.String(), nil)
 	if err != nil {
 		return err
+	}
+	if method != http.MethodGet {
+		req.Header.Set(ActionHeader, "1")
 	}
 	resp, err := hc.Do(req)
 	if err != nil {
@@ -50,14 +55,14 @@ func (c *Client) get(ctx context.Context, path string, q url.Values, v any) erro
 // Status fetches the status.
 func (c *Client) Status(ctx context.Context) (Status, error) {
 	var s Status
-	err := c.get(ctx, "/v1/status", nil, &s)
+	err := c.do(ctx, http.MethodGet, "/v1/status", nil, &s)
 	return s, err
 }
 
 // Ping asks the sidecar to ping pid count times.
 func (c *Client) Ping(ctx context.Context, pid, count int) (PingResult, error) {
 	var r PingResult
-	err := c.get(ctx, "/v1/ping", url.Values{"pid": {strconv.Itoa(pid)}, "count": {strconv.Itoa(count)}}, &r)
+	err := c.do(ctx, http.MethodPost, "/v1/ping", url.Values{"pid": {strconv.Itoa(pid)}, "count": {strconv.Itoa(count)}}, &r)
 	return r, err
 }
 

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/peterbourgon/ff/v3"
 
@@ -26,6 +27,14 @@ import (
 const (
 	EnvPrefix         = "SFKIT_PROXY"
 	RegistryEnvPrefix = "SFKIT_PROXY_REGISTRY"
+)
+
+// PublishInterval is how often a party refreshes its registry entry, and
+// DefaultEntryTTL how long an entry lives without a refresh: three missed
+// refreshes. Peers treat an older entry as gone.
+const (
+	PublishInterval = time.Minute
+	DefaultEntryTTL = 3 * time.Minute
 )
 
 // DefaultAdminListen is where the management API listens unless told.
@@ -59,6 +68,8 @@ type Sidecar struct {
 	RelayPasswordFile string
 	RelaySecretFile   string
 	RelayCA           string
+	// AdminDebug serves /debug/pprof on the management API.
+	AdminDebug bool
 }
 
 // VirtualAddr returns party pid's address in the peers range.
@@ -117,7 +128,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		anyHost  = fs.Bool("socks-any-host", false, "allow a non-loopback --socks-listen (anyone who reaches it can use your tunnels)")
 		udp      = fs.String("udp-listen", "0.0.0.0:0", "UDP address of the one socket used for STUN and QUIC")
 		stunList = fs.String("stun", DefaultSTUN, "STUN servers host:port, comma-separated, tried in turn")
-		cidr     = fs.String("peers-cidr", "10.0.0.0/24", "virtual range: party N is the range's base + N")
+		cidr     = fs.String("peers-cidr", DefaultPeersCIDR, "virtual range: party N is the range's base + N")
 		allow    = fs.String("allow-ports", "all", "local ports peers may reach, e.g. 8000-8100,9443, or all")
 		direct   = fs.String("direct", "allow", "destinations outside --peers-cidr: allow (dial directly) or deny")
 		stateDir = fs.String("state-dir", "", "directory of the persistent identity key (default $XDG_STATE_HOME/sfkit-proxy/STUDY-PID)")
@@ -129,6 +140,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		relaySF  = fs.String("relay-secret-file", "", "file holding coturn's shared secret (--use-auth-secret REST scheme)")
 		relayCA  = fs.String("relay-ca", "", "PEM file of CAs that sign turns: servers (default: the system's)")
 		adminAny = fs.Bool("admin-any-host", false, "allow a non-loopback --admin-listen")
+		adminDbg = fs.Bool("admin-debug", false, "serve Go profiles (/debug/pprof) on the management API")
 		_        = fs.String("config", "", "config file of 'flag value' lines")
 	)
 	fs.Var(&relays, "relay", "TURN relay URL, repeatable or comma-separated: turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT")
@@ -136,7 +148,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	if err := parse(fs, args, EnvPrefix); err != nil {
 		return nil, err
 	}
-	c := &Sidecar{Study: *study, PID: *pid, AuthKeyFile: *keyFile, AuthKey: *key, SOCKSAnyHost: *anyHost}
+	c := &Sidecar{Study: *study, PID: *pid, AuthKeyFile: *keyFile, AuthKey: *key, SOCKSAnyHost: *anyHost, AdminDebug: *adminDbg}
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
 	if c.Study == "" {
@@ -239,6 +251,8 @@ type Registry struct {
 	OIDCAudience string
 	OIDCJWKS     string
 	Members      string
+	// EntryTTL is how long an entry lives without a refresh from its party.
+	EntryTTL time.Duration
 }
 
 // ParseRegistry parses the arguments of `sfkit-proxy registry`.
@@ -255,6 +269,7 @@ func ParseRegistry(args []string, out io.Writer) (*Registry, error) {
 		audience = fs.String("oidc-audience", "", "the audience those tokens must carry: the registry URL parties use")
 		jwks     = fs.String("oidc-jwks", "", "the issuer's signing keys: a JWKS file or URL")
 		members  = fs.String("members", "", "members file: lines 'IDENTITY STUDY PID' (IDENTITY: the token's email, else sub)")
+		ttl      = fs.Duration("entry-ttl", DefaultEntryTTL, "drop a party's entry when it has not refreshed it for this long (parties refresh every minute)")
 		_        = fs.String("config", "", "config file of 'flag value' lines")
 	)
 	fs.Usage = Usage(fs, out, RegistryEnvPrefix, "sfkit-proxy registry [flags]\n\nRuns the reference registry that parties publish their addresses and keys to.")
@@ -262,7 +277,7 @@ func ParseRegistry(args []string, out io.Writer) (*Registry, error) {
 		return nil, err
 	}
 	c := &Registry{Listen: *listen, Tokens: *tokens, Data: *data, TLSCert: *cert, TLSKey: *key,
-		OIDCIssuer: *issuer, OIDCAudience: *audience, OIDCJWKS: *jwks, Members: *members}
+		OIDCIssuer: *issuer, OIDCAudience: *audience, OIDCJWKS: *jwks, Members: *members, EntryTTL: *ttl}
 	var errs []error
 	if c.Tokens == "" && c.OIDCIssuer == "" {
 		errs = append(errs, errors.New("--tokens is required (or --oidc-issuer with its flags): a file of 'TOKEN STUDY PID' lines"))
@@ -272,6 +287,9 @@ func ParseRegistry(args []string, out io.Writer) (*Registry, error) {
 	}
 	if c.Data == "" {
 		errs = append(errs, errors.New("--data is required: a directory for the registry's state"))
+	}
+	if c.EntryTTL < 2*PublishInterval {
+		errs = append(errs, fmt.Errorf("--entry-ttl %v is too short: parties refresh every %v, so use at least %v", c.EntryTTL, PublishInterval, 2*PublishInterval))
 	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		errs = append(errs, errors.New("--tls-cert and --tls-key go together"))

@@ -7,7 +7,6 @@ package quicmux
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -23,6 +22,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"sfkit-proxy/config"
 	"sfkit-proxy/stun"
 )
 
@@ -81,9 +81,15 @@ type Options struct {
 	PID    int
 	// Identity is this party's key and certificate (required).
 	Identity *Identity
-	// CheckKey authenticates connectivity checks sent to us (required, what
-	// we publish as check_key).
-	CheckKey string
+	// CheckKey authenticates connectivity checks with each peer (required;
+	// its public half is what we publish as check_key).
+	CheckKey *CheckKey
+	// Virtual is the virtual range (--peers-cidr); a peer's candidate inside
+	// it is ignored. Zero checks none.
+	Virtual netip.Prefix
+	// MaxStreams is how many tunnelled connections a peer may hold open to
+	// us at once; zero means 4096. Past it a Dial fails at once.
+	MaxStreams int
 	// AllowPort says which local ports peers may reach; nil allows none.
 	AllowPort func(port uint16) bool
 	// LocalHost is where accepted streams are dialled; zero means 127.0.0.1.
@@ -115,6 +121,9 @@ type Mux struct {
 	peers   map[int]*peer
 	changed chan struct{} // closed and replaced when any peer's state changes
 
+	quiet *quietLog // warnings that strangers can provoke
+	guard *handshakeGuard
+
 	wg    sync.WaitGroup // stream handlers and per-connection goroutines
 	count counters
 	bufs  bufferPool
@@ -127,17 +136,22 @@ type Mux struct {
 // Mux.mu.
 type peer struct {
 	pid          int
-	infoCh       chan struct{}       // a new info arrived
-	connCh       chan struct{}       // the accept loop installed a connection
-	checkCh      chan stun.Result    // answers to checks from the main socket
-	relayCheckCh chan stun.Result    // answers to checks from the relay
-	prflxCh      chan netip.AddrPort // addresses its valid checks came from
+	infoCh       chan struct{} // a new info arrived
+	connCh       chan struct{} // the accept loop installed a connection
+	answers      *answers      // answers to checks from the main socket
+	relayAnswers *answers      // answers to checks from the relay
 	cancel       context.CancelFunc
 	relaySending atomic.Bool // checks through the relay are being sent
 
-	info    PeerInfo
-	prflx   []netip.AddrPort // learned from its checks, newest last
-	link    *link            // the connection in use, nil when none
+	info PeerInfo
+	// key is the integrity key of checks with this peer ("" while its
+	// check key is unusable).
+	key string
+	// gone: its registry entry went away while a connection was live;
+	// the connection is kept until it ends.
+	gone    bool
+	prflx   map[netip.AddrPort]time.Time // learned from its checks: when last heard
+	link    *link                        // the connection in use, nil when none
 	state   string
 	lastErr string
 	traffic map[string]*traffic // by path kind
@@ -184,7 +198,7 @@ func QUICConfig(handshakeTimeout time.Duration) *quic.Config {
 
 // Listen opens the UDP socket on addr and the QUIC transport on it.
 func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
-	if opts.Identity == nil || opts.CheckKey == "" {
+	if opts.Identity == nil || opts.CheckKey == nil {
 		return nil, errors.New("quicmux: Identity and CheckKey are required")
 	}
 	if opts.Logger == nil {
@@ -205,6 +219,9 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 	if opts.RelayDelay == 0 {
 		opts.RelayDelay = 3 * time.Second
 	}
+	if opts.MaxStreams == 0 {
+		opts.MaxStreams = 4096
+	}
 	network := "udp4"
 	if addr.Addr().Is6() && !addr.Addr().Is4In6() {
 		network = "udp6"
@@ -216,9 +233,13 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 		}
 		return nil, fmt.Errorf("udp listen %v: %w", addr, err)
 	}
+	log := opts.Logger.With("component", "quicmux")
+	quiet := newQuietLog(log, time.Minute)
 	m := &Mux{
 		opts:    opts,
-		log:     opts.Logger.With("component", "quicmux"),
+		log:     log,
+		quiet:   quiet,
+		guard:   newHandshakeGuard(quiet),
 		pc:      pc,
 		updates: make(chan []PeerInfo, 1),
 		relayQ:  make(chan relayChecks, 64),
@@ -226,6 +247,7 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 		changed: make(chan struct{}),
 		qc:      QUICConfig(opts.DialTimeout),
 	}
+	m.qc.MaxIncomingStreams = int64(opts.MaxStreams)
 	if m.main, err = m.newEndpoint(pc, false, ""); err != nil {
 		pc.Close()
 		if opts.Relay != nil {
@@ -245,7 +267,8 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 
 // newEndpoint runs a QUIC transport and listener on conn.
 func (m *Mux) newEndpoint(conn net.PacketConn, relay bool, server string) (*endpoint, error) {
-	ep := &endpoint{relay: relay, server: server, conn: conn, tr: &quic.Transport{Conn: conn}}
+	ep := &endpoint{relay: relay, server: server, conn: conn, tr: &quic.Transport{Conn: conn,
+		VerifySourceAddress: m.guard.verifySource, ConnContext: m.guard.admit}}
 	ep.stun = stun.NewClient(ep.tr)
 	// Turn on the non-QUIC packet queue before anything is sent, so that no
 	// early STUN answer is dropped.
@@ -399,41 +422,95 @@ func (m *Mux) reconcile(ctx context.Context, infos []PeerInfo, bg *sync.WaitGrou
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, in := range infos {
-		if in.PID == m.opts.PID {
+		if in.PID == m.opts.PID || in.PID < 0 {
 			continue
 		}
 		seen[in.PID] = true
+		in = m.screen(in)
 		p := m.peers[in.PID]
 		if p == nil {
 			pctx, pcancel := context.WithCancel(ctx)
 			p = &peer{
 				pid: in.PID, info: in, state: StateConnecting, cancel: pcancel,
 				rates:  rates{start: time.Now(), last: time.Now()},
-				infoCh: make(chan struct{}, 1), connCh: make(chan struct{}, 1), checkCh: make(chan stun.Result, 64),
-				relayCheckCh: make(chan stun.Result, 64), prflxCh: make(chan netip.AddrPort, 8),
+				infoCh: make(chan struct{}, 1), connCh: make(chan struct{}, 1),
+				answers: newAnswers(), relayAnswers: newAnswers(), prflx: make(map[netip.AddrPort]time.Time),
 			}
+			m.setKeyLocked(p)
 			m.peers[in.PID] = p
 			m.log.Info("peer registered", "peer", in.PID, "candidates", in.Candidates)
 			bg.Go(func() { m.runPeer(pctx, p) })
 			continue
 		}
+		p.gone = false
 		if !samePeerInfo(p.info, in) {
 			p.info = in
+			m.setKeyLocked(p)
 			notify(p.infoCh)
 		}
 	}
 	for pid, p := range m.peers {
-		if seen[pid] {
+		if seen[pid] || p.gone {
+			continue
+		}
+		if p.link != nil && p.link.conn.Context().Err() == nil {
+			// An entry expires when its party cannot reach the registry,
+			// which says nothing of the path between us: a live
+			// connection is kept until it ends by itself.
+			m.log.Info("peer left the registry; keeping its live connection until it ends", "peer", pid)
+			p.gone = true
+			notify(p.infoCh)
 			continue
 		}
 		m.log.Info("peer left the registry", "peer", pid)
-		p.cancel()
-		if p.link != nil {
-			p.link.conn.CloseWithError(codeShutdown, "peer left the registry")
-		}
-		delete(m.peers, pid)
+		m.removeLocked(p)
 	}
 	m.broadcastLocked()
+}
+
+// removeLocked stops p and forgets it.
+func (m *Mux) removeLocked(p *peer) {
+	p.cancel()
+	if p.link != nil {
+		p.link.conn.CloseWithError(codeShutdown, "peer left the registry")
+	}
+	if m.peers[p.pid] == p {
+		delete(m.peers, p.pid)
+	}
+}
+
+// screen drops the candidates of in that no peer should send to (see
+// config.AddrPolicy), saying so, and keeps at most config.MaxCandidates.
+func (m *Mux) screen(in PeerInfo) PeerInfo {
+	pol := config.AddrPolicy{Loopback: m.LocalAddr().Addr().IsLoopback(), Virtual: m.opts.Virtual}
+	keep := func(as []netip.AddrPort) []netip.AddrPort {
+		var out []netip.AddrPort
+		for _, a := range as {
+			if err := pol.CheckCandidate(a); err != nil {
+				m.quiet.warn("candidate:"+strconv.Itoa(in.PID)+":"+a.String(), "ignoring a candidate the peer published", "peer", in.PID, "err", err)
+				continue
+			}
+			out = append(out, a)
+		}
+		return out
+	}
+	in.Candidates, in.Relays = keep(in.Candidates), keep(in.Relays)
+	if len(in.Candidates) > config.MaxCandidates {
+		m.quiet.warn("candidates:"+strconv.Itoa(in.PID), "peer published too many candidates; using the first ones", "peer", in.PID,
+			"published", len(in.Candidates), "max", config.MaxCandidates)
+		in.Candidates = in.Candidates[:config.MaxCandidates]
+	}
+	return in
+}
+
+// setKeyLocked derives the check key of the pair p and us.
+func (m *Mux) setKeyLocked(p *peer) {
+	key, err := m.opts.CheckKey.pairKey(m.opts.Study, m.opts.PID, p.pid, p.info.CheckKey)
+	if err != nil {
+		m.quiet.warn("checkkey:"+strconv.Itoa(p.pid), "peer published an unusable check key; no checks with it until it publishes a good one",
+			"peer", p.pid, "err", err)
+	}
+	p.key = key
 }
 
 func samePeerInfo(a, b PeerInfo) bool {
@@ -493,7 +570,8 @@ func checkUsername(study string, to, from int) string {
 }
 
 // answerCheck answers a peer's connectivity check if it carries our study,
-// our pid and integrity with our check key; anything else is ignored.
+// our pid and integrity with the key of the pair it claims to come from;
+// anything else is ignored. Only such a check teaches us an address.
 func (m *Mux) answerCheck(ep *endpoint, msg *stun.Message, from netip.AddrPort) {
 	study, rest, ok1 := strings.Cut(msg.Username, ":")
 	to, fromPID, ok2 := strings.Cut(rest, ":")
@@ -502,7 +580,18 @@ func (m *Mux) answerCheck(ep *endpoint, msg *stun.Message, from netip.AddrPort) 
 		m.log.Debug("ignoring stranger's binding request", "from", from)
 		return
 	}
-	resp := stun.Answer(msg, from, m.opts.CheckKey)
+	m.mu.Lock()
+	p := m.peers[pid]
+	key := ""
+	if p != nil {
+		key = p.key
+	}
+	m.mu.Unlock()
+	if key == "" {
+		m.log.Debug("ignoring check from a party we cannot check", "from", from, "peer", pid)
+		return
+	}
+	resp := stun.Answer(msg, from, key)
 	if resp == nil {
 		m.log.Debug("ignoring check with bad integrity", "from", from, "peer", pid)
 		return
@@ -510,14 +599,8 @@ func (m *Mux) answerCheck(ep *endpoint, msg *stun.Message, from netip.AddrPort) 
 	if _, err := ep.tr.WriteTo(resp, net.UDPAddrFromAddrPort(from)); err != nil {
 		m.log.Debug("check answer failed", "to", from, "err", err)
 	}
-	m.mu.Lock()
-	p := m.peers[pid]
-	m.mu.Unlock()
-	if p != nil {
-		select {
-		case p.prflxCh <- from:
-		default:
-		}
+	if !ep.relay {
+		m.learn(p, from)
 	}
 }
 
@@ -532,9 +615,9 @@ func (m *Mux) acceptLoop(ctx context.Context, ep *endpoint) error {
 			}
 			return fmt.Errorf("accept: %w", err)
 		}
-		pin := PinOf(conn.ConnectionState().TLS.PeerCertificates[0])
-		p := m.peerByPin(pin)
-		if p == nil {
+		cs := conn.ConnectionState().TLS
+		p, err := m.claimed(cs.ServerName, PinOf(cs.PeerCertificates[0]))
+		if err != nil {
 			m.count.acceptsRejected.Add(1)
 			conn.CloseWithError(codeRejected, "unknown peer")
 			continue
@@ -545,16 +628,47 @@ func (m *Mux) acceptLoop(ctx context.Context, ep *endpoint) error {
 	}
 }
 
-// peerByPin finds the peer with a lower pid than ours that published pin.
-func (m *Mux) peerByPin(pin string) *peer {
+// handshakeName is the TLS server name a dialer sends: who dials whom.
+// The acceptor checks the pin of the party it names, so a member can claim
+// only itself.
+func handshakeName(from, to int) string {
+	return "p" + strconv.Itoa(from) + ".to.p" + strconv.Itoa(to) + ".sfkit-proxy"
+}
+
+// parseHandshakeName reads a handshakeName; anything else is not ok.
+func parseHandshakeName(s string) (from, to int, ok bool) {
+	rest, ok1 := strings.CutSuffix(s, ".sfkit-proxy")
+	a, b, ok2 := strings.Cut(rest, ".to.")
+	num := func(s string) int {
+		n, err := strconv.Atoi(strings.TrimPrefix(s, "p"))
+		if err != nil || n < 0 || "p"+strconv.Itoa(n) != s {
+			return -1
+		}
+		return n
+	}
+	from, to = num(a), num(b)
+	return from, to, ok1 && ok2 && from >= 0 && to >= 0
+}
+
+// claimed finds the peer that a handshake's server name claims dialled us,
+// and checks that it dials (a lower pid) and holds that peer's pinned key.
+func (m *Mux) claimed(serverName, pin string) (*peer, error) {
+	from, to, ok := parseHandshakeName(serverName)
+	if !ok || to != m.opts.PID {
+		return nil, fmt.Errorf("handshake names no party dialling party %d (server name %q)", m.opts.PID, serverName)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for _, p := range m.peers {
-		if p.pid < m.opts.PID && p.info.Pin == pin {
-			return p
-		}
+	p := m.peers[from]
+	switch {
+	case p == nil:
+		return nil, fmt.Errorf("party %d is not in the registry", from)
+	case from >= m.opts.PID:
+		return nil, fmt.Errorf("party %d dialled, but the lower party id dials", from)
+	case p.info.Pin != pin:
+		return nil, fmt.Errorf("party %d presented key %s, but pinned is %s", from, pin, p.info.Pin)
 	}
-	return nil
+	return p, nil
 }
 
 func (m *Mux) baseTLS() *tls.Config {
@@ -572,10 +686,11 @@ func (m *Mux) serverTLS() *tls.Config {
 		if len(cs.PeerCertificates) == 0 {
 			return errors.New("peer sent no certificate")
 		}
-		if m.peerByPin(PinOf(cs.PeerCertificates[0])) == nil {
+		pin := PinOf(cs.PeerCertificates[0])
+		if _, err := m.claimed(cs.ServerName, pin); err != nil {
 			m.count.acceptsRejected.Add(1)
-			m.log.Warn("rejected handshake from unknown key", "pin", PinOf(cs.PeerCertificates[0]))
-			return errors.New("peer key is not pinned by any party of this study")
+			m.quiet.warn("reject:"+pin, "rejected handshake", "pin", pin, "err", err)
+			return err
 		}
 		return nil
 	}
@@ -584,7 +699,7 @@ func (m *Mux) serverTLS() *tls.Config {
 
 func (m *Mux) clientTLS(pid int, pin string) *tls.Config {
 	c := m.baseTLS()
-	c.ServerName = "party-" + strconv.Itoa(pid)
+	c.ServerName = handshakeName(m.opts.PID, pid)
 	// Chain verification is replaced by the pin check below; TLS 1.3 still
 	// proves that the peer holds the pinned key.
 	c.InsecureSkipVerify = true
@@ -598,9 +713,4 @@ func (m *Mux) clientTLS(pid int, pin string) *tls.Config {
 		return nil
 	}
 	return c
-}
-
-// NewCheckKey returns a random check key to publish.
-func NewCheckKey() string {
-	return rand.Text()
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 
 type testParty struct {
 	m    *Mux
+	key  *CheckKey
 	info PeerInfo
 	stop func()
 }
@@ -48,7 +50,7 @@ func startPartyWith(t testing.TB, pid int, id *Identity, allow func(uint16) bool
 	done := make(chan error, 1)
 	go func() { done <- m.Run(ctx) }()
 	stopped := false
-	p := &testParty{m: m, info: PeerInfo{PID: pid, Pin: id.Pin, CheckKey: key, Instance: NewCheckKey(), Candidates: m.HostCandidates()}}
+	p := &testParty{m: m, key: key, info: PeerInfo{PID: pid, Pin: id.Pin, CheckKey: key.Public(), Instance: NewInstance(), Candidates: m.HostCandidates()}}
 	p.stop = func() {
 		if stopped {
 			return
@@ -239,42 +241,85 @@ func TestPeerRestartIsReachedAgain(t *testing.T) {
 	roundTrip(t, b2.m, 0, echo, 100)
 }
 
-func TestStrangersChecksAreIgnored(t *testing.T) {
+// TestForgedChecksAreIgnored plays party 1 (which may check party 0) and
+// party 2, a member of the study that tries to pass its address off as
+// party 1's: every key it can compute or read fails, party 0 does not
+// answer, and learns no address for party 1 from it.
+func TestForgedChecksAreIgnored(t *testing.T) {
 	a := startParty(t, 0, nil, allowAll)
-	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
+	listen := func() *net.UDPConn {
+		pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { pc.Close() })
+		return pc
 	}
-	defer pc.Close()
+	one, two := listen(), listen()
+	k1, k2 := NewCheckKey(), NewCheckKey()
+	a.m.SetPeers([]PeerInfo{a.info,
+		{PID: 1, Pin: "pin-of-1", CheckKey: k1.Public(), Instance: "i1"},
+		{PID: 2, Pin: "pin-of-2", CheckKey: k2.Public(), Instance: "i2"}})
+	pair := func(k *CheckKey, self int, peerPub string) string {
+		key, err := k.pairKey("test", self, 0, peerPub)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return key
+	}
+	key01 := pair(k1, 1, a.info.CheckKey)
+	key02 := pair(k2, 2, a.info.CheckKey)
 	to := net.UDPAddrFromAddrPort(a.m.LocalAddr())
 	tests := []struct {
 		name string
 		pkt  []byte
 	}{
-		{"wrong key", stun.CheckRequest(stun.NewTxID(), "test:0:1", "not-the-check-key")},
-		{"wrong study", stun.CheckRequest(stun.NewTxID(), "other:0:1", a.info.CheckKey)},
+		{"party 2 as party 1, with its own pair key", stun.CheckRequest(stun.NewTxID(), "test:0:1", key02)},
+		{"party 2 as party 1, with party 1's published key", stun.CheckRequest(stun.NewTxID(), "test:0:1", k1.Public())},
+		{"party 2 as party 1, with party 0's published key", stun.CheckRequest(stun.NewTxID(), "test:0:1", a.info.CheckKey)},
+		{"wrong study", stun.CheckRequest(stun.NewTxID(), "other:0:1", key01)},
 		{"no integrity", stun.Request(stun.NewTxID())},
 		{"garbage", []byte{0, 1, 2, 3}},
 	}
-	for _, tt := range tests {
-		pc.WriteTo(tt.pkt, to)
-	}
-	// A valid check is answered, so the silence above is meaningful.
-	pc.WriteTo(stun.CheckRequest(stun.NewTxID(), "test:0:1", a.info.CheckKey), to)
-	pc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	waitKeys := time.Now().Add(5 * time.Second)
 	buf := make([]byte, 1500)
-	n, _, err := pc.ReadFrom(buf)
-	if err != nil {
-		t.Fatalf("valid check not answered: %v", err)
+	// A valid check from party 1 is answered (once the view has arrived),
+	// so the silence below is meaningful.
+	for {
+		one.WriteTo(stun.CheckRequest(stun.NewTxID(), "test:0:1", key01), to)
+		one.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		n, _, err := one.ReadFrom(buf)
+		if err == nil {
+			if m, err := stun.Parse(buf[:n]); err != nil || m.Verify(key01) != nil {
+				t.Fatalf("answer = %v, %v; want a response signed with the pair key", m, err)
+			}
+			break
+		}
+		if time.Now().After(waitKeys) {
+			t.Fatalf("valid check not answered: %v", err)
+		}
 	}
-	m, err := stun.Parse(buf[:n])
-	if err != nil || m.Verify(a.info.CheckKey) != nil {
-		t.Fatalf("answer = %v, %v; want a signed response", m, err)
+	for _, tt := range tests {
+		two.WriteTo(tt.pkt, to)
 	}
-	pc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-	if n, _, err := pc.ReadFrom(buf); err == nil {
-		t.Errorf("got a second answer (%d bytes); strangers' checks must be ignored", n)
+	two.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	if n, _, err := two.ReadFrom(buf); err == nil {
+		t.Errorf("a forged check got an answer (%d bytes); want silence", n)
 	}
+	targets := a.m.targets(peerOf(a.m, 1))
+	if forged := addrPortOf(two.LocalAddr()); slices.Contains(targets, forged) {
+		t.Errorf("party 0 learned party 2's address %v as party 1's", forged)
+	}
+	if !slices.Contains(targets, addrPortOf(one.LocalAddr())) {
+		t.Errorf("party 0 did not learn party 1's own address from its valid check")
+	}
+}
+
+// peerOf is m's state of party pid.
+func peerOf(m *Mux, pid int) *peer {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.peers[pid]
 }
 
 // waitGoroutines fails if the goroutine count does not return to base.

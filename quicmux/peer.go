@@ -12,6 +12,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"sfkit-proxy/config"
 	"sfkit-proxy/stun"
 )
 
@@ -21,6 +22,14 @@ func (m *Mux) runPeer(ctx context.Context, p *peer) {
 	for ctx.Err() == nil {
 		m.mu.Lock()
 		l, inst := p.link, p.info.Instance
+		if l == nil && p.gone {
+			// Its entry went away while connected; now the connection has too.
+			log.Info("peer left the registry")
+			m.removeLocked(p)
+			m.broadcastLocked()
+			m.mu.Unlock()
+			return
+		}
 		m.mu.Unlock()
 		if l == nil {
 			m.connect(ctx, p, log)
@@ -61,19 +70,19 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 				m.dropLink(p, l, errors.New("peer restarted"))
 			}
 			return
-		case ap := <-p.prflxCh:
-			m.learn(p, ap)
 		case <-directChecks:
 			m.sendChecks(p, false)
-		case r := <-p.checkCh:
-			m.count.checksAnswered.Add(1)
-			if directChecks == nil || m.opts.PID > p.pid || !m.isDirectTarget(p, r.From) {
-				continue
+		case <-p.answers.ready:
+			for _, r := range p.answers.take() {
+				m.count.checksAnswered.Add(1)
+				if directChecks == nil || m.opts.PID > p.pid || !m.isDirectTarget(p, r.From) {
+					continue
+				}
+				m.upgrade(ctx, p, l, r.From, log)
+				return
 			}
-			m.upgrade(ctx, p, l, r.From, log)
-			return
-		case <-p.relayCheckCh:
-			m.count.checksAnswered.Add(1)
+		case <-p.relayAnswers.ready:
+			m.count.checksAnswered.Add(uint64(len(p.relayAnswers.take())))
 		}
 	}
 }
@@ -135,16 +144,36 @@ func (m *Mux) migrate(ctx context.Context, l *link) error {
 	return nil
 }
 
-// learn remembers an address a peer's valid check came from.
+// Peer-reflexive addresses: how many are kept per peer, and how long one
+// is checked after the last check that came from it.
+const (
+	maxPrflx = 8
+	prflxTTL = time.Minute
+)
+
+// learn remembers an address an authenticated check of p came from: the
+// newest maxPrflx of them, each until it has been silent for prflxTTL.
 func (m *Mux) learn(p *peer, ap netip.AddrPort) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if slices.Contains(p.prflx, ap) {
+	if err := (config.AddrPolicy{Loopback: m.LocalAddr().Addr().IsLoopback(), Virtual: m.opts.Virtual}).CheckCandidate(ap); err != nil {
 		return
 	}
-	p.prflx = append(p.prflx, ap)
-	if len(p.prflx) > 8 {
-		p.prflx = p.prflx[1:]
+	now := time.Now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p.prflx[ap] = now
+	for a, t := range p.prflx {
+		if now.Sub(t) > prflxTTL {
+			delete(p.prflx, a)
+		}
+	}
+	for len(p.prflx) > maxPrflx {
+		oldest := ap
+		for a, t := range p.prflx {
+			if t.Before(p.prflx[oldest]) {
+				oldest = a
+			}
+		}
+		delete(p.prflx, oldest)
 	}
 }
 
@@ -164,23 +193,37 @@ func (m *Mux) connect(ctx context.Context, p *peer, log *slog.Logger) {
 	tick := time.NewTicker(m.opts.CheckInterval)
 	defer tick.Stop()
 	dialer := m.opts.PID < p.pid
-	// Answers to an earlier round may still be queued; their paths may be gone.
-	for len(p.checkCh) > 0 {
-		<-p.checkCh
-	}
-	for len(p.relayCheckCh) > 0 {
-		<-p.relayCheckCh
-	}
+	// Answers to an earlier round may still be held; their paths may be gone.
+	p.answers.take()
+	p.relayAnswers.take()
 	start := time.Now()
 	warned := false
 	var relayed *pair
+	// A pair whose dial failed waits before the next dial, 250 ms doubling
+	// to 8 s: checks may answer many times a second, and every handshake
+	// costs both sides (and counts against the peer's per-source limit).
+	type failures struct {
+		n    int
+		next time.Time
+	}
+	failed := make(map[pair]*failures)
 	try := func(pr pair) bool {
+		if f := failed[pr]; f != nil && time.Now().Before(f.next) {
+			return false
+		}
 		conn, err := m.dial(ctx, p, pr.ep, pr.to)
 		if err != nil {
 			if ctx.Err() == nil {
 				m.count.dialsFailed.Add(1)
 				log.Debug("dial peer failed", "addr", pr.to, "relay", pr.ep.relay, "err", err)
 				m.setErr(p, err)
+				f := failed[pr]
+				if f == nil {
+					f = &failures{}
+					failed[pr] = f
+				}
+				f.next = time.Now().Add(min(250*time.Millisecond<<f.n, 8*time.Second))
+				f.n = min(f.n+1, 6)
 			}
 			return false
 		}
@@ -196,8 +239,6 @@ func (m *Mux) connect(ctx context.Context, p *peer, log *slog.Logger) {
 		case <-p.connCh:
 			return
 		case <-p.infoCh:
-		case ap := <-p.prflxCh:
-			m.learn(p, ap)
 		case <-tick.C:
 			if dialer && relayed != nil && time.Since(start) >= m.opts.RelayDelay {
 				if try(*relayed) {
@@ -216,24 +257,30 @@ func (m *Mux) connect(ctx context.Context, p *peer, log *slog.Logger) {
 				m.mu.Unlock()
 				log.Warn("no path to peer yet; still trying", "after", time.Since(start).Round(time.Second), "last_err", lastErr)
 			}
-		case r := <-p.checkCh:
-			m.count.checksAnswered.Add(1)
-			if !dialer || !slices.Contains(m.targets(p), r.From) {
-				continue
-			}
-			if !m.isRelayCandidate(p, r.From) {
-				if try(pair{m.main, r.From}) {
-					return
+		case <-p.answers.ready:
+			// Newest first: after a burst, what answered last is likeliest
+			// to work.
+			for _, r := range p.answers.take() {
+				m.count.checksAnswered.Add(1)
+				if !dialer || !slices.Contains(m.targets(p), r.From) {
+					continue
 				}
-				continue
+				if !m.isRelayCandidate(p, r.From) {
+					if try(pair{m.main, r.From}) {
+						return
+					}
+					continue
+				}
+				if relayed == nil {
+					relayed = &pair{m.main, r.From}
+				}
 			}
-			if relayed == nil {
-				relayed = &pair{m.main, r.From}
-			}
-		case r := <-p.relayCheckCh:
-			m.count.checksAnswered.Add(1)
-			if dialer && slices.Contains(m.targets(p), r.From) && (relayed == nil || !relayed.ep.relay) {
-				relayed = &pair{m.relay, r.From}
+		case <-p.relayAnswers.ready:
+			for _, r := range p.relayAnswers.take() {
+				m.count.checksAnswered.Add(1)
+				if dialer && slices.Contains(m.targets(p), r.From) && (relayed == nil || !relayed.ep.relay) {
+					relayed = &pair{m.relay, r.From}
+				}
 			}
 		}
 	}
@@ -250,14 +297,17 @@ func (m *Mux) setErr(p *peer, err error) {
 // relay may first have to install permissions).
 func (m *Mux) sendChecks(p *peer, relay bool) {
 	m.mu.Lock()
-	key := p.info.CheckKey
+	key := p.key
 	m.mu.Unlock()
+	if key == "" {
+		return
+	}
 	user := checkUsername(m.opts.Study, p.pid, m.opts.PID)
 	targets := m.targets(p)
-	send := func(ep *endpoint, out chan<- stun.Result, to []netip.AddrPort) {
+	send := func(ep *endpoint, out *answers, to []netip.AddrPort) {
 		for _, t := range to {
 			tx := stun.NewTxID()
-			if err := ep.stun.Send(t, stun.CheckRequest(tx, user, key), tx, key, out); err != nil {
+			if err := ep.stun.Send(t, stun.CheckRequest(tx, user, key), tx, key, out.put); err != nil {
 				m.log.Debug("check not sent", "peer", p.pid, "to", t, "relay", ep.relay, "err", err)
 				continue
 			}
@@ -265,11 +315,11 @@ func (m *Mux) sendChecks(p *peer, relay bool) {
 		}
 	}
 	if !m.blockDirect.Load() {
-		send(m.main, p.checkCh, targets)
+		send(m.main, p.answers, targets)
 	}
 	if relay && m.relay != nil && p.relaySending.CompareAndSwap(false, true) {
 		select {
-		case m.relayQ <- relayChecks{p, func() { send(m.relay, p.relayCheckCh, m.relayTargets(p, targets)) }}:
+		case m.relayQ <- relayChecks{p, func() { send(m.relay, p.relayAnswers, m.relayTargets(p, targets)) }}:
 		default:
 			p.relaySending.Store(false)
 		}
@@ -327,10 +377,16 @@ func (m *Mux) relaySender(ctx context.Context) error {
 }
 
 // targets are the addresses to check for p: its published candidates and
-// the addresses its own checks came from, of our socket's family.
+// the addresses its own checks came from lately, of our socket's family.
 func (m *Mux) targets(p *peer) []netip.AddrPort {
+	now := time.Now()
 	m.mu.Lock()
-	all := append(slices.Clone(p.info.Candidates), p.prflx...)
+	all := slices.Clone(p.info.Candidates)
+	for a, t := range p.prflx {
+		if now.Sub(t) <= prflxTTL {
+			all = append(all, a)
+		}
+	}
 	m.mu.Unlock()
 	v4 := m.LocalAddr().Addr().Is4()
 	all = slices.DeleteFunc(all, func(a netip.AddrPort) bool { return a.Addr().Is4() != v4 })

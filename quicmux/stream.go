@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -20,6 +21,9 @@ import (
 var (
 	ErrUnknownPeer = errors.New("party is not in the registry")
 	ErrNoPath      = errors.New("no path to party yet")
+	// ErrTooManyConns carries "refused" in its text, so that go-socks5
+	// answers "connection refused" at once.
+	ErrTooManyConns = errors.New("too many open tunnelled connections to this party: connection refused until some close")
 )
 
 // Dial opens a tunnelled TCP connection to port on party pid's loopback. It
@@ -66,6 +70,11 @@ func (m *Mux) open(ctx context.Context, pid int, k Kind, port uint16) (*quic.Str
 		if err == nil {
 			return str, l, m.linkKind(p, l), nil
 		}
+		if errors.Is(err, ErrTooManyConns) {
+			m.quiet.warn("streams:"+strconv.Itoa(pid), "refusing a tunnelled connection: the peer's limit of open connections is reached",
+				"peer", pid, "port", port, "limit", m.opts.MaxStreams)
+			return nil, nil, "", fmt.Errorf("party %d port %d: %w", pid, port, err)
+		}
 		if !connectionDead(l.conn, err) || ctx.Err() != nil || attempt == 2 {
 			return nil, nil, "", fmt.Errorf("party %d port %d: %w", pid, port, err)
 		}
@@ -87,9 +96,15 @@ func connectionDead(conn *quic.Conn, err error) bool {
 		errors.As(err, &reset) || errors.As(err, &trans)
 }
 
+// openStream opens a stream and exchanges the header and reply. It does not
+// wait for the peer to allow more streams: past the limit it fails at once
+// with ErrTooManyConns.
 func openStream(ctx context.Context, conn *quic.Conn, k Kind, port uint16) (*quic.Stream, error) {
-	str, err := conn.OpenStreamSync(ctx)
+	str, err := conn.OpenStream()
 	if err != nil {
+		if _, ok := errors.AsType[*quic.StreamLimitReachedError](err); ok {
+			return nil, ErrTooManyConns
+		}
 		return nil, fmt.Errorf("open stream: %w", err)
 	}
 	if dl, ok := ctx.Deadline(); ok {
@@ -371,7 +386,7 @@ type StreamConn struct {
 	start         time.Time
 	log           *slog.Logger
 	sent, recv    atomic.Uint64
-	readErr       atomic.Value // first non-EOF read error, for the close log
+	readErr       atomic.Pointer[error] // first non-EOF read error, for the close log
 	closed        atomic.Bool
 }
 
@@ -380,7 +395,7 @@ func (c *StreamConn) Read(b []byte) (int, error) {
 	c.recv.Add(uint64(n))
 	c.l.tr.recv.Add(uint64(n))
 	if err != nil && err != io.EOF {
-		c.readErr.CompareAndSwap(nil, err)
+		c.readErr.CompareAndSwap(nil, &err)
 	}
 	return n, err
 }
@@ -401,6 +416,18 @@ func (c *StreamConn) ReadFrom(r io.Reader) (int64, error) {
 // writerOnly hides ReadFrom, so that copyAdaptive writes.
 type writerOnly struct{ io.Writer }
 
+// errReset is the read error a StreamConn logs when it was reset here.
+var errReset = errors.New("reset by the local client")
+
+// Reset ends both directions abruptly: the peer's local connection is
+// reset, never closed as if complete.
+func (c *StreamConn) Reset() error {
+	c.readErr.CompareAndSwap(nil, &errReset)
+	c.str.CancelWrite(codeStreamAbort)
+	c.str.CancelRead(codeStreamAbort)
+	return nil
+}
+
 // CloseWrite half-closes: the peer's local connection reads EOF.
 func (c *StreamConn) CloseWrite() error { return c.str.Close() }
 
@@ -411,7 +438,10 @@ func (c *StreamConn) Close() error {
 	if c.closed.CompareAndSwap(false, true) {
 		c.l.tr.open.Add(-1)
 		c.l.open.Add(-1)
-		rerr, _ := c.readErr.Load().(error)
+		var rerr error
+		if p := c.readErr.Load(); p != nil {
+			rerr = *p
+		}
 		logClosed(c.log, c.start, c.sent.Load(), c.recv.Load(), rerr)
 	}
 	return err

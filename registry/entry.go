@@ -34,14 +34,17 @@ type Entry struct {
 	// Pin is the unpadded base64url SHA-256 of the party's certificate
 	// SubjectPublicKeyInfo; peers accept only that key.
 	Pin string `json:"pin"`
-	// CheckKey keys the integrity of connectivity checks sent to this party.
+	// CheckKey is the public half of the party's X25519 check key
+	// (unpadded base64url): checks between two parties carry integrity
+	// under a key derived from both parties' check keys.
 	CheckKey string `json:"check_key"`
 	// Instance changes whenever the party restarts.
 	Instance   string      `json:"instance"`
 	Candidates []Candidate `json:"candidates"`
 	NAT        string      `json:"nat,omitempty"`
 	AllowPorts string      `json:"allow_ports,omitempty"`
-	// Updated is set by the server.
+	// Updated is set by the server whenever the party publishes, changed
+	// or not: an entry whose party stopped refreshing it goes stale.
 	Updated time.Time `json:"updated"`
 }
 
@@ -49,13 +52,27 @@ type Entry struct {
 type List struct {
 	Version uint64  `json:"version"`
 	Parties []Entry `json:"parties"`
+	// Now is the server's clock when it answered, to judge Updated by.
+	Now time.Time `json:"now,omitzero"`
 }
 
-// Limits on what an entry may hold.
-const (
-	MaxBody       = 16 << 10
-	maxCandidates = 32
-)
+// Fresh returns the entries that their parties refreshed within ttl, by
+// the server's clock (all of them when the server does not tell its time).
+func (l List) Fresh(ttl time.Duration) []Entry {
+	if l.Now.IsZero() {
+		return l.Parties
+	}
+	var out []Entry
+	for _, e := range l.Parties {
+		if l.Now.Sub(e.Updated) <= ttl {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// MaxBody limits what an entry's JSON may weigh.
+const MaxBody = 16 << 10
 
 // Validate reports the first thing wrong with e, in words a client can act on.
 func (e *Entry) Validate() error {
@@ -65,14 +82,14 @@ func (e *Entry) Validate() error {
 	if b, err := base64.RawURLEncoding.DecodeString(e.Pin); err != nil || len(b) != 32 {
 		return errors.New("pin must be the unpadded base64url SHA-256 of the key (43 characters)")
 	}
-	if len(e.CheckKey) < 16 || len(e.CheckKey) > 128 || !printable(e.CheckKey) {
-		return errors.New("check_key must be 16 to 128 printable ASCII characters")
+	if b, err := base64.RawURLEncoding.DecodeString(e.CheckKey); err != nil || len(b) != 32 {
+		return errors.New("check_key must be the unpadded base64url X25519 public key (43 characters)")
 	}
 	if len(e.Instance) == 0 || len(e.Instance) > 64 || !printable(e.Instance) {
 		return errors.New("instance must be 1 to 64 printable ASCII characters")
 	}
-	if len(e.Candidates) > maxCandidates {
-		return fmt.Errorf("at most %d candidates", maxCandidates)
+	if len(e.Candidates) > config.MaxCandidates {
+		return fmt.Errorf("at most %d candidates", config.MaxCandidates)
 	}
 	for i, c := range e.Candidates {
 		switch c.Kind {
@@ -93,6 +110,16 @@ func (e *Entry) Validate() error {
 		}
 		if _, err := config.ParsePorts(e.AllowPorts); err != nil {
 			return fmt.Errorf("allow_ports: %v", err)
+		}
+	}
+	return nil
+}
+
+// CheckAddrs reports the first candidate that p refuses.
+func (e *Entry) CheckAddrs(p config.AddrPolicy) error {
+	for i, c := range e.Candidates {
+		if err := p.CheckCandidate(c.Addr); err != nil {
+			return fmt.Errorf("candidates[%d].addr %w", i, err)
 		}
 	}
 	return nil

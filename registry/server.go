@@ -106,6 +106,15 @@ type ServerOptions struct {
 	Rate float64
 	// OIDC, if set, also accepts cloud identity tokens.
 	OIDC *OIDC
+	// Addrs says which candidates are refused; the zero policy refuses
+	// loopback and allows every range. Set Loopback only where every party
+	// runs on the registry's machine.
+	Addrs config.AddrPolicy
+	// EntryTTL is how long an entry lives without a refresh; zero means
+	// config.DefaultEntryTTL.
+	EntryTTL time.Duration
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
 }
 
 // Server is the reference registry: an http.Handler.
@@ -133,6 +142,12 @@ func NewServer(opts ServerOptions) (*Server, error) {
 	if opts.Rate == 0 {
 		opts.Rate = 20
 	}
+	if opts.EntryTTL == 0 {
+		opts.EntryTTL = config.DefaultEntryTTL
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -150,6 +165,15 @@ func NewServer(opts ServerOptions) (*Server, error) {
 		default:
 			if err := json.Unmarshal(b, &s.studies); err != nil {
 				return nil, fmt.Errorf("registry state %s is corrupt: %w (move it away to start empty)", s.statePath(), err)
+			}
+			// Parties could not refresh while the registry was down: give
+			// every entry a full TTL from now.
+			now := opts.Now().UTC()
+			for _, st := range s.studies {
+				for pid, e := range st.Parties {
+					e.Updated = now
+					st.Parties[pid] = e
+				}
 			}
 		}
 	}
@@ -255,18 +279,31 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, "pid in body differs from pid in path")
 		return
 	}
-	e.Updated = time.Now().UTC()
+	if err := e.CheckAddrs(s.opts.Addrs); err != nil {
+		httpError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	e.Updated = s.opts.Now().UTC()
+	var holder = -1
 	if err := s.update(g.Study, func(st *study) bool {
-		old, had := st.Parties[g.PID]
-		old.Updated = e.Updated
-		if had && equalEntry(old, e) {
-			return false
+		for pid, o := range st.Parties {
+			if pid != g.PID && o.Pin == e.Pin {
+				holder = pid
+				return false
+			}
 		}
-		st.Parties[g.PID] = e
-		return true
+		old, had := st.Parties[g.PID]
+		st.Parties[g.PID] = e // a refresh: Updated is new either way
+		old.Updated = e.Updated
+		return !had || !equalEntry(old, e)
 	}); err != nil {
 		s.log.Error("registry state not saved", "err", err)
 		httpError(w, http.StatusInternalServerError, "state not saved")
+		return
+	}
+	if holder >= 0 {
+		s.log.Warn("party published another party's pin", "study", g.Study, "pid", g.PID, "holder", holder)
+		httpError(w, http.StatusConflict, fmt.Sprintf("pin is already published by party %d of this study: each party needs its own identity key (its own --state-dir)", holder))
 		return
 	}
 	s.log.Debug("party published", "study", g.Study, "pid", g.PID)
@@ -296,8 +333,9 @@ func (s *Server) delete(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// update applies f to the study under the lock; when f reports a change it
-// bumps the version, saves and wakes long polls.
+// update applies f to the study under the lock, after dropping expired
+// entries; when anything changed it bumps the version, saves and wakes
+// long polls.
 func (s *Server) update(name string, f func(*study) bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -306,13 +344,45 @@ func (s *Server) update(name string, f func(*study) bool) error {
 		st = &study{Parties: make(map[int]Entry)}
 		s.studies[name] = st
 	}
-	if !f(st) {
+	expired := s.expireLocked(name, st)
+	if !f(st) && !expired {
 		return nil
 	}
+	return s.changedLocked(st)
+}
+
+func (s *Server) changedLocked(st *study) error {
 	st.Version++
 	close(s.changed)
 	s.changed = make(chan struct{})
 	return s.saveLocked()
+}
+
+// expireLocked drops the entries of st not refreshed within the TTL: their
+// sidecars were killed, or lost the registry for good. It reports whether
+// it dropped any.
+func (s *Server) expireLocked(name string, st *study) bool {
+	now := s.opts.Now()
+	dropped := false
+	for pid, e := range st.Parties {
+		if now.Sub(e.Updated) > s.opts.EntryTTL {
+			s.log.Info("party entry expired", "study", name, "pid", pid, "last_seen", e.Updated)
+			delete(st.Parties, pid)
+			dropped = true
+		}
+	}
+	return dropped
+}
+
+// nextExpiryLocked is when the first entry of st expires; zero for none.
+func (s *Server) nextExpiryLocked(st *study) time.Time {
+	var next time.Time
+	for _, e := range st.Parties {
+		if t := e.Updated.Add(s.opts.EntryTTL); next.IsZero() || t.Before(next) {
+			next = t
+		}
+	}
+	return next
 }
 
 func (s *Server) saveLocked() error {
@@ -365,12 +435,19 @@ func (s *Server) list(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	for {
 		s.mu.Lock()
-		l := List{Parties: []Entry{}}
+		l := List{Parties: []Entry{}, Now: s.opts.Now().UTC()}
+		var expiry time.Time
 		if st := s.studies[g.Study]; st != nil {
+			if s.expireLocked(g.Study, st) {
+				if err := s.changedLocked(st); err != nil {
+					s.log.Error("registry state not saved", "err", err)
+				}
+			}
 			l.Version = st.Version
 			for _, pid := range slices.Sorted(maps.Keys(st.Parties)) {
 				l.Parties = append(l.Parties, st.Parties[pid])
 			}
+			expiry = s.nextExpiryLocked(st)
 		}
 		changed := s.changed
 		s.mu.Unlock()
@@ -379,10 +456,21 @@ func (s *Server) list(w http.ResponseWriter, r *http.Request) {
 			json.NewEncoder(w).Encode(l)
 			return
 		}
+		// Wake when an entry expires, too: a killed party's peers learn
+		// of it without anyone else publishing.
+		var expires <-chan time.Time
+		t := time.NewTimer(0)
+		t.Stop()
+		if !expiry.IsZero() {
+			t.Reset(max(expiry.Sub(l.Now), 0) + 10*time.Millisecond)
+			expires = t.C
+		}
 		select {
 		case <-changed:
+		case <-expires:
 		case <-ctx.Done():
 			wait = 0 // answer with what there is
 		}
+		t.Stop()
 	}
 }

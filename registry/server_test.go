@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -12,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"sfkit-proxy/config"
 )
 
 var testTokens = `# token study pid
@@ -21,12 +24,19 @@ tok-study-b-party-0 B 0
 `
 
 func newTestServer(t *testing.T, dir string) *httptest.Server {
+	return newTestServerWith(t, ServerOptions{DataDir: dir})
+}
+
+// newTestServerWith serves the test tokens with opts (Grants, MaxWait and
+// Rate are set here).
+func newTestServerWith(t *testing.T, opts ServerOptions) *httptest.Server {
 	t.Helper()
 	g, err := ParseTokens(bufio.NewScanner(strings.NewReader(testTokens)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := NewServer(ServerOptions{Grants: g, DataDir: dir, MaxWait: 5 * time.Second, Rate: 1000})
+	opts.Grants, opts.MaxWait, opts.Rate = g, 5*time.Second, 1000
+	s, err := NewServer(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +51,7 @@ func client(ts *httptest.Server, study string, pid int, tok string) *Client {
 }
 
 func entry(pid int) Entry {
-	return Entry{PID: pid, Pin: strings.Repeat("A", 43), CheckKey: "0123456789abcdef", Instance: "i1",
+	return Entry{PID: pid, Pin: fmt.Sprintf("%043d", pid), CheckKey: strings.Repeat("C", 43), Instance: "i1",
 		Candidates: []Candidate{{Kind: KindSrflx, Addr: netip.MustParseAddrPort("203.0.113.5:4000")}}, AllowPorts: "8000-8100"}
 }
 
@@ -104,9 +114,9 @@ func TestBadBodies(t *testing.T) {
 	}{
 		{"not json", "hello", 400, "bad json"},
 		{"unknown field", `{"pid":0,"bogus":1}`, 400, "unknown field"},
-		{"bad pin", `{"pid":0,"pin":"x","check_key":"0123456789abcdef","instance":"i"}`, 400, "pin"},
-		{"bad candidate", `{"pid":0,"pin":"` + strings.Repeat("A", 43) + `","check_key":"0123456789abcdef","instance":"i","candidates":[{"kind":"host","addr":"0.0.0.0:0"}]}`, 400, "candidates[0]"},
-		{"pid mismatch", `{"pid":1,"pin":"` + strings.Repeat("A", 43) + `","check_key":"0123456789abcdef","instance":"i"}`, 400, "differs"},
+		{"bad pin", `{"pid":0,"pin":"x","check_key":"` + strings.Repeat("C", 43) + `","instance":"i"}`, 400, "pin"},
+		{"bad candidate", `{"pid":0,"pin":"` + strings.Repeat("A", 43) + `","check_key":"` + strings.Repeat("C", 43) + `","instance":"i","candidates":[{"kind":"host","addr":"0.0.0.0:0"}]}`, 400, "candidates[0]"},
+		{"pid mismatch", `{"pid":1,"pin":"` + strings.Repeat("A", 43) + `","check_key":"` + strings.Repeat("C", 43) + `","instance":"i"}`, 400, "differs"},
 		{"too big", big, 413, "body over"},
 	}
 	for _, tt := range tests {
@@ -261,5 +271,110 @@ func TestRateLimitIsPerParty(t *testing.T) {
 	}
 	if _, err := client(ts, "A", 1, "tok-study-a-party-1").List(ctx, 0, 0); err != nil {
 		t.Errorf("another party's request = %v; want it unaffected", err)
+	}
+}
+
+// TestPinIsOwnedByOneParty: a member that publishes another party's pin is
+// refused, and the holder's entry stands.
+func TestPinIsOwnedByOneParty(t *testing.T) {
+	ts := newTestServer(t, "")
+	ctx := context.Background()
+	c0 := client(ts, "A", 0, "tok-study-a-party-0")
+	c1 := client(ts, "A", 1, "tok-study-a-party-1")
+	if err := c1.Publish(ctx, entry(1)); err != nil {
+		t.Fatal(err)
+	}
+	borrowed := entry(0)
+	borrowed.Pin = entry(1).Pin
+	err := c0.Publish(ctx, borrowed)
+	if statusOf(err) != http.StatusConflict || !strings.Contains(err.Error(), "party 1") {
+		t.Fatalf("publish of party 1's pin by party 0 = %v; want 409 naming party 1", err)
+	}
+	l, _ := c1.List(ctx, 0, 0)
+	if len(l.Parties) != 1 || l.Parties[0].PID != 1 {
+		t.Errorf("entries = %+v; want party 1's alone", l.Parties)
+	}
+	// Its own pin is fine, and so is publishing again.
+	for range 2 {
+		if err := c0.Publish(ctx, entry(0)); err != nil {
+			t.Errorf("publish own pin = %v", err)
+		}
+	}
+}
+
+// TestDangerousCandidatesAreRefused: addresses that would turn peers'
+// checks against their own machine or network are a 400.
+func TestDangerousCandidatesAreRefused(t *testing.T) {
+	ts := newTestServerWith(t, ServerOptions{Addrs: config.AddrPolicy{Virtual: netip.MustParsePrefix(config.DefaultPeersCIDR)}})
+	c0 := client(ts, "A", 0, "tok-study-a-party-0")
+	for _, addr := range []string{"127.0.0.1:4000", "[::1]:4000", "0.0.0.0:4000", "224.0.0.1:4000", "255.255.255.255:4000",
+		"169.254.169.254:80", "[fe80::1]:4000", "[ff02::1]:4000", "10.0.0.5:4000", "198.51.100.7:0"} {
+		t.Run(addr, func(t *testing.T) {
+			e := entry(0)
+			e.Candidates = append(e.Candidates, Candidate{Kind: KindHost, Addr: netip.MustParseAddrPort(addr)})
+			if err := c0.Publish(context.Background(), e); statusOf(err) != http.StatusBadRequest || !strings.Contains(err.Error(), "candidates[1]") {
+				t.Errorf("publish with candidate %s = %v; want 400 naming candidates[1]", addr, err)
+			}
+		})
+	}
+	e := entry(0)
+	e.Candidates = append(e.Candidates, Candidate{Kind: KindHost, Addr: netip.MustParseAddrPort("192.168.1.20:4000")})
+	if err := c0.Publish(context.Background(), e); err != nil {
+		t.Errorf("publish with a LAN candidate = %v; want success", err)
+	}
+	// A registry on loopback (the demo) takes loopback candidates.
+	lo := newTestServerWith(t, ServerOptions{Addrs: config.AddrPolicy{Loopback: true}})
+	e.Candidates = []Candidate{{Kind: KindHost, Addr: netip.MustParseAddrPort("127.0.0.1:4000")}}
+	if err := client(lo, "A", 0, "tok-study-a-party-0").Publish(context.Background(), e); err != nil {
+		t.Errorf("loopback candidate on a loopback registry = %v; want success", err)
+	}
+}
+
+// TestStaleEntriesExpire: an entry whose party stops refreshing it goes
+// away after the TTL, waking long polls; a refreshed one stays.
+func TestStaleEntriesExpire(t *testing.T) {
+	const ttl = 600 * time.Millisecond
+	ts := newTestServerWith(t, ServerOptions{EntryTTL: ttl})
+	ctx := context.Background()
+	c0 := client(ts, "A", 0, "tok-study-a-party-0")
+	c1 := client(ts, "A", 1, "tok-study-a-party-1")
+	for _, c := range []*Client{c0, c1} {
+		if err := c.Publish(ctx, entry(c.PID)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, err := c0.List(ctx, 0, 0)
+	if err != nil || len(l.Parties) != 2 || l.Now.IsZero() {
+		t.Fatalf("List = %+v, %v; want 2 parties and the server's time", l, err)
+	}
+	// Party 0 keeps refreshing (same entry) while a long poll waits; party 1
+	// was killed.
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(ttl / 4):
+				c0.Publish(ctx, entry(0))
+			}
+		}
+	}()
+	start := time.Now()
+	l2, err := c0.List(ctx, l.Version, 5*time.Second)
+	close(stop)
+	<-done
+	if err != nil || len(l2.Parties) != 1 || l2.Parties[0].PID != 0 || l2.Version == l.Version {
+		t.Fatalf("long poll = %+v, %v; want party 0 alone at a new version", l2, err)
+	}
+	if waited := time.Since(start); waited < ttl/2 {
+		t.Errorf("party 1 expired after %v; want about %v", waited, ttl)
+	}
+	// Clients judge freshness by the server's clock, too.
+	old := List{Now: time.Now(), Parties: []Entry{{PID: 0, Updated: time.Now().Add(-time.Minute)}, {PID: 1, Updated: time.Now()}}}
+	if f := old.Fresh(30 * time.Second); len(f) != 1 || f[0].PID != 1 {
+		t.Errorf("Fresh = %+v; want party 1 alone", f)
 	}
 }

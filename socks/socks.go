@@ -21,10 +21,14 @@ import (
 	"sfkit-proxy/config"
 )
 
-// Conn is what a peer dial returns: a connection that can half-close.
+// Conn is what a peer dial returns: a connection that can half-close, and
+// reset.
 type Conn interface {
 	net.Conn
 	CloseWrite() error
+	// Reset ends both directions abruptly: the far end sees a reset, not
+	// an end of stream.
+	Reset() error
 }
 
 // Options configure a Server. Zero values are documented per field.
@@ -127,8 +131,10 @@ func (s *Server) serveConn(c net.Conn) {
 	srv, err := socks5.New(&socks5.Config{
 		Resolver: keepNames{},
 		Rules:    rules{s: s, c: c},
-		Dial:     s.dial,
-		Logger:   slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return s.dial(ctx, c, network, addr)
+		},
+		Logger: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	})
 	if err != nil {
 		s.log.Error("socks server setup failed", "err", err)
@@ -175,6 +181,11 @@ func (r rules) Allow(ctx context.Context, req *socks5.Request) (context.Context,
 	}
 	pid, isPeer := r.s.peerOf(host)
 	switch {
+	case host == "":
+		// A zero-length name would dial the empty host: this machine.
+		r.s.log.Info("refused: empty destination name in SOCKS request", "port", req.DestAddr.Port)
+		r.s.report(":"+strconv.Itoa(req.DestAddr.Port), -1, ErrEmptyName)
+		return ctx, false
 	case isPeer && r.s.opts.PeerAllows != nil && pid != r.s.opts.Self && !r.s.opts.PeerAllows(pid, uint16(req.DestAddr.Port)):
 		r.s.log.Info("refused: port not allowed by peer", "peer", pid, "port", req.DestAddr.Port)
 		r.s.report(req.DestAddr.Address(), pid, ErrNotAllowed)
@@ -191,6 +202,7 @@ func (r rules) Allow(ctx context.Context, req *socks5.Request) (context.Context,
 var (
 	ErrNotAllowed   = errors.New("port not allowed by peer")
 	ErrDirectDenied = errors.New("direct destinations denied")
+	ErrEmptyName    = errors.New("empty destination name")
 )
 
 func (s *Server) report(dest string, pid int, err error) {
@@ -208,7 +220,9 @@ func (s *Server) peerOf(host string) (int, bool) {
 	return config.PIDOf(s.opts.Peers, a)
 }
 
-func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+// dial reaches addr for client: through the tunnel for a peer, directly
+// otherwise. What it returns is what go-socks5 copies to and from.
+func (s *Server) dial(ctx context.Context, client net.Conn, network, addr string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.opts.DialTimeout)
 	defer cancel()
 	host, portStr, err := net.SplitHostPort(addr)
@@ -230,8 +244,10 @@ func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, erro
 		s.report(addr, -1, err)
 		if err != nil {
 			s.log.Debug("direct dial failed", "dest", addr, "err", err)
+			return nil, err
 		}
-		return c, err
+		tc := c.(*net.TCPConn)
+		return &pipeConn{Conn: tcpConn{tc}, client: client, local: tc.LocalAddr().(*net.TCPAddr), remote: tc.RemoteAddr().(*net.TCPAddr)}, nil
 	}
 	c, err := s.opts.DialPeer(ctx, pid, uint16(port))
 	s.report(addr, pid, err)
@@ -240,23 +256,59 @@ func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, erro
 		return nil, err
 	}
 	local := &net.TCPAddr{IP: config.VirtualAddr(s.opts.Peers, s.opts.Self).AsSlice()}
-	return &tunnelConn{Conn: c, local: local, remote: &net.TCPAddr{IP: net.ParseIP(host), Port: int(port)}}, nil
+	return &pipeConn{Conn: c, client: client, local: local, remote: &net.TCPAddr{IP: net.ParseIP(host), Port: int(port)}}, nil
 }
 
-// tunnelConn gives go-socks5 the *net.TCPAddr it insists on (it panics on
-// any other LocalAddr type) and keeps CloseWrite visible.
-type tunnelConn struct {
+// pipeConn is the target as go-socks5 copies to and from it, with the
+// client beside it. go-socks5 half-closes whichever side a copy ended on,
+// error or not; here an error on one side resets the other first, so that
+// a cut connection never looks complete. It also gives go-socks5 the
+// *net.TCPAddr it insists on (it panics on any other LocalAddr type).
+type pipeConn struct {
 	Conn
+	client        net.Conn
 	local, remote *net.TCPAddr
 }
 
-func (c *tunnelConn) LocalAddr() net.Addr { return c.local }
+func (c *pipeConn) LocalAddr() net.Addr  { return c.local }
+func (c *pipeConn) RemoteAddr() net.Addr { return c.remote }
 
-// ReadFrom passes io.Copy on to the tunnel's own ReadFrom, when it has one.
-func (c *tunnelConn) ReadFrom(r io.Reader) (int64, error) {
-	if rf, ok := c.Conn.(io.ReaderFrom); ok {
-		return rf.ReadFrom(r)
+// Read is the copy toward the client: when the target fails (it was
+// reset, or the tunnel gave the connection up), the client is reset.
+func (c *pipeConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if err != nil && err != io.EOF {
+		resetTCP(c.client)
 	}
-	return io.Copy(struct{ io.Writer }{c.Conn}, r)
+	return n, err
 }
-func (c *tunnelConn) RemoteAddr() net.Addr { return c.remote }
+
+// ReadFrom is the copy from the client (io.Copy uses it), passed on to the
+// target's own ReadFrom when it has one: the tunnel's writes large chunks.
+// When the client fails (it reset its connection), the target is reset.
+func (c *pipeConn) ReadFrom(r io.Reader) (int64, error) {
+	var n int64
+	var err error
+	if rf, ok := c.Conn.(io.ReaderFrom); ok {
+		n, err = rf.ReadFrom(r)
+	} else {
+		n, err = io.Copy(struct{ io.Writer }{c.Conn}, r)
+	}
+	if err != nil {
+		c.Conn.Reset()
+	}
+	return n, err
+}
+
+// tcpConn is a direct target as a Conn.
+type tcpConn struct{ *net.TCPConn }
+
+func (c tcpConn) Reset() error { return resetTCP(c.TCPConn) }
+
+// resetTCP closes c with a reset (RST) where it is TCP.
+func resetTCP(c net.Conn) error {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	return c.Close()
+}

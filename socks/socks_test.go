@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -105,7 +106,7 @@ func TestRouting(t *testing.T) {
 			if err != nil {
 				return nil, err
 			}
-			return c.(*net.TCPConn), nil
+			return tcpConn{c.(*net.TCPConn)}, nil
 		},
 	})
 	tests := []struct {
@@ -122,6 +123,7 @@ func TestRouting(t *testing.T) {
 		{"direct by name", 3, "localhost", echoPort, 0, ""},
 		{"peer port not published", 1, "10.0.0.2", 22, 2, ""},
 		{"peer refuses", 1, "10.0.0.9", 80, 5, "9:80"},
+		{"empty name", 3, "", 80, 2, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -178,5 +180,100 @@ func TestStalledClientTimesOutWithoutBlockingOthers(t *testing.T) {
 	stalled.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.ReadAll(stalled); err != nil {
 		t.Errorf("stalled client: %v; want the server to close it (EOF)", err)
+	}
+}
+
+// resetAfter serves each connection by writing n bytes and then resetting
+// it; it reports on got what it read before (an error when the client
+// reset the connection).
+func resetAfter(t *testing.T, n int, got chan<- error) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				tc := c.(*net.TCPConn)
+				if n > 0 {
+					tc.Write(make([]byte, n))
+					time.Sleep(50 * time.Millisecond)
+					tc.SetLinger(0)
+					tc.Close()
+					return
+				}
+				_, err := io.Copy(io.Discard, tc)
+				got <- err
+				tc.Close()
+			}()
+		}
+	}()
+	return ln
+}
+
+// TestResetsStayResets: a target that resets its connection resets the
+// SOCKS client's (never a clean EOF, which would look like a complete
+// transfer), and a client that resets resets the target's, through the
+// tunnel and direct alike.
+func TestResetsStayResets(t *testing.T) {
+	got := make(chan error, 4)
+	resetter := resetAfter(t, 100_000, nil)
+	reader := resetAfter(t, 0, got)
+	var target string // where the fake tunnel goes
+	proxy := startServer(t, Options{
+		Peers: netip.MustParsePrefix("10.0.0.0/24"), Self: 0, Direct: true,
+		DialPeer: func(ctx context.Context, pid int, port uint16) (Conn, error) {
+			c, err := net.Dial("tcp", target)
+			if err != nil {
+				return nil, err
+			}
+			return tcpConn{c.(*net.TCPConn)}, nil
+		},
+	})
+	for _, via := range []struct {
+		name string
+		atyp byte
+		host func(net.Listener) (string, uint16)
+	}{
+		{"tunnel", 1, func(ln net.Listener) (string, uint16) { target = ln.Addr().String(); return "10.0.0.1", 9 }},
+		{"direct", 1, func(ln net.Listener) (string, uint16) { return "127.0.0.1", uint16(ln.Addr().(*net.TCPAddr).Port) }},
+	} {
+		t.Run(via.name+"/far end resets", func(t *testing.T) {
+			host, port := via.host(resetter)
+			code, c := connect(t, proxy, via.atyp, host, port)
+			if code != 0 {
+				t.Fatalf("CONNECT = %d", code)
+			}
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			n, err := io.Copy(io.Discard, c)
+			if !errors.Is(err, syscall.ECONNRESET) {
+				t.Errorf("client read %d bytes, then %v; want ECONNRESET", n, err)
+			}
+		})
+		t.Run(via.name+"/client resets", func(t *testing.T) {
+			host, port := via.host(reader)
+			code, c := connect(t, proxy, via.atyp, host, port)
+			if code != 0 {
+				t.Fatalf("CONNECT = %d", code)
+			}
+			c.Write([]byte("partial request"))
+			time.Sleep(50 * time.Millisecond)
+			c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+			select {
+			case err := <-got:
+				if !errors.Is(err, syscall.ECONNRESET) {
+					t.Errorf("target read to %v; want ECONNRESET", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("target never saw the client's end")
+			}
+		})
 	}
 }

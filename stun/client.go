@@ -36,7 +36,7 @@ type Client struct {
 
 type pending struct {
 	key     string // integrity key the response must carry; "" for none
-	out     chan<- Result
+	deliver func(Result)
 	expires time.Time
 }
 
@@ -49,9 +49,9 @@ func NewClient(s Sender) *Client {
 }
 
 // Send writes pkt, a request with transaction tx, to `to`, and arranges for a
-// matching response to be delivered to out (without blocking: a full out
-// drops it). A non-empty key means the response must carry integrity with it.
-func (c *Client) Send(to netip.AddrPort, pkt []byte, tx TxID, key string, out chan<- Result) error {
+// matching response to be handed to deliver, which must not block. A
+// non-empty key means the response must carry integrity with it.
+func (c *Client) Send(to netip.AddrPort, pkt []byte, tx TxID, key string, deliver func(Result)) error {
 	now := time.Now()
 	c.mu.Lock()
 	for id, p := range c.pending {
@@ -59,7 +59,7 @@ func (c *Client) Send(to netip.AddrPort, pkt []byte, tx TxID, key string, out ch
 			delete(c.pending, id)
 		}
 	}
-	c.pending[tx] = pending{key: key, out: out, expires: now.Add(pendingTTL)}
+	c.pending[tx] = pending{key: key, deliver: deliver, expires: now.Add(pendingTTL)}
 	c.mu.Unlock()
 	if _, err := c.send.WriteTo(pkt, net.UDPAddrFromAddrPort(to)); err != nil {
 		c.forget(tx)
@@ -92,10 +92,7 @@ func (c *Client) Handle(m *Message, from netip.AddrPort) bool {
 	if !ok {
 		return false
 	}
-	select {
-	case p.out <- Result{TxID: m.TxID, From: from, Mapped: m.Mapped}:
-	default:
-	}
+	p.deliver(Result{TxID: m.TxID, From: from, Mapped: m.Mapped})
 	return true
 }
 
@@ -105,10 +102,16 @@ func (c *Client) Bind(ctx context.Context, server netip.AddrPort) (netip.AddrPor
 	tx := NewTxID()
 	pkt := Request(tx)
 	out := make(chan Result, 1)
+	deliver := func(r Result) {
+		select {
+		case out <- r:
+		default:
+		}
+	}
 	defer c.forget(tx)
 	rto := 250 * time.Millisecond
 	for {
-		if err := c.Send(server, pkt, tx, "", out); err != nil {
+		if err := c.Send(server, pkt, tx, "", deliver); err != nil {
 			return netip.AddrPort{}, err
 		}
 		t := time.NewTimer(rto)

@@ -1,0 +1,184 @@
+package quicmux
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"golang.org/x/time/rate"
+
+	"sfkit-proxy/stun"
+)
+
+// answers holds the newest answer to our checks from each address. A burst
+// of answers cannot crowd out a newer one, and an address that answers a
+// hundred times is one entry.
+type answers struct {
+	ready chan struct{} // holds a token while byAddr is not empty
+
+	mu     sync.Mutex // guards byAddr, seq
+	byAddr map[netip.AddrPort]answer
+	seq    uint64
+}
+
+type answer struct {
+	r   stun.Result
+	seq uint64 // arrival order
+}
+
+// maxAnswers bounds the addresses remembered; checks go to at most
+// MaxCandidates published and maxPrflx learned addresses.
+const maxAnswers = 64
+
+func newAnswers() *answers {
+	return &answers{ready: make(chan struct{}, 1), byAddr: make(map[netip.AddrPort]answer)}
+}
+
+// put records r; it never blocks.
+func (a *answers) put(r stun.Result) {
+	a.mu.Lock()
+	if _, ok := a.byAddr[r.From]; ok || len(a.byAddr) < maxAnswers {
+		a.seq++
+		a.byAddr[r.From] = answer{r, a.seq}
+	}
+	a.mu.Unlock()
+	notify(a.ready)
+}
+
+// take returns the answers held, newest first, and forgets them.
+func (a *answers) take() []stun.Result {
+	a.mu.Lock()
+	all := make([]answer, 0, len(a.byAddr))
+	for _, an := range a.byAddr {
+		all = append(all, an)
+	}
+	clear(a.byAddr)
+	a.mu.Unlock()
+	slices.SortFunc(all, func(x, y answer) int { return int(y.seq - x.seq) })
+	out := make([]stun.Result, len(all))
+	for i, an := range all {
+		out[i] = an.r
+	}
+	return out
+}
+
+// quietLog writes a repeated warning once per key and interval, saying how
+// many were held back since: a flood cannot flood the log.
+type quietLog struct {
+	log      *slog.Logger
+	interval time.Duration
+
+	mu   sync.Mutex // guards keys
+	keys map[string]*quiet
+}
+
+type quiet struct {
+	next       time.Time
+	suppressed int
+}
+
+const maxQuietKeys = 4096
+
+func newQuietLog(log *slog.Logger, interval time.Duration) *quietLog {
+	return &quietLog{log: log, interval: interval, keys: make(map[string]*quiet)}
+}
+
+// warn logs msg with args unless key was logged within the interval.
+func (q *quietLog) warn(key, msg string, args ...any) {
+	now := time.Now()
+	q.mu.Lock()
+	k := q.keys[key]
+	if k != nil && now.Before(k.next) {
+		k.suppressed++
+		q.mu.Unlock()
+		return
+	}
+	if k == nil {
+		if len(q.keys) >= maxQuietKeys {
+			for key, k := range q.keys {
+				if now.After(k.next) {
+					delete(q.keys, key)
+				}
+			}
+		}
+		k = &quiet{}
+		q.keys[key] = k
+	}
+	n := k.suppressed
+	k.next, k.suppressed = now.Add(q.interval), 0
+	q.mu.Unlock()
+	if n > 0 {
+		args = append(args, "repeated", n, "over", q.interval)
+	}
+	q.log.Warn(msg, args...)
+}
+
+// handshakeGuard admits unauthenticated handshakes: at most a few per
+// second from one source IP, and with source address validation (a QUIC
+// Retry round trip) for everyone while handshakes arrive faster than peers
+// ever need. A TLS handshake costs the acceptor real CPU; refusing one
+// costs a packet.
+type handshakeGuard struct {
+	perSource rate.Limit
+	burst     int
+	load      *rate.Limiter // all sources together, before Retry kicks in
+	log       *quietLog
+
+	mu      sync.Mutex // guards sources
+	sources map[netip.Addr]*rate.Limiter
+}
+
+// Handshake limits: a peer dials a handful of times per path change; a
+// study has a few dozen parties at most.
+const (
+	handshakesPerSource = 5
+	handshakeBurst      = 20
+	handshakesUnderLoad = 50
+	maxGuardSources     = 4096
+)
+
+func newHandshakeGuard(log *quietLog) *handshakeGuard {
+	return &handshakeGuard{perSource: handshakesPerSource, burst: handshakeBurst,
+		load: rate.NewLimiter(handshakesUnderLoad, 2*handshakesUnderLoad), log: log,
+		sources: make(map[netip.Addr]*rate.Limiter)}
+}
+
+var errHandshakeRate = errors.New("too many handshakes from this address")
+
+// verifySource is quic.Transport.VerifySourceAddress: validate sources
+// while under load, so that a flood from spoofed addresses costs a Retry
+// packet each and reaches the per-source limit only from real ones.
+func (g *handshakeGuard) verifySource(net.Addr) bool { return !g.load.Allow() }
+
+// admit is quic.Transport.ConnContext: it refuses a handshake from a source
+// over its rate, before any cryptography is done.
+func (g *handshakeGuard) admit(ctx context.Context, info *quic.ClientInfo) (context.Context, error) {
+	src := addrPortOf(info.RemoteAddr).Addr()
+	g.mu.Lock()
+	lim := g.sources[src]
+	if lim == nil {
+		if len(g.sources) >= maxGuardSources {
+			for a, l := range g.sources {
+				if l.Tokens() >= float64(g.burst) {
+					delete(g.sources, a) // full again: as good as new
+				}
+			}
+		}
+		lim = rate.NewLimiter(g.perSource, g.burst)
+		g.sources[src] = lim
+	}
+	ok := lim.Allow()
+	g.mu.Unlock()
+	if !ok {
+		g.log.warn("handshake:"+src.String(), "refusing handshakes: too many from one address", "from", src,
+			"limit_per_s", float64(g.perSource))
+		return ctx, errHandshakeRate
+	}
+	return ctx, nil
+}

@@ -1,0 +1,295 @@
+package quicmux
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"sfkit-proxy/stun"
+)
+
+// remoteOf is where pid's connection at m comes from; zero when none.
+func remoteOf(m *Mux, pid int) netip.AddrPort {
+	for _, p := range m.Stats().Peers {
+		if p.PID == pid {
+			return p.RemoteAddr
+		}
+	}
+	return netip.AddrPort{}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for range 200 {
+		if cond() {
+			return
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+// TestBorrowedPinCannotMisfileAConnection: party 0 published party 1's pin
+// (a registry that let it). Party 2 files party 1's connection under
+// party 1, whose handshake names it, never under party 0; and party 0
+// cannot connect as itself with a pin that is not its key.
+func TestBorrowedPinCannotMisfileAConnection(t *testing.T) {
+	echo := halfCloseEcho(t)
+	p0 := startParty(t, 0, nil, allowAll)
+	p1 := startParty(t, 1, nil, allowAll)
+	p2 := startParty(t, 2, nil, allowAll)
+	borrowed := p0.info
+	borrowed.Pin = p1.info.Pin
+	p2.m.SetPeers([]PeerInfo{borrowed, p1.info, p2.info})
+	introduce(p0, p1) // they know each other truly, and party 2 truly
+	p0.m.SetPeers([]PeerInfo{p0.info, p1.info, p2.info})
+	p1.m.SetPeers([]PeerInfo{p0.info, p1.info, p2.info})
+	roundTrip(t, p1.m, 2, echo, 1000)
+	if got, want := remoteOf(p2.m, 1), p1.m.LocalAddr(); got != want {
+		t.Errorf("party 2 files party 1's connection from %v; want %v", got, want)
+	}
+	if got := remoteOf(p2.m, 0); got.IsValid() {
+		t.Errorf("party 2 has a connection for party 0 from %v; want none (its pin is borrowed)", got)
+	}
+	roundTrip(t, p2.m, 1, echo, 1000)
+	if _, err := p0.m.Dial(ctxTimeout(t, 2*time.Second), 2, echo); err == nil {
+		t.Error("party 0 reached party 2 with a borrowed pin on file; want a refusal")
+	}
+}
+
+// TestHandshakeClaimsAreChecked: a dialer whose handshake names another
+// party, or a party that does not dial us, is refused.
+func TestHandshakeClaimsAreChecked(t *testing.T) {
+	a := startParty(t, 0, nil, allowAll)
+	b := startParty(t, 1, nil, allowAll)
+	c := startParty(t, 2, nil, allowAll)
+	introduce(a, b, c)
+	roundTrip(t, a.m, 2, halfCloseEcho(t), 10) // c knows everyone
+	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &quic.Transport{Conn: conn}
+	t.Cleanup(func() { tr.Close() })
+	for _, tt := range []struct {
+		name string
+		as   *Mux // whose key the dialer holds
+		sni  string
+	}{
+		{"party 1 claims to be party 0", b.m, handshakeName(0, 2)},
+		{"party 0 claims a handshake to party 1", a.m, handshakeName(0, 1)},
+		{"no claim", a.m, ""},
+		{"a garbled claim", a.m, "p0.to.p2.sfkit-proxy.evil"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := tt.as.baseTLS()
+			cfg.InsecureSkipVerify = true
+			cfg.ServerName = tt.sni
+			before := c.m.Stats().AcceptsRejected
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			qc, err := tr.Dial(ctx, net.UDPAddrFromAddrPort(c.m.LocalAddr()), cfg, QUICConfig(3*time.Second))
+			if err == nil {
+				// TLS 1.3: the client may finish before the server refuses.
+				_, err = qc.AcceptStream(ctx)
+			}
+			if err == nil {
+				t.Fatal("handshake accepted; want a refusal")
+			}
+			if c.m.Stats().AcceptsRejected == before {
+				t.Error("acceptor did not count a rejected handshake")
+			}
+		})
+	}
+}
+
+// lockedBuffer is a log sink for tests.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestHandshakeFloodIsCheap: a stranger floods one party with handshakes
+// from one address. Few of them reach the TLS handshake, the log gets a
+// few lines, not one per attempt, and a live tunnel keeps working.
+func TestHandshakeFloodIsCheap(t *testing.T) {
+	var logs lockedBuffer
+	echo := halfCloseEcho(t)
+	a := startParty(t, 0, nil, allowAll)
+	b := startPartyWith(t, 1, nil, allowAll, func(o *Options) {
+		o.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	})
+	introduce(a, b)
+	roundTrip(t, a.m, 1, echo, 1000)
+
+	// The attacker sits on another loopback address, with a key of its own.
+	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2)})
+	if err != nil {
+		t.Skipf("no second loopback address: %v", err)
+	}
+	tr := &quic.Transport{Conn: conn}
+	t.Cleanup(func() { tr.Close() })
+	stranger, _ := LoadIdentity(t.TempDir())
+	cfg := &tls.Config{Certificates: []tls.Certificate{stranger.Cert}, NextProtos: []string{ALPN},
+		InsecureSkipVerify: true, ServerName: handshakeName(0, 1)}
+	const flood = 3 * time.Second
+	var attempts atomic.Int64
+	var wg sync.WaitGroup
+	deadline := time.Now().Add(flood)
+	for range 8 {
+		wg.Go(func() {
+			for time.Now().Before(deadline) {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				if qc, err := tr.Dial(ctx, net.UDPAddrFromAddrPort(b.m.LocalAddr()), cfg, QUICConfig(time.Second)); err == nil {
+					qc.CloseWithError(0, "")
+				}
+				cancel()
+				attempts.Add(1)
+			}
+		})
+	}
+	// Tunnels keep working during the flood.
+	for time.Now().Before(deadline) {
+		roundTrip(t, a.m, 1, echo, 1000)
+		time.Sleep(100 * time.Millisecond)
+	}
+	wg.Wait()
+	reached := b.m.Stats().AcceptsRejected
+	limit := uint64(handshakeBurst + handshakesPerSource*(flood/time.Second+2))
+	t.Logf("%d handshake attempts; %d reached TLS (at most %d allowed)", attempts.Load(), reached, limit)
+	if attempts.Load() < 2*int64(limit) {
+		t.Fatalf("only %d attempts: the flood did not flood", attempts.Load())
+	}
+	if reached > limit {
+		t.Errorf("%d handshakes reached TLS; want at most %d", reached, limit)
+	}
+	if n := strings.Count(logs.String(), "\n"); n > 4 {
+		t.Errorf("%d warning lines for one flooding source; want a few:\n%s", n, logs.String())
+	}
+	roundTrip(t, a.m, 1, echo, 1000)
+}
+
+// TestStreamLimitFailsFast: past the peer's limit of open connections a
+// Dial is refused at once, not left waiting; when one closes, the next
+// gets through.
+func TestStreamLimitFailsFast(t *testing.T) {
+	hold := localServer(t, func(c net.Conn) { c.Read(make([]byte, 1)) })
+	limit := func(o *Options) { o.MaxStreams = 4 }
+	a := startPartyWith(t, 0, nil, allowAll, limit)
+	b := startPartyWith(t, 1, nil, allowAll, limit)
+	introduce(a, b)
+	var open []*StreamConn
+	for range 4 {
+		c, err := a.m.Dial(ctxTimeout(t, 10*time.Second), 1, hold)
+		if err != nil {
+			t.Fatal(err)
+		}
+		open = append(open, c)
+	}
+	_, err := a.m.Dial(ctxTimeout(t, 30*time.Second), 1, hold)
+	if !errors.Is(err, ErrTooManyConns) || !strings.Contains(err.Error(), "refused") {
+		t.Fatalf("Dial past the limit = %v; want ErrTooManyConns (saying refused)", err)
+	}
+	open[0].Close()
+	waitFor(t, "a free stream after one closed", func() bool {
+		c, err := a.m.Dial(ctxTimeout(t, 10*time.Second), 1, hold)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	for _, c := range open[1:] {
+		c.Close()
+	}
+}
+
+// TestDangerousCandidatesAreIgnored: the sidecar screens what peers
+// publish, whatever the registry let through.
+func TestDangerousCandidatesAreIgnored(t *testing.T) {
+	a := startPartyWith(t, 0, nil, allowAll, func(o *Options) { o.Virtual = netip.MustParsePrefix("10.0.0.0/24") })
+	var cands []netip.AddrPort
+	for _, s := range []string{"224.0.0.1:4000", "255.255.255.255:4000", "169.254.169.254:80", "10.0.0.5:4000",
+		"0.0.0.0:4000", "198.51.100.7:0"} {
+		cands = append(cands, netip.MustParseAddrPort(s))
+	}
+	good := netip.MustParseAddrPort("127.0.0.1:4000") // a is on loopback: loopback peers are real
+	k := NewCheckKey()
+	a.m.SetPeers([]PeerInfo{a.info, {PID: 1, Pin: "pin-of-1", CheckKey: k.Public(), Instance: "i1", Candidates: append(cands, good)}})
+	waitFor(t, "party 1 registered", func() bool { return peerOf(a.m, 1) != nil })
+	if got := a.m.targets(peerOf(a.m, 1)); !slices.Equal(got, []netip.AddrPort{good}) {
+		t.Errorf("targets = %v; want only %v", got, good)
+	}
+	// More than the limit are cut to it.
+	var many []netip.AddrPort
+	for i := range 40 {
+		many = append(many, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(5000+i)))
+	}
+	a.m.SetPeers([]PeerInfo{a.info, {PID: 1, Pin: "pin-of-1", CheckKey: k.Public(), Instance: "i1", Candidates: many}})
+	waitFor(t, "the new view", func() bool { return len(a.m.targets(peerOf(a.m, 1))) != 1 })
+	if n := len(a.m.targets(peerOf(a.m, 1))); n != 16 {
+		t.Errorf("%d targets from 40 candidates; want 16", n)
+	}
+}
+
+// TestLiveConnectionOutlivesItsRegistryEntry: an entry that expires (its
+// party lost the registry) does not cut a live connection; once that
+// connection ends, the party is forgotten.
+func TestLiveConnectionOutlivesItsRegistryEntry(t *testing.T) {
+	echo := halfCloseEcho(t)
+	a := startParty(t, 0, nil, allowAll)
+	b := startParty(t, 1, nil, allowAll)
+	introduce(a, b)
+	roundTrip(t, a.m, 1, echo, 1000)
+	a.m.SetPeers([]PeerInfo{a.info})
+	time.Sleep(200 * time.Millisecond)
+	roundTrip(t, a.m, 1, echo, 1000)
+	b.stop()
+	waitFor(t, "party 1 forgotten", func() bool { return peerOf(a.m, 1) == nil })
+}
+
+func TestAnswersKeepTheNewestPerAddress(t *testing.T) {
+	a := newAnswers()
+	x, y := netip.MustParseAddrPort("192.0.2.1:1"), netip.MustParseAddrPort("192.0.2.2:2")
+	for range 1000 {
+		a.put(stun.Result{From: x})
+	}
+	a.put(stun.Result{From: y})
+	for i := range 2 * maxAnswers {
+		a.put(stun.Result{From: netip.AddrPortFrom(x.Addr(), uint16(1000+i))})
+	}
+	a.put(stun.Result{From: x}) // x again: newest
+	got := a.take()
+	if len(got) != maxAnswers || got[0].From != x {
+		t.Fatalf("take = %d answers, newest %v; want %d, newest %v", len(got), got[0].From, maxAnswers, x)
+	}
+	if !slices.ContainsFunc(got, func(r stun.Result) bool { return r.From == y }) {
+		t.Error("an older answer from another address was crowded out")
+	}
+	if len(a.take()) != 0 {
+		t.Error("take did not empty the answers")
+	}
+}
