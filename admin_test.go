@@ -85,10 +85,10 @@ func TestStatusMetricsAndPing(t *testing.T) {
 	port, sum := fileServer(t, size)
 	p0, _ := l.party(0)
 	_, stop1 := l.party(1)
-	api := &admin.Client{Addr: p0.admin.String()}
+	api := &admin.Client{Addr: p0.Admin.String()}
 	ctx := context.Background()
 
-	if _, got, err := fetchVia(t, p0.socks, fmt.Sprintf("http://10.0.0.1:%d/", port)); err != nil || got != sum {
+	if _, got, err := fetchVia(t, p0.SOCKS, fmt.Sprintf("http://10.0.0.1:%d/", port)); err != nil || got != sum {
 		t.Fatalf("fetch: %v", err)
 	}
 	var s admin.Status
@@ -109,11 +109,11 @@ func TestStatusMetricsAndPing(t *testing.T) {
 	}
 	// A request for a port party 1 does not allow is counted as such.
 	l.party(2, "--allow-ports", "1")
-	if _, _, err := fetchVia(t, p0.socks, "http://10.0.0.2:2/"); err == nil {
+	if _, _, err := fetchVia(t, p0.SOCKS, "http://10.0.0.2:2/"); err == nil {
 		t.Fatal("fetch from a disallowed port succeeded")
 	}
 
-	mfs := scrape(t, p0.admin.String())
+	mfs := scrape(t, p0.Admin.String())
 	checks := []struct {
 		name   string
 		labels map[string]string
@@ -136,14 +136,14 @@ func TestStatusMetricsAndPing(t *testing.T) {
 	}
 
 	var out bytes.Buffer
-	if err := run(ctx, []string{"ping", "1", "--count", "2", "--admin-listen", p0.admin.String()}, &out, &out); err != nil {
+	if err := run(ctx, []string{"ping", "1", "--count", "2", "--admin-listen", p0.Admin.String()}, &out, &out); err != nil {
 		t.Fatalf("ping: %v", err)
 	}
 	if n := strings.Count(out.String(), "pong from party 1 via direct"); n != 2 {
 		t.Errorf("ping output = %q; want 2 pongs via direct", out.String())
 	}
 	out.Reset()
-	if err := run(ctx, []string{"status", "--admin-listen", p0.admin.String()}, &out, &out); err != nil {
+	if err := run(ctx, []string{"status", "--admin-listen", p0.Admin.String()}, &out, &out); err != nil {
 		t.Fatalf("status: %v", err)
 	}
 	for _, want := range []string{"party 0 of study lab", "PEER", "direct"} {
@@ -165,7 +165,7 @@ func TestStatusMetricsAndPing(t *testing.T) {
 		p, ok := peerOf(s, 1)
 		return ok && p.State == "direct"
 	})
-	if resp, err := http.Get("http://" + p0.admin.String() + "/readyz"); err != nil || resp.StatusCode != 200 {
+	if resp, err := http.Get("http://" + p0.Admin.String() + "/readyz"); err != nil || resp.StatusCode != 200 {
 		t.Errorf("/readyz = %v, %v; want 200", resp, err)
 	}
 }

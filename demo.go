@@ -22,6 +22,7 @@ import (
 
 	"sfkit-proxy/config"
 	"sfkit-proxy/registry"
+	"sfkit-proxy/sidecar"
 	"sfkit-proxy/stun"
 )
 
@@ -85,7 +86,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	g.Go(func() error {
-		return serveHTTP(gctx, &http.Server{Handler: rs, BaseContext: func(net.Listener) context.Context { return gctx }}, rln, "", "")
+		return sidecar.ServeHTTP(gctx, &http.Server{Handler: rs, BaseContext: func(net.Listener) context.Context { return gctx }}, rln, "", "")
 	})
 
 	// The STUN server.
@@ -116,7 +117,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			http.ServeContent(w, r, "data", time.Time{}, bytes.NewReader(file))
 		})
-		g.Go(func() error { return serveHTTP(gctx, &http.Server{Handler: h}, fln, "", "") })
+		g.Go(func() error { return sidecar.ServeHTTP(gctx, &http.Server{Handler: h}, fln, "", "") })
 		keyPath := filepath.Join(dir, "key"+strconv.Itoa(i))
 		if err := os.WriteFile(keyPath, []byte(tokens[i]+"\n"), 0o600); err != nil {
 			return err
@@ -135,7 +136,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 		ps[i] = p
 		g.Go(func() error {
-			return runSidecar(gctx, cfg, log, func(l listening) { p.socks <- l.socks })
+			return sidecar.Run(gctx, cfg, log, func(l sidecar.Listening) { p.socks <- l.SOCKS })
 		})
 	}
 	socksAddrs := make([]netip.AddrPort, len(ps))

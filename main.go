@@ -18,6 +18,7 @@ import (
 
 	"sfkit-proxy/admin"
 	"sfkit-proxy/config"
+	"sfkit-proxy/sidecar"
 )
 
 func main() {
@@ -60,7 +61,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return runSidecar(ctx, cfg, newLogger(stderr, cfg.LogLevel), nil)
+	return sidecar.Run(ctx, cfg, newLogger(stderr, cfg.LogLevel), nil)
 }
 
 func newLogger(w io.Writer, level slog.Level) *slog.Logger {

@@ -28,6 +28,7 @@ import (
 	"sfkit-proxy/config"
 	"sfkit-proxy/metadata"
 	"sfkit-proxy/metadata/metadatatest"
+	"sfkit-proxy/sidecar"
 	"sfkit-proxy/stun"
 )
 
@@ -133,7 +134,7 @@ func waitTCP(t *testing.T, addr string) {
 }
 
 // party runs a sidecar and returns where it listens.
-func (l *lab) party(pid int, extra ...string) (listening, func()) {
+func (l *lab) party(pid int, extra ...string) (sidecar.Listening, func()) {
 	l.t.Helper()
 	keyFile := filepath.Join(l.dir, "key"+strconv.Itoa(pid))
 	os.WriteFile(keyFile, []byte(l.tokens[pid]), 0o600)
@@ -149,10 +150,12 @@ func (l *lab) party(pid int, extra ...string) (listening, func()) {
 		l.t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	ready := make(chan listening, 1)
+	ready := make(chan sidecar.Listening, 1)
 	done := make(chan error, 1)
-	go func() { done <- runSidecar(ctx, cfg, slog.New(slog.DiscardHandler), func(a listening) { ready <- a }) }()
-	var addr listening
+	go func() {
+		done <- sidecar.Run(ctx, cfg, slog.New(slog.DiscardHandler), func(a sidecar.Listening) { ready <- a })
+	}()
+	var addr sidecar.Listening
 	select {
 	case addr = <-ready:
 	case err := <-done:
@@ -202,7 +205,7 @@ func TestRealCurlAndNcatThroughSOCKS(t *testing.T) {
 	s0, _ := l.party(0)
 	l.party(1)
 	curl := exec.Command("curl", "-sS", "--fail", "--max-time", "60", fmt.Sprintf("http://10.0.0.1:%d/", port))
-	curl.Env = append(os.Environ(), "ALL_PROXY=socks5h://"+s0.socks.String())
+	curl.Env = append(os.Environ(), "ALL_PROXY=socks5h://"+s0.SOCKS.String())
 	out, err := curl.Output()
 	if err != nil {
 		t.Fatalf("curl through party 0 to party 1: %v", err)
@@ -226,7 +229,7 @@ func TestRealCurlAndNcatThroughSOCKS(t *testing.T) {
 		n, _ := c.Read(b)
 		c.Write(bytes.ToUpper(b[:n]))
 	}()
-	nc := exec.Command("ncat", "--no-shutdown", "--proxy", s0.socks.String(), "--proxy-type", "socks5",
+	nc := exec.Command("ncat", "--no-shutdown", "--proxy", s0.SOCKS.String(), "--proxy-type", "socks5",
 		"10.0.0.1", strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
 	nc.Stdin = strings.NewReader("hello party one\n")
 	got, err := nc.Output()
@@ -251,19 +254,19 @@ func TestRegistryOutageKeepsTunnels(t *testing.T) {
 	s0, _ := l.party(0)
 	l.party(1)
 	u := fmt.Sprintf("http://10.0.0.1:%d/", port)
-	if _, got, err := fetchVia(t, s0.socks, u); err != nil || got != sum {
+	if _, got, err := fetchVia(t, s0.SOCKS, u); err != nil || got != sum {
 		t.Fatalf("before outage: %v", err)
 	}
 	l.regStop()
 	for i := range 3 {
-		if _, got, err := fetchVia(t, s0.socks, u); err != nil || got != sum {
+		if _, got, err := fetchVia(t, s0.SOCKS, u); err != nil || got != sum {
 			t.Fatalf("during outage, fetch %d: %v", i, err)
 		}
 	}
 	// The registry comes back on the same address; a new party joins.
 	l.startRegistry(l.regLn)
 	s2, _ := l.party(2)
-	if _, got, err := fetchVia(t, s2.socks, u); err != nil || got != sum {
+	if _, got, err := fetchVia(t, s2.SOCKS, u); err != nil || got != sum {
 		t.Fatalf("after outage, from a new party: %v", err)
 	}
 }
@@ -274,12 +277,12 @@ func TestPeerRestartThroughRegistry(t *testing.T) {
 	s0, _ := l.party(0)
 	_, stop1 := l.party(1)
 	u := fmt.Sprintf("http://10.0.0.1:%d/", port)
-	if _, got, err := fetchVia(t, s0.socks, u); err != nil || got != sum {
+	if _, got, err := fetchVia(t, s0.SOCKS, u); err != nil || got != sum {
 		t.Fatalf("first fetch: %v", err)
 	}
 	stop1()
 	l.party(1) // same state dir: same key; new UDP port
-	if _, got, err := fetchVia(t, s0.socks, u); err != nil || got != sum {
+	if _, got, err := fetchVia(t, s0.SOCKS, u); err != nil || got != sum {
 		t.Fatalf("after party 1 restarted: %v", err)
 	}
 }
@@ -350,10 +353,10 @@ func TestPartyWithCloudCredential(t *testing.T) {
 	port, sum := fileServer(t, 1<<20)
 	p0, _ := l.party(0)
 	p3, _ := l.party(3)
-	if _, got, err := fetchVia(t, p0.socks, fmt.Sprintf("http://10.0.0.3:%d/", port)); err != nil || got != sum {
+	if _, got, err := fetchVia(t, p0.SOCKS, fmt.Sprintf("http://10.0.0.3:%d/", port)); err != nil || got != sum {
 		t.Fatalf("party 0 -> party 3: %v", err)
 	}
-	if _, got, err := fetchVia(t, p3.socks, fmt.Sprintf("http://10.0.0.0:%d/", port)); err != nil || got != sum {
+	if _, got, err := fetchVia(t, p3.SOCKS, fmt.Sprintf("http://10.0.0.0:%d/", port)); err != nil || got != sum {
 		t.Fatalf("party 3 -> party 0: %v", err)
 	}
 	if meta.LastAudience() != regURL {
@@ -397,7 +400,7 @@ func TestResetsCrossTheTunnel(t *testing.T) {
 			tc.Close()
 		}
 	}()
-	d, err := xproxy.SOCKS5("tcp", s0.socks.String(), nil, xproxy.Direct)
+	d, err := xproxy.SOCKS5("tcp", s0.SOCKS.String(), nil, xproxy.Direct)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -12,6 +11,7 @@ import (
 
 	"sfkit-proxy/config"
 	"sfkit-proxy/registry"
+	"sfkit-proxy/sidecar"
 )
 
 // runRegistry serves the reference registry until ctx ends.
@@ -37,7 +37,7 @@ func runRegistry(ctx context.Context, cfg *config.Registry, log *slog.Logger) er
 	// A registry on loopback serves parties on this machine only (the
 	// demo, tests): their loopback addresses are real candidates there.
 	host, _, _ := net.SplitHostPort(cfg.Listen)
-	addrs := config.AddrPolicy{Loopback: isLoopbackHost(host), Virtual: netip.MustParsePrefix(config.DefaultPeersCIDR)}
+	addrs := config.AddrPolicy{Loopback: sidecar.IsLoopbackHost(host), Virtual: netip.MustParsePrefix(config.DefaultPeersCIDR)}
 	srv, err := registry.NewServer(registry.ServerOptions{Grants: grants, DataDir: cfg.Data, OIDC: verifier,
 		Logger: log.With("component", "registry"), Addrs: addrs, EntryTTL: cfg.EntryTTL})
 	if err != nil {
@@ -51,32 +51,5 @@ func runRegistry(ctx context.Context, cfg *config.Registry, log *slog.Logger) er
 	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second,
 		// Long polls end when ctx does.
 		BaseContext: func(net.Listener) context.Context { return ctx }}
-	return serveHTTP(ctx, hs, ln, cfg.TLSCert, cfg.TLSKey)
-}
-
-// serveHTTP serves until ctx ends, then shuts down gracefully.
-func serveHTTP(ctx context.Context, hs *http.Server, ln net.Listener, cert, key string) error {
-	errc := make(chan error, 1)
-	go func() {
-		if cert != "" {
-			errc <- hs.ServeTLS(ln, cert, key)
-		} else {
-			errc <- hs.Serve(ln)
-		}
-	}()
-	select {
-	case err := <-errc:
-		return err
-	case <-ctx.Done():
-	}
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-	defer cancel()
-	serr := hs.Shutdown(sctx)
-	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
-		serr = errors.Join(serr, err)
-	}
-	if serr != nil && !errors.Is(serr, context.DeadlineExceeded) {
-		return serr
-	}
-	return ctx.Err()
+	return sidecar.ServeHTTP(ctx, hs, ln, cfg.TLSCert, cfg.TLSKey)
 }

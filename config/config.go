@@ -9,10 +9,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -45,8 +47,10 @@ const DefaultSTUN = "stun.l.google.com:19302,stun.cloudflare.com:3478,stun1.l.go
 
 // Sidecar is the configuration of the proxy sidecar.
 type Sidecar struct {
-	Study       string
-	PID         int
+	Study string
+	PID   int
+	// Registry is where parties find each other: our registry (http,
+	// https) or the sfkit website's WebSocket relay (ws, wss).
 	Registry    *url.URL
 	AuthKeyFile string
 	AuthKey     string
@@ -70,7 +74,27 @@ type Sidecar struct {
 	RelayCA           string
 	// AdminDebug serves /debug/pprof on the management API.
 	AdminDebug bool
+	// MPC is the MPC program's config (-mpc), nil without one.
+	MPC *MPC
+	// Parties are the study's party ids, for the website relay: --parties,
+	// else those of the MPC config.
+	Parties []int
+	// DialTimeout bounds how long a CONNECT waits for a peer's tunnel.
+	DialTimeout time.Duration
+	// Forwards are local listeners carried to peers (--forward, and with
+	// --mpc-forward the peers' listening ports of the MPC config).
+	Forwards []Forward
+	// MPCForward asks for forwards of the MPC config's peer ports.
+	MPCForward bool
 }
+
+// Website reports whether Registry is the sfkit website's WebSocket relay.
+func (c *Sidecar) Website() bool { return c.Registry.Scheme == "ws" || c.Registry.Scheme == "wss" }
+
+// DefaultDialTimeout is how long a CONNECT to a peer waits for its tunnel:
+// long enough for every party of a study to start, and for the website
+// relay's barrier.
+const DefaultDialTimeout = 5 * time.Minute
 
 // VirtualAddr returns party pid's address in the peers range.
 func (c *Sidecar) VirtualAddr(pid int) netip.Addr {
@@ -121,13 +145,21 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	var (
 		study    = fs.String("study", "", "study ID (required)")
 		pid      = fs.Int("pid", -1, "this party's id, 0 or more (required)")
-		registry = fs.String("registry", "", "registry URL, e.g. https://sfkit.example.org/ (required)")
+		registry = fs.String("registry", "", "where parties find each other: a registry URL (https://…) or the sfkit website's relay (wss://HOST/api/ice) (required)")
+		api      = fs.String("api", "", "sfkit's spelling of --registry")
+		mpcPath  = fs.String("mpc", "", "the MPC program's configGlobal.toml: connections to a peer's listening ports (127.0.0.1:port+t) go to that peer")
+		socksURI = fs.String("socks", "", "sfkit's spelling of --socks-listen, as a URI: socks5://localhost:7080")
+		parties  = fs.String("parties", "", "the study's party ids for the website relay, e.g. 0,1,2 (default: those of -mpc)")
+		dialTO   = fs.Duration("dial-timeout", DefaultDialTimeout, "how long a connection to a peer waits for its tunnel")
+		mpcFwd   = fs.Bool("mpc-forward", false, "with -mpc, also listen on the peers' listening ports (127.0.0.1:port+t), for programs that ignore ALL_PROXY")
+		verbose  countFlag
+		forwards listFlag
 		keyFile  = fs.String("auth-key-file", "", "file holding the registry bearer token")
 		key      = fs.String("auth-key", "", "registry bearer token (prefer the env var or a file: flags show in ps)")
 		socks    = fs.String("socks-listen", "127.0.0.1:1080", "SOCKS5 listen address")
 		anyHost  = fs.Bool("socks-any-host", false, "allow a non-loopback --socks-listen (anyone who reaches it can use your tunnels)")
 		udp      = fs.String("udp-listen", "0.0.0.0:0", "UDP address of the one socket used for STUN and QUIC")
-		stunList = fs.String("stun", DefaultSTUN, "STUN servers host:port, comma-separated, tried in turn")
+		stunList = fs.String("stun", DefaultSTUN, "STUN servers host:port or stun:host:port, comma-separated, tried in turn")
 		cidr     = fs.String("peers-cidr", DefaultPeersCIDR, "virtual range: party N is the range's base + N")
 		allow    = fs.String("allow-ports", "all", "local ports peers may reach, e.g. 8000-8100,9443, or all")
 		direct   = fs.String("direct", "allow", "destinations outside --peers-cidr: allow (dial directly) or deny")
@@ -143,6 +175,8 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		adminDbg = fs.Bool("admin-debug", false, "serve Go profiles (/debug/pprof) on the management API")
 		_        = fs.String("config", "", "config file of 'flag value' lines")
 	)
+	fs.Var(&verbose, "v", "more logs: -v debug, -v -v trace (sfkit's spelling of --log-level)")
+	fs.Var(&forwards, "forward", "LOCAL=PID:PORT, repeatable: listen on LOCAL ([IP:]PORT, 127.0.0.1 by default) and carry each connection to party PID's port")
 	fs.Var(&relays, "relay", "TURN relay URL, repeatable or comma-separated: turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT")
 	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, status, ping, demo, version.")
 	if err := parse(fs, args, EnvPrefix); err != nil {
@@ -159,16 +193,27 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	if *pid < 0 {
 		bad("--pid is required: this party's id (0, 1, 2, …)")
 	}
+	if *api != "" {
+		*registry = *api
+	}
 	if *registry == "" {
-		bad("--registry is required: the registry URL, e.g. https://sfkit.example.org/")
-	} else if u, err := url.Parse(*registry); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		bad("--registry %q: want an http:// or https:// URL", *registry)
+		bad("--registry (or -api) is required: the registry URL, e.g. https://sfkit.example.org/, or the website relay, wss://HOST/api/ice")
+	} else if u, err := url.Parse(*registry); err != nil || !slices.Contains([]string{"http", "https", "ws", "wss"}, u.Scheme) || u.Host == "" {
+		bad("--registry %q: want an http(s):// registry URL or a ws(s):// website relay URL", *registry)
 	} else {
 		c.Registry = u
 	}
 	var err error
+	if *socksURI != "" {
+		*socks, err = socksFromURI(*socksURI)
+		if err != nil {
+			bad("-socks %q: %v", *socksURI, err)
+		}
+	}
 	if c.SOCKSListen, err = netip.ParseAddrPort(*socks); err != nil {
-		bad("--socks-listen %q: want IP:PORT, e.g. 127.0.0.1:1080", *socks)
+		if *socksURI == "" {
+			bad("--socks-listen %q: want IP:PORT, e.g. 127.0.0.1:1080", *socks)
+		}
 	} else if !c.SOCKSListen.Addr().IsLoopback() && !c.SOCKSAnyHost {
 		bad("--socks-listen %v is not a loopback address: add --socks-any-host if you really mean to expose the proxy", c.SOCKSListen)
 	}
@@ -176,7 +221,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		bad("--udp-listen %q: want IP:PORT, e.g. 0.0.0.0:0", *udp)
 	}
 	for _, s := range strings.Split(*stunList, ",") {
-		if s = strings.TrimSpace(s); s == "" {
+		if s = strings.TrimPrefix(strings.TrimSpace(s), "stun:"); s == "" {
 			continue
 		}
 		if _, _, err := splitHostPort(s); err != nil {
@@ -209,6 +254,47 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	if c.LogLevel, err = ParseLevel(*logLevel); err != nil {
 		bad("--log-level: %v", err)
 	}
+	switch {
+	case verbose == 1:
+		c.LogLevel = slog.LevelDebug
+	case verbose > 1:
+		c.LogLevel = LevelTrace
+	}
+	if *mpcPath != "" && *pid >= 0 {
+		if c.MPC, err = LoadMPC(*mpcPath, *pid); err != nil {
+			bad("%v", err)
+		}
+	}
+	if *parties != "" {
+		for _, s := range strings.Split(*parties, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(s))
+			if err != nil || n < 0 {
+				bad("--parties %q: want party ids such as 0,1,2", *parties)
+				break
+			}
+			c.Parties = append(c.Parties, n)
+		}
+	} else if c.MPC != nil {
+		c.Parties = c.MPC.Parties
+	}
+	if c.Registry != nil && c.Website() && len(c.Parties) == 0 {
+		bad("the website relay needs the study's parties: give -mpc configGlobal.toml or --parties 0,1,2")
+	}
+	if c.DialTimeout = *dialTO; c.DialTimeout <= 0 {
+		bad("--dial-timeout %v: want a positive duration such as 5m", c.DialTimeout)
+	}
+	c.MPCForward = *mpcFwd
+	if c.MPCForward && c.MPC == nil {
+		bad("--mpc-forward needs -mpc")
+	}
+	for _, f := range forwards {
+		fw, err := ParseForward(f)
+		if err != nil {
+			bad("%v", err)
+			continue
+		}
+		c.Forwards = append(c.Forwards, fw)
+	}
 	if *admin != "off" && *admin != "" {
 		if c.AdminListen, err = netip.ParseAddrPort(*admin); err != nil {
 			bad("--admin-listen %q: want IP:PORT, e.g. %s, or off", *admin, DefaultAdminListen)
@@ -236,6 +322,44 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// LevelTrace is below Debug: per-packet detail (-v -v).
+const LevelTrace = slog.LevelDebug - 4
+
+// socksFromURI turns sfkit's socks5://HOST:PORT into IP:PORT.
+func socksFromURI(s string) (string, error) {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "socks5" && u.Scheme != "socks5h") || u.Port() == "" {
+		return "", errors.New("want socks5://HOST:PORT, e.g. socks5://localhost:7080")
+	}
+	host := u.Hostname()
+	if host == "localhost" {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, u.Port()), nil
+}
+
+// countFlag counts how often a boolean flag is given (-v -v); from the
+// environment it takes a number.
+type countFlag int
+
+func (c *countFlag) String() string   { return strconv.Itoa(int(*c)) }
+func (c *countFlag) IsBoolFlag() bool { return true }
+
+func (c *countFlag) Set(v string) error {
+	switch b, err := strconv.ParseBool(v); {
+	case err == nil && b:
+		*c++
+	case err == nil:
+	default:
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return errors.New("want a count")
+		}
+		*c = countFlag(n)
+	}
+	return nil
 }
 
 // Registry is the configuration of the reference registry server.

@@ -101,8 +101,8 @@ func TestParseSidecarErrors(t *testing.T) {
 	}{
 		{"nothing", nil, "--study is required"},
 		{"no pid", []string{"--study", "s", "--registry", "https://r/"}, "--pid is required"},
-		{"no registry", []string{"--study", "s", "--pid", "1"}, "--registry is required"},
-		{"bad registry", append(required, "--registry", "ftp://x"), "want an http:// or https:// URL"},
+		{"no registry", []string{"--study", "s", "--pid", "1"}, "--registry (or -api) is required"},
+		{"bad registry", append(required, "--registry", "ftp://x"), "want an http(s):// registry URL"},
 		{"public socks", append(required, "--socks-listen", "0.0.0.0:1080"), "--socks-any-host"},
 		{"public admin API", append(required, "--admin-listen", "0.0.0.0:1081"), "--admin-any-host"},
 		{"bad admin address", append(required, "--admin-listen", "localhost"), "--admin-listen"},

@@ -2,6 +2,7 @@ package quicmux
 
 import (
 	"crypto/ecdh"
+	"crypto/ed25519"
 	"crypto/hkdf"
 	"crypto/rand"
 	"crypto/sha256"
@@ -10,14 +11,30 @@ import (
 	"strconv"
 )
 
-// CheckKey is this party's key for connectivity checks: an X25519 key pair,
-// new at every start. Its public half is published (check_key). Checks
+// CheckKey is this party's key for connectivity checks: an X25519 key pair. Its public half is published (check_key). Checks
 // between two parties carry integrity under a key derived from a
 // Diffie-Hellman of one's private and the other's public half, so no third
 // member of the study can forge a check or an answer between them.
 type CheckKey struct{ priv *ecdh.PrivateKey }
 
-// NewCheckKey makes a new check key pair.
+// CheckKeyOf derives a party's check key from its identity key, so that it
+// survives a restart as the pin does: peers that cannot hear of the
+// restart (the website relay holds a returning party at its barrier) still
+// verify its checks, and learn its new address from them.
+func CheckKeyOf(id *Identity) *CheckKey {
+	seed := id.Cert.PrivateKey.(ed25519.PrivateKey).Seed()
+	b, err := hkdf.Key(sha256.New, seed, nil, "sfkit-proxy check key", 32)
+	if err != nil {
+		panic(err) // a fixed, valid length
+	}
+	k, err := ecdh.X25519().NewPrivateKey(b)
+	if err != nil {
+		panic(err) // any 32 bytes are an X25519 private key
+	}
+	return &CheckKey{priv: k}
+}
+
+// NewCheckKey makes a new, random check key pair.
 func NewCheckKey() *CheckKey {
 	k, err := ecdh.X25519().GenerateKey(rand.Reader)
 	if err != nil {

@@ -39,6 +39,9 @@ type Options struct {
 	Peers netip.Prefix
 	// Self is this party's id; its own virtual address reaches 127.0.0.1.
 	Self int
+	// Route, if set, names the party a destination means before the
+	// virtual range is asked (the MPC config's peers' listening ports).
+	Route func(host string, port uint16) (pid int, ok bool)
 	// DialPeer opens a tunnelled connection to port at party pid (required).
 	DialPeer func(ctx context.Context, pid int, port uint16) (Conn, error)
 	// PeerAllows reports whether party pid publishes port as reachable; nil
@@ -48,7 +51,8 @@ type Options struct {
 	Direct bool
 	// HandshakeTimeout bounds a client's greeting and request; zero means 10 s.
 	HandshakeTimeout time.Duration
-	// DialTimeout bounds reaching a destination; zero means 20 s.
+	// DialTimeout bounds reaching a destination, a peer's tunnel included:
+	// a CONNECT to a peer not connected yet waits that long; zero means 20 s.
 	DialTimeout time.Duration
 	// OnConnect, if set, is told the outcome of every CONNECT.
 	OnConnect func(dest string, pid int, err error)
@@ -77,9 +81,15 @@ func New(opts Options) *Server {
 	return &Server{opts: opts, log: opts.Logger.With("component", "socks"), conns: make(map[net.Conn]struct{})}
 }
 
-// Serve accepts clients on ln until ctx ends, then closes ln and every
-// client connection and waits for their handlers.
+// Serve accepts SOCKS clients on ln until ctx ends, then closes ln and
+// every client connection and waits for their handlers.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	return s.serve(ctx, ln, s.serveConn)
+}
+
+// serve accepts on ln and runs handle for each connection until ctx ends,
+// then closes ln and every connection and waits for the handlers.
+func (s *Server) serve(ctx context.Context, ln net.Listener, handle func(net.Conn)) error {
 	var wg sync.WaitGroup
 	stop := context.AfterFunc(ctx, func() {
 		ln.Close()
@@ -118,7 +128,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 				delete(s.conns, c)
 				s.mu.Unlock()
 			}()
-			s.serveConn(c)
+			handle(c)
 		})
 	}
 }
@@ -179,7 +189,7 @@ func (r rules) Allow(ctx context.Context, req *socks5.Request) (context.Context,
 	if req.DestAddr.IP != nil {
 		host = req.DestAddr.IP.String()
 	}
-	pid, isPeer := r.s.peerOf(host)
+	pid, isPeer := r.s.peerOf(host, uint16(req.DestAddr.Port))
 	switch {
 	case host == "":
 		// A zero-length name would dial the empty host: this machine.
@@ -211,8 +221,14 @@ func (s *Server) report(dest string, pid int, err error) {
 	}
 }
 
-// peerOf returns the party whose virtual address host is.
-func (s *Server) peerOf(host string) (int, bool) {
+// peerOf returns the party that host:port means: by Route, else by the
+// virtual range.
+func (s *Server) peerOf(host string, port uint16) (int, bool) {
+	if s.opts.Route != nil {
+		if pid, ok := s.opts.Route(host, port); ok {
+			return pid, true
+		}
+	}
 	a, err := netip.ParseAddr(host)
 	if err != nil {
 		return 0, false
@@ -233,7 +249,7 @@ func (s *Server) dial(ctx context.Context, client net.Conn, network, addr string
 	if err != nil {
 		return nil, err
 	}
-	pid, isPeer := s.peerOf(host)
+	pid, isPeer := s.peerOf(host, uint16(port))
 	if !isPeer || pid == s.opts.Self {
 		target := addr
 		if isPeer {
@@ -256,7 +272,45 @@ func (s *Server) dial(ctx context.Context, client net.Conn, network, addr string
 		return nil, err
 	}
 	local := &net.TCPAddr{IP: config.VirtualAddr(s.opts.Peers, s.opts.Self).AsSlice()}
-	return &pipeConn{Conn: c, client: client, local: local, remote: &net.TCPAddr{IP: net.ParseIP(host), Port: int(port)}}, nil
+	remote := &net.TCPAddr{IP: config.VirtualAddr(s.opts.Peers, pid).AsSlice(), Port: int(port)}
+	return &pipeConn{Conn: c, client: client, local: local, remote: remote}, nil
+}
+
+// Forward carries every connection accepted on ln to port at party pid,
+// until ctx ends: a listener for programs that ignore ALL_PROXY. A
+// connection that cannot reach the peer within DialTimeout is reset.
+func (s *Server) Forward(ctx context.Context, ln net.Listener, pid int, port uint16) error {
+	return s.serve(ctx, ln, func(c net.Conn) {
+		dctx, cancel := context.WithTimeout(ctx, s.opts.DialTimeout)
+		target, err := s.opts.DialPeer(dctx, pid, port)
+		cancel()
+		s.report(ln.Addr().String(), pid, err)
+		if err != nil {
+			s.log.Info("forward: tunnel dial failed", "listen", ln.Addr(), "peer", pid, "port", port, "err", err)
+			resetTCP(c)
+			return
+		}
+		splice(c.(*net.TCPConn), target)
+	})
+}
+
+// splice copies between a client and a target until both directions end:
+// an end of stream is passed on as a half-close, an error resets the
+// other side.
+func splice(client *net.TCPConn, target Conn) {
+	p := &pipeConn{Conn: target, client: client}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if _, err := p.ReadFrom(client); err == nil {
+			target.CloseWrite()
+		}
+	})
+	if _, err := io.Copy(client, p); err == nil {
+		client.CloseWrite()
+	}
+	wg.Wait()
+	client.Close()
+	target.Close()
 }
 
 // pipeConn is the target as go-socks5 copies to and from it, with the

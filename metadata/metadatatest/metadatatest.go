@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -89,8 +90,19 @@ type Identity struct {
 // Server is a fake metadata server; it counts the tokens it handed out.
 type Server struct {
 	Issued   atomic.Int64
-	mu       sync.Mutex // guards audience
-	audience string     // the last audience asked for
+	mu       sync.Mutex          // guards audience, access
+	audience string              // the last audience asked for
+	access   map[string][]string // OAuth2 access tokens handed out, with their scopes
+}
+
+// AccessToken reports whether tok is an OAuth2 access token this server
+// handed out, and its scopes: what Google's tokeninfo would tell a
+// service that receives it.
+func (s *Server) AccessToken(tok string) ([]string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sc, ok := s.access[tok]
+	return sc, ok
 }
 
 func (s *Server) token(is *Issuer, id Identity, aud string) (string, time.Time, error) {
@@ -148,6 +160,33 @@ func (s *Server) GCE(is *Issuer, id Identity) http.Handler {
 		}
 		w.Header().Set("Content-Type", "text/html")
 		fmt.Fprint(w, t)
+	})
+	// The service account's OAuth2 access token, as golang.org/x/oauth2/google
+	// asks for it on GCE: GET …/token?scopes=A,B, answered with JSON.
+	mux.HandleFunc("GET /computeMetadata/v1/instance/service-accounts/default/token", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Metadata-Flavor", "Google")
+		if r.Header.Get("Metadata-Flavor") != "Google" {
+			http.Error(w, "Missing required header \"Metadata-Flavor\": \"Google\"", http.StatusForbidden)
+			return
+		}
+		var scopes []string
+		if sc := r.URL.Query().Get("scopes"); sc != "" {
+			scopes = strings.Split(sc, ",")
+		}
+		s.Issued.Add(1)
+		tok := "ya29.fake-" + rand.Text()
+		s.mu.Lock()
+		if s.access == nil {
+			s.access = make(map[string][]string)
+		}
+		s.access[tok] = scopes
+		s.mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]any{"access_token": tok, "expires_in": 3599, "token_type": "Bearer"})
+	})
+	mux.HandleFunc("GET /computeMetadata/v1/project/project-id", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Metadata-Flavor", "Google")
+		fmt.Fprint(w, "sfkit-test-project")
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Metadata-Flavor", "Google")

@@ -1,4 +1,7 @@
-package main
+// Package sidecar builds and runs the sidecar: the SOCKS front, the one
+// UDP socket with its QUIC peers, STUN, relays, peer discovery (our
+// registry or the sfkit website's relay), forwards and the management API.
+package sidecar
 
 import (
 	"context"
@@ -6,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -16,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/oauth2"
+	"golang.org/x/oauth2/google"
 	"golang.org/x/sync/errgroup"
 
 	"sfkit-proxy/admin"
@@ -26,28 +30,30 @@ import (
 	"sfkit-proxy/relay"
 	"sfkit-proxy/socks"
 	"sfkit-proxy/stun"
+	"sfkit-proxy/website"
 )
 
-// listening is where a started sidecar listens.
-type listening struct {
-	socks, admin netip.AddrPort // admin is zero when the API is off
+// Listening is where a started sidecar listens.
+type Listening struct {
+	SOCKS, Admin netip.AddrPort // Admin is zero when the API is off
 }
 
-// runSidecar builds the sidecar's parts in dependency order and runs them
-// until ctx ends or one fails. onReady, if set, is told where it listens
-// once everything is listening.
-func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady func(listening)) error {
+// Run builds the sidecar's parts in dependency order and runs them until
+// ctx ends or one fails. onReady, if set, is told where it listens once
+// everything is listening.
+func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady func(Listening)) error {
 	log = log.With("party", cfg.PID)
-	token, credSource, err := credential(ctx, cfg, log)
-	if err != nil {
-		return err
-	}
 	id, err := quicmux.LoadIdentity(cfg.StateDir)
 	if err != nil {
 		return err
 	}
-	if cfg.Registry.Scheme == "http" && !isLoopbackHost(cfg.Registry.Hostname()) {
-		log.Warn("registry URL is plain http: tokens and addresses cross the network unencrypted; use https outside a lab", "registry", cfg.Registry.Redacted())
+	if (cfg.Registry.Scheme == "http" || cfg.Registry.Scheme == "ws") && !IsLoopbackHost(cfg.Registry.Hostname()) {
+		log.Warn("registry URL is not encrypted: credentials and addresses cross the network in the clear; use https:// or wss:// outside a lab", "registry", cfg.Registry.Redacted())
+	}
+	st := &state{socks: make(map[string]uint64)}
+	disc, err := discovery(ctx, cfg, id, st, log)
+	if err != nil {
+		return err
 	}
 	if !cfg.SOCKSListen.Addr().IsLoopback() {
 		log.Warn("SOCKS listener is not on loopback: anyone who can reach it can use this party's tunnels", "addr", cfg.SOCKSListen)
@@ -79,7 +85,7 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 		closeListeners()
 		return err
 	}
-	checkKey := quicmux.NewCheckKey()
+	checkKey := quicmux.CheckKeyOf(id)
 	mux, err := quicmux.Listen(cfg.UDPListen, quicmux.Options{
 		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
 		AllowPort: cfg.AllowPorts.Contains, Relay: rl, Virtual: cfg.PeersCIDR,
@@ -88,49 +94,59 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 		closeListeners()
 		return err
 	}
-	st := &state{socks: make(map[string]uint64)}
-	reg := &registry.Client{Base: cfg.Registry, Study: cfg.Study, PID: cfg.PID, Token: token,
-		HTTP: &http.Client{Timeout: 45 * time.Second}}
-	pub := &publisher{reg: reg, mux: mux, st: st, credSource: credSource, log: log.With("component", "registry"), kick: make(chan struct{}, 1),
-		addrs: config.AddrPolicy{Loopback: isLoopbackHost(cfg.Registry.Hostname()), Virtual: cfg.PeersCIDR},
+	self := &local{mux: mux, log: log.With("component", "discovery"), kick: make(chan struct{}, 1),
+		addrs: config.AddrPolicy{Loopback: IsLoopbackHost(cfg.Registry.Hostname()), Virtual: cfg.PeersCIDR},
 		entry: registry.Entry{PID: cfg.PID, Pin: id.Pin, CheckKey: checkKey.Public(), Instance: quicmux.NewInstance(),
 			NAT: stun.NATUnknown, AllowPorts: cfg.AllowPorts.String()}}
 	if rl != nil {
-		pub.entry.Candidates = []registry.Candidate{{Kind: registry.KindRelay, Addr: rl.Addr}}
+		self.entry.Candidates = []registry.Candidate{{Kind: registry.KindRelay, Addr: rl.Addr}}
 	}
 	policy := &peerPolicy{ports: make(map[int]config.PortSet)}
 	ka := &stun.Keepalive{Client: mux.STUN(), Servers: cfg.STUN, Network: mux.Network(),
 		OnMapping: func(m stun.Mapping) {
 			st.setMapping(m)
-			pub.setMapping(m)
+			self.setMapping(m)
 		},
 		OnRound: func(err error) {
 			if st.stunRound(err) && err != nil {
 				log.Warn("stun failed; peers may not reach this party from outside its network", "err", err)
 			}
 		}}
-	srv := socks.New(socks.Options{
+	dialPeer := func(ctx context.Context, pid int, port uint16) (socks.Conn, error) {
+		return mux.Dial(ctx, pid, port)
+	}
+	opts := socks.Options{
 		Logger: log, Peers: cfg.PeersCIDR, Self: cfg.PID, Direct: cfg.Direct, PeerAllows: policy.allows,
-		DialPeer: func(ctx context.Context, pid int, port uint16) (socks.Conn, error) {
-			return mux.Dial(ctx, pid, port)
-		},
-		OnConnect: st.socksRequest,
-	})
+		DialPeer: dialPeer, DialTimeout: cfg.DialTimeout, OnConnect: st.socksRequest,
+	}
+	if cfg.MPC != nil {
+		opts.Route = cfg.MPC.Route
+	}
+	srv := socks.New(opts)
+	forwards := cfg.Forwards
+	if cfg.MPCForward {
+		forwards = append(forwards, cfg.MPC.PeerPorts()...)
+	}
+	fwds := listenForwards(forwards, log)
 	log.Info("sidecar starting", "study", cfg.Study, "socks", ln.Addr(), "udp", mux.LocalAddr(), "pin", id.Pin,
-		"virtual_addr", cfg.VirtualAddr(cfg.PID), "allow_ports", cfg.AllowPorts.String())
+		"virtual_addr", cfg.VirtualAddr(cfg.PID), "allow_ports", cfg.AllowPorts.String(), "discovery", cfg.Registry.Redacted())
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return mux.Run(gctx) })
 	g.Go(func() error { return ka.Run(gctx) })
-	g.Go(func() error { return pub.run(gctx) })
-	g.Go(func() error { return watch(gctx, reg, mux, policy, st, cfg.PID, log.With("component", "registry")) })
+	g.Go(func() error {
+		return disc.Run(gctx, self.snapshot, self.kick, func(v []registry.Entry) { apply(v, cfg.PID, mux, policy) })
+	})
 	g.Go(func() error { return srv.Serve(gctx, ln) })
-	where := listening{socks: netip.MustParseAddrPort(ln.Addr().String())}
+	for _, f := range fwds {
+		g.Go(func() error { return srv.Forward(gctx, f.ln, f.pid, f.port) })
+	}
+	where := Listening{SOCKS: netip.MustParseAddrPort(ln.Addr().String())}
 	if adminLn != nil {
-		where.admin = netip.MustParseAddrPort(adminLn.Addr().String())
+		where.Admin = netip.MustParseAddrPort(adminLn.Addr().String())
 		h := admin.NewHandler(admin.Options{
 			Logger: log,
-			Status: func() admin.Status { return st.status(cfg, mux.Stats(), where.socks) },
+			Status: func() admin.Status { return st.status(cfg, mux.Stats(), where.SOCKS) },
 			Ping: func(ctx context.Context, pid int) (time.Duration, string, string, error) {
 				rtt, path, addr, err := mux.Ping(ctx, pid)
 				return rtt, path, addr.String(), err
@@ -139,20 +155,91 @@ func runSidecar(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onRe
 			Debug: cfg.AdminDebug,
 		})
 		g.Go(func() error {
-			return serveHTTP(gctx, &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}, adminLn, "", "")
+			return ServeHTTP(gctx, &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}, adminLn, "", "")
 		})
 	}
 	if onReady != nil {
 		onReady(where)
 	}
 	err = g.Wait()
-	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-	defer cancel()
-	if derr := reg.Delete(dctx); derr != nil {
-		log.Debug("registry entry not removed", "err", derr)
-	}
 	log.Info("sidecar stopped")
 	return err
+}
+
+// discovery builds the way to find peers that cfg.Registry names, with
+// its credential.
+func discovery(ctx context.Context, cfg *config.Sidecar, id *quicmux.Identity, st *state, log *slog.Logger) (Discovery, error) {
+	if cfg.Website() {
+		auth, src, err := websiteCredential(ctx, cfg)
+		if err != nil {
+			return nil, err
+		}
+		log.Info("website relay credential", "source", src)
+		return website.New(website.Options{URL: cfg.Registry, Study: cfg.Study, PID: cfg.PID, Parties: cfg.Parties, Auth: auth,
+			Cert: id.Cert.Certificate[0], Logger: log, OnResult: func(err error) { st.registryResult(err, err == nil) }}), nil
+	}
+	token, src, err := credential(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	reg := &registry.Client{Base: cfg.Registry, Study: cfg.Study, PID: cfg.PID, Token: token,
+		HTTP: &http.Client{Timeout: 45 * time.Second}}
+	return &registryDiscovery{reg: reg, credSource: src, st: st, log: log.With("component", "registry")}, nil
+}
+
+// forward is a local listener whose connections go to a peer's port.
+type forward struct {
+	ln   net.Listener
+	pid  int
+	port uint16
+}
+
+// listenForwards listens for each forward. A port something else already
+// listens on (the local program itself) is left alone, and the log says so.
+func listenForwards(fs []config.Forward, log *slog.Logger) []forward {
+	var out []forward
+	for _, f := range fs {
+		ln, err := net.Listen("tcp", f.Listen.String())
+		if err != nil {
+			if errors.Is(err, syscall.EADDRINUSE) {
+				log.Info("not forwarding a port a local program already uses", "listen", f.Listen, "peer", f.PID, "port", f.Port)
+			} else {
+				log.Warn("cannot listen for a forward; skipping it", "listen", f.Listen, "peer", f.PID, "port", f.Port, "err", err)
+			}
+			continue
+		}
+		log.Info("forwarding", "listen", f.Listen, "peer", f.PID, "port", f.Port)
+		out = append(out, forward{ln: ln, pid: f.PID, port: f.Port})
+	}
+	return out
+}
+
+// ServeHTTP serves hs on ln until ctx ends, then shuts down gracefully;
+// with cert and key it serves HTTPS.
+func ServeHTTP(ctx context.Context, hs *http.Server, ln net.Listener, cert, key string) error {
+	errc := make(chan error, 1)
+	go func() {
+		if cert != "" {
+			errc <- hs.ServeTLS(ln, cert, key)
+		} else {
+			errc <- hs.Serve(ln)
+		}
+	}()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	serr := hs.Shutdown(sctx)
+	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+		serr = errors.Join(serr, err)
+	}
+	if serr != nil && !errors.Is(serr, context.DeadlineExceeded) {
+		return serr
+	}
+	return ctx.Err()
 }
 
 // allocateRelay gets a relayed address from the first --relay that gives
@@ -208,7 +295,8 @@ func allocateRelay(ctx context.Context, cfg *config.Sidecar, log *slog.Logger) (
 	return &quicmux.Relay{Conn: a.Conn, Addr: a.Addr, Server: a.Server}, nil
 }
 
-func isLoopbackHost(h string) bool {
+// IsLoopbackHost reports whether a URL's host name is this machine.
+func IsLoopbackHost(h string) bool {
 	if h == "localhost" {
 		return true
 	}
@@ -282,178 +370,6 @@ func staticToken(cfg *config.Sidecar) (registry.TokenFunc, error) {
 		}
 		return tok, nil
 	}, nil
-}
-
-// publisher keeps this party's registry entry current.
-type publisher struct {
-	reg        *registry.Client
-	mux        *quicmux.Mux
-	st         *state
-	credSource string // where the token comes from, for error messages
-	log        *slog.Logger
-	kick       chan struct{}
-	addrs      config.AddrPolicy // what the registry takes as candidates
-
-	mu    sync.Mutex // guards entry
-	entry registry.Entry
-}
-
-// setMapping records what STUN learned and publishes it at once.
-func (p *publisher) setMapping(m stun.Mapping) {
-	p.mu.Lock()
-	var cands []registry.Candidate
-	for _, c := range p.entry.Candidates {
-		if c.Kind != registry.KindSrflx {
-			cands = append(cands, c)
-		}
-	}
-	p.entry.Candidates = append(cands, registry.Candidate{Kind: registry.KindSrflx, Addr: m.Addr})
-	p.entry.NAT = m.NAT
-	p.mu.Unlock()
-	p.log.Info("external address learned", "addr", m.Addr, "nat", m.NAT)
-	select {
-	case p.kick <- struct{}{}:
-	default:
-	}
-}
-
-func (p *publisher) snapshot() registry.Entry {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	e := p.entry
-	e.Candidates = nil
-	for _, h := range p.mux.HostCandidates() {
-		if p.addrs.CheckCandidate(h) == nil && len(e.Candidates) < config.MaxCandidates-2 {
-			e.Candidates = append(e.Candidates, registry.Candidate{Kind: registry.KindHost, Addr: h})
-		}
-	}
-	for _, c := range p.entry.Candidates {
-		if c.Kind != registry.KindHost {
-			e.Candidates = append(e.Candidates, c)
-		}
-	}
-	return e
-}
-
-// run publishes now, on every change and every config.PublishInterval (so
-// that the entry stays fresh), retrying with backoff. A credential or an
-// entry the registry rejects before the first success ends the sidecar:
-// that needs a person, not a retry.
-func (p *publisher) run(ctx context.Context) error {
-	published := false
-	backoff := time.Second
-	for {
-		e := p.snapshot()
-		err := p.reg.Publish(ctx, e)
-		wait := config.PublishInterval
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		p.st.registryResult(err, true)
-		if err != nil {
-			var se *registry.StatusError
-			if errors.As(err, &se) && (se.Code == http.StatusUnauthorized || se.Code == http.StatusForbidden) {
-				if !published {
-					return fmt.Errorf("registry rejected this party's credential from %s (%d: %s): check it, --study and --pid", p.credSource, se.Code, se.Msg)
-				}
-				p.log.Error("registry rejected this party's credential; retrying", "code", se.Code, "msg", se.Msg)
-			} else if errors.As(err, &se) && (se.Code == http.StatusConflict || se.Code == http.StatusBadRequest) {
-				if !published {
-					return fmt.Errorf("registry refused this party's entry (%d: %s)", se.Code, se.Msg)
-				}
-				p.log.Error("registry refused this party's entry; retrying", "code", se.Code, "msg", se.Msg)
-			} else {
-				p.log.Warn("registry publish failed; retrying, existing tunnels keep working", "err", err, "in", backoff)
-			}
-			wait = backoff + rand.N(backoff/4+1)
-			backoff = min(2*backoff, 30*time.Second)
-		} else {
-			if !published {
-				p.log.Info("published to registry", "candidates", len(e.Candidates))
-			}
-			published = true
-			backoff = time.Second
-		}
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-p.kick:
-			t.Stop()
-		case <-t.C:
-		}
-	}
-}
-
-// peerPolicy holds the ports each peer publishes as reachable.
-type peerPolicy struct {
-	mu    sync.Mutex // guards ports
-	ports map[int]config.PortSet
-}
-
-func (pp *peerPolicy) allows(pid int, port uint16) bool {
-	pp.mu.Lock()
-	defer pp.mu.Unlock()
-	ps, ok := pp.ports[pid]
-	return !ok || ps.Contains(port)
-}
-
-// watch long-polls the registry and hands every new view to the mux.
-func watch(ctx context.Context, reg *registry.Client, mux *quicmux.Mux, policy *peerPolicy, st *state, self int, log *slog.Logger) error {
-	var after uint64
-	backoff := time.Second
-	failing := false
-	for {
-		l, err := reg.List(ctx, after, 25*time.Second)
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		st.registryResult(err, false)
-		if err != nil {
-			if !failing {
-				log.Warn("registry unreachable; retrying, existing tunnels keep working", "err", err)
-			}
-			failing = true
-			t := time.NewTimer(backoff + rand.N(backoff/4+1))
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return ctx.Err()
-			case <-t.C:
-			}
-			backoff = min(2*backoff, 30*time.Second)
-			continue
-		}
-		if failing {
-			log.Info("registry reachable again")
-		}
-		failing, backoff, after = false, time.Second, l.Version
-		infos := make([]quicmux.PeerInfo, 0, len(l.Parties))
-		ports := make(map[int]config.PortSet)
-		// A party whose entry went stale is gone (the reference registry
-		// drops such entries itself; others may not).
-		for _, e := range l.Fresh(config.DefaultEntryTTL) {
-			if e.PID == self {
-				continue
-			}
-			in := quicmux.PeerInfo{PID: e.PID, Pin: e.Pin, CheckKey: e.CheckKey, Instance: e.Instance}
-			for _, c := range e.Candidates {
-				in.Candidates = append(in.Candidates, c.Addr)
-				if c.Kind == registry.KindRelay {
-					in.Relays = append(in.Relays, c.Addr)
-				}
-			}
-			infos = append(infos, in)
-			if ps, err := config.ParsePorts(e.AllowPorts); err == nil {
-				ports[e.PID] = ps
-			}
-		}
-		policy.mu.Lock()
-		policy.ports = ports
-		policy.mu.Unlock()
-		mux.SetPeers(infos)
-	}
 }
 
 // state is what the sidecar knows of itself, for the management API.
@@ -581,4 +497,47 @@ func (st *state) status(cfg *config.Sidecar, ms quicmux.Stats, socksAddr netip.A
 		s.Peers = append(s.Peers, ap)
 	}
 	return s
+}
+
+// websiteCredential returns the website relay's Authorization header: the
+// raw auth key when one is given, else "Bearer " and a Google OAuth2 access
+// token from the default credentials (on GCE, the metadata server's
+// service account), through golang.org/x/oauth2/google.
+func websiteCredential(ctx context.Context, cfg *config.Sidecar) (func(context.Context, bool) (string, error), string, error) {
+	if cfg.AuthKeyFile != "" || cfg.AuthKey != "" {
+		tf, err := staticToken(cfg)
+		src := "-auth-key"
+		if cfg.AuthKeyFile != "" {
+			src = "--auth-key-file"
+		}
+		return tf, src, err
+	}
+	scopes := []string{"openid", "email", "profile"}
+	find := func(ctx context.Context) (oauth2.TokenSource, error) {
+		creds, err := google.FindDefaultCredentials(ctx, scopes...)
+		if err != nil {
+			return nil, fmt.Errorf("no website relay credential: give -auth-key KEY (or set %s), or run where Google default credentials exist: %w",
+				config.EnvName("auth-key"), err)
+		}
+		return oauth2.ReuseTokenSource(nil, creds.TokenSource), nil
+	}
+	ts, err := find(ctx)
+	if err != nil {
+		return nil, "", err
+	}
+	var mu sync.Mutex // guards ts
+	return func(_ context.Context, refresh bool) (string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if refresh {
+			if ts, err = find(ctx); err != nil {
+				return "", err
+			}
+		}
+		t, err := ts.Token()
+		if err != nil {
+			return "", fmt.Errorf("google access token: %w", err)
+		}
+		return "Bearer " + t.AccessToken, nil
+	}, "google default credentials", nil
 }
