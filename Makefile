@@ -23,16 +23,18 @@ unit:
 	$(GO) test -race -count=1 ./...
 
 # Real NATs in network namespaces (skips, saying so, when not root): direct
-# paths through cone NATs, then relayed ones through symmetric NATs and
-# blocked UDP.
+# paths through cone NATs, relayed ones through symmetric NATs and blocked
+# UDP, then sfkit as it is (its command line, its website's relay).
 e2e: build
 	scripts/nat-lab.sh ./$(BIN)
 	scripts/relay-lab.sh ./$(BIN)
+	scripts/sfkit-lab.sh ./$(BIN)
 
 # A short run of every fuzz target.
 fuzz:
 	for t in FuzzParse:./stun FuzzParseRequest:./quicmux FuzzParseReply:./quicmux \
-	         FuzzDecodeEntry:./registry FuzzParsePorts:./config FuzzParseRelayURL:./relay; do \
+	         FuzzDecodeEntry:./registry FuzzParsePorts:./config FuzzParseRelayURL:./relay \
+	         FuzzParseCandidateLine:./website; do \
 		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 20s "$${t#*:}" || exit 1; \
 	done
 

@@ -154,8 +154,8 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		mpcFwd   = fs.Bool("mpc-forward", false, "with -mpc, also listen on the peers' listening ports (127.0.0.1:port+t), for programs that ignore ALL_PROXY")
 		verbose  countFlag
 		forwards listFlag
-		keyFile  = fs.String("auth-key-file", "", "file holding the registry bearer token")
-		key      = fs.String("auth-key", "", "registry bearer token (prefer the env var or a file: flags show in ps)")
+		keyFile  = fs.String("auth-key-file", "", "file holding the registry bearer token (or the website relay's auth key)")
+		key      = fs.String("auth-key", "", "registry bearer token, or the website relay's auth key (prefer the env var or a file: flags show in ps)")
 		socks    = fs.String("socks-listen", "127.0.0.1:1080", "SOCKS5 listen address")
 		anyHost  = fs.Bool("socks-any-host", false, "allow a non-loopback --socks-listen (anyone who reaches it can use your tunnels)")
 		udp      = fs.String("udp-listen", "0.0.0.0:0", "UDP address of the one socket used for STUN and QUIC")
@@ -178,7 +178,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	fs.Var(&verbose, "v", "more logs: -v debug, -v -v trace (sfkit's spelling of --log-level)")
 	fs.Var(&forwards, "forward", "LOCAL=PID:PORT, repeatable: listen on LOCAL ([IP:]PORT, 127.0.0.1 by default) and carry each connection to party PID's port")
 	fs.Var(&relays, "relay", "TURN relay URL, repeatable or comma-separated: turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT")
-	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, status, ping, demo, version.")
+	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, status, ping, demo, version.\nFlags take one dash or two: sfkit's command line (-v -api URL -study ID -pid N -mpc FILE -socks URI -auth-key KEY) works as it is.")
 	if err := parse(fs, args, EnvPrefix); err != nil {
 		return nil, err
 	}

@@ -265,9 +265,13 @@ func (s *Server) dial(ctx context.Context, client net.Conn, network, addr string
 		tc := c.(*net.TCPConn)
 		return &pipeConn{Conn: tcpConn{tc}, client: client, local: tc.LocalAddr().(*net.TCPAddr), remote: tc.RemoteAddr().(*net.TCPAddr)}, nil
 	}
+	start := time.Now()
 	c, err := s.opts.DialPeer(ctx, pid, uint16(port))
 	s.report(addr, pid, err)
 	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w (waited %v: --dial-timeout)", err, time.Since(start).Round(time.Second))
+		}
 		s.log.Info("tunnel dial failed", "peer", pid, "port", port, "err", err)
 		return nil, err
 	}

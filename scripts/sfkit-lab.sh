@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# sfkit as it is, across real NATs (see lab-lib.sh for the topology): three
+# parties, each behind its own cone NAT, find each other only through a
+# fake of the sfkit website's WebSocket relay (scripts/fakesfkit, over TLS),
+# and each sidecar is started with exactly the argument list sfkit's
+# boot_sfkit_proxy uses; the STUN servers come from SFKIT_PROXY_STUN, as
+# sfkit's environment is inherited.
+#
+# Then every party runs scripts/mpcpeer, which does what SF-GWAS does:
+# configGlobal.toml with every ipaddr 127.0.0.1, the lower party listening
+# on port+t, the higher one dialling 127.0.0.1:port+t through
+# golang.org/x/net/proxy's FromEnvironment (ALL_PROXY=socks5://localhost:7080),
+# 4 connections per pair, bytes both ways, sha256-checked. Party 2 ignores
+# ALL_PROXY (plain net.Dial) and its sidecar forwards the peers' ports
+# (SFKIT_PROXY_MPC_FORWARD=true).
+#
+# Usage: scripts/sfkit-lab.sh [path/to/sfkit-proxy]
+set -euo pipefail
+LAB=sfkit-lab
+SIZE_MB=1
+# shellcheck source=scripts/lab-lib.sh
+. "$(dirname "$0")/lab-lib.sh"
+command -v openssl >/dev/null || { echo "$LAB: openssl is missing (apt-get install openssl)" >&2; exit 1; }
+
+NPARTIES=3
+TURN_ARGS=(--stun-only --no-tls)
+internet
+
+# The website relay, over TLS with a certificate the parties trust through
+# SSL_CERT_FILE (as a real one would be through the system's roots).
+(cd "$(dirname "$0")/.." && go build -o "$DIR/fakesfkit" ./scripts/fakesfkit && go build -o "$DIR/mpcpeer" ./scripts/mpcpeer)
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=sfkit.lab \
+	-addext subjectAltName=IP:203.0.113.10 -keyout "$DIR/relay.key" -out "$DIR/relay.pem" 2>/dev/null
+: >"$DIR/keys"
+for i in 0 1 2; do
+	key=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
+	echo "$key user$i" >>"$DIR/keys"
+	printf '%s' "$key" >"$DIR/key$i"
+done
+spawn inet "$DIR/relay.log" "$DIR/fakesfkit" --listen 203.0.113.10:8443 --cert "$DIR/relay.pem" --key "$DIR/relay.key" \
+	--study study-42 --participants user0,user1,user2 --keys "$DIR/keys" --origin wss://203.0.113.10:8443
+
+cat >"$DIR/configGlobal.toml" <<'TOML'
+num_main_parties = 2
+mpc_num_threads = 4
+
+[servers.party0]
+ipaddr = "127.0.0.1"
+ports  = {party1 = "8020", party2 = "8040"}
+
+[servers.party1]
+ipaddr = "127.0.0.1"
+ports  = {party0 = "8020", party2 = "8060"}
+
+[servers.party2]
+ipaddr = "127.0.0.1"
+ports  = {party0 = "8040", party1 = "8060"}
+TOML
+
+for i in $(seq 0 $((NPARTIES - 1))); do
+	addns "p$i"
+	router "$i" "$(ns "p$i")" cone
+	extra_env=()
+	[ "$i" = 2 ] && extra_env=(SFKIT_PROXY_MPC_FORWARD=true)
+	# Exactly sfkit's command line; the environment carries the rest.
+	spawn "p$i" "$DIR/p$i.log" env SSL_CERT_FILE="$DIR/relay.pem" XDG_STATE_HOME="$DIR/state$i" \
+		SFKIT_PROXY_STUN=stun:203.0.113.10:3478,stun:203.0.113.11:3478 "${extra_env[@]}" \
+		"$BIN" -v -api wss://203.0.113.10:8443/api/ice -study study-42 -pid "$i" -mpc "$DIR/configGlobal.toml" \
+		-socks socks5://localhost:7080 -auth-key "$(cat "$DIR/key$i")"
+done
+
+# sfkit waits a second, then starts the MPC program with ALL_PROXY set.
+sleep 1
+MPC_PIDS=()
+for i in $(seq 0 $((NPARTIES - 1))); do
+	plain=()
+	[ "$i" = 2 ] && plain=(-plain)
+	ip netns exec "$(ns "p$i")" env ALL_PROXY=socks5://localhost:7080 "$DIR/mpcpeer" -mpc "$DIR/configGlobal.toml" \
+		-pid "$i" -bytes $((4 << 20)) "${plain[@]}" >"$DIR/mpc$i.log" 2>&1 &
+	MPC_PIDS+=($!)
+	PIDS+=($!)
+done
+for i in $(seq 0 $((NPARTIES - 1))); do
+	if wait "${MPC_PIDS[$i]}"; then
+		log "$(cat "$DIR/mpc$i.log")"
+		pass
+	else
+		fail "party $i's MPC program: $(tr '\n' ' ' <"$DIR/mpc$i.log")"
+	fi
+done
+
+if grep -q 'msg=forwarding' "$DIR/p2.log"; then pass; else fail "party 2 did not forward the peers' ports"; fi
+for i in $(seq 0 $((NPARTIES - 1))); do
+	check_status "$i" "$NPARTIES" "'direct'"
+done
+inns p0 "$BIN" status | head -8
+finish
