@@ -5,13 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net/http"
 	"sync"
 	"time"
 
 	"golang.org/x/sync/errgroup"
 
+	"sfkit-proxy/backoff"
 	"sfkit-proxy/config"
 	"sfkit-proxy/quicmux"
 	"sfkit-proxy/registry"
@@ -148,11 +148,10 @@ func (d *registryDiscovery) Run(ctx context.Context, self func() registry.Entry,
 // that needs a person, not a retry.
 func (d *registryDiscovery) publish(ctx context.Context, self func() registry.Entry, changed <-chan struct{}) error {
 	published := false
-	backoff := time.Second
+	var bo backoff.Backoff
 	for {
 		e := self()
 		err := d.reg.Publish(ctx, e)
-		wait := config.PublishInterval
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -170,18 +169,19 @@ func (d *registryDiscovery) publish(ctx context.Context, self func() registry.En
 				}
 				d.log.Error("registry refused this party's entry; retrying", "code", se.Code, "msg", se.Msg)
 			} else {
-				d.log.Warn("registry publish failed; retrying, existing tunnels keep working", "err", err, "in", backoff)
+				d.log.Warn("registry publish failed; retrying, existing tunnels keep working", "err", err, "in", bo.Next())
 			}
-			wait = backoff + rand.N(backoff/4+1)
-			backoff = min(2*backoff, 30*time.Second)
-		} else {
-			if !published {
-				d.log.Info("published to registry", "candidates", len(e.Candidates))
+			if err := bo.Wait(ctx); err != nil {
+				return err
 			}
-			published = true
-			backoff = time.Second
+			continue
 		}
-		t := time.NewTimer(wait)
+		if !published {
+			d.log.Info("published to registry", "candidates", len(e.Candidates))
+		}
+		published = true
+		bo.Reset()
+		t := time.NewTimer(config.PublishInterval)
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -198,7 +198,7 @@ func (d *registryDiscovery) publish(ctx context.Context, self func() registry.En
 // entries itself; others may not).
 func (d *registryDiscovery) watch(ctx context.Context, view func([]registry.Entry)) error {
 	var after uint64
-	backoff := time.Second
+	var bo backoff.Backoff
 	failing := false
 	for {
 		l, err := d.reg.List(ctx, after, 25*time.Second)
@@ -211,20 +211,16 @@ func (d *registryDiscovery) watch(ctx context.Context, view func([]registry.Entr
 				d.log.Warn("registry unreachable; retrying, existing tunnels keep working", "err", err)
 			}
 			failing = true
-			t := time.NewTimer(backoff + rand.N(backoff/4+1))
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return ctx.Err()
-			case <-t.C:
+			if err := bo.Wait(ctx); err != nil {
+				return err
 			}
-			backoff = min(2*backoff, 30*time.Second)
 			continue
 		}
 		if failing {
 			d.log.Info("registry reachable again")
 		}
-		failing, backoff, after = false, time.Second, l.Version
+		bo.Reset()
+		failing, after = false, l.Version
 		view(l.Fresh(config.DefaultEntryTTL))
 	}
 }

@@ -293,6 +293,22 @@ func TestSfkitStudyThroughTheWebsiteRelay(t *testing.T) {
 			t.Error(err)
 		}
 	}
+	// The website restarts: every party loses its socket. Tunnels do not
+	// depend on it: new connections work at once, and the parties
+	// reconnect (and meet at the barrier again).
+	for pid := range 3 {
+		s.relay.Kick(pid)
+	}
+	if err := s.dialMPC(socks[1], 0, 1, 0); err != nil {
+		t.Errorf("after the relay restarted: %v", err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for len(s.relay.Connected()) < 3 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n := len(s.relay.Connected()); n != 3 {
+		t.Errorf("%d parties reconnected to the relay; want 3", n)
+	}
 	// Party 2's plain net.Dial to its forward reaches party 0's echo.
 	c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(fwd))
 	if err != nil {

@@ -16,7 +16,6 @@ import (
 	"io"
 	"log/slog"
 	"maps"
-	"math/rand/v2"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -28,6 +27,7 @@ import (
 	"github.com/coder/websocket"
 	"github.com/coder/websocket/wsjson"
 
+	"sfkit-proxy/backoff"
 	"sfkit-proxy/config"
 	"sfkit-proxy/quicmux"
 	"sfkit-proxy/registry"
@@ -151,7 +151,7 @@ func fatal(err error) bool {
 // depend on the relay.
 func (c *Client) Run(ctx context.Context, self func() registry.Entry, changed <-chan struct{}, view func([]registry.Entry)) error {
 	peers := &peerSet{self: c.opts.PID, parties: c.opts.Parties, byPID: make(map[int]*peerState)}
-	backoff := time.Second
+	var bo backoff.Backoff
 	everUp, refresh := false, false
 	for {
 		up, err := c.session(ctx, self, changed, peers, view, refresh)
@@ -170,19 +170,14 @@ func (c *Client) Run(ctx context.Context, self func() registry.Entry, changed <-
 		case fatal(err):
 			c.log.Error("website relay refused this party; retrying, existing tunnels keep working", "err", err)
 		default:
-			c.log.Warn("website relay connection lost; reconnecting, existing tunnels keep working", "err", err, "in", backoff)
+			c.log.Warn("website relay connection lost; reconnecting, existing tunnels keep working", "err", err, "in", bo.Next())
 		}
 		if up {
-			backoff = time.Second
+			bo.Reset()
 		}
-		t := time.NewTimer(backoff + rand.N(backoff/4+1))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
+		if err := bo.Wait(ctx); err != nil {
+			return err
 		}
-		backoff = min(2*backoff, 30*time.Second)
 	}
 }
 
