@@ -12,8 +12,8 @@ func BenchmarkRequestHeader(b *testing.B) {
 	b.ReportAllocs()
 	buf := make([]byte, 0, requestLen)
 	for b.Loop() {
-		buf = AppendRequest(buf[:0], KindConnect, 8020)
-		if _, _, err := ParseRequest(buf); err != nil {
+		buf = Request{Kind: KindConnect, Port: 8020, Flow: 1}.Append(buf[:0])
+		if _, err := ParseRequest(buf); err != nil {
 			b.Fatal(err)
 		}
 	}

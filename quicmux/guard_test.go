@@ -17,6 +17,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"sfkit-proxy/flow"
 	"sfkit-proxy/stun"
 )
 
@@ -202,7 +203,7 @@ func TestStreamLimitFailsFast(t *testing.T) {
 	a := startPartyWith(t, 0, nil, allowAll, limit)
 	b := startPartyWith(t, 1, nil, allowAll, limit)
 	introduce(a, b)
-	var open []*StreamConn
+	var open []*flow.Conn
 	for range 4 {
 		c, err := a.m.Dial(ctxTimeout(t, 10*time.Second), 1, hold)
 		if err != nil {

@@ -1,21 +1,26 @@
 package quicmux
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 )
 
-// The stream protocol. The opener of a stream writes a request header, the
-// acceptor answers with a reply; then a connect stream carries the TCP bytes
-// and a ping stream ends.
+// The stream protocol. The opener of a stream writes a request, the
+// acceptor answers with a reply; then a connect or resume stream carries
+// the flow's frames (package flow), and the other kinds end.
 //
-//	request: version (1 byte, 1) | kind (1 byte) | port (2 bytes, big endian)
-//	reply:   version (1 byte, 1) | status (1 byte)
+//	request: version (1 byte, 2) | kind (1) | port (2, big endian) | flow (8) | rcvd (8)
+//	reply:   version (1 byte, 2) | status (1) | rcvd (8)
+//
+// flow is the flow's id (connect, resume) or the sender's boot id (hello);
+// rcvd is how much of the flow the sender has received (resume), or the
+// acceptor's boot id in a hello's reply.
 const (
-	headerVersion = 1
-	requestLen    = 4
-	replyLen      = 2
+	headerVersion = 2
+	requestLen    = 20
+	replyLen      = 10
 )
 
 // Kind is what a stream is for.
@@ -23,10 +28,20 @@ type Kind byte
 
 // Kinds.
 const (
-	KindConnect    Kind = 0 // a tunnelled TCP connection to the port
+	KindConnect    Kind = 0 // a new flow: a tunnelled TCP connection to the port
 	KindPing       Kind = 1 // answered at once, to measure the round trip
 	KindPathNotice Kind = 2 // the dialer moved the connection to the direct path
+	KindResume     Kind = 3 // a flow goes on over this stream
+	KindHello      Kind = 4 // the first stream of a connection: who is here (boot ids)
 )
+
+// Request is a stream's header.
+type Request struct {
+	Kind Kind
+	Port uint16
+	Flow uint64
+	Rcvd uint64
+}
 
 // Status is the acceptor's answer to a stream request.
 type Status byte
@@ -38,6 +53,9 @@ const (
 	StatusNotAllowed  Status = 2 // the port is not in the acceptor's --allow-ports
 	StatusUnreachable Status = 3 // the local dial failed otherwise
 	StatusBadRequest  Status = 4 // unknown header version
+	StatusUnknownFlow Status = 5 // resume of a flow the acceptor does not have (it restarted)
+	StatusFlowDone    Status = 6 // resume of a flow that ended cleanly
+	StatusFlowReset   Status = 7 // resume of a flow that was reset
 )
 
 func (s Status) String() string {
@@ -52,8 +70,20 @@ func (s Status) String() string {
 		return "host unreachable"
 	case StatusBadRequest:
 		return "bad request"
+	case StatusUnknownFlow:
+		return "unknown flow"
+	case StatusFlowDone:
+		return "flow done"
+	case StatusFlowReset:
+		return "flow reset"
 	}
 	return fmt.Sprintf("status %d", byte(s))
+}
+
+// Reply is the acceptor's answer.
+type Reply struct {
+	Status Status
+	Rcvd   uint64
 }
 
 // Errors of the stream protocol.
@@ -64,43 +94,57 @@ var (
 	ErrRefused     = errors.New("connection refused by peer's local port")
 	ErrNotAllowed  = errors.New("port not allowed by peer")
 	ErrUnreachable = errors.New("peer could not reach its local port")
+	// ErrKind is returned for a request kind this version does not know.
+	ErrKind = errors.New("unknown stream kind")
 )
 
-// AppendRequest appends a request header.
-func AppendRequest(b []byte, k Kind, port uint16) []byte {
-	return append(b, headerVersion, byte(k), byte(port>>8), byte(port))
+// Append appends the request's encoding.
+func (r Request) Append(b []byte) []byte {
+	b = append(b, headerVersion, byte(r.Kind), byte(r.Port>>8), byte(r.Port))
+	return binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(b, r.Flow), r.Rcvd)
 }
-
-// ErrKind is returned for a request kind this version does not know.
-var ErrKind = errors.New("unknown stream kind")
 
 // ParseRequest decodes a request header.
-func ParseRequest(b []byte) (k Kind, port uint16, err error) {
-	if len(b) < requestLen {
-		return 0, 0, io.ErrUnexpectedEOF
+func ParseRequest(b []byte) (Request, error) {
+	if len(b) < 1 {
+		return Request{}, io.ErrUnexpectedEOF
 	}
 	if b[0] != headerVersion {
-		return 0, 0, fmt.Errorf("%w %d", ErrVersion, b[0])
+		return Request{}, fmt.Errorf("%w %d", ErrVersion, b[0])
 	}
-	k = Kind(b[1])
-	if k > KindPathNotice {
-		return 0, 0, fmt.Errorf("%w %d", ErrKind, b[1])
+	if len(b) < requestLen {
+		return Request{}, io.ErrUnexpectedEOF
 	}
-	return k, uint16(b[2])<<8 | uint16(b[3]), nil
+	r := Request{Kind: Kind(b[1]), Port: binary.BigEndian.Uint16(b[2:4]),
+		Flow: binary.BigEndian.Uint64(b[4:12]), Rcvd: binary.BigEndian.Uint64(b[12:20])}
+	if r.Kind > KindHello {
+		return Request{}, fmt.Errorf("%w %d", ErrKind, b[1])
+	}
+	return r, nil
 }
 
-// AppendReply appends a reply.
-func AppendReply(b []byte, s Status) []byte { return append(b, headerVersion, byte(s)) }
+// Append appends the reply's encoding.
+func (r Reply) Append(b []byte) []byte {
+	return binary.BigEndian.AppendUint64(append(b, headerVersion, byte(r.Status)), r.Rcvd)
+}
 
-// ParseReply decodes a reply into nil (ok) or the error it stands for.
-func ParseReply(b []byte) error {
-	if len(b) < replyLen {
-		return io.ErrUnexpectedEOF
+// ParseReply decodes a reply.
+func ParseReply(b []byte) (Reply, error) {
+	if len(b) < 1 {
+		return Reply{}, io.ErrUnexpectedEOF
 	}
 	if b[0] != headerVersion {
-		return fmt.Errorf("%w %d", ErrVersion, b[0])
+		return Reply{}, fmt.Errorf("%w %d", ErrVersion, b[0])
 	}
-	switch Status(b[1]) {
+	if len(b) < replyLen {
+		return Reply{}, io.ErrUnexpectedEOF
+	}
+	return Reply{Status: Status(b[1]), Rcvd: binary.BigEndian.Uint64(b[2:10])}, nil
+}
+
+// Err is nil for StatusOK, else the error the status stands for.
+func (r Reply) Err() error {
+	switch r.Status {
 	case StatusOK:
 		return nil
 	case StatusRefused:
@@ -110,5 +154,5 @@ func ParseReply(b []byte) error {
 	case StatusUnreachable:
 		return ErrUnreachable
 	}
-	return fmt.Errorf("peer answered %v", Status(b[1]))
+	return fmt.Errorf("peer answered %v", r.Status)
 }

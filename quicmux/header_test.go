@@ -10,22 +10,22 @@ func TestRequestHeader(t *testing.T) {
 	tests := []struct {
 		name    string
 		b       []byte
-		kind    Kind
-		port    uint16
+		want    Request
 		wantErr error
 	}{
-		{"connect 8020", AppendRequest(nil, KindConnect, 8020), KindConnect, 8020, nil},
-		{"connect 65535", AppendRequest(nil, KindConnect, 65535), KindConnect, 65535, nil},
-		{"ping", AppendRequest(nil, KindPing, 0), KindPing, 0, nil},
-		{"short", []byte{1, 0, 0}, 0, 0, io.ErrUnexpectedEOF},
-		{"future version", []byte{2, 0, 0x1f, 0x54}, 0, 0, ErrVersion},
-		{"unknown kind", []byte{1, 9, 0x1f, 0x54}, 0, 0, ErrKind},
+		{"connect 8020", Request{Kind: KindConnect, Port: 8020, Flow: 0xdeadbeef}.Append(nil), Request{Kind: KindConnect, Port: 8020, Flow: 0xdeadbeef}, nil},
+		{"resume", Request{Kind: KindResume, Port: 65535, Flow: 7, Rcvd: 1 << 40}.Append(nil), Request{Kind: KindResume, Port: 65535, Flow: 7, Rcvd: 1 << 40}, nil},
+		{"ping", Request{Kind: KindPing}.Append(nil), Request{Kind: KindPing}, nil},
+		{"short", []byte{2, 0, 0}, Request{}, io.ErrUnexpectedEOF},
+		{"old version", []byte{1, 0, 0x1f, 0x54}, Request{}, ErrVersion},
+		{"future version", append([]byte{3}, make([]byte, 19)...), Request{}, ErrVersion},
+		{"unknown kind", append([]byte{2, 9}, make([]byte, 18)...), Request{}, ErrKind},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			kind, port, err := ParseRequest(tt.b)
-			if !errors.Is(err, tt.wantErr) || port != tt.port || kind != tt.kind {
-				t.Errorf("ParseRequest(%x) = %d, %d, %v; want %d, %d, %v", tt.b, kind, port, err, tt.kind, tt.port, tt.wantErr)
+			got, err := ParseRequest(tt.b)
+			if !errors.Is(err, tt.wantErr) || got != tt.want {
+				t.Errorf("ParseRequest(%x) = %+v, %v; want %+v, %v", tt.b, got, err, tt.want, tt.wantErr)
 			}
 		})
 	}
@@ -43,36 +43,41 @@ func TestReply(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.s.String(), func(t *testing.T) {
-			if err := ParseReply(AppendReply(nil, tt.s)); !errors.Is(err, tt.want) {
-				t.Errorf("ParseReply(%v) = %v; want %v", tt.s, err, tt.want)
+			r, err := ParseReply(Reply{Status: tt.s, Rcvd: 42}.Append(nil))
+			if err != nil || r.Rcvd != 42 || !errors.Is(r.Err(), tt.want) {
+				t.Errorf("ParseReply(%v) = %+v, %v; want error %v", tt.s, r, err, tt.want)
 			}
 		})
 	}
-	if err := ParseReply([]byte{1, 99}); err == nil {
-		t.Error("ParseReply(unknown status) = nil; want error")
+	if r, _ := ParseReply(Reply{Status: 99}.Append(nil)); r.Err() == nil {
+		t.Error("unknown status: Err() = nil; want error")
 	}
-	if err := ParseReply([]byte{7, 0}); !errors.Is(err, ErrVersion) {
+	if _, err := ParseReply([]byte{7, 0}); !errors.Is(err, ErrVersion) {
 		t.Errorf("ParseReply(version 7) = %v; want ErrVersion", err)
 	}
 }
 
 func FuzzParseRequest(f *testing.F) {
-	f.Add(AppendRequest(nil, KindConnect, 8020))
-	f.Add(AppendRequest(nil, KindPing, 0))
+	f.Add(Request{Kind: KindConnect, Port: 8020, Flow: 1}.Append(nil))
+	f.Add(Request{Kind: KindResume, Flow: 1, Rcvd: 99}.Append(nil))
 	f.Add([]byte{2, 0, 0, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		kind, port, err := ParseRequest(b)
+		r, err := ParseRequest(b)
 		if err != nil {
 			return
 		}
-		if k2, p2, _ := ParseRequest(AppendRequest(nil, kind, port)); k2 != kind || p2 != port {
-			t.Errorf("round trip of %d/%d = %d/%d", kind, port, k2, p2)
+		if r2, err := ParseRequest(r.Append(nil)); err != nil || r2 != r {
+			t.Errorf("round trip of %+v = %+v, %v", r, r2, err)
 		}
 	})
 }
 
 func FuzzParseReply(f *testing.F) {
-	f.Add(AppendReply(nil, StatusOK))
-	f.Add(AppendReply(nil, StatusRefused))
-	f.Fuzz(func(t *testing.T, b []byte) { ParseReply(b) })
+	f.Add(Reply{Status: StatusOK}.Append(nil))
+	f.Add(Reply{Status: StatusRefused, Rcvd: 5}.Append(nil))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if r, err := ParseReply(b); err == nil {
+			_ = r.Err()
+		}
+	})
 }

@@ -90,6 +90,12 @@ type Options struct {
 	// MaxStreams is how many tunnelled connections a peer may hold open to
 	// us at once; zero means 4096. Past it a Dial fails at once.
 	MaxStreams int
+	// ResumeTimeout is how long a tunnelled connection waits for a path to
+	// come back before it is reset; zero means 10 minutes.
+	ResumeTimeout time.Duration
+	// OnPathLost, if set, is called when a connection to a peer dies: the
+	// NAT mapping may have changed, and is worth asking STUN about now.
+	OnPathLost func()
 	// AllowPort says which local ports peers may reach; nil allows none.
 	AllowPort func(port uint16) bool
 	// LocalHost is where accepted streams are dialled; zero means 127.0.0.1.
@@ -124,6 +130,11 @@ type Mux struct {
 	quiet *quietLog // warnings that strangers can provoke
 	guard *handshakeGuard
 
+	boot  uint64                // this run's id, told to peers in hellos
+	quit  chan struct{}         // closed when Run ends
+	flows map[flowKey]*flowEntry // guarded by mu
+	tombs map[flowKey]tomb       // ended flows, for late resumes; guarded by mu
+
 	wg    sync.WaitGroup // stream handlers and per-connection goroutines
 	count counters
 	bufs  bufferPool
@@ -149,7 +160,9 @@ type peer struct {
 	key string
 	// gone: its registry entry went away while a connection was live;
 	// the connection is kept until it ends.
-	gone    bool
+	gone bool
+	// boot is the peer's boot id from its last hello, 0 before one.
+	boot    uint64
 	prflx   map[netip.AddrPort]time.Time // learned from its checks: when last heard
 	link    *link                        // the connection in use, nil when none
 	state   string
@@ -185,9 +198,11 @@ const (
 // benchmarks that compare with raw quic-go).
 func QUICConfig(handshakeTimeout time.Duration) *quic.Config {
 	return &quic.Config{
-		HandshakeIdleTimeout:           handshakeTimeout,
-		MaxIdleTimeout:                 30 * time.Second,
-		KeepAlivePeriod:                15 * time.Second,
+		HandshakeIdleTimeout: handshakeTimeout,
+		// A dead path is noticed within seconds; the tunnelled connections
+		// then wait, detached, for the next connection (package flow).
+		MaxIdleTimeout:                 10 * time.Second,
+		KeepAlivePeriod:                2 * time.Second,
 		MaxIncomingStreams:             4096,
 		InitialStreamReceiveWindow:     1 << 20,
 		MaxStreamReceiveWindow:         16 << 20,
@@ -222,6 +237,9 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 	if opts.MaxStreams == 0 {
 		opts.MaxStreams = 4096
 	}
+	if opts.ResumeTimeout == 0 {
+		opts.ResumeTimeout = 10 * time.Minute
+	}
 	network := "udp4"
 	if addr.Addr().Is6() && !addr.Addr().Is4In6() {
 		network = "udp6"
@@ -246,6 +264,10 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 		peers:   make(map[int]*peer),
 		changed: make(chan struct{}),
 		qc:      QUICConfig(opts.DialTimeout),
+		boot:    newBoot(),
+		quit:    make(chan struct{}),
+		flows:   make(map[flowKey]*flowEntry),
+		tombs:   make(map[flowKey]tomb),
 	}
 	m.qc.MaxIncomingStreams = int64(opts.MaxStreams)
 	if m.main, err = m.newEndpoint(pc, false, ""); err != nil {
@@ -393,6 +415,7 @@ loop:
 		}
 	}
 	cancel()
+	close(m.quit)
 	m.mu.Lock()
 	for _, p := range m.peers {
 		p.cancel()
@@ -400,7 +423,15 @@ loop:
 			p.link.conn.CloseWithError(codeShutdown, "shutdown")
 		}
 	}
+	var flows []*flowEntry
+	for _, e := range m.flows {
+		flows = append(flows, e)
+	}
 	m.mu.Unlock()
+	// Nothing will resume them: their local connections are reset.
+	for _, e := range flows {
+		e.c.Abandon()
+	}
 	for _, ep := range eps {
 		ep.ln.Close()
 	}

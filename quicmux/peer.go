@@ -57,8 +57,19 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 			return
 		case <-l.conn.Context().Done():
 			err := context.Cause(l.conn.Context())
-			log.Warn("peer connection lost", "err", err)
+			var app *quic.ApplicationError
+			if errors.As(err, &app) && app.Remote && app.ErrorCode == codeShutdown {
+				// It stopped on purpose: nothing will resume.
+				log.Info("peer shut down")
+				m.dropLink(p, l, err)
+				m.resetFlows(p.pid, "peer shut down")
+				return
+			}
+			log.Warn("path lost; tunnelled connections wait for a new one", "err", err)
 			m.dropLink(p, l, err)
+			if m.opts.OnPathLost != nil {
+				m.opts.OnPathLost()
+			}
 			return
 		case <-p.infoCh:
 			m.mu.Lock()
@@ -68,6 +79,7 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 				log.Info("peer restarted; reconnecting")
 				l.conn.CloseWithError(codeRestart, "peer restarted")
 				m.dropLink(p, l, errors.New("peer restarted"))
+				m.resetFlows(p.pid, "peer restarted")
 			}
 			return
 		case <-directChecks:
@@ -103,9 +115,8 @@ func (m *Mux) upgrade(ctx context.Context, p *peer, l *link, to netip.AddrPort, 
 			// Tell the acceptor, which cannot see the switch itself.
 			nctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
 			defer cancel()
-			if str, err := openStream(nctx, l.conn, KindPathNotice, 0); err == nil {
-				str.Close()
-				str.CancelRead(codeStreamAbort)
+			if str, _, err := openStream(nctx, l.conn, Request{Kind: KindPathNotice}); err == nil {
+				endStream(str)
 			}
 			return
 		}
@@ -445,6 +456,9 @@ func (m *Mux) viaLocked(p *peer, l *link) string {
 	return ""
 }
 
+// addrOf is ap as a net.Addr.
+func addrOf(ap netip.AddrPort) net.Addr { return net.UDPAddrFromAddrPort(ap) }
+
 func addrPortOf(a net.Addr) netip.AddrPort {
 	if ua, ok := a.(*net.UDPAddr); ok {
 		ap := ua.AddrPort()
@@ -473,6 +487,9 @@ func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *end
 	m.log.Info("peer connected", "peer", p.pid, "path", kind, "addr", l.remote, "via", via,
 		"rtt", conn.ConnectionStats().SmoothedRTT)
 	m.wg.Go(func() { m.serveStreams(ctx, p.pid, l) })
+	if m.opts.PID < p.pid {
+		m.wg.Go(func() { m.sayHello(ctx, p.pid, l) })
+	}
 }
 
 // drain closes l once it carries no tunnelled connection (or after a day).

@@ -70,6 +70,7 @@ type Stats struct {
 	DialsOK, DialsFailed       uint64
 	AcceptsOK, AcceptsRejected uint64
 	ChecksSent, ChecksAnswered uint64
+	FlowsResumed, FlowsReset   uint64
 }
 
 // counters are the mux-wide event counts.
@@ -77,6 +78,7 @@ type counters struct {
 	dialsOK, dialsFailed       atomic.Uint64
 	acceptsOK, acceptsRejected atomic.Uint64
 	checksSent, checksAnswered atomic.Uint64
+	flowsResumed, flowsReset   atomic.Uint64
 }
 
 // trafficLocked returns p's counters for path kind, creating them.
@@ -126,6 +128,7 @@ func (m *Mux) Stats() Stats {
 		DialsOK: m.count.dialsOK.Load(), DialsFailed: m.count.dialsFailed.Load(),
 		AcceptsOK: m.count.acceptsOK.Load(), AcceptsRejected: m.count.acceptsRejected.Load(),
 		ChecksSent: m.count.checksSent.Load(), ChecksAnswered: m.count.checksAnswered.Load(),
+		FlowsResumed: m.count.flowsResumed.Load(), FlowsReset: m.count.flowsReset.Load(),
 	}
 	now := time.Now()
 	m.mu.Lock()

@@ -6,15 +6,17 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/quic-go/quic-go"
+
+	"sfkit-proxy/flow"
 )
 
 // Errors of Dial.
@@ -26,20 +28,25 @@ var (
 	ErrTooManyConns = errors.New("too many open tunnelled connections to this party: connection refused until some close")
 )
 
-// Dial opens a tunnelled TCP connection to port on party pid's loopback. It
-// waits, within ctx, for the party to register and for a path to it. The
-// error of a refused or disallowed port says so.
-func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*StreamConn, error) {
-	str, l, kind, err := m.open(ctx, pid, KindConnect, port)
+// Dial opens a tunnelled TCP connection (a flow) to port on party pid's
+// loopback. It waits, within ctx, for the party to register and for a path
+// to it. The error of a refused or disallowed port says so. The flow
+// outlives the QUIC connection it starts on: when that dies, Dial's side
+// resumes it on the next one (see package flow).
+func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*flow.Conn, error) {
+	id := rand.Uint64()
+	str, l, kind, reply, err := m.open(ctx, pid, Request{Kind: KindConnect, Port: port, Flow: id})
 	if err != nil {
 		return nil, err
 	}
+	if err := reply.Err(); err != nil {
+		return nil, fmt.Errorf("party %d port %d: %w", pid, port, err)
+	}
 	l.tr.opened.Add(1)
-	l.tr.open.Add(1)
-	l.open.Add(1)
-	c := &StreamConn{str: str, l: l, bufs: &m.bufs, local: net.UDPAddrFromAddrPort(l.local), remote: net.UDPAddrFromAddrPort(l.remote),
-		start: time.Now(), log: m.log.With("peer", pid, "port", port, "dir", "out", "path", kind)}
-	c.log.Info("tunnel opened")
+	log := m.log.With("peer", pid, "port", port, "dir", "out", "path", kind)
+	c := m.newFlow(flowKey{pid: pid, mine: true, id: id}, port, l, log)
+	c.Attach(m.flowStream(str, l), 0)
+	log.Info("tunnel opened")
 	return c, nil
 }
 
@@ -47,36 +54,38 @@ func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*StreamConn, erro
 // names the path it took.
 func (m *Mux) Ping(ctx context.Context, pid int) (rtt time.Duration, path string, addr netip.AddrPort, err error) {
 	start := time.Now()
-	str, l, kind, err := m.open(ctx, pid, KindPing, 0)
+	str, l, kind, reply, err := m.open(ctx, pid, Request{Kind: KindPing})
 	if err != nil {
 		return 0, "", netip.AddrPort{}, err
 	}
 	rtt = time.Since(start)
-	str.Close()
-	str.CancelRead(codeStreamAbort)
+	endStream(str)
+	if err := reply.Err(); err != nil {
+		return 0, "", netip.AddrPort{}, err
+	}
 	return rtt, kind, l.remote, nil
 }
 
-// open opens a stream of kind k to pid and reads the peer's reply. A
+// open opens a stream with request r to pid and reads the peer's reply. A
 // connection may die under us (the peer restarted, the path broke); nothing
 // has reached the client yet, so opening again is safe.
-func (m *Mux) open(ctx context.Context, pid int, k Kind, port uint16) (*quic.Stream, *link, string, error) {
+func (m *Mux) open(ctx context.Context, pid int, r Request) (*quic.Stream, *link, string, Reply, error) {
 	for attempt := 0; ; attempt++ {
 		p, l, err := m.waitLink(ctx, pid)
 		if err != nil {
-			return nil, nil, "", err
+			return nil, nil, "", Reply{}, err
 		}
-		str, err := openStream(ctx, l.conn, k, port)
+		str, reply, err := openStream(ctx, l.conn, r)
 		if err == nil {
-			return str, l, m.linkKind(p, l), nil
+			return str, l, m.linkKind(p, l), reply, nil
 		}
 		if errors.Is(err, ErrTooManyConns) {
 			m.quiet.warn("streams:"+strconv.Itoa(pid), "refusing a tunnelled connection: the peer's limit of open connections is reached",
-				"peer", pid, "port", port, "limit", m.opts.MaxStreams)
-			return nil, nil, "", fmt.Errorf("party %d port %d: %w", pid, port, err)
+				"peer", pid, "port", r.Port, "limit", m.opts.MaxStreams)
+			return nil, nil, "", Reply{}, fmt.Errorf("party %d port %d: %w", pid, r.Port, err)
 		}
 		if !connectionDead(l.conn, err) || ctx.Err() != nil || attempt == 2 {
-			return nil, nil, "", fmt.Errorf("party %d port %d: %w", pid, port, err)
+			return nil, nil, "", Reply{}, fmt.Errorf("party %d port %d: %w", pid, r.Port, err)
 		}
 		m.dropLink(p, l, err)
 	}
@@ -96,35 +105,42 @@ func connectionDead(conn *quic.Conn, err error) bool {
 		errors.As(err, &reset) || errors.As(err, &trans)
 }
 
-// openStream opens a stream and exchanges the header and reply. It does not
-// wait for the peer to allow more streams: past the limit it fails at once
-// with ErrTooManyConns.
-func openStream(ctx context.Context, conn *quic.Conn, k Kind, port uint16) (*quic.Stream, error) {
+// openStream opens a stream and exchanges the request and reply. It does
+// not wait for the peer to allow more streams: past the limit it fails at
+// once with ErrTooManyConns. A reply other than OK closes the stream.
+func openStream(ctx context.Context, conn *quic.Conn, r Request) (*quic.Stream, Reply, error) {
 	str, err := conn.OpenStream()
 	if err != nil {
 		if _, ok := errors.AsType[*quic.StreamLimitReachedError](err); ok {
-			return nil, ErrTooManyConns
+			return nil, Reply{}, ErrTooManyConns
 		}
-		return nil, fmt.Errorf("open stream: %w", err)
+		return nil, Reply{}, fmt.Errorf("open stream: %w", err)
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		str.SetDeadline(dl)
 	}
 	var hdr [replyLen]byte
-	_, err = str.Write(AppendRequest(nil, k, port))
+	var reply Reply
+	_, err = str.Write(r.Append(nil))
 	if err == nil {
 		_, err = io.ReadFull(str, hdr[:])
 	}
 	if err == nil {
-		err = ParseReply(hdr[:])
+		reply, err = ParseReply(hdr[:])
 	}
-	if err != nil {
+	if err != nil || reply.Status != StatusOK {
 		str.CancelRead(codeStreamAbort)
 		str.CancelWrite(codeStreamAbort)
-		return nil, err
+		return nil, reply, err
 	}
 	str.SetDeadline(time.Time{})
-	return str, nil
+	return str, reply, nil
+}
+
+// endStream ends a stream that carried only a request and a reply.
+func endStream(str *quic.Stream) {
+	str.Close()
+	str.CancelRead(codeStreamAbort)
 }
 
 // waitLink returns the link to pid, waiting for one within ctx.
@@ -169,8 +185,8 @@ func (m *Mux) serveStreams(ctx context.Context, pid int, l *link) {
 	}
 }
 
-// serveStream reads a stream's header, dials the allowed local port and
-// pipes bytes both ways.
+// serveStream reads a stream's header and does what it asks: a new flow
+// to an allowed local port, a flow resumed, a ping, a path notice, a hello.
 func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *link) {
 	log := m.log.With("peer", pid)
 	str.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -182,105 +198,100 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 		return
 	}
 	str.SetReadDeadline(time.Time{})
-	reply := func(s Status) error {
-		_, err := str.Write(AppendReply(nil, s))
-		if s != StatusOK {
-			str.Close()
-			str.CancelRead(codeStreamAbort)
+	reply := func(r Reply) error {
+		_, err := str.Write(r.Append(nil))
+		if r.Status != StatusOK {
+			endStream(str)
 		}
 		return err
 	}
-	kind, port, err := ParseRequest(hdr[:])
+	req, err := ParseRequest(hdr[:])
 	switch {
 	case err != nil:
 		log.Warn("peer sent a bad stream header", "err", err)
-		reply(StatusBadRequest)
+		reply(Reply{Status: StatusBadRequest})
 		return
-	case kind == KindPing:
-		reply(StatusOK)
-		str.Close()
-		str.CancelRead(codeStreamAbort)
+	case req.Kind == KindPing:
+		reply(Reply{})
+		endStream(str)
 		return
-	case kind == KindPathNotice:
+	case req.Kind == KindPathNotice:
 		if !l.direct.Swap(true) {
 			log.Info("path switched", "from", PathRelayed, "to", PathDirect, "by", "peer")
 		}
-		reply(StatusOK)
-		str.Close()
-		str.CancelRead(codeStreamAbort)
+		reply(Reply{})
+		endStream(str)
 		return
-	case !m.opts.AllowPort(port):
-		log.Warn("peer asked for a port that --allow-ports does not allow", "port", port)
-		reply(StatusNotAllowed)
+	case req.Kind == KindHello:
+		m.hello(pid, req.Flow)
+		reply(Reply{Rcvd: m.boot})
+		endStream(str)
+		return
+	case req.Kind == KindResume:
+		m.resumed(pid, req, str, l, log)
+		return
+	case !m.opts.AllowPort(req.Port):
+		log.Warn("peer asked for a port that --allow-ports does not allow", "port", req.Port)
+		reply(Reply{Status: StatusNotAllowed})
 		return
 	}
 	// Loopback needs no TCP keepalive: skipping it saves syscalls per connection.
 	d := net.Dialer{Timeout: 5 * time.Second, KeepAlive: -1}
-	c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(m.opts.LocalHost, port).String())
+	c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(m.opts.LocalHost, req.Port).String())
 	if err != nil {
 		st := StatusUnreachable
 		if errors.Is(err, syscall.ECONNREFUSED) {
 			st = StatusRefused
 		}
-		log.Info("local port not reachable for peer", "port", port, "err", err)
-		reply(st)
+		log.Info("local port not reachable for peer", "port", req.Port, "err", err)
+		reply(Reply{Status: st})
 		return
 	}
 	tcp := c.(*net.TCPConn)
-	defer tcp.Close()
-	if err := reply(StatusOK); err != nil {
+	if err := reply(Reply{}); err != nil {
+		tcp.Close()
 		return
 	}
 	l.tr.opened.Add(1)
-	l.tr.open.Add(1)
-	l.open.Add(1)
-	defer l.tr.open.Add(-1)
-	defer l.open.Add(-1)
-	start := time.Now()
-	log = log.With("port", port, "dir", "in")
+	log = log.With("port", req.Port, "dir", "in")
+	fc := m.newFlow(flowKey{pid: pid, id: req.Flow}, req.Port, l, log)
+	fc.Attach(m.flowStream(str, l), 0)
 	log.Info("tunnel opened")
-	sent, recv, perr := pipe(tcp, str, l.tr, &m.bufs)
-	logClosed(log, start, sent, recv, perr)
+	pipe(tcp, fc, &m.bufs)
 }
 
-func logClosed(log *slog.Logger, start time.Time, sent, recv uint64, err error) {
+// logClosed logs a flow's end.
+func logClosed(log *slog.Logger, start time.Time, sent, recv uint64, reset bool) {
 	outcome := "ok"
-	if err != nil {
+	if reset {
 		outcome = "reset"
 	}
-	log.Info("tunnel closed", "sent", sent, "received", recv, "duration", time.Since(start).Round(time.Millisecond),
-		"outcome", outcome, "err", err)
+	log.Info("tunnel closed", "sent", sent, "received", recv, "duration", time.Since(start).Round(time.Millisecond), "outcome", outcome)
 }
 
-// pipe copies between a local TCP connection and a stream until both
+// pipe copies between a local TCP connection and a flow until both
 // directions end. A clean end (EOF) is passed on as a half-close; an error
-// resets the other side. It returns the bytes sent to the peer and received
-// from it, and the first error.
-func pipe(tcp *net.TCPConn, str *quic.Stream, tr *traffic, bufs *bufferPool) (sent, recv uint64, err error) {
+// resets the other side.
+func pipe(tcp *net.TCPConn, fc *flow.Conn, bufs *bufferPool) {
 	var wg sync.WaitGroup
-	var upErr error
 	wg.Go(func() {
-		n, err := copyAdaptive(countingWriter{str, &tr.sent}, tcp, bufs)
-		sent = uint64(n)
-		if err != nil {
-			upErr = err
-			str.CancelWrite(codeStreamAbort)
+		if _, err := copyAdaptive(fc, tcp, bufs); err != nil {
+			fc.Reset()
 			tcp.CloseRead()
 			return
 		}
-		str.Close()
+		fc.CloseWrite()
 	})
-	n, downErr := copyAdaptive(tcp, countingReader{str, &tr.recv}, bufs)
-	recv = uint64(n)
-	if downErr != nil {
+	if _, err := copyAdaptive(tcp, fc, bufs); err != nil {
 		tcp.SetLinger(0)
 		tcp.Close() // resets the local side; unblocks the other copy
-		str.CancelRead(codeStreamAbort)
+		fc.Reset()
 	} else {
 		tcp.CloseWrite()
 	}
 	wg.Wait()
-	return sent, recv, errors.Join(downErr, upErr)
+	tcp.Close()
+	fc.Close()
 }
 
 // bufferPool hands out the large copy buffers, reused across connections.
@@ -354,101 +365,3 @@ func copyAdaptive(dst io.Writer, src io.Reader, bufs *bufferPool) (int64, error)
 	}
 }
 
-type countingReader struct {
-	r io.Reader
-	n *atomic.Uint64
-}
-
-func (c countingReader) Read(b []byte) (int, error) {
-	n, err := c.r.Read(b)
-	c.n.Add(uint64(n))
-	return n, err
-}
-
-type countingWriter struct {
-	w io.Writer
-	n *atomic.Uint64
-}
-
-func (c countingWriter) Write(b []byte) (int, error) {
-	n, err := c.w.Write(b)
-	c.n.Add(uint64(n))
-	return n, err
-}
-
-// StreamConn is a tunnelled TCP connection: a net.Conn over one QUIC stream.
-// CloseWrite sends FIN; Close ends both directions.
-type StreamConn struct {
-	str           *quic.Stream
-	l             *link
-	bufs          *bufferPool
-	local, remote net.Addr
-	start         time.Time
-	log           *slog.Logger
-	sent, recv    atomic.Uint64
-	readErr       atomic.Pointer[error] // first non-EOF read error, for the close log
-	closed        atomic.Bool
-}
-
-func (c *StreamConn) Read(b []byte) (int, error) {
-	n, err := c.str.Read(b)
-	c.recv.Add(uint64(n))
-	c.l.tr.recv.Add(uint64(n))
-	if err != nil && err != io.EOF {
-		c.readErr.CompareAndSwap(nil, &err)
-	}
-	return n, err
-}
-
-func (c *StreamConn) Write(b []byte) (int, error) {
-	n, err := c.str.Write(b)
-	c.sent.Add(uint64(n))
-	c.l.tr.sent.Add(uint64(n))
-	return n, err
-}
-
-// ReadFrom copies r into the stream until EOF, with large writes while r is
-// busy (see copyAdaptive); io.Copy uses it.
-func (c *StreamConn) ReadFrom(r io.Reader) (int64, error) {
-	return copyAdaptive(writerOnly{c}, r, c.bufs)
-}
-
-// writerOnly hides ReadFrom, so that copyAdaptive writes.
-type writerOnly struct{ io.Writer }
-
-// errReset is the read error a StreamConn logs when it was reset here.
-var errReset = errors.New("reset by the local client")
-
-// Reset ends both directions abruptly: the peer's local connection is
-// reset, never closed as if complete.
-func (c *StreamConn) Reset() error {
-	c.readErr.CompareAndSwap(nil, &errReset)
-	c.str.CancelWrite(codeStreamAbort)
-	c.str.CancelRead(codeStreamAbort)
-	return nil
-}
-
-// CloseWrite half-closes: the peer's local connection reads EOF.
-func (c *StreamConn) CloseWrite() error { return c.str.Close() }
-
-// Close stops reading and finishes writing what was written.
-func (c *StreamConn) Close() error {
-	c.str.CancelRead(codeStreamAbort)
-	err := c.str.Close()
-	if c.closed.CompareAndSwap(false, true) {
-		c.l.tr.open.Add(-1)
-		c.l.open.Add(-1)
-		var rerr error
-		if p := c.readErr.Load(); p != nil {
-			rerr = *p
-		}
-		logClosed(c.log, c.start, c.sent.Load(), c.recv.Load(), rerr)
-	}
-	return err
-}
-
-func (c *StreamConn) LocalAddr() net.Addr                { return c.local }
-func (c *StreamConn) RemoteAddr() net.Addr               { return c.remote }
-func (c *StreamConn) SetDeadline(t time.Time) error      { return c.str.SetDeadline(t) }
-func (c *StreamConn) SetReadDeadline(t time.Time) error  { return c.str.SetReadDeadline(t) }
-func (c *StreamConn) SetWriteDeadline(t time.Time) error { return c.str.SetWriteDeadline(t) }

@@ -1,0 +1,266 @@
+package quicmux
+
+import (
+	"context"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"sfkit-proxy/backoff"
+	"sfkit-proxy/flow"
+)
+
+// flowKey names a flow: the peer, which side opened it, and its id.
+type flowKey struct {
+	pid  int
+	mine bool // we opened it (a local client dialled): we resume it
+	id   uint64
+}
+
+// flowEntry is a live flow.
+type flowEntry struct {
+	c        *flow.Conn
+	port     uint16
+	log      *slog.Logger
+	resuming atomic.Bool
+}
+
+// tomb remembers how a flow ended, for a peer that asks to resume it
+// after the connection died under the last acknowledgement.
+type tomb struct {
+	status Status
+	rcvd   uint64
+	until  time.Time
+}
+
+// newFlow makes and registers a flow on link l.
+func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flow.Conn {
+	e := &flowEntry{port: port, log: log}
+	start := time.Now()
+	e.c = flow.New(flow.Options{
+		ResumeTimeout: m.opts.ResumeTimeout,
+		OnDetach: func() {
+			select {
+			case <-m.quit:
+				e.c.Abandon() // shutting down: nothing will resume it
+			default:
+				if key.mine {
+					m.wg.Go(func() { m.resume(key, e) })
+				}
+			}
+		},
+		OnDone: func(reset bool) {
+			_, rcvd := e.c.State()
+			st := StatusFlowDone
+			if reset {
+				st = StatusFlowReset
+			}
+			now := time.Now()
+			m.mu.Lock()
+			delete(m.flows, key)
+			for k, t := range m.tombs {
+				if now.After(t.until) {
+					delete(m.tombs, k)
+				}
+			}
+			m.tombs[key] = tomb{status: st, rcvd: rcvd, until: now.Add(m.opts.ResumeTimeout)}
+			m.mu.Unlock()
+			sent, recv := e.c.Counts()
+			logClosed(log, start, sent, recv, reset)
+		},
+	}, addrOf(l.local), addrOf(l.remote))
+	m.mu.Lock()
+	m.flows[key] = e
+	m.mu.Unlock()
+	select {
+	case <-m.quit:
+		e.c.Abandon() // shutting down
+	default:
+	}
+	return e.c
+}
+
+// resume carries a flow we opened over the peer's current connection, once
+// there is one, until it is resumed, ends, or its resume timeout passes.
+func (m *Mux) resume(key flowKey, e *flowEntry) {
+	if !e.resuming.CompareAndSwap(false, true) {
+		return
+	}
+	defer e.resuming.Store(false)
+	ctx, cancel := context.WithTimeout(context.Background(), m.opts.ResumeTimeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-m.quit:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	lost := time.Now()
+	e.log.Info("flow waiting for a path to resume")
+	bo := backoff.Backoff{Min: 100 * time.Millisecond, Max: 2 * time.Second}
+	for {
+		if st, _ := e.c.State(); st != flow.Live {
+			return
+		}
+		p, l, err := m.waitLink(ctx, key.pid)
+		if err != nil {
+			e.log.Warn("flow not resumed in time; resetting it", "after", time.Since(lost).Round(time.Second), "err", err)
+			e.c.Abandon()
+			return
+		}
+		e.c.Detach()
+		_, rcvd := e.c.State()
+		str, reply, err := openStream(ctx, l.conn, Request{Kind: KindResume, Port: e.port, Flow: key.id, Rcvd: rcvd})
+		if err != nil {
+			if connectionDead(l.conn, err) {
+				m.dropLink(p, l, err)
+			}
+			if bo.Wait(ctx) != nil {
+				e.c.Abandon()
+				return
+			}
+			continue
+		}
+		switch reply.Status {
+		case StatusOK:
+			e.c.Attach(m.flowStream(str, l), reply.Rcvd)
+			m.count.flowsResumed.Add(1)
+			e.log.Info("flow resumed", "after", time.Since(lost).Round(time.Millisecond), "path", m.linkKind(p, l))
+		case StatusFlowDone:
+			e.c.PeerDone(reply.Rcvd)
+		default:
+			e.log.Info("peer no longer has the flow; resetting it", "status", reply.Status)
+			e.c.Abandon()
+		}
+		return
+	}
+}
+
+// resumed answers a peer's resume of a flow it opened.
+func (m *Mux) resumed(pid int, req Request, str *quic.Stream, l *link, log *slog.Logger) {
+	key := flowKey{pid: pid, id: req.Flow}
+	m.mu.Lock()
+	e := m.flows[key]
+	t, ended := m.tombs[key]
+	m.mu.Unlock()
+	if e == nil {
+		st := StatusUnknownFlow
+		if ended {
+			st = t.status
+		}
+		str.Write(Reply{Status: st, Rcvd: t.rcvd}.Append(nil))
+		endStream(str)
+		return
+	}
+	e.c.Detach()
+	_, rcvd := e.c.State()
+	if _, err := str.Write(Reply{Rcvd: rcvd}.Append(nil)); err != nil {
+		str.CancelRead(codeStreamAbort)
+		return
+	}
+	e.c.Attach(m.flowStream(str, l), req.Rcvd)
+	m.count.flowsResumed.Add(1)
+	e.log.Info("flow resumed by peer")
+}
+
+// hello records the boot id a peer sent on a new connection: a new one
+// means the peer restarted, and its flows cannot be resumed.
+func (m *Mux) hello(pid int, boot uint64) {
+	m.mu.Lock()
+	p := m.peers[pid]
+	restarted := p != nil && p.boot != 0 && p.boot != boot
+	if p != nil {
+		p.boot = boot
+	}
+	m.mu.Unlock()
+	if restarted {
+		m.resetFlows(pid, "peer restarted")
+	}
+}
+
+// sayHello tells the peer on a new connection who we are, and learns who
+// it is.
+func (m *Mux) sayHello(ctx context.Context, pid int, l *link) {
+	hctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
+	defer cancel()
+	str, reply, err := openStream(hctx, l.conn, Request{Kind: KindHello, Flow: m.boot})
+	if err != nil {
+		m.log.Debug("hello failed", "peer", pid, "err", err)
+		return
+	}
+	endStream(str)
+	m.hello(pid, reply.Rcvd)
+}
+
+// resetFlows resets every flow with pid: the peer restarted or shut down,
+// so none of them can be resumed.
+func (m *Mux) resetFlows(pid int, why string) {
+	m.mu.Lock()
+	var es []*flowEntry
+	for k, e := range m.flows {
+		if k.pid == pid {
+			es = append(es, e)
+		}
+	}
+	m.mu.Unlock()
+	if len(es) > 0 {
+		m.log.Info("resetting the peer's flows", "peer", pid, "flows", len(es), "why", why)
+	}
+	for _, e := range es {
+		m.count.flowsReset.Add(1)
+		e.c.Abandon()
+	}
+}
+
+// flowStream is a QUIC stream as a flow's stream, counted on its link.
+type flowStream struct {
+	str  *quic.Stream
+	l    *link
+	once sync.Once
+}
+
+func (m *Mux) flowStream(str *quic.Stream, l *link) *flowStream {
+	l.tr.open.Add(1)
+	l.open.Add(1)
+	return &flowStream{str: str, l: l}
+}
+
+func (s *flowStream) release() {
+	s.once.Do(func() {
+		s.l.tr.open.Add(-1)
+		s.l.open.Add(-1)
+	})
+}
+
+func (s *flowStream) Read(b []byte) (int, error) {
+	n, err := s.str.Read(b)
+	s.l.tr.recv.Add(uint64(n))
+	return n, err
+}
+
+func (s *flowStream) Write(b []byte) (int, error) {
+	n, err := s.str.Write(b)
+	s.l.tr.sent.Add(uint64(n))
+	return n, err
+}
+
+// Close ends our side once everything is written; the peer's side ends
+// with its own Close.
+func (s *flowStream) Close() error {
+	s.release()
+	return s.str.Close()
+}
+
+func (s *flowStream) Abort() {
+	s.release()
+	s.str.CancelWrite(codeStreamAbort)
+	s.str.CancelRead(codeStreamAbort)
+}
+
+// newBoot is a boot id: random, never zero.
+func newBoot() uint64 { return rand.Uint64() | 1 }
