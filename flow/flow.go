@@ -52,6 +52,36 @@ type Options struct {
 	OnDetach func()
 	// OnDone, if set, is called once when the flow ends: reset or not.
 	OnDone func(reset bool)
+	// Buffers hands out the buffers received data waits in, shared by the
+	// flows of one owner; nil means a pool of the flow's own.
+	Buffers *Buffers
+}
+
+// Buffers is a pool of MaxData-sized buffers.
+type Buffers struct{ p sync.Pool }
+
+func (b *Buffers) get() *[]byte {
+	if v, ok := b.p.Get().(*[]byte); ok {
+		return v
+	}
+	v := make([]byte, MaxData)
+	return &v
+}
+
+func (b *Buffers) put(v *[]byte) {
+	if v != nil {
+		b.p.Put(v)
+	}
+}
+
+// smallFrame is the size below which received data gets a buffer of its
+// own rather than a pooled MaxData one.
+const smallFrame = 32 << 10
+
+// chunk is received data waiting to be read, in a pooled buffer.
+type chunk struct {
+	buf  *[]byte
+	data []byte // the unread part
 }
 
 // Status is how a flow answers a resume.
@@ -73,9 +103,14 @@ type Conn struct {
 	mu   sync.Mutex // guards everything below
 	cond *sync.Cond
 
-	// Send side: the bytes of [sbase, sbase+len(sbuf)) are written and not
-	// yet acknowledged; sent is how far the current stream was given them.
-	sbuf     []byte
+	// Send side: the bytes of [sbase, sbase+slen) are written and not yet
+	// acknowledged, in chunks (the first one's first sskip bytes are
+	// acknowledged already); sent is how far the current stream was given
+	// them. A chunk is never written to again once it is full, and never
+	// reused: a writer may still read one the peer acknowledged meanwhile.
+	sq       [][]byte
+	sskip    int
+	slen     int
 	sbase    uint64
 	sent     uint64
 	wclosed  bool // CloseWrite: an end of stream follows sbuf
@@ -84,7 +119,9 @@ type Conn struct {
 
 	// Receive side: rcvd counts what arrived (its end counting one), acked
 	// what we acknowledged on the current stream.
-	rbuf  []byte
+	rq    []chunk // received, not yet read
+	rlen  int     // bytes in rq
+	lent  *[]byte // the buffer WriteTo is writing from, not to be pooled yet
 	rcvd  uint64
 	acked uint64
 	rfin  bool
@@ -108,6 +145,9 @@ func New(opts Options, local, remote net.Addr) *Conn {
 	}
 	if opts.ResumeTimeout == 0 {
 		opts.ResumeTimeout = 10 * time.Minute
+	}
+	if opts.Buffers == nil {
+		opts.Buffers = new(Buffers)
 	}
 	c := &Conn{opts: opts, local: local, remote: remote}
 	c.cond = sync.NewCond(&c.mu)
@@ -155,7 +195,7 @@ func (c *Conn) Attach(s Stream, peerRcvd uint64) {
 		c.timer.Stop()
 		c.timer = nil
 	}
-	end := c.sbase + uint64(len(c.sbuf))
+	end := c.sbase + uint64(c.slen)
 	if peerRcvd < c.sbase || peerRcvd > end+1 || peerRcvd == end+1 && !c.wclosed {
 		c.resetting = true
 	} else {
@@ -170,11 +210,17 @@ func (c *Conn) Attach(s Stream, peerRcvd uint64) {
 // ackLocked takes in that the peer received our bytes up to off.
 func (c *Conn) ackLocked(off uint64) {
 	if off > c.sbase {
-		n := min(off-c.sbase, uint64(len(c.sbuf)))
-		c.sbuf = c.sbuf[n:]
+		n := min(off-c.sbase, uint64(c.slen))
 		c.sbase += n
-		if len(c.sbuf) == 0 {
-			c.sbuf = nil // an idle flow holds no buffer
+		c.slen -= int(n)
+		c.sskip += int(n)
+		for len(c.sq) > 0 && c.sskip >= len(c.sq[0]) && (len(c.sq) > 1 || c.sskip == len(c.sq[0])) {
+			c.sskip -= len(c.sq[0])
+			c.sq[0] = nil
+			c.sq = c.sq[1:]
+		}
+		if len(c.sq) == 0 {
+			c.sq = nil // an idle flow holds no buffer
 		}
 		if off > c.sbase && c.wclosed {
 			c.finAcked = true
@@ -212,7 +258,8 @@ func (c *Conn) endLocked(s Status) {
 	}
 	c.state = s
 	if s == Reset {
-		c.rbuf, c.sbuf = nil, nil
+		c.dropRecvLocked()
+		c.sq, c.sskip, c.slen = nil, 0, 0
 	}
 	if c.timer != nil {
 		c.timer.Stop()
@@ -257,9 +304,8 @@ func (c *Conn) writeLoop(s Stream, g uint64) {
 				hdr = appendAck(hdr, c.rcvd)
 				c.acked = c.rcvd
 			}
-			if end := c.sbase + uint64(len(c.sbuf)); c.sent < end {
-				from := c.sent - c.sbase
-				data = c.sbuf[from : from+min(end-c.sent, MaxData)]
+			if end := c.sbase + uint64(c.slen); c.sent < end {
+				data = c.unsentLocked()
 				hdr = appendData(hdr, len(data))
 				c.sent += uint64(len(data))
 				break
@@ -322,10 +368,18 @@ func (c *Conn) readLoop(s Stream, g uint64) {
 			}
 			return
 		}
-		var data []byte
+		var ch chunk
 		if f.typ == frameData {
-			data = make([]byte, f.n)
-			if _, err := io.ReadFull(s, data); err != nil {
+			// Large frames wait in pooled buffers; small ones in their
+			// own, so that many small frames cannot pin many large buffers.
+			if f.n >= smallFrame {
+				ch.buf = c.opts.Buffers.get()
+				ch.data = (*ch.buf)[:f.n]
+			} else {
+				ch.data = make([]byte, f.n)
+			}
+			if _, err := io.ReadFull(s, ch.data); err != nil {
+				c.opts.Buffers.put(ch.buf)
 				c.lost(g)
 				return
 			}
@@ -333,27 +387,35 @@ func (c *Conn) readLoop(s Stream, g uint64) {
 		c.mu.Lock()
 		if c.gen != g {
 			c.mu.Unlock()
+			if ch.buf != nil {
+				c.opts.Buffers.put(ch.buf)
+			}
 			return
 		}
 		switch f.typ {
 		case frameData:
 			if c.rfin {
+				c.opts.Buffers.put(ch.buf)
 				c.resetting = true // data after the end: a broken peer
 				break
 			}
-			for len(c.rbuf) >= c.opts.MaxRecv && c.gen == g && c.state == Live && !c.appClosed {
+			for c.rlen >= c.opts.MaxRecv && c.gen == g && c.state == Live && !c.appClosed {
 				c.cond.Wait()
 			}
-			if c.gen != g {
-				c.mu.Unlock()
-				return
-			}
-			if c.appClosed {
-				c.resetting = true // data for a closed connection: as TCP, reset
+			if c.gen != g || c.state != Live || c.appClosed {
+				c.opts.Buffers.put(ch.buf)
+				if c.gen != g {
+					c.mu.Unlock()
+					return
+				}
+				if c.appClosed {
+					c.resetting = true // data for a closed connection: as TCP, reset
+				}
 				break
 			}
-			c.rbuf = append(c.rbuf, data...)
-			c.rcvd += uint64(len(data))
+			c.rq = append(c.rq, ch)
+			c.rlen += len(ch.data)
+			c.rcvd += uint64(len(ch.data))
 		case frameAck:
 			c.ackLocked(f.ack)
 		case frameFin:
@@ -377,18 +439,28 @@ func (c *Conn) readLoop(s Stream, g uint64) {
 func (c *Conn) Read(b []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for len(c.rbuf) == 0 && !c.rfin && c.state != Reset && !c.appClosed {
+	for c.rlen == 0 && !c.rfin && c.state != Reset && !c.appClosed {
 		if err := c.waitLocked(0); err != nil {
 			return 0, err
 		}
 	}
 	switch {
-	case len(c.rbuf) > 0:
-		n := copy(b, c.rbuf)
-		c.rbuf = c.rbuf[n:]
-		if len(c.rbuf) == 0 {
-			c.rbuf = nil
+	case c.rlen > 0:
+		n := 0
+		for n < len(b) && len(c.rq) > 0 {
+			k := copy(b[n:], c.rq[0].data)
+			n += k
+			c.rq[0].data = c.rq[0].data[k:]
+			if len(c.rq[0].data) == 0 {
+				c.opts.Buffers.put(c.rq[0].buf)
+				c.rq[0] = chunk{}
+				c.rq = c.rq[1:]
+			}
 		}
+		if len(c.rq) == 0 {
+			c.rq = nil
+		}
+		c.rlen -= n
 		c.cond.Broadcast()
 		return n, nil
 	case c.state == Reset:
@@ -397,6 +469,54 @@ func (c *Conn) Read(b []byte) (int, error) {
 		return 0, net.ErrClosed
 	}
 	return 0, io.EOF
+}
+
+// WriteTo writes what the peer sends to w until its end of stream (nil) or
+// a reset (ErrReset), without a copy in between: io.Copy uses it.
+func (c *Conn) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	for {
+		c.mu.Lock()
+		for c.rlen == 0 && !c.rfin && c.state != Reset && !c.appClosed {
+			if err := c.waitLocked(0); err != nil {
+				c.mu.Unlock()
+				return total, err
+			}
+		}
+		if c.rlen == 0 {
+			var err error
+			switch {
+			case c.state == Reset:
+				err = ErrReset
+			case c.appClosed:
+				err = net.ErrClosed
+			}
+			c.mu.Unlock()
+			return total, err
+		}
+		ch := c.rq[0]
+		c.lent = ch.buf
+		c.mu.Unlock()
+		// Only this reader takes chunks off the queue: ch stays ours.
+		n, err := w.Write(ch.data)
+		total += int64(n)
+		c.mu.Lock()
+		c.lent = nil
+		if len(c.rq) > 0 && &c.rq[0].data[0] == &ch.data[0] {
+			c.rq[0].data = c.rq[0].data[n:]
+			c.rlen -= n
+			if len(c.rq[0].data) == 0 {
+				c.opts.Buffers.put(c.rq[0].buf)
+				c.rq[0] = chunk{}
+				c.rq = c.rq[1:]
+			}
+			c.cond.Broadcast()
+		}
+		c.mu.Unlock()
+		if err != nil {
+			return total, err
+		}
+	}
 }
 
 // Write queues b for the peer, waiting while the buffer of unacknowledged
@@ -412,7 +532,7 @@ func (c *Conn) Write(b []byte) (int, error) {
 		case c.wclosed:
 			return n, net.ErrClosed
 		}
-		room := c.opts.MaxSend - len(c.sbuf)
+		room := c.opts.MaxSend - c.slen
 		if room <= 0 {
 			if err := c.waitLocked(1); err != nil {
 				return n, err
@@ -420,7 +540,19 @@ func (c *Conn) Write(b []byte) (int, error) {
 			continue
 		}
 		k := min(room, len(b))
-		c.sbuf = append(c.sbuf, b[:k]...)
+		if len(c.sq) == 0 || len(c.sq[len(c.sq)-1]) == cap(c.sq[len(c.sq)-1]) {
+			// Chunks grow from the size of the write to MaxData, so that
+			// a busy flow sends large frames and an idle one holds little.
+			size := max(k, 4<<10)
+			if len(c.sq) > 0 {
+				size = max(size, 2*cap(c.sq[len(c.sq)-1]))
+			}
+			c.sq = append(c.sq, make([]byte, 0, min(MaxData, size)))
+		}
+		tail := &c.sq[len(c.sq)-1]
+		k = min(k, cap(*tail)-len(*tail))
+		*tail = append(*tail, b[:k]...)
+		c.slen += k
 		b, n = b[k:], n+k
 		c.cond.Broadcast()
 	}
@@ -463,7 +595,7 @@ func (c *Conn) Reset() error {
 	defer c.mu.Unlock()
 	if c.state == Live {
 		c.resetting = true
-		c.rbuf = nil
+		c.dropRecvLocked()
 		c.cond.Broadcast()
 	}
 	return nil
@@ -476,10 +608,10 @@ func (c *Conn) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.appClosed, c.wclosed = true, true
-	if len(c.rbuf) > 0 && c.state == Live {
+	if c.rlen > 0 && c.state == Live {
 		c.resetting = true
 	}
-	c.rbuf = nil
+	c.dropRecvLocked()
 	c.cond.Broadcast()
 	return nil
 }
@@ -508,6 +640,30 @@ func (c *Conn) SetWriteDeadline(t time.Time) error {
 	return nil
 }
 
+// unsentLocked is the next run of bytes to send, from offset sent: within
+// one chunk, and the slice stays valid after the lock is let go (a full
+// chunk's bytes never change; later appends go past its length).
+func (c *Conn) unsentLocked() []byte {
+	rel := int(c.sent-c.sbase) + c.sskip
+	for _, ch := range c.sq {
+		if rel < len(ch) {
+			return ch[rel:min(len(ch), rel+MaxData)]
+		}
+		rel -= len(ch)
+	}
+	return nil
+}
+
+// dropRecvLocked gives back what was received and not read.
+func (c *Conn) dropRecvLocked() {
+	for _, ch := range c.rq {
+		if ch.buf != c.lent {
+			c.opts.Buffers.put(ch.buf)
+		}
+	}
+	c.rq, c.rlen = nil, 0
+}
+
 // Counts are the bytes written to the flow and received from the peer.
 func (c *Conn) Counts() (sent, rcvd uint64) {
 	c.mu.Lock()
@@ -516,7 +672,7 @@ func (c *Conn) Counts() (sent, rcvd uint64) {
 	if c.rfin {
 		rcvd--
 	}
-	return c.sbase + uint64(len(c.sbuf)), rcvd
+	return c.sbase + uint64(c.slen), rcvd
 }
 
 // PeerDone ends a detached flow whose peer ended cleanly (it answered a

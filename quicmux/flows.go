@@ -43,6 +43,7 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flow
 	start := time.Now()
 	e.c = flow.New(flow.Options{
 		ResumeTimeout: m.opts.ResumeTimeout,
+		Buffers:       &m.fbufs,
 		OnDetach: func() {
 			select {
 			case <-m.quit:

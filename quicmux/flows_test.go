@@ -42,7 +42,9 @@ func TestFlowsSurviveTheirConnection(t *testing.T) {
 	upSum := make(chan [32]byte, 1)
 	port := localServer(t, func(c net.Conn) {
 		// Paced, so that the cuts land mid-transfer.
+		sent := make(chan struct{})
 		go func() {
+			defer close(sent)
 			for b := down; len(b) > 0; b = b[min(len(b), 64<<10):] {
 				c.Write(b[:min(len(b), 64<<10)])
 				time.Sleep(3 * time.Millisecond)
@@ -52,6 +54,7 @@ func TestFlowsSurviveTheirConnection(t *testing.T) {
 		h := sha256.New()
 		io.Copy(h, c)
 		upSum <- [32]byte(h.Sum(nil))
+		<-sent
 	})
 	a := startParty(t, 0, nil, allowAll)
 	b := startParty(t, 1, nil, allowAll)
@@ -68,7 +71,10 @@ func TestFlowsSurviveTheirConnection(t *testing.T) {
 	}()
 	got := make(chan []byte, 1)
 	go func() {
-		b, _ := io.ReadAll(c)
+		b, err := io.ReadAll(c)
+		if err != nil {
+			t.Errorf("ReadAll: %v", err)
+		}
 		got <- b
 	}()
 	for i := range 3 {

@@ -23,6 +23,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"sfkit-proxy/config"
+	"sfkit-proxy/flow"
 	"sfkit-proxy/stun"
 )
 
@@ -138,6 +139,7 @@ type Mux struct {
 	wg    sync.WaitGroup // stream handlers and per-connection goroutines
 	count counters
 	bufs  bufferPool
+	fbufs flow.Buffers // what received flow data waits in
 	// blockDirect drops direct connectivity checks both ways, as a firewall
 	// that blocks UDP would; for tests of the relayed path.
 	blockDirect atomic.Bool

@@ -282,7 +282,7 @@ func pipe(tcp *net.TCPConn, fc *flow.Conn, bufs *bufferPool) {
 		}
 		fc.CloseWrite()
 	})
-	if _, err := copyAdaptive(tcp, fc, bufs); err != nil {
+	if _, err := fc.WriteTo(tcp); err != nil {
 		tcp.SetLinger(0)
 		tcp.Close() // resets the local side; unblocks the other copy
 		fc.Reset()

@@ -341,6 +341,21 @@ func (c *pipeConn) Read(b []byte) (int, error) {
 	return n, err
 }
 
+// WriteTo is the copy toward the client when the target can write
+// straight to it (a tunnel does, without a copy in between); a failure
+// resets the client as Read does.
+func (c *pipeConn) WriteTo(w io.Writer) (int64, error) {
+	wt, ok := c.Conn.(io.WriterTo)
+	if !ok {
+		return io.Copy(w, struct{ io.Reader }{c})
+	}
+	n, err := wt.WriteTo(w)
+	if err != nil {
+		resetTCP(c.client)
+	}
+	return n, err
+}
+
 // ReadFrom is the copy from the client (io.Copy uses it), passed on to the
 // target's own ReadFrom when it has one: the tunnel's writes large chunks.
 // When the client fails (it reset its connection), the target is reset.
