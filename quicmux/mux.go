@@ -131,8 +131,8 @@ type Mux struct {
 	quiet *quietLog // warnings that strangers can provoke
 	guard *handshakeGuard
 
-	boot  uint64                // this run's id, told to peers in hellos
-	quit  chan struct{}         // closed when Run ends
+	boot  uint64                 // this run's id, told to peers in hellos
+	quit  chan struct{}          // closed when Run ends
 	flows map[flowKey]*flowEntry // guarded by mu
 	tombs map[flowKey]tomb       // ended flows, for late resumes; guarded by mu
 

@@ -364,4 +364,3 @@ func copyAdaptive(dst io.Writer, src io.Reader, bufs *bufferPool) (int64, error)
 		bufs.put(big)
 	}
 }
-
