@@ -69,6 +69,11 @@ type Peer struct {
 	Rate           Rates         `json:"rate"`
 	LastError      string        `json:"last_error,omitempty"`
 	Traffic        []PathTraffic `json:"traffic,omitempty"`
+	// StateSince is when the state began: for repairing, when the path died.
+	StateSince *time.Time `json:"state_since,omitempty"`
+	// Repairs counts paths repaired; LastRepairSeconds is how long the last took.
+	Repairs           uint64  `json:"repairs"`
+	LastRepairSeconds float64 `json:"last_repair_seconds,omitempty"`
 }
 
 // Rates in bytes per second.
@@ -100,6 +105,10 @@ type Counters struct {
 	// SOCKS counts CONNECT requests by "target/outcome", e.g. "peer/ok",
 	// "direct/refused".
 	SOCKS map[string]uint64 `json:"socks"`
+	// FlowsResumed counts tunnelled connections carried on over a new
+	// connection; FlowsReset counts resets by reason.
+	FlowsResumed uint64            `json:"flows_resumed"`
+	FlowsReset   map[string]uint64 `json:"flows_reset"`
 }
 
 // PingResult is what POST /v1/ping returns.

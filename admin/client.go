@@ -85,6 +85,9 @@ func PrintStatus(w io.Writer, s Status) {
 		if p.Via != "" {
 			state += " via " + p.Via
 		}
+		if p.State == "repairing" && p.StateSince != nil {
+			state += fmt.Sprintf(" (%s)", time.Since(*p.StateSince).Round(time.Second))
+		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%.2fms\t%d\t%s\t%s\t%s\t%s\t%s\n", p.PID, state, dash(p.RemoteAddr), p.RTTMillis,
 			p.OpenConns, bytesText(float64(p.BytesSent)), bytesText(float64(p.BytesReceived)),
 			rates(p.Rate.CurrentSent, p.Rate.AverageSent, p.Rate.MaxSent),

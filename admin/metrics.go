@@ -1,6 +1,8 @@
 package admin
 
 import (
+	"maps"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -22,7 +24,11 @@ var (
 	descMapping     = prometheus.NewDesc("sfkit_proxy_stun_mapping_changes_total", "Times the external address changed.", nil, nil)
 	descSOCKS       = prometheus.NewDesc("sfkit_proxy_socks_requests_total", "SOCKS CONNECT requests by target and outcome.", []string{"target", "outcome"}, nil)
 	descRegistryUp  = prometheus.NewDesc("sfkit_proxy_registry_up", "1 if the last registry request succeeded.", nil, nil)
-	peerStatesShown = []string{"connecting", "direct", "relayed", "unreachable"}
+	descResumed     = prometheus.NewDesc("sfkit_proxy_flows_resumed_total", "Tunnelled TCP connections carried on over a new QUIC connection after their path died.", nil, nil)
+	descFlowResets  = prometheus.NewDesc("sfkit_proxy_flows_reset_total", "Tunnelled TCP connections reset, by reason.", []string{"reason"}, nil)
+	descRepairs     = prometheus.NewDesc("sfkit_proxy_path_repairs_total", "Paths to a peer repaired after they died.", []string{"peer"}, nil)
+	descLastRepair  = prometheus.NewDesc("sfkit_proxy_path_last_repair_seconds", "How long the last repair of the path to a peer took.", []string{"peer"}, nil)
+	peerStatesShown = []string{"connecting", "direct", "relayed", "repairing", "unreachable"}
 )
 
 type collector struct{ status func() Status }
@@ -53,6 +59,8 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(descPeerState, v, pid, st)
 		}
 		gauge(descPeerRTT, p.RTTMillis/1000, pid)
+		counter(descRepairs, p.Repairs, pid)
+		gauge(descLastRepair, p.LastRepairSeconds, pid)
 	}
 	k := s.Counters
 	counter(descHandshakes, k.DialsOK, "dial", "ok")
@@ -72,6 +80,10 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	for _, key := range keys {
 		target, outcome, _ := strings.Cut(key, "/")
 		counter(descSOCKS, k.SOCKS[key], target, outcome)
+	}
+	counter(descResumed, k.FlowsResumed)
+	for _, why := range slices.Sorted(maps.Keys(k.FlowsReset)) {
+		counter(descFlowResets, k.FlowsReset[why], why)
 	}
 	up := 0.0
 	if s.Registry.Reachable {

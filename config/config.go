@@ -81,6 +81,9 @@ type Sidecar struct {
 	Parties []int
 	// DialTimeout bounds how long a CONNECT waits for a peer's tunnel.
 	DialTimeout time.Duration
+	// ResumeTimeout bounds how long a tunnelled connection waits for its
+	// path to come back.
+	ResumeTimeout time.Duration
 	// Forwards are local listeners carried to peers (--forward, and with
 	// --mpc-forward the peers' listening ports of the MPC config).
 	Forwards []Forward
@@ -90,6 +93,10 @@ type Sidecar struct {
 
 // Website reports whether Registry is the sfkit website's WebSocket relay.
 func (c *Sidecar) Website() bool { return c.Registry.Scheme == "ws" || c.Registry.Scheme == "wss" }
+
+// DefaultResumeTimeout is how long a tunnelled connection waits, detached,
+// for a path to its peer to come back before it is reset.
+const DefaultResumeTimeout = 10 * time.Minute
 
 // DefaultDialTimeout is how long a CONNECT to a peer waits for its tunnel:
 // long enough for every party of a study to start, and for the website
@@ -151,6 +158,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		socksURI = fs.String("socks", "", "sfkit's spelling of --socks-listen, as a URI: socks5://localhost:7080")
 		parties  = fs.String("parties", "", "the study's party ids for the website relay, e.g. 0,1,2 (default: those of -mpc)")
 		dialTO   = fs.Duration("dial-timeout", DefaultDialTimeout, "how long a connection to a peer waits for its tunnel")
+		resumeTO = fs.Duration("resume-timeout", DefaultResumeTimeout, "how long a tunnelled connection waits for its path to come back before it is reset")
 		mpcFwd   = fs.Bool("mpc-forward", false, "with -mpc, also listen on the peers' listening ports (127.0.0.1:port+t), for programs that ignore ALL_PROXY")
 		verbose  countFlag
 		forwards listFlag
@@ -279,6 +287,9 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	}
 	if c.Registry != nil && c.Website() && len(c.Parties) == 0 {
 		bad("the website relay needs the study's parties: give -mpc configGlobal.toml or --parties 0,1,2")
+	}
+	if c.ResumeTimeout = *resumeTO; c.ResumeTimeout <= 0 {
+		bad("--resume-timeout %v: want a positive duration such as 10m", c.ResumeTimeout)
 	}
 	if c.DialTimeout = *dialTO; c.DialTimeout <= 0 {
 		bad("--dial-timeout %v: want a positive duration such as 5m", c.DialTimeout)

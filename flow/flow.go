@@ -50,8 +50,9 @@ type Options struct {
 	// OnDetach, if set, is called when the stream is lost and the flow
 	// waits for a new one.
 	OnDetach func()
-	// OnDone, if set, is called once when the flow ends: reset or not.
-	OnDone func(reset bool)
+	// OnDone, if set, is called once when the flow ends, with how: EndDone,
+	// EndReset, EndTimeout or EndAbandoned.
+	OnDone func(how End)
 	// Buffers hands out the buffers received data waits in, shared by the
 	// flows of one owner; nil means a pool of the flow's own.
 	Buffers *Buffers
@@ -83,6 +84,17 @@ type chunk struct {
 	buf  *[]byte
 	data []byte // the unread part
 }
+
+// End is how a flow ended.
+type End string
+
+// Ends.
+const (
+	EndDone      End = "done"      // everything delivered both ways
+	EndReset     End = "reset"     // a reset, from either end (or a broken peer)
+	EndTimeout   End = "timeout"   // not resumed within the resume timeout
+	EndAbandoned End = "abandoned" // its owner gave it up (Abandon, PeerDone)
+)
 
 // Status is how a flow answers a resume.
 type Status int
@@ -241,7 +253,7 @@ func (c *Conn) lost(g uint64) {
 	c.timer = time.AfterFunc(c.opts.ResumeTimeout, func() {
 		c.mu.Lock()
 		if c.stream == nil && c.state == Live {
-			c.endLocked(Reset)
+			c.endLocked(Reset, EndTimeout)
 		}
 		c.mu.Unlock()
 	})
@@ -252,7 +264,7 @@ func (c *Conn) lost(g uint64) {
 }
 
 // endLocked ends the flow; OnDone runs without the lock.
-func (c *Conn) endLocked(s Status) {
+func (c *Conn) endLocked(s Status, how End) {
 	if c.state != Live {
 		return
 	}
@@ -266,7 +278,7 @@ func (c *Conn) endLocked(s Status) {
 	}
 	c.cond.Broadcast()
 	if c.opts.OnDone != nil {
-		go c.opts.OnDone(s == Reset)
+		go c.opts.OnDone(how)
 	}
 }
 
@@ -319,7 +331,7 @@ func (c *Conn) writeLoop(s Stream, g uint64) {
 				break
 			}
 			if c.doneLocked() {
-				c.endLocked(Done)
+				c.endLocked(Done, EndDone)
 				closeAfter = true
 				break
 			}
@@ -340,7 +352,7 @@ func (c *Conn) writeLoop(s Stream, g uint64) {
 		case resetAfter:
 			s.Close()
 			c.mu.Lock()
-			c.endLocked(Reset)
+			c.endLocked(Reset, EndReset)
 			c.mu.Unlock()
 			return
 		case closeAfter:
@@ -359,7 +371,7 @@ func (c *Conn) readLoop(s Stream, g uint64) {
 			c.mu.Lock()
 			if err == io.EOF && c.gen == g && c.doneLocked() {
 				// The peer closed its side after our last acknowledgement.
-				c.endLocked(Done)
+				c.endLocked(Done, EndDone)
 			}
 			live := c.state == Live
 			c.mu.Unlock()
@@ -424,7 +436,7 @@ func (c *Conn) readLoop(s Stream, g uint64) {
 				c.rcvd++
 			}
 		case frameReset:
-			c.endLocked(Reset)
+			c.endLocked(Reset, EndReset)
 			c.mu.Unlock()
 			s.Abort()
 			return
@@ -683,10 +695,10 @@ func (c *Conn) PeerDone(peerRcvd uint64) {
 	defer c.mu.Unlock()
 	c.ackLocked(peerRcvd)
 	if c.finAcked && c.rfin {
-		c.endLocked(Done)
+		c.endLocked(Done, EndDone)
 		return
 	}
-	c.endLocked(Reset)
+	c.endLocked(Reset, EndAbandoned)
 }
 
 // Abandon resets the flow here without telling the peer (it restarted, or
@@ -695,5 +707,5 @@ func (c *Conn) Abandon() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.detachLocked()
-	c.endLocked(Reset)
+	c.endLocked(Reset, EndAbandoned)
 }

@@ -85,8 +85,8 @@ func readAll(t *testing.T, c *Conn, out *[]byte, wg *sync.WaitGroup) {
 func TestFlowSurvivesRandomCuts(t *testing.T) {
 	for seed := range 5 {
 		t.Run("", func(t *testing.T) {
-			done := make(chan bool, 2)
-			opts := Options{MaxSend: 64 << 10, MaxRecv: 32 << 10, OnDone: func(reset bool) { done <- reset }}
+			done := make(chan End, 2)
+			opts := Options{MaxSend: 64 << 10, MaxRecv: 32 << 10, OnDone: func(how End) { done <- how }}
 			a, b := newPair(opts)
 			ab, ba := make([]byte, 3<<20), make([]byte, 2<<20+seed)
 			rand.Read(ab)
@@ -120,9 +120,9 @@ func TestFlowSurvivesRandomCuts(t *testing.T) {
 			}
 			for range 2 {
 				select {
-				case reset := <-done:
-					if reset {
-						t.Error("a flow ended with a reset; want a clean end")
+				case how := <-done:
+					if how != EndDone {
+						t.Errorf("a flow ended %s; want done", how)
 					}
 				case <-time.After(10 * time.Second):
 					t.Fatal("the flows did not finish")
@@ -164,16 +164,16 @@ func TestResetWhileDetached(t *testing.T) {
 }
 
 func TestUnresumedFlowResets(t *testing.T) {
-	done := make(chan bool, 1)
-	a, _ := newPair(Options{ResumeTimeout: 50 * time.Millisecond, OnDone: func(reset bool) { done <- reset }})
+	done := make(chan End, 1)
+	a, _ := newPair(Options{ResumeTimeout: 50 * time.Millisecond, OnDone: func(how End) { done <- how }})
 	sa, _ := a.stream.(pipeStream)
 	sa.Abort() // the connection dies; nobody resumes
 	a.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := a.Read(make([]byte, 1)); !errors.Is(err, ErrReset) {
 		t.Errorf("Read = %v; want ErrReset after the resume timeout", err)
 	}
-	if reset := <-done; !reset {
-		t.Error("OnDone(false); want a reset")
+	if how := <-done; how != EndTimeout {
+		t.Errorf("OnDone(%s); want %s", how, EndTimeout)
 	}
 }
 

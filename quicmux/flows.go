@@ -27,7 +27,24 @@ type flowEntry struct {
 	port     uint16
 	log      *slog.Logger
 	resuming atomic.Bool
+	why      atomic.Value // string: why the owner abandons it, for the reset counters
 }
+
+// abandon resets the flow here, counting the reason.
+func (e *flowEntry) abandon(why string) {
+	e.why.CompareAndSwap(nil, why)
+	e.c.Abandon()
+}
+
+// Reasons a flow was reset, as counted.
+const (
+	ResetByPeer        = "connection_reset" // an application reset it, at either end
+	ResetResumeTimeout = "resume_timeout"   // no path came back in time
+	ResetPeerRestarted = "peer_restarted"
+	ResetPeerShutdown  = "peer_shutdown"
+	ResetPeerLostFlow  = "peer_lost_flow" // the peer no longer had it
+	ResetShutdown      = "shutdown"       // this sidecar stopped
+)
 
 // tomb remembers how a flow ended, for a peer that asks to resume it
 // after the connection died under the last acknowledgement.
@@ -47,18 +64,29 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flow
 		OnDetach: func() {
 			select {
 			case <-m.quit:
-				e.c.Abandon() // shutting down: nothing will resume it
+				e.abandon(ResetShutdown) // nothing will resume it
 			default:
 				if key.mine {
 					m.wg.Go(func() { m.resume(key, e) })
 				}
 			}
 		},
-		OnDone: func(reset bool) {
+		OnDone: func(how flow.End) {
 			_, rcvd := e.c.State()
 			st := StatusFlowDone
+			reset := how != flow.EndDone
 			if reset {
 				st = StatusFlowReset
+				why := ResetByPeer
+				switch how {
+				case flow.EndTimeout:
+					why = ResetResumeTimeout
+				case flow.EndAbandoned:
+					if w, ok := e.why.Load().(string); ok {
+						why = w
+					}
+				}
+				m.count.reset(why)
 			}
 			now := time.Now()
 			m.mu.Lock()
@@ -79,7 +107,7 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flow
 	m.mu.Unlock()
 	select {
 	case <-m.quit:
-		e.c.Abandon() // shutting down
+		e.abandon(ResetShutdown)
 	default:
 	}
 	return e.c
@@ -111,7 +139,7 @@ func (m *Mux) resume(key flowKey, e *flowEntry) {
 		p, l, err := m.waitLink(ctx, key.pid)
 		if err != nil {
 			e.log.Warn("flow not resumed in time; resetting it", "after", time.Since(lost).Round(time.Second), "err", err)
-			e.c.Abandon()
+			e.abandon(ResetResumeTimeout)
 			return
 		}
 		e.c.Detach()
@@ -119,10 +147,10 @@ func (m *Mux) resume(key flowKey, e *flowEntry) {
 		str, reply, err := openStream(ctx, l.conn, Request{Kind: KindResume, Port: e.port, Flow: key.id, Rcvd: rcvd})
 		if err != nil {
 			if connectionDead(l.conn, err) {
-				m.dropLink(p, l, err)
+				m.dropLink(p, l, err, evLost)
 			}
 			if bo.Wait(ctx) != nil {
-				e.c.Abandon()
+				e.abandon(ResetResumeTimeout)
 				return
 			}
 			continue
@@ -136,7 +164,11 @@ func (m *Mux) resume(key flowKey, e *flowEntry) {
 			e.c.PeerDone(reply.Rcvd)
 		default:
 			e.log.Info("peer no longer has the flow; resetting it", "status", reply.Status)
-			e.c.Abandon()
+			why := ResetPeerLostFlow
+			if reply.Status == StatusFlowReset {
+				why = ResetByPeer
+			}
+			e.abandon(why)
 		}
 		return
 	}
@@ -180,7 +212,7 @@ func (m *Mux) hello(pid int, boot uint64) {
 	}
 	m.mu.Unlock()
 	if restarted {
-		m.resetFlows(pid, "peer restarted")
+		m.resetFlows(pid, ResetPeerRestarted)
 	}
 }
 
@@ -198,8 +230,8 @@ func (m *Mux) sayHello(ctx context.Context, pid int, l *link) {
 	m.hello(pid, reply.Rcvd)
 }
 
-// resetFlows resets every flow with pid: the peer restarted or shut down,
-// so none of them can be resumed.
+// resetFlows resets every flow with pid: the peer restarted or shut down
+// (why), so none of them can be resumed.
 func (m *Mux) resetFlows(pid int, why string) {
 	m.mu.Lock()
 	var es []*flowEntry
@@ -213,8 +245,7 @@ func (m *Mux) resetFlows(pid int, why string) {
 		m.log.Info("resetting the peer's flows", "peer", pid, "flows", len(es), "why", why)
 	}
 	for _, e := range es {
-		m.count.flowsReset.Add(1)
-		e.c.Abandon()
+		e.abandon(why)
 	}
 }
 

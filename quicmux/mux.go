@@ -167,10 +167,13 @@ type peer struct {
 	boot    uint64
 	prflx   map[netip.AddrPort]time.Time // learned from its checks: when last heard
 	link    *link                        // the connection in use, nil when none
-	state   string
+	path    pathState
 	lastErr string
-	traffic map[string]*traffic // by path kind
-	rates   rates
+	// repairs counts paths repaired; lastRepair is how long the last took.
+	repairs    uint64
+	lastRepair time.Duration
+	traffic    map[string]*traffic // by path kind
+	rates      rates
 }
 
 // link is a QUIC connection to a peer and what it runs over.
@@ -187,14 +190,6 @@ type link struct {
 	// migration on the dialer, by the dialer's notice on the acceptor.
 	direct atomic.Bool
 }
-
-// Peer states.
-const (
-	StateConnecting  = "connecting"
-	StateDirect      = PathDirect    // connected: the state is the path's kind
-	StateRelayed     = PathRelayed   // connected through a relay
-	StateUnreachable = "unreachable" // no path after 30 s of trying
-)
 
 // QUICConfig is the QUIC configuration of peer connections (exported for
 // benchmarks that compare with raw quic-go).
@@ -432,7 +427,7 @@ loop:
 	m.mu.Unlock()
 	// Nothing will resume them: their local connections are reset.
 	for _, e := range flows {
-		e.c.Abandon()
+		e.abandon(ResetShutdown)
 	}
 	for _, ep := range eps {
 		ep.ln.Close()
@@ -464,7 +459,7 @@ func (m *Mux) reconcile(ctx context.Context, infos []PeerInfo, bg *sync.WaitGrou
 		if p == nil {
 			pctx, pcancel := context.WithCancel(ctx)
 			p = &peer{
-				pid: in.PID, info: in, state: StateConnecting, cancel: pcancel,
+				pid: in.PID, info: in, path: pathState{state: StateConnecting, since: time.Now()}, cancel: pcancel,
 				rates:  rates{start: time.Now(), last: time.Now()},
 				infoCh: make(chan struct{}, 1), connCh: make(chan struct{}, 1),
 				answers: newAnswers(), relayAnswers: newAnswers(), prflx: make(map[netip.AddrPort]time.Time),

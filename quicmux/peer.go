@@ -61,12 +61,12 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 			if errors.As(err, &app) && app.Remote && app.ErrorCode == codeShutdown {
 				// It stopped on purpose: nothing will resume.
 				log.Info("peer shut down")
-				m.dropLink(p, l, err)
-				m.resetFlows(p.pid, "peer shut down")
+				m.dropLink(p, l, err, evGone)
+				m.resetFlows(p.pid, ResetPeerShutdown)
 				return
 			}
 			log.Warn("path lost; tunnelled connections wait for a new one", "err", err)
-			m.dropLink(p, l, err)
+			m.dropLink(p, l, err, evLost)
 			if m.opts.OnPathLost != nil {
 				m.opts.OnPathLost()
 			}
@@ -78,8 +78,8 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 			if restarted {
 				log.Info("peer restarted; reconnecting")
 				l.conn.CloseWithError(codeRestart, "peer restarted")
-				m.dropLink(p, l, errors.New("peer restarted"))
-				m.resetFlows(p.pid, "peer restarted")
+				m.dropLink(p, l, errors.New("peer restarted"), evGone)
+				m.resetFlows(p.pid, ResetPeerRestarted)
 			}
 			return
 		case <-directChecks:
@@ -263,7 +263,7 @@ func (m *Mux) connect(ctx context.Context, p *peer, log *slog.Logger) {
 				tick.Reset(max(m.opts.CheckInterval, time.Second))
 				m.mu.Lock()
 				lastErr := p.lastErr
-				p.state = StateUnreachable
+				p.path, _ = p.path.next(evSlow, "", time.Now())
 				m.broadcastLocked()
 				m.mu.Unlock()
 				log.Warn("no path to peer yet; still trying", "after", time.Since(start).Round(time.Second), "last_err", lastErr)
@@ -478,14 +478,30 @@ func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *end
 	kind := m.linkKindLocked(p, l)
 	via := m.viaLocked(p, l)
 	l.tr = p.trafficLocked(kind)
-	p.link, p.state, p.lastErr = l, kind, "" // the path kinds are the connected states
+	var repaired time.Duration
+	p.path, repaired = p.path.next(evConnected, kind, time.Now())
+	p.link, p.lastErr = l, ""
+	if repaired > 0 {
+		p.repairs++
+		p.lastRepair = repaired
+	}
+	waiting := 0
+	for k := range m.flows {
+		if k.pid == p.pid {
+			waiting++
+		}
+	}
 	m.broadcastLocked()
 	m.mu.Unlock()
 	if old != nil {
 		m.wg.Go(func() { m.drain(ctx, old) })
 	}
-	m.log.Info("peer connected", "peer", p.pid, "path", kind, "addr", l.remote, "via", via,
-		"rtt", conn.ConnectionStats().SmoothedRTT)
+	if repaired > 0 {
+		m.log.Info("path repaired", "peer", p.pid, "after", repaired.Round(time.Millisecond), "via", kind, "addr", l.remote, "flows", waiting)
+	} else {
+		m.log.Info("peer connected", "peer", p.pid, "path", kind, "addr", l.remote, "via", via,
+			"rtt", conn.ConnectionStats().SmoothedRTT)
+	}
 	m.wg.Go(func() { m.serveStreams(ctx, p.pid, l) })
 	if m.opts.PID < p.pid {
 		m.wg.Go(func() { m.sayHello(ctx, p.pid, l) })
@@ -509,13 +525,16 @@ func (m *Mux) drain(ctx context.Context, l *link) {
 	l.conn.CloseWithError(codeReplaced, "replaced by a newer connection")
 }
 
-func (m *Mux) dropLink(p *peer, l *link, err error) {
+// dropLink forgets l, p's connection, after ev (evLost: a repair begins;
+// evGone: the peer stopped or restarted).
+func (m *Mux) dropLink(p *peer, l *link, err error, ev pathEvent) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if p.link != l {
 		return
 	}
-	p.link, p.state = nil, StateConnecting
+	p.link = nil
+	p.path, _ = p.path.next(ev, "", time.Now())
 	p.lastErr = err.Error()
 	m.broadcastLocked()
 }

@@ -3,6 +3,7 @@ package quicmux
 import (
 	"net/netip"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -62,6 +63,11 @@ type PeerStats struct {
 	MaxSent, MaxRecv   float64
 	LastError          string
 	Traffic            []PathTraffic
+	// StateSince is when the state began (repairing: when the path died).
+	StateSince time.Time
+	// Repairs counts paths repaired; LastRepair is how long the last took.
+	Repairs    uint64
+	LastRepair time.Duration
 }
 
 // Stats is a snapshot of the mux.
@@ -70,7 +76,8 @@ type Stats struct {
 	DialsOK, DialsFailed       uint64
 	AcceptsOK, AcceptsRejected uint64
 	ChecksSent, ChecksAnswered uint64
-	FlowsResumed, FlowsReset   uint64
+	FlowsResumed               uint64
+	FlowsReset                 map[string]uint64 // by reason
 }
 
 // counters are the mux-wide event counts.
@@ -78,7 +85,19 @@ type counters struct {
 	dialsOK, dialsFailed       atomic.Uint64
 	acceptsOK, acceptsRejected atomic.Uint64
 	checksSent, checksAnswered atomic.Uint64
-	flowsResumed, flowsReset   atomic.Uint64
+	flowsResumed               atomic.Uint64
+
+	mu         sync.Mutex        // guards flowResets
+	flowResets map[string]uint64 // by reason
+}
+
+func (c *counters) reset(why string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.flowResets == nil {
+		c.flowResets = make(map[string]uint64)
+	}
+	c.flowResets[why]++
 }
 
 // trafficLocked returns p's counters for path kind, creating them.
@@ -128,13 +147,19 @@ func (m *Mux) Stats() Stats {
 		DialsOK: m.count.dialsOK.Load(), DialsFailed: m.count.dialsFailed.Load(),
 		AcceptsOK: m.count.acceptsOK.Load(), AcceptsRejected: m.count.acceptsRejected.Load(),
 		ChecksSent: m.count.checksSent.Load(), ChecksAnswered: m.count.checksAnswered.Load(),
-		FlowsResumed: m.count.flowsResumed.Load(), FlowsReset: m.count.flowsReset.Load(),
+		FlowsResumed: m.count.flowsResumed.Load(), FlowsReset: map[string]uint64{},
 	}
+	m.count.mu.Lock()
+	for k, v := range m.count.flowResets {
+		st.FlowsReset[k] = v
+	}
+	m.count.mu.Unlock()
 	now := time.Now()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, p := range m.peers {
-		ps := PeerStats{PID: p.pid, State: p.state, LastError: p.lastErr}
+		ps := PeerStats{PID: p.pid, State: p.path.state, StateSince: p.path.since, LastError: p.lastErr,
+			Repairs: p.repairs, LastRepair: p.lastRepair}
 		if l := p.link; l != nil {
 			ps.Path, ps.Via = m.linkKindLocked(p, l), m.viaLocked(p, l)
 			ps.State = ps.Path // direct or relayed

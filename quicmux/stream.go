@@ -87,7 +87,7 @@ func (m *Mux) open(ctx context.Context, pid int, r Request) (*quic.Stream, *link
 		if !connectionDead(l.conn, err) || ctx.Err() != nil || attempt == 2 {
 			return nil, nil, "", Reply{}, fmt.Errorf("party %d port %d: %w", pid, r.Port, err)
 		}
-		m.dropLink(p, l, err)
+		m.dropLink(p, l, err, evLost)
 	}
 }
 

@@ -86,9 +86,18 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		return err
 	}
 	checkKey := quicmux.CheckKeyOf(id)
+	stunNow := make(chan struct{}, 1)
 	mux, err := quicmux.Listen(cfg.UDPListen, quicmux.Options{
 		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
-		AllowPort: cfg.AllowPorts.Contains, Relay: rl, Virtual: cfg.PeersCIDR,
+		AllowPort: cfg.AllowPorts.Contains, Relay: rl, Virtual: cfg.PeersCIDR, ResumeTimeout: cfg.ResumeTimeout,
+		// A dead path may be a new NAT mapping: ask STUN now, so that a
+		// change is published at once.
+		OnPathLost: func() {
+			select {
+			case stunNow <- struct{}{}:
+			default:
+			}
+		},
 	})
 	if err != nil {
 		closeListeners()
@@ -102,7 +111,7 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		self.entry.Candidates = []registry.Candidate{{Kind: registry.KindRelay, Addr: rl.Addr}}
 	}
 	policy := &peerPolicy{ports: make(map[int]config.PortSet)}
-	ka := &stun.Keepalive{Client: mux.STUN(), Servers: cfg.STUN, Network: mux.Network(),
+	ka := &stun.Keepalive{Client: mux.STUN(), Servers: cfg.STUN, Network: mux.Network(), Now: stunNow,
 		OnMapping: func(m stun.Mapping) {
 			st.setMapping(m)
 			self.setMapping(m)
@@ -468,7 +477,7 @@ func (st *state) status(cfg *config.Sidecar, ms quicmux.Stats, socksAddr netip.A
 			MappingChanges: st.mappingChanges},
 		Counters: admin.Counters{DialsOK: ms.DialsOK, DialsFailed: ms.DialsFailed, AcceptsOK: ms.AcceptsOK,
 			AcceptsRejected: ms.AcceptsRejected, ChecksSent: ms.ChecksSent, ChecksAnswered: ms.ChecksAnswered,
-			SOCKS: make(map[string]uint64, len(st.socks))},
+			SOCKS: make(map[string]uint64, len(st.socks)), FlowsResumed: ms.FlowsResumed, FlowsReset: ms.FlowsReset},
 		Peers: []admin.Peer{},
 	}
 	if st.mapping.Addr.IsValid() {
@@ -486,6 +495,11 @@ func (st *state) status(cfg *config.Sidecar, ms quicmux.Stats, socksAddr netip.A
 			OpenConns: p.OpenConns, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv, LastError: p.LastError,
 			Rate: admin.Rates{CurrentSent: p.RateSent, CurrentReceived: p.RateRecv, AverageSent: p.AvgSent,
 				AverageReceived: p.AvgRecv, MaxSent: p.MaxSent, MaxReceived: p.MaxRecv}}
+		if !p.StateSince.IsZero() {
+			since := p.StateSince
+			ap.StateSince = &since
+		}
+		ap.Repairs, ap.LastRepairSeconds = p.Repairs, p.LastRepair.Seconds()
 		if p.RemoteAddr.IsValid() {
 			ap.RemoteAddr = p.RemoteAddr.String()
 			since := p.Since

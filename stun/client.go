@@ -173,6 +173,9 @@ type Keepalive struct {
 	// OnRound, if set, is called after every round with its error (nil on
 	// success); for logs and metrics.
 	OnRound func(error)
+	// Now, if set, starts a round at once when it receives: a path died,
+	// and the mapping may have changed with it.
+	Now <-chan struct{}
 }
 
 // ErrNoServer is returned by a round when no STUN server answered.
@@ -210,6 +213,8 @@ func (k *Keepalive) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			t.Stop()
 			return ctx.Err()
+		case <-k.Now:
+			t.Stop()
 		case <-t.C:
 		}
 	}
