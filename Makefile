@@ -5,7 +5,7 @@ BIN     ?= sfkit-proxy
 IMAGE   ?= sfkit-proxy:latest
 GOFLAGS ?= -trimpath
 
-.PHONY: all build demo test unit e2e fuzz image bench clean
+.PHONY: all build demo test unit e2e soak fuzz image bench clean
 
 all: build
 
@@ -24,17 +24,23 @@ unit:
 
 # Real NATs in network namespaces (skips, saying so, when not root): direct
 # paths through cone NATs, relayed ones through symmetric NATs and blocked
-# UDP, then sfkit as it is (its command line, its website's relay).
+# UDP, sfkit as it is (its command line, its website's relay), then faults
+# under live transfers (rebinding NATs, lost UDP, relays dying, peers stopping).
 e2e: build
 	scripts/nat-lab.sh ./$(BIN)
 	scripts/relay-lab.sh ./$(BIN)
 	scripts/sfkit-lab.sh ./$(BIN)
+	scripts/fault-lab.sh ./$(BIN)
+
+# The fault lab with its long outage (60 s of lost UDP).
+soak: build
+	FAULT_LONG=1 scripts/fault-lab.sh ./$(BIN)
 
 # A short run of every fuzz target.
 fuzz:
 	for t in FuzzParse:./stun FuzzParseRequest:./quicmux FuzzParseReply:./quicmux \
 	         FuzzDecodeEntry:./registry FuzzParsePorts:./config FuzzParseRelayURL:./relay \
-	         FuzzParseCandidateLine:./website; do \
+	         FuzzParseCandidateLine:./website FuzzReadFrame:./flow; do \
 		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 20s "$${t#*:}" || exit 1; \
 	done
 

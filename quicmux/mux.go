@@ -36,6 +36,11 @@ const (
 	codeReplaced quic.ApplicationErrorCode = 0x101
 	codeRestart  quic.ApplicationErrorCode = 0x102
 	codeRejected quic.ApplicationErrorCode = 0x103
+	codePathDead quic.ApplicationErrorCode = 0x104 // nothing heard for pathDeadAfter
+
+	// pathDeadAfter is how long a connection may go without a packet before
+	// its path counts as dead.
+	pathDeadAfter = 5 * time.Second
 
 	codeStreamAbort quic.StreamErrorCode = 0x1
 )

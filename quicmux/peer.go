@@ -49,8 +49,20 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 		defer t.Stop()
 		directChecks = t.C
 	}
+	// A path that carries nothing for pathDeadAfter is dead: both sides
+	// send a keepalive every 2 s. Noticing it here takes seconds, not the
+	// idle timeout.
+	live := time.NewTicker(time.Second)
+	defer live.Stop()
+	lastPackets, lastHeard := l.conn.ConnectionStats().PacketsReceived, time.Now()
 	for {
 		select {
+		case now := <-live.C:
+			if n := l.conn.ConnectionStats().PacketsReceived; n != lastPackets {
+				lastPackets, lastHeard = n, now
+			} else if now.Sub(lastHeard) >= pathDeadAfter {
+				l.conn.CloseWithError(codePathDead, "path dead")
+			}
 		case <-ctx.Done():
 			return
 		case <-p.connCh:

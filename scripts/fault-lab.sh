@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Durable tunnels across real faults (see lab-lib.sh for the topology): two
+# parties behind cone NATs with home-router firewalls, a TURN relay on both,
+# the registry. For each fault, party 0 pulls a paced stream from party 1
+# through ALL_PROXY (scripts/faultpeer checks every byte against its seed)
+# while an echo conversation runs on a second connection; the fault hits a
+# few seconds in, and both must complete with no byte lost or repeated and
+# no line dropped. The repair time of each fault is printed.
+#
+#   the direct path blocked for good (the relay carries on), then the relay
+#   dies while the direct path is back
+#   the dialing party's NAT rebinds (new port range, mappings flushed)
+#   the accepting party's NAT rebinds
+#   the dialing party's router gets a new WAN address
+#   all UDP dropped for 10 s, then for 30 s (60 s with FAULT_LONG=1)
+#   the registry down for 20 s
+#   the peer's sidecar stopped: the application sees a reset (ECONNRESET),
+#   not a hang and not an end of stream; new connections work once it is back
+#
+# Usage: scripts/fault-lab.sh [path/to/sfkit-proxy]   (env: FAULT_LONG=1)
+set -euo pipefail
+LAB=fault-lab
+# shellcheck source=scripts/lab-lib.sh
+. "$(dirname "$0")/lab-lib.sh"
+command -v conntrack >/dev/null || { echo "$LAB: conntrack is missing (apt-get install conntrack)" >&2; exit 1; }
+LONG_DROP=30
+[ "${FAULT_LONG:-0}" = 1 ] && LONG_DROP=60
+
+(cd "$(dirname "$0")/.." && go build -o "$DIR/faultpeer" ./scripts/faultpeer)
+head -c 24 /dev/urandom | base64 >"$DIR/turn-secret"
+TURN_ARGS=(--use-auth-secret "--static-auth-secret=$(cat "$DIR/turn-secret")" --realm=sfkit --relay-ip=203.0.113.10
+	--no-tls --min-port=49152 --max-port=65535)
+internet
+REGISTRY_ARGS=()
+start_registry
+
+SIDECAR_ARGS=(--study e2e --registry http://203.0.113.10:8080/ --stun 203.0.113.10:3478,203.0.113.11:3478
+	--allow-ports 9100,9101 --log-level debug --relay-secret-file "$DIR/turn-secret")
+sidecar() {
+	local i=$1
+	spawn "p$i" "$DIR/p$i.log" "$BIN" --pid "$i" "${SIDECAR_ARGS[@]}" --relay "turn:203.0.113.10:3478?transport=udp" \
+		--relay-user "party$i" --state-dir "$DIR/state$i" --auth-key-file "$DIR/token$i"
+	SIDECAR[$i]=$!
+}
+SIDECAR=()
+for i in 0 1; do
+	addns "p$i"
+	router "$i" "$(ns "p$i")" cone
+	sidecar "$i"
+done
+spawn p1 "$DIR/source.log" "$DIR/faultpeer" -mode serve -bytes $((3 << 20)) -rate $((256 << 10))
+wait_registered 2
+r0=$(ns r0)
+r1=$(ns r1)
+
+# repairs: how many "path repaired" lines party 0 has logged so far.
+repairs() { grep -c 'msg="path repaired"' "$DIR/p0.log" || true; }
+
+# run NAME SETUP_AT_3S [UNDO_AFTER_SECONDS UNDO]: the paced pull and the
+# echo conversation, with SETUP (a shell command) 3 s in and UNDO after more.
+run() {
+	local name=$1 setup=$2 undo_after=${3:-} undo=${4:-} before out
+	before=$(repairs)
+	log "fault: $name"
+	ip netns exec "$(ns p0)" env ALL_PROXY=socks5://127.0.0.1:1080 "$DIR/faultpeer" -mode client -bytes $((3 << 20)) \
+		>"$DIR/client.out" 2>"$DIR/client.err" &
+	local client=$!
+	PIDS+=($client)
+	sleep 3
+	eval "$setup"
+	if [ -n "$undo_after" ]; then
+		sleep "$undo_after"
+		eval "$undo"
+	fi
+	if wait "$client"; then
+		out=$(cat "$DIR/client.out")
+		local repair
+		repair=$(grep 'msg="path repaired"' "$DIR/p0.log" | tail -n +$((before + 1)) | grep -o 'after=[^ ]*' | tr '\n' ' ' || true)
+		log "  survived: $out; path repaired ${repair:-(no repair needed)}"
+		pass
+	else
+		fail "$name: $(cat "$DIR/client.err")"
+	fi
+}
+
+# Warm up: the path is up and direct.
+run "none (baseline)" true
+check_status 0 2 "'direct'"
+
+# The relay first, while the allocations are fresh: a NAT rebinding also
+# moves the TURN client's mapping, which ends its allocation (see README).
+BLOCK="-p udp -d 203.0.113.21 -j DROP"
+run "the direct path blocked for good (relay available)" "ip netns exec $r0 iptables -I FORWARD 1 $BLOCK"
+check_status 0 2 "'relayed'"
+TURN_PID=$(cat "$DIR/turn.pid")
+run "the relay dies while relayed, the direct path back" \
+	"ip netns exec $r0 iptables -D FORWARD $BLOCK; kill $TURN_PID"
+
+run "the dialing party's NAT rebinds" \
+	"ip netns exec $r0 iptables -t nat -I POSTROUTING 1 -o wan -p udp -j MASQUERADE --to-ports 40000-40999; ip netns exec $r0 conntrack -D -p udp >/dev/null 2>&1 || true"
+run "the accepting party's NAT rebinds" \
+	"ip netns exec $r1 iptables -t nat -I POSTROUTING 1 -o wan -p udp -j MASQUERADE --to-ports 41000-41999; ip netns exec $r1 conntrack -D -p udp >/dev/null 2>&1 || true"
+run "the dialing party's router gets a new WAN address" \
+	"ip -n $r0 addr add 203.0.113.40/24 dev wan; ip netns exec $r0 iptables -t nat -I POSTROUTING 1 -o wan -j SNAT --to-source 203.0.113.40; ip netns exec $r0 conntrack -D -p udp >/dev/null 2>&1 || true"
+run "all UDP dropped for 10 s" \
+	"ip netns exec $r0 iptables -I FORWARD 1 -p udp -j DROP" 10 "ip netns exec $r0 iptables -D FORWARD -p udp -j DROP"
+run "all UDP dropped for $LONG_DROP s" \
+	"ip netns exec $r0 iptables -I FORWARD 1 -p udp -j DROP" "$LONG_DROP" "ip netns exec $r0 iptables -D FORWARD -p udp -j DROP"
+run "the registry down for 20 s" \
+	"pkill -f -- '--listen 203.0.113.10:8080' || true" 20 "start_registry"
+
+# The peer's sidecar stops: a reset, promptly; then it comes back.
+log "fault: the peer's sidecar stops"
+ip netns exec "$(ns p0)" env ALL_PROXY=socks5://127.0.0.1:1080 "$DIR/faultpeer" -mode expect-reset \
+	>"$DIR/reset.out" 2>"$DIR/reset.err" &
+client=$!
+PIDS+=($client)
+sleep 3
+kill "${SIDECAR[1]}"
+wait "${SIDECAR[1]}" 2>/dev/null || true
+if wait "$client"; then
+	log "  $(cat "$DIR/reset.out")"
+	pass
+else
+	fail "peer stopped: $(cat "$DIR/reset.err")"
+fi
+mv "$DIR/p1.log" "$DIR/p1-first.log"
+sidecar 1
+run "none (the peer is back)" true
+
+check_status 0 2 "'direct'"
+inns p0 "$BIN" status | head -6
+finish
