@@ -14,6 +14,7 @@
 #   the dialing party's router gets a new WAN address
 #   all UDP dropped for 10 s, then for 30 s (60 s with FAULT_LONG=1)
 #   the registry down for 20 s
+#   an idle connection across NAT mappings that time out after 10 s
 #   the peer's sidecar stopped: the application sees a reset (ECONNRESET),
 #   not a hang and not an end of stream; new connections work once it is back
 #
@@ -108,6 +109,20 @@ run "all UDP dropped for $LONG_DROP s" \
 	"ip netns exec $r0 iptables -I FORWARD 1 -p udp -j DROP" "$LONG_DROP" "ip netns exec $r0 iptables -D FORWARD -p udp -j DROP"
 run "the registry down for 20 s" \
 	"pkill -f -- '--listen 203.0.113.10:8080' || true" 20 "start_registry"
+
+# An idle connection across NAT mappings that time out after 10 s: the
+# keepalives hold them (and a lost one is repaired).
+log "fault: an idle connection, NAT mappings timing out after 10 s"
+for r in "$r0" "$r1"; do
+	ip netns exec "$r" sysctl -qw net.netfilter.nf_conntrack_udp_timeout=10 net.netfilter.nf_conntrack_udp_timeout_stream=10
+done
+if ip netns exec "$(ns p0)" env ALL_PROXY=socks5://127.0.0.1:1080 "$DIR/faultpeer" -mode idle -idle 25s \
+	>"$DIR/idle.out" 2>"$DIR/idle.err"; then
+	log "  $(cat "$DIR/idle.out")"
+	pass
+else
+	fail "idle connection: $(cat "$DIR/idle.err")"
+fi
 
 # The peer's sidecar stops: a reset, promptly; then it comes back.
 log "fault: the peer's sidecar stops"

@@ -26,7 +26,8 @@ import (
 )
 
 func main() {
-	mode := flag.String("mode", "client", "serve, client or expect-reset")
+	mode := flag.String("mode", "client", "serve, client, idle or expect-reset")
+	idle := flag.Duration("idle", 25*time.Second, "how long the idle mode keeps its connection quiet")
 	target := flag.String("target", "10.0.0.1", "the serving party's address (client)")
 	size := flag.Int("bytes", 8<<20, "bytes the source sends")
 	rate := flag.Int("rate", 512<<10, "bytes per second the source sends")
@@ -40,6 +41,8 @@ func main() {
 		err = client(*target, *size, *seed)
 	case "expect-reset":
 		err = expectReset(*target)
+	case "idle":
+		err = idleEcho(*target, *idle)
 	default:
 		err = fmt.Errorf("unknown mode %q", *mode)
 	}
@@ -175,6 +178,30 @@ func client(target string, size int, seed uint64) error {
 	}
 	fmt.Printf("ok: %d bytes in %v, every byte right; %d echo lines, none lost, longest echo wait %v\n",
 		total, time.Since(start).Round(time.Millisecond), lines, longest.Round(10*time.Millisecond))
+	return nil
+}
+
+// idleEcho says one line, stays quiet for idle, and says another: the
+// connection must still be there.
+func idleEcho(target string, idle time.Duration) error {
+	c, err := dial(target, 9101)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	for i, pause := range []time.Duration{0, idle} {
+		time.Sleep(pause)
+		msg := fmt.Sprintf("line %d after %v\n", i, pause)
+		c.SetDeadline(time.Now().Add(time.Minute))
+		if _, err := c.Write([]byte(msg)); err != nil {
+			return fmt.Errorf("write after %v idle: %w", pause, err)
+		}
+		if got, err := r.ReadString('\n'); err != nil || got != msg {
+			return fmt.Errorf("echo after %v idle: %q, %v", pause, got, err)
+		}
+	}
+	fmt.Printf("ok: the connection answered after %v idle\n", idle)
 	return nil
 }
 
