@@ -515,7 +515,7 @@ func (m *Mux) removeLocked(p *peer) {
 // screen drops the candidates of in that no peer should send to (see
 // config.AddrPolicy), saying so, and keeps at most config.MaxCandidates.
 func (m *Mux) screen(in PeerInfo) PeerInfo {
-	pol := config.AddrPolicy{Loopback: m.LocalAddr().Addr().IsLoopback(), Virtual: m.opts.Virtual}
+	pol := m.addrPolicy()
 	keep := func(as []netip.AddrPort) []netip.AddrPort {
 		var out []netip.AddrPort
 		for _, a := range as {
@@ -534,6 +534,12 @@ func (m *Mux) screen(in PeerInfo) PeerInfo {
 		in.Candidates = in.Candidates[:config.MaxCandidates]
 	}
 	return in
+}
+
+// addrPolicy is which peer addresses we send to: loopback ones only when
+// our own socket is on loopback (every party on this machine).
+func (m *Mux) addrPolicy() config.AddrPolicy {
+	return config.AddrPolicy{Loopback: m.LocalAddr().Addr().IsLoopback(), Virtual: m.opts.Virtual}
 }
 
 // setKeyLocked derives the check key of the pair p and us.

@@ -12,7 +12,6 @@ import (
 
 	"github.com/quic-go/quic-go"
 
-	"sfkit-proxy/config"
 	"sfkit-proxy/stun"
 )
 
@@ -177,7 +176,7 @@ const (
 // learn remembers an address an authenticated check of p came from: the
 // newest maxPrflx of them, each until it has been silent for prflxTTL.
 func (m *Mux) learn(p *peer, ap netip.AddrPort) {
-	if err := (config.AddrPolicy{Loopback: m.LocalAddr().Addr().IsLoopback(), Virtual: m.opts.Virtual}).CheckCandidate(ap); err != nil {
+	if err := m.addrPolicy().CheckCandidate(ap); err != nil {
 		return
 	}
 	now := time.Now()
