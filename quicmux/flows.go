@@ -24,6 +24,7 @@ type flowKey struct {
 // flowEntry is a live flow.
 type flowEntry struct {
 	c        *flow.Conn
+	born     *link // the connection it was opened on
 	port     uint16
 	log      *slog.Logger
 	resuming atomic.Bool
@@ -56,7 +57,7 @@ type tomb struct {
 
 // newFlow makes and registers a flow on link l.
 func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flow.Conn {
-	e := &flowEntry{port: port, log: log}
+	e := &flowEntry{port: port, log: log, born: l}
 	start := time.Now()
 	e.c = flow.New(flow.Options{
 		ResumeTimeout: m.opts.ResumeTimeout,
@@ -201,9 +202,10 @@ func (m *Mux) resumed(pid int, req Request, str *quic.Stream, l *link, log *slog
 	e.log.Info("flow resumed by peer")
 }
 
-// hello records the boot id a peer sent on a new connection: a new one
-// means the peer restarted, and its flows cannot be resumed.
-func (m *Mux) hello(pid int, boot uint64) {
+// hello records the boot id a peer sent on l, a new connection: a new one
+// means the peer restarted, and the flows of its old instance (those opened
+// before l) cannot be resumed.
+func (m *Mux) hello(pid int, boot uint64, l *link) {
 	m.mu.Lock()
 	p := m.peers[pid]
 	restarted := p != nil && p.boot != 0 && p.boot != boot
@@ -212,7 +214,7 @@ func (m *Mux) hello(pid int, boot uint64) {
 	}
 	m.mu.Unlock()
 	if restarted {
-		m.resetFlows(pid, ResetPeerRestarted)
+		m.resetFlows(pid, ResetPeerRestarted, l)
 	}
 }
 
@@ -227,16 +229,16 @@ func (m *Mux) sayHello(ctx context.Context, pid int, l *link) {
 		return
 	}
 	endStream(str)
-	m.hello(pid, reply.Rcvd)
+	m.hello(pid, reply.Rcvd, l)
 }
 
-// resetFlows resets every flow with pid: the peer restarted or shut down
-// (why), so none of them can be resumed.
-func (m *Mux) resetFlows(pid int, why string) {
+// resetFlows resets every flow with pid but those opened on keep (nil for
+// none): the peer restarted or shut down (why), so they cannot be resumed.
+func (m *Mux) resetFlows(pid int, why string, keep *link) {
 	m.mu.Lock()
 	var es []*flowEntry
 	for k, e := range m.flows {
-		if k.pid == pid {
+		if k.pid == pid && (keep == nil || e.born != keep) {
 			es = append(es, e)
 		}
 	}

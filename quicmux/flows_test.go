@@ -135,12 +135,12 @@ func TestRestartedPeerResetsFlows(t *testing.T) {
 		defer a.m.mu.Unlock()
 		return p.boot == b.m.boot
 	})
-	a.m.hello(1, b.m.boot) // the same instance again: nothing happens
+	a.m.hello(1, b.m.boot, nil) // the same instance again: nothing happens
 	c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("Read = %v; want the flow alive (a deadline)", err)
 	}
-	a.m.hello(1, newBoot()) // a new instance says hello
+	a.m.hello(1, newBoot(), nil) // a new instance says hello
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, flow.ErrReset) {
 		t.Errorf("Read after the peer restarted = %v; want flow.ErrReset", err)

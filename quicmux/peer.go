@@ -73,7 +73,7 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 				// It stopped on purpose: nothing will resume.
 				log.Info("peer shut down")
 				m.dropLink(p, l, err, evGone)
-				m.resetFlows(p.pid, ResetPeerShutdown)
+				m.resetFlows(p.pid, ResetPeerShutdown, nil)
 				return
 			}
 			log.Warn("path lost; tunnelled connections wait for a new one", "err", err)
@@ -90,7 +90,7 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 				log.Info("peer restarted; reconnecting")
 				l.conn.CloseWithError(codeRestart, "peer restarted")
 				m.dropLink(p, l, errors.New("peer restarted"), evGone)
-				m.resetFlows(p.pid, ResetPeerRestarted)
+				m.resetFlows(p.pid, ResetPeerRestarted, nil)
 			}
 			return
 		case <-directChecks:

@@ -223,7 +223,7 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 		endStream(str)
 		return
 	case req.Kind == KindHello:
-		m.hello(pid, req.Flow)
+		m.hello(pid, req.Flow, l)
 		reply(Reply{Rcvd: m.boot})
 		endStream(str)
 		return

@@ -112,7 +112,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, http.StatusConflict, fmt.Sprintf("Party %d is already connected to study %s", pid, study))
 		return
 	}
+	s.parties[pid] = nil // taken, until the upgrade is done
 	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.parties, pid)
+		s.mu.Unlock()
+	}()
 	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{OriginPatterns: []string{"*"}})
 	if err != nil {
 		return
@@ -121,11 +127,6 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	s.parties[pid] = c
 	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.parties, pid)
-		s.mu.Unlock()
-	}()
 	// Read from the start, to notice a party that leaves while it waits;
 	// what it sends is handled once the barrier opens.
 	ctx, cancel := context.WithCancel(r.Context())
@@ -172,7 +173,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case m.TargetPID < 0:
 			wsjson.Write(ctx, c, message{Type: "error", Data: fmt.Sprintf("Missing target PID: %+v", m), SourcePID: -1, TargetPID: -1})
-		case target == nil || m.TargetPID == pid:
+		case target == nil || m.TargetPID == pid: // absent, or not yet upgraded
 			wsjson.Write(ctx, c, message{Type: "error", Data: fmt.Sprintf("Unexpected target id %d", m.TargetPID), SourcePID: -1, TargetPID: -1})
 		default:
 			wsjson.Write(ctx, target, m)
@@ -217,8 +218,10 @@ func (s *Server) Connected() []int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []int
-	for pid := range s.parties {
-		out = append(out, pid)
+	for pid, c := range s.parties {
+		if c != nil {
+			out = append(out, pid)
+		}
 	}
 	return out
 }
