@@ -531,6 +531,45 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 	}
 }
 
+// smallRead is the buffer ReadFrom waits for data with.
+const smallRead = 2 << 10
+
+// ReadFrom writes what r reads until its end (nil) or an error (io.Copy
+// uses it). It waits for data with a small buffer, so that an idle
+// connection holds little, and reads with a pooled MaxData one while data
+// keeps coming, so that a busy one is read in large pieces.
+func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
+	small := make([]byte, smallRead)
+	buf := small
+	var big *[]byte
+	defer func() { c.opts.Buffers.put(big) }()
+	var total int64
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			w, werr := c.Write(buf[:n])
+			total += int64(w)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if err != nil {
+			if err == io.EOF {
+				return total, nil
+			}
+			return total, err
+		}
+		switch {
+		case big == nil && n == len(buf):
+			big = c.opts.Buffers.get()
+			buf = *big
+		case big != nil && n < smallRead:
+			c.opts.Buffers.put(big)
+			big, buf = nil, small
+		}
+	}
+}
+
 // Write queues b for the peer, waiting while the buffer of unacknowledged
 // bytes is full.
 func (c *Conn) Write(b []byte) (int, error) {

@@ -143,7 +143,6 @@ type Mux struct {
 
 	wg    sync.WaitGroup // stream handlers and per-connection goroutines
 	count counters
-	bufs  bufferPool
 	fbufs flow.Buffers // what received flow data waits in
 	// blockDirect drops direct connectivity checks both ways, as a firewall
 	// that blocks UDP would; for tests of the relayed path.

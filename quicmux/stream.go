@@ -257,7 +257,7 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 	fc := m.newFlow(flowKey{pid: pid, id: req.Flow}, req.Port, l, log)
 	fc.Attach(m.flowStream(str, l), 0)
 	log.Info("tunnel opened")
-	pipe(tcp, fc, &m.bufs)
+	pipe(tcp, fc)
 }
 
 // logClosed logs a flow's end.
@@ -272,10 +272,10 @@ func logClosed(log *slog.Logger, start time.Time, sent, recv uint64, reset bool)
 // pipe copies between a local TCP connection and a flow until both
 // directions end. A clean end (EOF) is passed on as a half-close; an error
 // resets the other side.
-func pipe(tcp *net.TCPConn, fc *flow.Conn, bufs *bufferPool) {
+func pipe(tcp *net.TCPConn, fc *flow.Conn) {
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		if _, err := copyAdaptive(fc, tcp, bufs); err != nil {
+		if _, err := fc.ReadFrom(tcp); err != nil {
 			fc.Reset()
 			tcp.CloseRead()
 			return
@@ -292,75 +292,4 @@ func pipe(tcp *net.TCPConn, fc *flow.Conn, bufs *bufferPool) {
 	wg.Wait()
 	tcp.Close()
 	fc.Close()
-}
-
-// bufferPool hands out the large copy buffers, reused across connections.
-type bufferPool struct{ p sync.Pool }
-
-const (
-	smallBuf = 2 << 10   // what an idle connection holds while it waits
-	largeBuf = 256 << 10 // what a busy one copies with
-)
-
-func (bp *bufferPool) get() *[]byte {
-	if b, ok := bp.p.Get().(*[]byte); ok {
-		return b
-	}
-	b := make([]byte, largeBuf)
-	return &b
-}
-
-func (bp *bufferPool) put(b *[]byte) { bp.p.Put(b) }
-
-// copyAdaptive copies src to dst until EOF. It waits for data with a small
-// buffer, so that idle connections cost little memory, and copies with a
-// large pooled one while data keeps coming, so that a busy stream gets
-// large writes (quic-go's Write blocks until a chunk is packed; small
-// chunks leave the sender idle between them).
-func copyAdaptive(dst io.Writer, src io.Reader, bufs *bufferPool) (int64, error) {
-	small := make([]byte, smallBuf)
-	var total int64
-	for {
-		n, err := src.Read(small)
-		if n > 0 {
-			w, werr := dst.Write(small[:n])
-			total += int64(w)
-			if werr != nil {
-				return total, werr
-			}
-		}
-		if err != nil {
-			if err == io.EOF {
-				return total, nil
-			}
-			return total, err
-		}
-		if n < len(small) {
-			continue
-		}
-		// Busy: copy with the large buffer until a read comes back small.
-		big := bufs.get()
-		for {
-			n, err = src.Read(*big)
-			if n > 0 {
-				w, werr := dst.Write((*big)[:n])
-				total += int64(w)
-				if werr != nil {
-					bufs.put(big)
-					return total, werr
-				}
-			}
-			if err != nil {
-				bufs.put(big)
-				if err == io.EOF {
-					return total, nil
-				}
-				return total, err
-			}
-			if n < smallBuf {
-				break
-			}
-		}
-		bufs.put(big)
-	}
 }

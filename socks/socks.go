@@ -155,8 +155,9 @@ func (s *Server) serveConn(c net.Conn) {
 }
 
 // clientConn hides the client connection's WriteTo, so that go-socks5's
-// copy toward a peer reaches the tunnel's ReadFrom (large writes) instead
-// of net.TCPConn's 32 KiB copy loop; CloseWrite stays visible for half-close.
+// copy toward a peer reaches the tunnel's ReadFrom (large reads while
+// busy, a small buffer while idle) instead of net.TCPConn's 32 KiB copy
+// loop; CloseWrite stays visible for half-close.
 type clientConn struct{ net.Conn }
 
 func (c clientConn) CloseWrite() error {
