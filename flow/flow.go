@@ -51,7 +51,9 @@ type Options struct {
 	// waits for a new one.
 	OnDetach func()
 	// OnDone, if set, is called once when the flow ends, with how: EndDone,
-	// EndReset, EndTimeout or EndAbandoned.
+	// EndReset, EndTimeout or EndAbandoned. It runs on the goroutine that
+	// ended the flow, without the flow's lock: it may call the flow, and
+	// must not block.
 	OnDone func(how End)
 	// Buffers hands out the buffers received data waits in, shared by the
 	// flows of one owner; nil means a pool of the flow's own.
@@ -145,6 +147,7 @@ type Conn struct {
 	appClosed bool
 	deadlines [2]time.Time // read, write
 	timer     *time.Timer  // the resume timeout, while detached
+	ended     End          // set when the flow ends, until unlock tells OnDone
 }
 
 // New returns a flow that is detached until Attach.
@@ -170,7 +173,7 @@ func New(opts Options, local, remote net.Addr) *Conn {
 // the offset a resume tells the peer.
 func (c *Conn) State() (Status, uint64) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	return c.state, c.rcvd
 }
 
@@ -178,7 +181,7 @@ func (c *Conn) State() (Status, uint64) {
 // can read a stable State; it is what a lost stream does too.
 func (c *Conn) Detach() {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	c.detachLocked()
 }
 
@@ -197,7 +200,7 @@ func (c *Conn) detachLocked() {
 // more than was sent, breaks the protocol: the flow resets.
 func (c *Conn) Attach(s Stream, peerRcvd uint64) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	if c.state != Live {
 		s.Abort()
 		return
@@ -246,7 +249,7 @@ func (c *Conn) ackLocked(off uint64) {
 func (c *Conn) lost(g uint64) {
 	c.mu.Lock()
 	if c.gen != g || c.state != Live {
-		c.mu.Unlock()
+		c.unlock()
 		return
 	}
 	c.detachLocked()
@@ -255,15 +258,15 @@ func (c *Conn) lost(g uint64) {
 		if c.stream == nil && c.state == Live {
 			c.endLocked(Reset, EndTimeout)
 		}
-		c.mu.Unlock()
+		c.unlock()
 	})
-	c.mu.Unlock()
+	c.unlock()
 	if c.opts.OnDetach != nil {
 		c.opts.OnDetach()
 	}
 }
 
-// endLocked ends the flow; OnDone runs without the lock.
+// endLocked ends the flow; unlock tells OnDone.
 func (c *Conn) endLocked(s Status, how End) {
 	if c.state != Live {
 		return
@@ -277,8 +280,17 @@ func (c *Conn) endLocked(s Status, how End) {
 		c.timer.Stop()
 	}
 	c.cond.Broadcast()
-	if c.opts.OnDone != nil {
-		go c.opts.OnDone(how)
+	c.ended = how
+}
+
+// unlock lets go of the lock and then, if the flow just ended, tells
+// OnDone: it runs without the lock, on the goroutine that ended the flow.
+func (c *Conn) unlock() {
+	how := c.ended
+	c.ended = ""
+	c.mu.Unlock()
+	if how != "" && c.opts.OnDone != nil {
+		c.opts.OnDone(how)
 	}
 }
 
@@ -299,7 +311,7 @@ func (c *Conn) writeLoop(s Stream, g uint64) {
 		closeAfter, resetAfter := false, false
 		for {
 			if c.gen != g {
-				c.mu.Unlock()
+				c.unlock()
 				return
 			}
 			if c.resetting {
@@ -308,7 +320,7 @@ func (c *Conn) writeLoop(s Stream, g uint64) {
 				break
 			}
 			if c.state == Reset {
-				c.mu.Unlock()
+				c.unlock()
 				s.Abort()
 				return
 			}
@@ -337,7 +349,7 @@ func (c *Conn) writeLoop(s Stream, g uint64) {
 			}
 			c.cond.Wait()
 		}
-		c.mu.Unlock()
+		c.unlock()
 		var err error
 		if len(hdr) > 0 {
 			_, err = s.Write(hdr)
@@ -353,7 +365,7 @@ func (c *Conn) writeLoop(s Stream, g uint64) {
 			s.Close()
 			c.mu.Lock()
 			c.endLocked(Reset, EndReset)
-			c.mu.Unlock()
+			c.unlock()
 			return
 		case closeAfter:
 			s.Close()
@@ -374,7 +386,7 @@ func (c *Conn) readLoop(s Stream, g uint64) {
 				c.endLocked(Done, EndDone)
 			}
 			live := c.state == Live
-			c.mu.Unlock()
+			c.unlock()
 			if live {
 				c.lost(g)
 			}
@@ -398,7 +410,7 @@ func (c *Conn) readLoop(s Stream, g uint64) {
 		}
 		c.mu.Lock()
 		if c.gen != g {
-			c.mu.Unlock()
+			c.unlock()
 			if ch.buf != nil {
 				c.opts.Buffers.put(ch.buf)
 			}
@@ -417,7 +429,7 @@ func (c *Conn) readLoop(s Stream, g uint64) {
 			if c.gen != g || c.state != Live || c.appClosed {
 				c.opts.Buffers.put(ch.buf)
 				if c.gen != g {
-					c.mu.Unlock()
+					c.unlock()
 					return
 				}
 				if c.appClosed {
@@ -437,12 +449,12 @@ func (c *Conn) readLoop(s Stream, g uint64) {
 			}
 		case frameReset:
 			c.endLocked(Reset, EndReset)
-			c.mu.Unlock()
+			c.unlock()
 			s.Abort()
 			return
 		}
 		c.cond.Broadcast()
-		c.mu.Unlock()
+		c.unlock()
 	}
 }
 
@@ -450,7 +462,7 @@ func (c *Conn) readLoop(s Stream, g uint64) {
 // once the flow is reset.
 func (c *Conn) Read(b []byte) (int, error) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	for c.rlen == 0 && !c.rfin && c.state != Reset && !c.appClosed {
 		if err := c.waitLocked(0); err != nil {
 			return 0, err
@@ -491,7 +503,7 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 		c.mu.Lock()
 		for c.rlen == 0 && !c.rfin && c.state != Reset && !c.appClosed {
 			if err := c.waitLocked(0); err != nil {
-				c.mu.Unlock()
+				c.unlock()
 				return total, err
 			}
 		}
@@ -503,12 +515,12 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 			case c.appClosed:
 				err = net.ErrClosed
 			}
-			c.mu.Unlock()
+			c.unlock()
 			return total, err
 		}
 		ch := c.rq[0]
 		c.lent = ch.buf
-		c.mu.Unlock()
+		c.unlock()
 		// Only this reader takes chunks off the queue: ch stays ours.
 		n, err := w.Write(ch.data)
 		total += int64(n)
@@ -524,7 +536,7 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 			}
 			c.cond.Broadcast()
 		}
-		c.mu.Unlock()
+		c.unlock()
 		if err != nil {
 			return total, err
 		}
@@ -574,7 +586,7 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 // bytes is full.
 func (c *Conn) Write(b []byte) (int, error) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	n := 0
 	for len(b) > 0 {
 		switch {
@@ -624,7 +636,7 @@ func (c *Conn) waitLocked(i int) error {
 	t := time.AfterFunc(d, func() {
 		c.mu.Lock()
 		c.cond.Broadcast()
-		c.mu.Unlock()
+		c.unlock()
 	})
 	c.cond.Wait()
 	t.Stop()
@@ -634,7 +646,7 @@ func (c *Conn) waitLocked(i int) error {
 // CloseWrite sends an end of stream after what was written.
 func (c *Conn) CloseWrite() error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	c.wclosed = true
 	c.cond.Broadcast()
 	return nil
@@ -643,7 +655,7 @@ func (c *Conn) CloseWrite() error {
 // Reset resets the flow: the peer's connection is reset, not closed.
 func (c *Conn) Reset() error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	if c.state == Live {
 		c.resetting = true
 		c.dropRecvLocked()
@@ -657,7 +669,7 @@ func (c *Conn) Reset() error {
 // arrives later, resets the flow.
 func (c *Conn) Close() error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	c.appClosed, c.wclosed = true, true
 	if c.rlen > 0 && c.state == Live {
 		c.resetting = true
@@ -677,7 +689,7 @@ func (c *Conn) SetDeadline(t time.Time) error {
 
 func (c *Conn) SetReadDeadline(t time.Time) error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	c.deadlines[0] = t
 	c.cond.Broadcast()
 	return nil
@@ -685,7 +697,7 @@ func (c *Conn) SetReadDeadline(t time.Time) error {
 
 func (c *Conn) SetWriteDeadline(t time.Time) error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	c.deadlines[1] = t
 	c.cond.Broadcast()
 	return nil
@@ -718,7 +730,7 @@ func (c *Conn) dropRecvLocked() {
 // Counts are the bytes written to the flow and received from the peer.
 func (c *Conn) Counts() (sent, rcvd uint64) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	rcvd = c.rcvd
 	if c.rfin {
 		rcvd--
@@ -731,7 +743,7 @@ func (c *Conn) Counts() (sent, rcvd uint64) {
 // was everything, with a reset otherwise.
 func (c *Conn) PeerDone(peerRcvd uint64) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	c.ackLocked(peerRcvd)
 	if c.finAcked && c.rfin {
 		c.endLocked(Done, EndDone)
@@ -744,7 +756,7 @@ func (c *Conn) PeerDone(peerRcvd uint64) {
 // no longer has the flow): reads and writes fail with ErrReset.
 func (c *Conn) Abandon() {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	c.detachLocked()
 	c.endLocked(Reset, EndAbandoned)
 }

@@ -98,18 +98,26 @@ func TestFlowsSurviveTheirConnection(t *testing.T) {
 	}
 }
 
-// TestShutdownPeerResetsFlows: a peer that stops (its sidecar is told to
-// stop) resets the flows with it at once: the application sees a reset,
-// not a hang and not an end of stream.
-func TestShutdownPeerResetsFlows(t *testing.T) {
+// heldFlow is a flow from party 0 to a server at party 1 that reads and
+// never answers.
+func heldFlow(t *testing.T) (a, b *testParty, c *flow.Conn) {
+	t.Helper()
 	hold := localServer(t, func(c net.Conn) { io.Copy(io.Discard, c) })
-	a := startParty(t, 0, nil, allowAll)
-	b := startParty(t, 1, nil, allowAll)
+	a = startParty(t, 0, nil, allowAll)
+	b = startParty(t, 1, nil, allowAll)
 	introduce(a, b)
 	c, err := a.m.Dial(ctxTimeout(t, 10*time.Second), 1, hold)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return a, b, c
+}
+
+// TestShutdownPeerResetsFlows: a peer that stops (its sidecar is told to
+// stop) resets the flows with it at once: the application sees a reset,
+// not a hang and not an end of stream.
+func TestShutdownPeerResetsFlows(t *testing.T) {
+	_, b, c := heldFlow(t)
 	b.stop()
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, flow.ErrReset) {
@@ -121,14 +129,7 @@ func TestShutdownPeerResetsFlows(t *testing.T) {
 // carries another boot id than before (it restarted, maybe without the
 // registry telling us) resets the flows of its old instance at once.
 func TestRestartedPeerResetsFlows(t *testing.T) {
-	hold := localServer(t, func(c net.Conn) { io.Copy(io.Discard, c) })
-	a := startParty(t, 0, nil, allowAll)
-	b := startParty(t, 1, nil, allowAll)
-	introduce(a, b)
-	c, err := a.m.Dial(ctxTimeout(t, 10*time.Second), 1, hold)
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, b, c := heldFlow(t)
 	waitFor(t, "party 0 learned party 1's boot id", func() bool {
 		p := peerOf(a.m, 1)
 		a.m.mu.Lock()
