@@ -24,13 +24,15 @@ unit:
 
 # Real NATs in network namespaces (skips, saying so, when not root): direct
 # paths through cone NATs, relayed ones through symmetric NATs and blocked
-# UDP, sfkit as it is (its command line, its website's relay), then faults
-# under live transfers (rebinding NATs, lost UDP, relays dying, peers stopping).
+# UDP, sfkit as it is (its command line, its website's relay), faults under
+# live transfers (rebinding NATs, lost UDP, relays dying, peers stopping),
+# then parallel connections on a long lossy path (the WAN lab, lean).
 e2e: build
 	scripts/nat-lab.sh ./$(BIN)
 	scripts/relay-lab.sh ./$(BIN)
 	scripts/sfkit-lab.sh ./$(BIN)
 	scripts/fault-lab.sh ./$(BIN)
+	scripts/wan-lab.sh ./$(BIN)
 
 # The fault lab with its long outage (60 s of lost UDP).
 soak: build
@@ -44,11 +46,15 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 20s "$${t#*:}" || exit 1; \
 	done
 
-# Benchmarks: Go benchmarks of the hot paths, then the tunnel against raw
-# quic-go and raw TCP between processes (table on stdout, bench.json).
+# Benchmarks: Go benchmarks of the hot paths, the tunnel against raw
+# quic-go and raw TCP between processes (table on stdout, bench.json), then
+# the WAN table: plain TCP (CUBIC, BBR) against the tunnel on an emulated
+# 50 ms, 200 Mbit/s path with 0, 0.01% and 0.1% loss (wan.json; needs root,
+# about 15 minutes).
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./quicmux ./socks
 	$(GO) run ./scripts/bench --bin ./$(BIN) --json bench.json
+	scripts/wan-lab.sh --bench ./$(BIN)
 
 image: build
 	d=$$(mktemp -d) && cp $(BIN) Dockerfile $$d/ && docker build -t $(IMAGE) $$d; rc=$$?; rm -rf $$d; exit $$rc

@@ -64,6 +64,7 @@ type Peer struct {
 	RTTMillis      float64       `json:"rtt_ms"`
 	ConnectedSince *time.Time    `json:"connected_since,omitempty"`
 	OpenConns      int64         `json:"open_conns"`
+	QUICConns      int           `json:"quic_conns"` // the pool that carries them
 	BytesSent      uint64        `json:"bytes_sent"`
 	BytesReceived  uint64        `json:"bytes_received"`
 	Rate           Rates         `json:"rate"`
@@ -109,6 +110,11 @@ type Counters struct {
 	// connection; FlowsReset counts resets by reason.
 	FlowsResumed uint64            `json:"flows_resumed"`
 	FlowsReset   map[string]uint64 `json:"flows_reset"`
+	// FlowsMoved counts tunnelled connections moved between the QUIC
+	// connections of a peer's pool; PoolConnsOpened counts the pool's
+	// connections opened (dialer) or accepted.
+	FlowsMoved      uint64 `json:"flows_moved"`
+	PoolConnsOpened uint64 `json:"pool_conns_opened"`
 }
 
 // PingResult is what POST /v1/ping returns.

@@ -79,7 +79,7 @@ func PrintStatus(w io.Writer, s Status) {
 	fmt.Fprintf(w, "party %d of study %s at %s; socks %s\n", s.PID, s.Study, s.VirtualAddr, s.SOCKS)
 	fmt.Fprintf(w, "external %s, NAT %s; registry %s\n\n", ext, s.NAT, reg)
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tSTATE\tREMOTE\tRTT\tCONNS\tSENT\tRECEIVED\tRATE OUT (now/avg/max)\tRATE IN (now/avg/max)\tLAST ERROR")
+	fmt.Fprintln(tw, "PEER\tSTATE\tREMOTE\tRTT\tCONNS\tQUIC\tSENT\tRECEIVED\tRATE OUT (now/avg/max)\tRATE IN (now/avg/max)\tLAST ERROR")
 	for _, p := range s.Peers {
 		state := p.State
 		if p.Via != "" {
@@ -88,8 +88,8 @@ func PrintStatus(w io.Writer, s Status) {
 		if p.State == "repairing" && p.StateSince != nil {
 			state += fmt.Sprintf(" (%s)", time.Since(*p.StateSince).Round(time.Second))
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%.2fms\t%d\t%s\t%s\t%s\t%s\t%s\n", p.PID, state, dash(p.RemoteAddr), p.RTTMillis,
-			p.OpenConns, bytesText(float64(p.BytesSent)), bytesText(float64(p.BytesReceived)),
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%.2fms\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", p.PID, state, dash(p.RemoteAddr), p.RTTMillis,
+			p.OpenConns, p.QUICConns, bytesText(float64(p.BytesSent)), bytesText(float64(p.BytesReceived)),
 			rates(p.Rate.CurrentSent, p.Rate.AverageSent, p.Rate.MaxSent),
 			rates(p.Rate.CurrentReceived, p.Rate.AverageReceived, p.Rate.MaxReceived), dash(p.LastError))
 	}

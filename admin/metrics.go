@@ -25,6 +25,9 @@ var (
 	descSOCKS       = prometheus.NewDesc("sfkit_proxy_socks_requests_total", "SOCKS CONNECT requests by target and outcome.", []string{"target", "outcome"}, nil)
 	descRegistryUp  = prometheus.NewDesc("sfkit_proxy_registry_up", "1 if the last registry request succeeded.", nil, nil)
 	descResumed     = prometheus.NewDesc("sfkit_proxy_flows_resumed_total", "Tunnelled TCP connections carried on over a new QUIC connection after their path died.", nil, nil)
+	descMoved       = prometheus.NewDesc("sfkit_proxy_flows_moved_total", "Tunnelled TCP connections moved between the QUIC connections of a peer's pool.", nil, nil)
+	descPoolOpened  = prometheus.NewDesc("sfkit_proxy_pool_conns_opened_total", "QUIC connections added to peers' pools.", nil, nil)
+	descPeerQUIC    = prometheus.NewDesc("sfkit_proxy_peer_quic_conns", "QUIC connections to the peer (its pool).", []string{"peer"}, nil)
 	descFlowResets  = prometheus.NewDesc("sfkit_proxy_flows_reset_total", "Tunnelled TCP connections reset, by reason.", []string{"reason"}, nil)
 	descRepairs     = prometheus.NewDesc("sfkit_proxy_path_repairs_total", "Paths to a peer repaired after they died.", []string{"peer"}, nil)
 	descLastRepair  = prometheus.NewDesc("sfkit_proxy_path_last_repair_seconds", "How long the last repair of the path to a peer took.", []string{"peer"}, nil)
@@ -51,6 +54,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			counter(descPeerConns, t.Conns, pid, t.Path)
 		}
 		gauge(descPeerOpen, float64(p.OpenConns), pid)
+		gauge(descPeerQUIC, float64(p.QUICConns), pid)
 		for _, st := range peerStatesShown {
 			v := 0.0
 			if p.State == st {
@@ -82,6 +86,8 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descSOCKS, k.SOCKS[key], target, outcome)
 	}
 	counter(descResumed, k.FlowsResumed)
+	counter(descMoved, k.FlowsMoved)
+	counter(descPoolOpened, k.PoolConnsOpened)
 	for _, why := range slices.Sorted(maps.Keys(k.FlowsReset)) {
 		counter(descFlowResets, k.FlowsReset[why], why)
 	}

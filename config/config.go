@@ -84,6 +84,10 @@ type Sidecar struct {
 	// ResumeTimeout bounds how long a tunnelled connection waits for its
 	// path to come back.
 	ResumeTimeout time.Duration
+	// ConnsPerPeer bounds the QUIC connections to one peer: parallel
+	// tunnelled connections get one each, so each its own congestion
+	// control, as parallel TCP connections would.
+	ConnsPerPeer int
 	// Forwards are local listeners carried to peers (--forward, and with
 	// --mpc-forward the peers' listening ports of the MPC config).
 	Forwards []Forward
@@ -93,6 +97,15 @@ type Sidecar struct {
 
 // Website reports whether Registry is the sfkit website's WebSocket relay.
 func (c *Sidecar) Website() bool { return c.Registry.Scheme == "ws" || c.Registry.Scheme == "wss" }
+
+// The pool of QUIC connections to each peer: parallel tunnelled connections
+// get one each, up to DefaultConnsPerPeer unless configured (SF-GWAS opens 4
+// to 12 connections per pair of parties; see docs/BENCHMARKS.md for the
+// choice), never more than MaxConnsPerPeer (an acceptor refuses more).
+const (
+	DefaultConnsPerPeer = 8
+	MaxConnsPerPeer     = 32
+)
 
 // DefaultResumeTimeout is how long a tunnelled connection waits, detached,
 // for a path to its peer to come back before it is reset.
@@ -159,6 +172,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		parties  = fs.String("parties", "", "the study's party ids for the website relay, e.g. 0,1,2 (default: those of -mpc)")
 		dialTO   = fs.Duration("dial-timeout", DefaultDialTimeout, "how long a connection to a peer waits for its tunnel")
 		resumeTO = fs.Duration("resume-timeout", DefaultResumeTimeout, "how long a tunnelled connection waits for its path to come back before it is reset")
+		connsPer = fs.Int("conns-per-peer", DefaultConnsPerPeer, fmt.Sprintf("at most this many QUIC connections to each peer (1 to %d): parallel tunnelled connections get their own, so their own congestion control", MaxConnsPerPeer))
 		mpcFwd   = fs.Bool("mpc-forward", false, "with -mpc, also listen on the peers' listening ports (127.0.0.1:port+t), for programs that ignore ALL_PROXY")
 		verbose  countFlag
 		forwards listFlag
@@ -290,6 +304,9 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	}
 	if c.ResumeTimeout = *resumeTO; c.ResumeTimeout <= 0 {
 		bad("--resume-timeout %v: want a positive duration such as 10m", c.ResumeTimeout)
+	}
+	if c.ConnsPerPeer = *connsPer; c.ConnsPerPeer < 1 || c.ConnsPerPeer > MaxConnsPerPeer {
+		bad("--conns-per-peer %d: want 1 to %d (1 carries every tunnelled connection to a peer on one QUIC connection)", c.ConnsPerPeer, MaxConnsPerPeer)
 	}
 	if c.DialTimeout = *dialTO; c.DialTimeout <= 0 {
 		bad("--dial-timeout %v: want a positive duration such as 5m", c.DialTimeout)

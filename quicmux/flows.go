@@ -29,7 +29,17 @@ type flowEntry struct {
 	log      *slog.Logger
 	resuming atomic.Bool
 	why      atomic.Value // string: why the owner abandons it, for the reset counters
+	// on is the connection it runs on, or is moving to; want, when set, is
+	// where its next resume goes (pool.go).
+	on, want atomic.Pointer[link]
+	// ready is closed once the flow is first attached: a peer's resume
+	// (a move) may arrive on another connection before that.
+	ready     chan struct{}
+	readyOnce sync.Once
 }
+
+// attached marks e attached for the first time (or never to be).
+func (e *flowEntry) attached() { e.readyOnce.Do(func() { close(e.ready) }) }
 
 // abandon resets the flow here, counting the reason.
 func (e *flowEntry) abandon(why string) {
@@ -55,9 +65,10 @@ type tomb struct {
 	until  time.Time
 }
 
-// newFlow makes and registers a flow on link l.
-func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flow.Conn {
-	e := &flowEntry{port: port, log: log, born: l}
+// newFlow makes and registers a flow on link l, to be attached.
+func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flowEntry {
+	e := &flowEntry{port: port, log: log, born: l, ready: make(chan struct{})}
+	e.on.Store(l)
 	start := time.Now()
 	e.c = flow.New(flow.Options{
 		ResumeTimeout: m.opts.ResumeTimeout,
@@ -111,7 +122,7 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flow
 		e.abandon(ResetShutdown)
 	default:
 	}
-	return e.c
+	return e
 }
 
 // resume carries a flow we opened over the peer's current connection, once
@@ -131,7 +142,10 @@ func (m *Mux) resume(key flowKey, e *flowEntry) {
 		}
 	}()
 	lost := time.Now()
-	e.log.Info("flow waiting for a path to resume")
+	moving := e.want.Load() != nil
+	if !moving {
+		e.log.Info("flow waiting for a path to resume")
+	}
 	bo := backoff.Backoff{Min: 100 * time.Millisecond, Max: 2 * time.Second}
 	for {
 		if st, _ := e.c.State(); st != flow.Live {
@@ -143,6 +157,10 @@ func (m *Mux) resume(key flowKey, e *flowEntry) {
 			e.abandon(ResetResumeTimeout)
 			return
 		}
+		if w := e.want.Swap(nil); w != nil && w.conn.Context().Err() == nil {
+			l = w
+		}
+		e.on.Store(l)
 		e.c.Detach()
 		_, rcvd := e.c.State()
 		str, reply, err := openStream(ctx, l.conn, Request{Kind: KindResume, Port: e.port, Flow: key.id, Rcvd: rcvd})
@@ -159,8 +177,14 @@ func (m *Mux) resume(key flowKey, e *flowEntry) {
 		switch reply.Status {
 		case StatusOK:
 			e.c.Attach(m.flowStream(str, l), reply.Rcvd)
-			m.count.flowsResumed.Add(1)
-			e.log.Info("flow resumed", "after", time.Since(lost).Round(time.Millisecond), "path", m.linkKind(p, l))
+			if moving {
+				m.count.flowsMoved.Add(1)
+				e.log.Debug("flow moved to another connection of the pool", "after", time.Since(lost).Round(time.Millisecond))
+			} else {
+				m.count.flowsResumed.Add(1)
+				e.log.Info("flow resumed", "after", time.Since(lost).Round(time.Millisecond), "path", m.linkKind(p, l))
+			}
+			m.poolChanged(key.pid)
 		case StatusFlowDone:
 			e.c.PeerDone(reply.Rcvd)
 		default:
@@ -182,6 +206,12 @@ func (m *Mux) resumed(pid int, req Request, str *quic.Stream, l *link, log *slog
 	e := m.flows[key]
 	t, ended := m.tombs[key]
 	m.mu.Unlock()
+	if e != nil {
+		select {
+		case <-e.ready:
+		case <-time.After(m.opts.DialTimeout):
+		}
+	}
 	if e == nil {
 		st := StatusUnknownFlow
 		if ended {
@@ -197,9 +227,17 @@ func (m *Mux) resumed(pid int, req Request, str *quic.Stream, l *link, log *slog
 		str.CancelRead(codeStreamAbort)
 		return
 	}
+	// The peer moves a flow whose connection still lives (pool.go), and
+	// resumes one whose connection died.
+	if old := e.on.Swap(l); old != nil && old.conn.Context().Err() == nil {
+		m.count.flowsMoved.Add(1)
+		e.log.Debug("flow moved by peer to another connection of the pool")
+	} else {
+		m.count.flowsResumed.Add(1)
+		e.log.Info("flow resumed by peer")
+	}
 	e.c.Attach(m.flowStream(str, l), req.Rcvd)
-	m.count.flowsResumed.Add(1)
-	e.log.Info("flow resumed by peer")
+	m.poolChanged(pid)
 }
 
 // hello records the boot id a peer sent on l, a new connection: a new one
@@ -238,7 +276,7 @@ func (m *Mux) resetFlows(pid int, why string, keep *link) {
 	m.mu.Lock()
 	var es []*flowEntry
 	for k, e := range m.flows {
-		if k.pid == pid && (keep == nil || e.born != keep) {
+		if k.pid == pid && (keep == nil || e.born != keep && e.born.primary != keep) {
 			es = append(es, e)
 		}
 	}

@@ -37,6 +37,7 @@ const (
 	codeRestart  quic.ApplicationErrorCode = 0x102
 	codeRejected quic.ApplicationErrorCode = 0x103
 	codePathDead quic.ApplicationErrorCode = 0x104 // nothing heard for pathDeadAfter
+	codeIdle     quic.ApplicationErrorCode = 0x105 // a pool member carried nothing for a while
 
 	// pathDeadAfter is how long a connection may go without a packet before
 	// its path counts as dead.
@@ -115,6 +116,12 @@ type Options struct {
 	// RelayDelay is how long direct checks get before a relayed path is
 	// taken; zero means 3 s.
 	RelayDelay time.Duration
+	// ConnsPerPeer bounds the QUIC connections to one peer (see pool.go):
+	// zero means DefaultConnsPerPeer, 1 carries every flow on one.
+	ConnsPerPeer int
+	// poolIdle is how long a pool member may carry nothing; zero means
+	// defaultPoolIdle (tests shorten it).
+	poolIdle time.Duration
 }
 
 // Mux is a sidecar's UDP socket, QUIC transport and peer connections.
@@ -159,6 +166,8 @@ type peer struct {
 	relayAnswers *answers      // answers to checks from the relay
 	cancel       context.CancelFunc
 	relaySending atomic.Bool // checks through the relay are being sent
+	poolCh       chan struct{} // a flow was attached, or the pool changed
+	growing      atomic.Bool   // members are being opened
 
 	info PeerInfo
 	// key is the integrity key of checks with this peer ("" while its
@@ -170,7 +179,8 @@ type peer struct {
 	// boot is the peer's boot id from its last hello, 0 before one.
 	boot    uint64
 	prflx   map[netip.AddrPort]time.Time // learned from its checks: when last heard
-	link    *link                        // the connection in use, nil when none
+	link    *link                        // the connection in use (the pool's primary), nil when none
+	pool    []*link                      // the primary's members (pool.go)
 	path    pathState
 	lastErr string
 	// repairs counts paths repaired; lastRepair is how long the last took.
@@ -193,6 +203,12 @@ type link struct {
 	// direct is set once the link moved from a relay to the direct path: by
 	// migration on the dialer, by the dialer's notice on the acceptor.
 	direct atomic.Bool
+	// primary is the connection whose pool this one belongs to; nil for a
+	// primary.
+	primary *link
+	// idleSince is when a member last carried nothing (dialer; guarded
+	// by Mux.mu).
+	idleSince time.Time
 }
 
 // QUICConfig is the QUIC configuration of peer connections (exported for
@@ -240,6 +256,13 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 	}
 	if opts.ResumeTimeout == 0 {
 		opts.ResumeTimeout = 10 * time.Minute
+	}
+	if opts.ConnsPerPeer == 0 {
+		opts.ConnsPerPeer = DefaultConnsPerPeer
+	}
+	opts.ConnsPerPeer = min(max(opts.ConnsPerPeer, 1), MaxConnsPerPeer)
+	if opts.poolIdle == 0 {
+		opts.poolIdle = defaultPoolIdle
 	}
 	network := "udp4"
 	if addr.Addr().Is6() && !addr.Addr().Is4In6() {
@@ -465,7 +488,7 @@ func (m *Mux) reconcile(ctx context.Context, infos []PeerInfo, bg *sync.WaitGrou
 			p = &peer{
 				pid: in.PID, info: in, path: pathState{state: StateConnecting, since: time.Now()}, cancel: pcancel,
 				rates:  rates{start: time.Now(), last: time.Now()},
-				infoCh: make(chan struct{}, 1), connCh: make(chan struct{}, 1),
+				infoCh: make(chan struct{}, 1), connCh: make(chan struct{}, 1), poolCh: make(chan struct{}, 1),
 				answers: newAnswers(), relayAnswers: newAnswers(), prflx: make(map[netip.AddrPort]time.Time),
 			}
 			m.setKeyLocked(p)
@@ -506,6 +529,7 @@ func (m *Mux) removeLocked(p *peer) {
 	if p.link != nil {
 		p.link.conn.CloseWithError(codeShutdown, "peer left the registry")
 	}
+	m.closeMembersLocked(p, "peer left the registry")
 	if m.peers[p.pid] == p {
 		delete(m.peers, p.pid)
 	}
@@ -654,13 +678,20 @@ func (m *Mux) acceptLoop(ctx context.Context, ep *endpoint) error {
 			return fmt.Errorf("accept: %w", err)
 		}
 		cs := conn.ConnectionState().TLS
-		p, err := m.claimed(cs.ServerName, PinOf(cs.PeerCertificates[0]))
+		p, member, err := m.claimed(cs.ServerName, PinOf(cs.PeerCertificates[0]))
 		if err != nil {
 			m.count.acceptsRejected.Add(1)
 			conn.CloseWithError(codeRejected, "unknown peer")
 			continue
 		}
 		m.count.acceptsOK.Add(1)
+		if member {
+			m.mu.Lock()
+			primary := p.link
+			m.mu.Unlock()
+			m.installMember(ctx, p, primary, conn, ep)
+			continue
+		}
 		m.installConn(ctx, p, conn, ep)
 		notify(p.connCh)
 	}
@@ -673,8 +704,10 @@ func handshakeName(from, to int) string {
 	return "p" + strconv.Itoa(from) + ".to.p" + strconv.Itoa(to) + ".sfkit-proxy"
 }
 
-// parseHandshakeName reads a handshakeName; anything else is not ok.
-func parseHandshakeName(s string) (from, to int, ok bool) {
+// parseHandshakeName reads a handshakeName, with memberName after it for a
+// pool member; anything else is not ok.
+func parseHandshakeName(s string) (from, to int, member, ok bool) {
+	s, member = strings.CutSuffix(s, memberName)
 	rest, ok1 := strings.CutSuffix(s, ".sfkit-proxy")
 	a, b, ok2 := strings.Cut(rest, ".to.")
 	num := func(s string) int {
@@ -685,28 +718,34 @@ func parseHandshakeName(s string) (from, to int, ok bool) {
 		return n
 	}
 	from, to = num(a), num(b)
-	return from, to, ok1 && ok2 && from >= 0 && to >= 0
+	return from, to, member, ok1 && ok2 && from >= 0 && to >= 0
 }
 
 // claimed finds the peer that a handshake's server name claims dialled us,
 // and checks that it dials (a lower pid) and holds that peer's pinned key.
-func (m *Mux) claimed(serverName, pin string) (*peer, error) {
-	from, to, ok := parseHandshakeName(serverName)
+// A member is refused when the peer has no connection for it to join, or
+// already has MaxConnsPerPeer.
+func (m *Mux) claimed(serverName, pin string) (p *peer, member bool, err error) {
+	from, to, member, ok := parseHandshakeName(serverName)
 	if !ok || to != m.opts.PID {
-		return nil, fmt.Errorf("handshake names no party dialling party %d (server name %q)", m.opts.PID, serverName)
+		return nil, false, fmt.Errorf("handshake names no party dialling party %d (server name %q)", m.opts.PID, serverName)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	p := m.peers[from]
+	p = m.peers[from]
 	switch {
 	case p == nil:
-		return nil, fmt.Errorf("party %d is not in the registry", from)
+		return nil, false, fmt.Errorf("party %d is not in the registry", from)
 	case from >= m.opts.PID:
-		return nil, fmt.Errorf("party %d dialled, but the lower party id dials", from)
+		return nil, false, fmt.Errorf("party %d dialled, but the lower party id dials", from)
 	case p.info.Pin != pin:
-		return nil, fmt.Errorf("party %d presented key %s, but pinned is %s", from, pin, p.info.Pin)
+		return nil, false, fmt.Errorf("party %d presented key %s, but pinned is %s", from, pin, p.info.Pin)
+	case member && p.link == nil:
+		return nil, false, fmt.Errorf("party %d opened a pool connection with no connection to pool with", from)
+	case member && len(p.pool) >= MaxConnsPerPeer-1:
+		return nil, false, fmt.Errorf("party %d opened more than %d connections", from, MaxConnsPerPeer)
 	}
-	return p, nil
+	return p, member, nil
 }
 
 func (m *Mux) baseTLS() *tls.Config {
@@ -725,7 +764,7 @@ func (m *Mux) serverTLS() *tls.Config {
 			return errors.New("peer sent no certificate")
 		}
 		pin := PinOf(cs.PeerCertificates[0])
-		if _, err := m.claimed(cs.ServerName, pin); err != nil {
+		if _, _, err := m.claimed(cs.ServerName, pin); err != nil {
 			m.count.acceptsRejected.Add(1)
 			m.quiet.warn("reject:"+pin, "rejected handshake", "pin", pin, "err", err)
 			return err

@@ -54,6 +54,10 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 	live := time.NewTicker(time.Second)
 	defer live.Stop()
 	lastPackets, lastHeard := l.conn.ConnectionStats().PacketsReceived, time.Now()
+	// The pool (pool.go): after a burst of changes settles, flows are
+	// spread again and the dialer opens what the flows need.
+	dialer := m.opts.PID < p.pid
+	var settle <-chan time.Time
 	for {
 		select {
 		case now := <-live.C:
@@ -61,6 +65,19 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 				lastPackets, lastHeard = n, now
 			} else if now.Sub(lastHeard) >= pathDeadAfter {
 				l.conn.CloseWithError(codePathDead, "path dead")
+			}
+			if dialer {
+				m.shrink(p, now)
+			}
+		case <-p.poolCh:
+			if settle == nil {
+				settle = time.After(balanceDelay)
+			}
+		case <-settle:
+			settle = nil
+			m.balance(p)
+			if dialer && m.opts.ConnsPerPeer > 1 {
+				m.wg.Go(func() { m.grow(ctx, p, l, log) })
 			}
 		case <-ctx.Done():
 			return
@@ -163,6 +180,15 @@ func (m *Mux) migrate(ctx context.Context, l *link) error {
 		return fmt.Errorf("switch: %w", err)
 	}
 	l.direct.Store(true)
+	// The members still run on the relay: their flows move to the
+	// primary, and the pool grows again on the direct path.
+	m.mu.Lock()
+	for _, p := range m.peers {
+		if p.link == l {
+			m.closeMembersLocked(p, "the pool moves to the direct path")
+		}
+	}
+	m.mu.Unlock()
 	return nil
 }
 
@@ -492,6 +518,7 @@ func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *end
 	var repaired time.Duration
 	p.path, repaired = p.path.next(evConnected, kind, time.Now())
 	p.link, p.lastErr = l, ""
+	m.closeMembersLocked(p, "replaced by a newer connection")
 	if repaired > 0 {
 		p.repairs++
 		p.lastRepair = repaired
@@ -517,6 +544,8 @@ func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *end
 	if m.opts.PID < p.pid {
 		m.wg.Go(func() { m.sayHello(ctx, p.pid, l) })
 	}
+	// Flows still on the old connection move to the new one.
+	notify(p.poolCh)
 }
 
 // drain closes l once it carries no tunnelled connection (or after a day).
@@ -545,6 +574,7 @@ func (m *Mux) dropLink(p *peer, l *link, err error, ev pathEvent) {
 		return
 	}
 	p.link = nil
+	m.closeMembersLocked(p, "path lost")
 	p.path, _ = p.path.next(ev, "", time.Now())
 	p.lastErr = err.Error()
 	m.broadcastLocked()

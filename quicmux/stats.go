@@ -54,6 +54,8 @@ type PeerStats struct {
 	RTT        time.Duration
 	Since      time.Time // connected since
 	OpenConns  int64
+	// QUICConns is how many QUIC connections carry them (the pool).
+	QUICConns int
 	BytesSent  uint64
 	BytesRecv  uint64
 	// Rates in bytes per second: over the last few seconds, since the first
@@ -77,6 +79,9 @@ type Stats struct {
 	AcceptsOK, AcceptsRejected uint64
 	ChecksSent, ChecksAnswered uint64
 	FlowsResumed               uint64
+	// FlowsMoved counts flows moved between a peer's connections (pool.go);
+	// PoolConnsOpened counts pool members opened or accepted.
+	FlowsMoved, PoolConnsOpened uint64
 	FlowsReset                 map[string]uint64 // by reason
 }
 
@@ -85,7 +90,8 @@ type counters struct {
 	dialsOK, dialsFailed       atomic.Uint64
 	acceptsOK, acceptsRejected atomic.Uint64
 	checksSent, checksAnswered atomic.Uint64
-	flowsResumed               atomic.Uint64
+	flowsResumed, flowsMoved   atomic.Uint64
+	poolOpened                 atomic.Uint64
 
 	mu         sync.Mutex        // guards flowResets
 	flowResets map[string]uint64 // by reason
@@ -148,6 +154,7 @@ func (m *Mux) Stats() Stats {
 		AcceptsOK: m.count.acceptsOK.Load(), AcceptsRejected: m.count.acceptsRejected.Load(),
 		ChecksSent: m.count.checksSent.Load(), ChecksAnswered: m.count.checksAnswered.Load(),
 		FlowsResumed: m.count.flowsResumed.Load(), FlowsReset: map[string]uint64{},
+		FlowsMoved: m.count.flowsMoved.Load(), PoolConnsOpened: m.count.poolOpened.Load(),
 	}
 	m.count.mu.Lock()
 	for k, v := range m.count.flowResets {
@@ -165,6 +172,7 @@ func (m *Mux) Stats() Stats {
 			ps.State = ps.Path // direct or relayed
 			ps.RemoteAddr, ps.Since = l.remote, l.since
 			ps.RTT = l.conn.ConnectionStats().SmoothedRTT
+			ps.QUICConns = len(m.linksLocked(p))
 		}
 		ps.BytesSent, ps.BytesRecv, ps.OpenConns = p.totalsLocked()
 		r := &p.rates

@@ -44,10 +44,12 @@ func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*flow.Conn, error
 	}
 	l.tr.opened.Add(1)
 	log := m.log.With("peer", pid, "port", port, "dir", "out", "path", kind)
-	c := m.newFlow(flowKey{pid: pid, mine: true, id: id}, port, l, log)
-	c.Attach(m.flowStream(str, l), 0)
+	e := m.newFlow(flowKey{pid: pid, mine: true, id: id}, port, l, log)
+	e.c.Attach(m.flowStream(str, l), 0)
+	e.attached()
 	log.Info("tunnel opened")
-	return c, nil
+	m.poolChanged(pid)
+	return e.c, nil
 }
 
 // Ping measures the round trip of a request through the tunnel to pid, and
@@ -143,14 +145,15 @@ func endStream(str *quic.Stream) {
 	str.CancelRead(codeStreamAbort)
 }
 
-// waitLink returns the link to pid, waiting for one within ctx.
+// waitLink returns a connection to pid, waiting for one within ctx: of
+// its pool, the one carrying fewest of our flows.
 func (m *Mux) waitLink(ctx context.Context, pid int) (*peer, *link, error) {
 	for {
 		m.mu.Lock()
 		p := m.peers[pid]
 		var l *link
 		if p != nil {
-			l = p.link
+			l = m.pickLocked(p)
 		}
 		changed := m.changed
 		m.mu.Unlock()
@@ -248,16 +251,22 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 		return
 	}
 	tcp := c.(*net.TCPConn)
+	// The flow is registered before the reply: the opener may move it to
+	// another connection of the pool at once, and its resume may overtake
+	// this stream (it waits for the attachment below).
+	e := m.newFlow(flowKey{pid: pid, id: req.Flow}, req.Port, l, log.With("port", req.Port, "dir", "in"))
 	if err := reply(Reply{}); err != nil {
 		tcp.Close()
+		e.attached()
+		e.abandon(ResetPeerLostFlow)
 		return
 	}
 	l.tr.opened.Add(1)
-	log = log.With("port", req.Port, "dir", "in")
-	fc := m.newFlow(flowKey{pid: pid, id: req.Flow}, req.Port, l, log)
-	fc.Attach(m.flowStream(str, l), 0)
-	log.Info("tunnel opened")
-	pipe(tcp, fc)
+	e.c.Attach(m.flowStream(str, l), 0)
+	e.attached()
+	e.log.Info("tunnel opened")
+	m.poolChanged(pid)
+	pipe(tcp, e.c)
 }
 
 // logClosed logs a flow's end.

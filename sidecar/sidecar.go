@@ -90,6 +90,7 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 	mux, err := quicmux.Listen(cfg.UDPListen, quicmux.Options{
 		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
 		AllowPort: cfg.AllowPorts.Contains, Relay: rl, Virtual: cfg.PeersCIDR, ResumeTimeout: cfg.ResumeTimeout,
+		ConnsPerPeer: cfg.ConnsPerPeer,
 		// A dead path may be a new NAT mapping: ask STUN now, so that a
 		// change is published at once.
 		OnPathLost: func() {
@@ -477,7 +478,8 @@ func (st *state) status(cfg *config.Sidecar, ms quicmux.Stats, socksAddr netip.A
 			MappingChanges: st.mappingChanges},
 		Counters: admin.Counters{DialsOK: ms.DialsOK, DialsFailed: ms.DialsFailed, AcceptsOK: ms.AcceptsOK,
 			AcceptsRejected: ms.AcceptsRejected, ChecksSent: ms.ChecksSent, ChecksAnswered: ms.ChecksAnswered,
-			SOCKS: make(map[string]uint64, len(st.socks)), FlowsResumed: ms.FlowsResumed, FlowsReset: ms.FlowsReset},
+			SOCKS: make(map[string]uint64, len(st.socks)), FlowsResumed: ms.FlowsResumed, FlowsReset: ms.FlowsReset,
+			FlowsMoved: ms.FlowsMoved, PoolConnsOpened: ms.PoolConnsOpened},
 		Peers: []admin.Peer{},
 	}
 	if st.mapping.Addr.IsValid() {
@@ -492,7 +494,7 @@ func (st *state) status(cfg *config.Sidecar, ms quicmux.Stats, socksAddr netip.A
 	st.mu.Unlock()
 	for _, p := range ms.Peers {
 		ap := admin.Peer{PID: p.PID, State: p.State, Path: p.Path, Via: p.Via, RTTMillis: float64(p.RTT.Microseconds()) / 1000,
-			OpenConns: p.OpenConns, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv, LastError: p.LastError,
+			OpenConns: p.OpenConns, QUICConns: p.QUICConns, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv, LastError: p.LastError,
 			Rate: admin.Rates{CurrentSent: p.RateSent, CurrentReceived: p.RateRecv, AverageSent: p.AvgSent,
 				AverageReceived: p.AvgRecv, MaxSent: p.MaxSent, MaxReceived: p.MaxRecv}}
 		if !p.StateSince.IsZero() {
