@@ -165,7 +165,7 @@ type peer struct {
 	answers      *answers      // answers to checks from the main socket
 	relayAnswers *answers      // answers to checks from the relay
 	cancel       context.CancelFunc
-	relaySending atomic.Bool // checks through the relay are being sent
+	relaySending atomic.Bool   // checks through the relay are being sent
 	poolCh       chan struct{} // a flow was attached, or the pool changed
 	growing      atomic.Bool   // members are being opened
 

@@ -56,8 +56,8 @@ type PeerStats struct {
 	OpenConns  int64
 	// QUICConns is how many QUIC connections carry them (the pool).
 	QUICConns int
-	BytesSent  uint64
-	BytesRecv  uint64
+	BytesSent uint64
+	BytesRecv uint64
 	// Rates in bytes per second: over the last few seconds, since the first
 	// connection, and the largest 1 s sample.
 	RateSent, RateRecv float64
@@ -82,7 +82,7 @@ type Stats struct {
 	// FlowsMoved counts flows moved between a peer's connections (pool.go);
 	// PoolConnsOpened counts pool members opened or accepted.
 	FlowsMoved, PoolConnsOpened uint64
-	FlowsReset                 map[string]uint64 // by reason
+	FlowsReset                  map[string]uint64 // by reason
 }
 
 // counters are the mux-wide event counts.
