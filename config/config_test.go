@@ -110,6 +110,8 @@ func TestParseSidecarErrors(t *testing.T) {
 		{"bad direct", append(required, "--direct", "maybe"), "want allow or deny"},
 		{"pid outside range", append(required, "--pid", "300"), "does not fit"},
 		{"stray argument", append(required, "extra"), "unexpected argument"},
+		{"no connections per peer", append(required, "--conns-per-peer", "0"), "--conns-per-peer 0: want 1 to 32"},
+		{"too many connections per peer", append(required, "--conns-per-peer", "33"), "--conns-per-peer 33: want 1 to 32"},
 		{"unknown flag", append(required, "--nope"), "flag provided but not defined: -nope (sfkit-proxy -h lists the flags)"},
 	}
 	for _, tt := range tests {

@@ -446,6 +446,7 @@ loop:
 		if p.link != nil {
 			p.link.conn.CloseWithError(codeShutdown, "shutdown")
 		}
+		m.closeMembersLocked(p, codeShutdown, "shutdown")
 	}
 	var flows []*flowEntry
 	for _, e := range m.flows {
@@ -529,7 +530,7 @@ func (m *Mux) removeLocked(p *peer) {
 	if p.link != nil {
 		p.link.conn.CloseWithError(codeShutdown, "peer left the registry")
 	}
-	m.closeMembersLocked(p, "peer left the registry")
+	m.closeMembersLocked(p, codeShutdown, "peer left the registry")
 	if m.peers[p.pid] == p {
 		delete(m.peers, p.pid)
 	}

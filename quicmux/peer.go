@@ -185,7 +185,7 @@ func (m *Mux) migrate(ctx context.Context, l *link) error {
 	m.mu.Lock()
 	for _, p := range m.peers {
 		if p.link == l {
-			m.closeMembersLocked(p, "the pool moves to the direct path")
+			m.closeMembersLocked(p, codeReplaced, "the pool moves to the direct path")
 		}
 	}
 	m.mu.Unlock()
@@ -518,7 +518,7 @@ func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *end
 	var repaired time.Duration
 	p.path, repaired = p.path.next(evConnected, kind, time.Now())
 	p.link, p.lastErr = l, ""
-	m.closeMembersLocked(p, "replaced by a newer connection")
+	m.closeMembersLocked(p, codeReplaced, "replaced by a newer connection")
 	if repaired > 0 {
 		p.repairs++
 		p.lastRepair = repaired
@@ -574,7 +574,7 @@ func (m *Mux) dropLink(p *peer, l *link, err error, ev pathEvent) {
 		return
 	}
 	p.link = nil
-	m.closeMembersLocked(p, "path lost")
+	m.closeMembersLocked(p, codeReplaced, "path lost")
 	p.path, _ = p.path.next(ev, "", time.Now())
 	p.lastErr = err.Error()
 	m.broadcastLocked()

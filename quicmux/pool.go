@@ -192,12 +192,14 @@ func (m *Mux) grow(ctx context.Context, p *peer, primary *link, log *slog.Logger
 				defer cancel()
 				tc := m.clientTLS(p.pid, pin)
 				tc.ServerName = handshakeName(m.opts.PID, p.pid) + memberName
+				start := time.Now()
 				conn, err := ep.tr.Dial(dctx, addrOf(primary.remote), tc, m.qc)
 				if err != nil {
 					log.Debug("pool connection not opened", "err", err)
 					failed.Store(true)
 					return
 				}
+				log.Debug("pool connection opened", "handshake", time.Since(start).Round(time.Microsecond))
 				if !m.installMember(ctx, p, primary, conn, ep) {
 					failed.Store(true)
 				}
@@ -214,13 +216,13 @@ func (m *Mux) grow(ctx context.Context, p *peer, primary *link, log *slog.Logger
 func (m *Mux) installMember(ctx context.Context, p *peer, primary *link, conn *quic.Conn, ep *endpoint) bool {
 	l := &link{conn: conn, ep: ep, since: time.Now(), local: addrPortOf(conn.LocalAddr()),
 		remote: addrPortOf(conn.RemoteAddr()), primary: primary}
-	l.direct.Store(primary.direct.Load())
 	m.mu.Lock()
-	if p.link != primary || primary == nil || len(p.pool) >= MaxConnsPerPeer-1 {
+	if primary == nil || p.link != primary || len(p.pool) >= MaxConnsPerPeer-1 {
 		m.mu.Unlock()
 		conn.CloseWithError(codeRejected, "not a member of the current pool")
 		return false
 	}
+	l.direct.Store(primary.direct.Load())
 	l.tr = p.trafficLocked(m.linkKindLocked(p, l))
 	p.pool = append(p.pool, l)
 	m.count.poolOpened.Add(1)
@@ -242,11 +244,12 @@ func (m *Mux) installMember(ctx context.Context, p *peer, primary *link, conn *q
 	return true
 }
 
-// closeMembersLocked closes p's members (their primary was lost or
-// replaced); their flows move to whatever connection comes next.
-func (m *Mux) closeMembersLocked(p *peer, why string) {
+// closeMembersLocked closes p's members with code (their primary was
+// lost, replaced, or is shutting down); their flows move to whatever
+// connection comes next.
+func (m *Mux) closeMembersLocked(p *peer, code quic.ApplicationErrorCode, why string) {
 	for _, l := range p.pool {
-		l.conn.CloseWithError(codeReplaced, why)
+		l.conn.CloseWithError(code, why)
 	}
 	p.pool = nil
 }

@@ -14,7 +14,8 @@
 # connections. With --bench (`make bench`): throughput of plain TCP (CUBIC
 # and BBR) against the tunnel (its default pool and one connection per
 # peer), 1 and 8 connections, loss 0, 0.01% and 0.1%; medians of WAN_RUNS
-# runs of WAN_SECONDS each (WAN_ROWS picks rows); a table on stdout and
+# runs, each counting WAN_SECONDS after WAN_WARMUP (steady state: a study's
+# connections last hours); WAN_ROWS picks rows; a table on stdout and
 # wan.json.
 #
 # Usage: scripts/wan-lab.sh [--bench] [path/to/sfkit-proxy]
@@ -34,6 +35,7 @@ RTT_MS=${WAN_RTT_MS:-50}
 RATE=${WAN_RATE:-200mbit}
 RUNS=${WAN_RUNS:-3}
 SECONDS_PER_RUN=${WAN_SECONDS:-8}
+WARMUP=${WAN_WARMUP:-2}
 JSON_OUT=${WAN_JSON:-wan.json}
 
 (cd "$(dirname "$0")/.." && go build -o "$DIR/wanem" ./scripts/wanem && go build -o "$DIR/wanperf" ./scripts/wanperf)
@@ -126,7 +128,7 @@ congestion() {
 rate() {
 	local args=(-to 203.0.113.2:9200)
 	[ "$1" = tunnel ] && args=(-to 10.0.0.1:9200 -socks 127.0.0.1:1080)
-	inns p0 "$DIR/wanperf" get "${args[@]}" -conns "$2" -time "${SECONDS_PER_RUN}s" |
+	inns p0 "$DIR/wanperf" get "${args[@]}" -conns "$2" -warmup "${WARMUP}s" -time "${SECONDS_PER_RUN}s" |
 		python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["MBps"])'
 }
 
@@ -149,7 +151,7 @@ if [ "$BENCH" = 0 ]; then
 	exit 0
 fi
 
-log "path: ${RTT_MS} ms round trip, $RATE; $RUNS runs of ${SECONDS_PER_RUN} s each"
+log "path: ${RTT_MS} ms round trip, $RATE; $RUNS runs of ${SECONDS_PER_RUN} s each after ${WARMUP} s"
 : >"$DIR/results"
 measure() { # measure LABEL HOW
 	local label=$1 how=$2 loss conns r
@@ -181,7 +183,7 @@ for label, loss, conns, mbps in rows:
     runs.setdefault((label, loss, conns), []).append(float(mbps))
 med = {k: statistics.median(v) for k, v in runs.items()}
 labels = ["tcp-cubic", "tcp-bbr", "tunnel", "tunnel-1conn"]
-print(f"\nWAN: {sys.argv[3]} ms round trip, {sys.argv[4]}; MB/s, medians of {len(next(iter(runs.values())))} runs; ratios against TCP CUBIC")
+print(f"\nWAN: {sys.argv[3]} ms round trip, {sys.argv[4]}; MB/s in steady state, medians of {len(next(iter(runs.values())))} runs; ratios against TCP CUBIC")
 print(f"{'loss':>7} {'conns':>5} " + " ".join(f"{l:>12}" for l in labels) + f" {'tunnel/cubic':>13} {'1conn/cubic':>12}")
 out = []
 for loss in ["0", "0.0001", "0.001"]:

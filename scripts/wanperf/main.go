@@ -3,8 +3,8 @@
 // end) with that many bytes of a fixed pseudo-random pattern. As "get" it
 // opens -conns connections at once (through a SOCKS5 proxy with -socks, as
 // an application with ALL_PROXY would) and either counts what arrives in
-// -time, printing the rate, or with -bytes checks that every connection
-// delivers exactly that many bytes, each one right.
+// -time after -warmup, printing the rate, or with -bytes checks that every
+// connection delivers exactly that many bytes, each one right.
 package main
 
 import (
@@ -46,6 +46,7 @@ func main() {
 	socks := fs.String("socks", "", "get: a SOCKS5 proxy to go through")
 	conns := fs.Int("conns", 1, "get: parallel connections")
 	dur := fs.Duration("time", 0, "get: how long to count")
+	warmup := fs.Duration("warmup", 0, "get: with -time, how long to wait before counting (slow start, the pool growing)")
 	size := fs.Int64("bytes", 0, "get: bytes per connection, each checked")
 	fs.Parse(os.Args[2:])
 	var err error
@@ -57,7 +58,7 @@ func main() {
 			err = errors.New("get needs -to, -conns ≥ 1, and one of -time or -bytes")
 			break
 		}
-		err = get(*to, *socks, *conns, *dur, *size)
+		err = get(*to, *socks, *conns, *warmup, *dur, *size)
 	default:
 		err = fmt.Errorf("unknown mode %q", os.Args[1])
 	}
@@ -111,7 +112,7 @@ func dial(to, socks string) (net.Conn, error) {
 }
 
 // get opens the connections, then counts or checks what they deliver.
-func get(to, socks string, n int, dur time.Duration, size int64) error {
+func get(to, socks string, n int, warmup, dur time.Duration, size int64) error {
 	cs := make([]net.Conn, n)
 	for i := range cs {
 		c, err := dial(to, socks)
@@ -134,9 +135,11 @@ func get(to, socks string, n int, dur time.Duration, size int64) error {
 		wg.Go(func() { errs[i] = read(c, size, &total) })
 	}
 	if dur > 0 {
+		time.Sleep(warmup)
+		before, from := total.Load(), time.Now()
 		time.Sleep(dur)
-		got := total.Load()
-		elapsed := time.Since(start)
+		got := total.Load() - before
+		elapsed := time.Since(from)
 		for _, c := range cs {
 			c.Close()
 		}
