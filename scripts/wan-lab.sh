@@ -40,11 +40,11 @@ JSON_OUT=${WAN_JSON:-wan.json}
 
 (cd "$(dirname "$0")/.." && go build -o "$DIR/wanem" ./scripts/wanem && go build -o "$DIR/wanperf" ./scripts/wanperf)
 
-# CUBIC must be allowed before a namespace may choose it; put the host's
-# list back on exit.
+# The bench compares CUBIC and BBR: CUBIC must be allowed before a
+# namespace may choose it; the host's list is put back on exit.
 ALLOWED=$(sysctl -n net.ipv4.tcp_allowed_congestion_control)
-case " $ALLOWED " in
-*" cubic "*) ;;
+case "$BENCH: $ALLOWED " in
+0:* | *" cubic "*) ;;
 *)
 	CLEANUPS+=("sysctl -qw net.ipv4.tcp_allowed_congestion_control='$ALLOWED'")
 	sysctl -qw net.ipv4.tcp_allowed_congestion_control="$ALLOWED cubic"
