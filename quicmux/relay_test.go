@@ -71,6 +71,21 @@ func TestRelayedPathWhenUDPIsBlocked(t *testing.T) {
 			if bs := waitPath(t, b.m, 0, PathRelayed); !strings.Contains(bs.Via, "peer's relay") {
 				t.Errorf("acceptor's stats = %+v; want relayed through the peer's relay", bs)
 			}
+			// The pool grows through the relay as well: every member on
+			// the relay's endpoint, as its primary.
+			check := echoFlows(t, a.m, 1, streamEcho(t), 3, 256<<10)
+			waitFor(t, "a relayed pool of 3", func() bool {
+				ps := peerStats(a.m, 1)
+				return ps.QUICConns == 3 && ps.State == StateRelayed && maxOf(poolShape(a.m, 1)) == 1
+			})
+			a.m.mu.Lock()
+			for _, l := range a.m.linksLocked(a.m.peers[1]) {
+				if !l.ep.relay {
+					t.Errorf("a pool connection to %v runs beside the relay", l.remote)
+				}
+			}
+			a.m.mu.Unlock()
+			check()
 		})
 	}
 }
