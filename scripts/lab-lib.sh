@@ -93,12 +93,23 @@ internet() {
 	spawn inet /dev/null turnserver -n --no-cli --listening-ip=203.0.113.10 --listening-port=3478 \
 		--no-dtls --log-file="$DIR/coturn.log" --simple-log --pidfile="$DIR/turn.pid" "${TURN_ARGS[@]}"
 	# A second STUN server, so that parties can tell their NAT's behaviour.
-	spawn inet /dev/null turnserver -n --no-cli --listening-ip=203.0.113.11 --listening-port=3478 --stun-only --no-tls \
-		--no-dtls --log-file="$DIR/coturn-stun.log" --simple-log --pidfile="$DIR/turn-stun.pid"
+	stun_server inet 203.0.113.11
+	tokens e2e 4
+}
+
+# stun_server NS IP: a STUN-only coturn in namespace NS on IP:3478.
+stun_server() {
+	spawn "$1" /dev/null turnserver -n --no-cli --listening-ip="$2" --listening-port=3478 --stun-only --no-tls \
+		--no-dtls --log-file="$DIR/coturn-stun-$2.log" --simple-log --pidfile="$DIR/turn-stun-$2.pid"
+}
+
+# tokens STUDY N: registry tokens for parties 0 to N-1 of STUDY, in
+# $DIR/tokens (the registry's file) and $DIR/tokenI (each party's).
+tokens() {
 	: >"$DIR/tokens"
-	for i in 0 1 2 3; do
+	for i in $(seq 0 $(($2 - 1))); do
 		tok="$LAB-token-$i-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-		echo "$tok e2e $i" >>"$DIR/tokens"
+		echo "$tok $1 $i" >>"$DIR/tokens"
 		printf '%s\n' "$tok" >"$DIR/token$i"
 		chmod 644 "$DIR/token$i"
 	done

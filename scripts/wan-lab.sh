@@ -83,13 +83,8 @@ path() {
 }
 path 0
 
-: >"$DIR/tokens"
-for i in 0 1; do
-	echo "wan-token-$i-$RANDOM$RANDOM wan $i" >>"$DIR/tokens"
-	awk -v i="$i" '$3 == i {print $1}' "$DIR/tokens" >"$DIR/token$i"
-done
-spawn p0 /dev/null turnserver -n --no-cli --listening-ip=203.0.113.1 --listening-port=3478 --stun-only --no-tls \
-	--no-dtls --log-file="$DIR/coturn.log" --simple-log --pidfile="$DIR/turn.pid"
+tokens wan 2
+stun_server p0 203.0.113.1
 spawn p0 "$DIR/registry.log" "$BIN" registry --listen 203.0.113.1:8080 --tokens "$DIR/tokens" --data "$DIR/registry"
 spawn p1 "$DIR/serve.log" "$DIR/wanperf" serve -listen 0.0.0.0:9200
 sleep 0.2
