@@ -1,7 +1,6 @@
 package quicmux
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -18,6 +17,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"sfkit-proxy/flow"
+	"sfkit-proxy/internal/testkit"
 	"sfkit-proxy/stun"
 )
 
@@ -116,29 +116,11 @@ func TestHandshakeClaimsAreChecked(t *testing.T) {
 	}
 }
 
-// lockedBuffer is a log sink for tests.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // TestHandshakeFloodIsCheap: a stranger floods one party with handshakes
 // from one address. Few of them reach the TLS handshake, the log gets a
 // few lines, not one per attempt, and a live tunnel keeps working.
 func TestHandshakeFloodIsCheap(t *testing.T) {
-	var logs lockedBuffer
+	var logs testkit.LogBuffer
 	echo := halfCloseEcho(t)
 	a := startParty(t, 0, nil, allowAll)
 	b := startPartyWith(t, 1, nil, allowAll, func(o *Options) {

@@ -117,7 +117,7 @@ type Options struct {
 	// taken; zero means 3 s.
 	RelayDelay time.Duration
 	// ConnsPerPeer bounds the QUIC connections to one peer (see pool.go):
-	// zero means DefaultConnsPerPeer, 1 carries every flow on one.
+	// zero means config.DefaultConnsPerPeer, 1 carries every flow on one.
 	ConnsPerPeer int
 	// poolIdle is how long a pool member may carry nothing; zero means
 	// defaultPoolIdle (tests shorten it).
@@ -258,9 +258,9 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 		opts.ResumeTimeout = 10 * time.Minute
 	}
 	if opts.ConnsPerPeer == 0 {
-		opts.ConnsPerPeer = DefaultConnsPerPeer
+		opts.ConnsPerPeer = config.DefaultConnsPerPeer
 	}
-	opts.ConnsPerPeer = min(max(opts.ConnsPerPeer, 1), MaxConnsPerPeer)
+	opts.ConnsPerPeer = min(max(opts.ConnsPerPeer, 1), config.MaxConnsPerPeer)
 	if opts.poolIdle == 0 {
 		opts.poolIdle = defaultPoolIdle
 	}
@@ -725,7 +725,7 @@ func parseHandshakeName(s string) (from, to int, member, ok bool) {
 // claimed finds the peer that a handshake's server name claims dialled us,
 // and checks that it dials (a lower pid) and holds that peer's pinned key.
 // A member is refused when the peer has no connection for it to join, or
-// already has MaxConnsPerPeer.
+// already has config.MaxConnsPerPeer.
 func (m *Mux) claimed(serverName, pin string) (p *peer, member bool, err error) {
 	from, to, member, ok := parseHandshakeName(serverName)
 	if !ok || to != m.opts.PID {
@@ -743,8 +743,8 @@ func (m *Mux) claimed(serverName, pin string) (p *peer, member bool, err error) 
 		return nil, false, fmt.Errorf("party %d presented key %s, but pinned is %s", from, pin, p.info.Pin)
 	case member && p.link == nil:
 		return nil, false, fmt.Errorf("party %d opened a pool connection with no connection to pool with", from)
-	case member && len(p.pool) >= MaxConnsPerPeer-1:
-		return nil, false, fmt.Errorf("party %d opened more than %d connections", from, MaxConnsPerPeer)
+	case member && len(p.pool) >= config.MaxConnsPerPeer-1:
+		return nil, false, fmt.Errorf("party %d opened more than %d connections", from, config.MaxConnsPerPeer)
 	}
 	return p, member, nil
 }

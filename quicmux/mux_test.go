@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"sfkit-proxy/internal/testkit"
 	"sfkit-proxy/stun"
 )
 
@@ -79,24 +80,10 @@ func introduce(parties ...*testParty) {
 // test ends, and returns the port.
 func localServer(t testing.TB, handle func(net.Conn)) uint16 {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				handle(c)
-			}()
-		}
-	}()
-	return uint16(ln.Addr().(*net.TCPAddr).Port)
+	return testkit.Local(t, func(c net.Conn) {
+		defer c.Close()
+		handle(c)
+	})
 }
 
 // halfCloseEcho reads each connection to EOF, then writes back what it read

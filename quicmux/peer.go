@@ -134,7 +134,7 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 // draining until its streams end.
 func (m *Mux) upgrade(ctx context.Context, p *peer, l *link, to netip.AddrPort, log *slog.Logger) {
 	if l.ep.relay && !l.direct.Load() && l.remote == to {
-		err := m.migrate(ctx, l)
+		err := m.migrate(ctx, p, l)
 		if err == nil {
 			m.mu.Lock()
 			m.broadcastLocked()
@@ -163,8 +163,8 @@ func (m *Mux) upgrade(ctx context.Context, p *peer, l *link, to netip.AddrPort, 
 	m.installConn(ctx, p, conn, m.main)
 }
 
-// migrate switches l's connection from the relay socket to the main one.
-func (m *Mux) migrate(ctx context.Context, l *link) error {
+// migrate switches l, p's connection, from the relay socket to the main one.
+func (m *Mux) migrate(ctx context.Context, p *peer, l *link) error {
 	path, err := l.conn.AddPath(m.main.tr)
 	if err != nil {
 		return err
@@ -183,10 +183,8 @@ func (m *Mux) migrate(ctx context.Context, l *link) error {
 	// The members still run on the relay: their flows move to the
 	// primary, and the pool grows again on the direct path.
 	m.mu.Lock()
-	for _, p := range m.peers {
-		if p.link == l {
-			m.closeMembersLocked(p, codeReplaced, "the pool moves to the direct path")
-		}
+	if p.link == l {
+		m.closeMembersLocked(p, codeReplaced, "the pool moves to the direct path")
 	}
 	m.mu.Unlock()
 	return nil

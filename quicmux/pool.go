@@ -22,20 +22,15 @@ import (
 //
 // Only the dialer (the lower pid) opens and closes members: it keeps as
 // many connections as the peer has flows, both directions counted, up to
-// ConnsPerPeer, and closes a member that has carried nothing for
-// PoolIdle. Each side spreads the flows it opened over the connections:
+// ConnsPerPeer (config.MaxConnsPerPeer at most; an acceptor refuses more),
+// and closes a member that has carried nothing for poolIdle (30 s). Each side spreads the flows it opened over the connections:
 // a new flow goes to the one carrying fewest of them, and when the pool
 // changes, flows move (a resume, package flow: nothing is lost) until the
 // counts differ by at most one. A member dies with its primary: the path
 // is the same.
 
-// Pool limits.
+// Pool timings.
 const (
-	// DefaultConnsPerPeer is the pool's size limit unless configured.
-	DefaultConnsPerPeer = config.DefaultConnsPerPeer
-	// MaxConnsPerPeer bounds the pool on both sides: an acceptor refuses
-	// members beyond it.
-	MaxConnsPerPeer = config.MaxConnsPerPeer
 	// defaultPoolIdle is how long a member may carry nothing before the
 	// dialer closes it.
 	defaultPoolIdle = 30 * time.Second
@@ -67,10 +62,15 @@ func (m *Mux) pickLocked(p *peer) *link {
 	if len(ls) < 2 {
 		return p.link
 	}
-	n := m.mineLocked(p, ls)
+	return fewest(ls, m.mineLocked(p, ls))
+}
+
+// fewest is the connection of ls (the first on a tie) with the fewest
+// flows in on.
+func fewest(ls []*link, on map[*link][]flowMove) *link {
 	best := ls[0]
 	for _, l := range ls[1:] {
-		if len(n[l]) < len(n[best]) {
+		if len(on[l]) < len(on[best]) {
 			best = l
 		}
 	}
@@ -116,31 +116,21 @@ func (m *Mux) balance(p *peer) {
 		return
 	}
 	on := m.mineLocked(p, ls)
-	count := func(l *link) int { return len(on[l]) }
-	least := func() *link {
-		best := ls[0]
-		for _, l := range ls[1:] {
-			if count(l) < count(best) {
-				best = l
-			}
-		}
-		return best
-	}
 	var moves []flowMove
 	for _, f := range on[nil] {
-		f.to = least()
+		f.to = fewest(ls, on)
 		on[f.to] = append(on[f.to], f)
 		moves = append(moves, f)
 	}
 	for range len(m.flows) {
 		hi := ls[0]
 		for _, l := range ls[1:] {
-			if count(l) > count(hi) {
+			if len(on[l]) > len(on[hi]) {
 				hi = l
 			}
 		}
-		lo := least()
-		if count(hi)-count(lo) < 2 {
+		lo := fewest(ls, on)
+		if len(on[hi])-len(on[lo]) < 2 {
 			break
 		}
 		f := on[hi][len(on[hi])-1]
@@ -166,7 +156,7 @@ func (m *Mux) grow(ctx context.Context, p *peer, primary *link, log *slog.Logger
 		return
 	}
 	defer p.growing.Store(false)
-	for range MaxConnsPerPeer {
+	for range config.MaxConnsPerPeer {
 		m.mu.Lock()
 		flows := 0
 		for k := range m.flows {
@@ -217,7 +207,7 @@ func (m *Mux) installMember(ctx context.Context, p *peer, primary *link, conn *q
 	l := &link{conn: conn, ep: ep, since: time.Now(), local: addrPortOf(conn.LocalAddr()),
 		remote: addrPortOf(conn.RemoteAddr()), primary: primary}
 	m.mu.Lock()
-	if primary == nil || p.link != primary || len(p.pool) >= MaxConnsPerPeer-1 {
+	if primary == nil || p.link != primary || len(p.pool) >= config.MaxConnsPerPeer-1 {
 		m.mu.Unlock()
 		conn.CloseWithError(codeRejected, "not a member of the current pool")
 		return false
@@ -254,7 +244,7 @@ func (m *Mux) closeMembersLocked(p *peer, code quic.ApplicationErrorCode, why st
 	p.pool = nil
 }
 
-// shrink closes the members that carried nothing for PoolIdle (dialer
+// shrink closes the members that carried nothing for poolIdle (dialer
 // only).
 func (m *Mux) shrink(p *peer, now time.Time) {
 	m.mu.Lock()

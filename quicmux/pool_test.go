@@ -14,7 +14,9 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"sfkit-proxy/config"
 	"sfkit-proxy/flow"
+	"sfkit-proxy/internal/testkit"
 )
 
 // poolShape is, per connection of m's pool to pid (the primary first),
@@ -80,11 +82,6 @@ func echoFlows(t *testing.T, m *Mux, pid int, port uint16, n, size int) (check f
 	}
 }
 
-// streamEcho echoes as it reads, so that a flow can be held open.
-func streamEcho(t *testing.T) uint16 {
-	return localServer(t, func(c net.Conn) { io.Copy(c, c) })
-}
-
 // TestPoolGivesFlowsTheirOwnConnections: flows opened from both ends share
 // a pool that grows to one QUIC connection per flow, each side's own flows
 // spread over it one per connection; every byte arrives once, and once the
@@ -94,7 +91,7 @@ func TestPoolGivesFlowsTheirOwnConnections(t *testing.T) {
 	a := startPartyWith(t, 0, nil, allowAll, short)
 	b := startPartyWith(t, 1, nil, allowAll, short)
 	introduce(a, b)
-	echoA, echoB := streamEcho(t), streamEcho(t)
+	echoA, echoB := testkit.Echo(t), testkit.Echo(t)
 	// Both ends open their flows at once, before there is a pool.
 	checkA := echoFlows(t, a.m, 1, echoB, 2, 1<<20)
 	checkB := echoFlows(t, b.m, 0, echoA, 2, 1<<20)
@@ -126,7 +123,7 @@ func TestPoolFlowsSurviveTheirConnection(t *testing.T) {
 	a := startParty(t, 0, nil, allowAll)
 	b := startParty(t, 1, nil, allowAll)
 	introduce(a, b)
-	echo := streamEcho(t)
+	echo := testkit.Echo(t)
 	check := echoFlows(t, a.m, 1, echo, 4, 2<<20)
 	waitFor(t, "a pool of 4", func() bool { return maxOf(poolShape(a.m, 1)) == 1 && len(poolShape(a.m, 1)) == 4 })
 	a.m.mu.Lock()
@@ -143,7 +140,7 @@ func TestPoolFlowsSurviveTheirConnection(t *testing.T) {
 
 // TestPoolMembersNeedTheirPrimary: a member handshake is refused unless
 // the party it claims holds that party's pinned key, has a primary
-// connection to join, and keeps within MaxConnsPerPeer.
+// connection to join, and keeps within config.MaxConnsPerPeer.
 func TestPoolMembersNeedTheirPrimary(t *testing.T) {
 	x := startParty(t, 5, nil, allowAll)
 	id, err := LoadIdentity(t.TempDir())
@@ -192,14 +189,14 @@ func TestPoolMembersNeedTheirPrimary(t *testing.T) {
 	if dial(member, stranger.Cert) == nil {
 		t.Fatal("a member with another key than party 4's was accepted")
 	}
-	for i := range MaxConnsPerPeer - 1 {
+	for i := range config.MaxConnsPerPeer - 1 {
 		if err := dial(member, id.Cert); err != nil {
 			t.Fatalf("member %d refused: %v", i+1, err)
 		}
 	}
-	waitFor(t, "a full pool", func() bool { return peerStats(x.m, 4).QUICConns == MaxConnsPerPeer })
+	waitFor(t, "a full pool", func() bool { return peerStats(x.m, 4).QUICConns == config.MaxConnsPerPeer })
 	if dial(member, id.Cert) == nil {
-		t.Fatalf("member %d accepted; the limit is %d connections", MaxConnsPerPeer, MaxConnsPerPeer)
+		t.Fatalf("member %d accepted; the limit is %d connections", config.MaxConnsPerPeer, config.MaxConnsPerPeer)
 	}
 }
 

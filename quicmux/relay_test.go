@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"sfkit-proxy/internal/testkit"
 	"sfkit-proxy/relay"
 	"sfkit-proxy/relay/relaytest"
 )
@@ -73,7 +74,7 @@ func TestRelayedPathWhenUDPIsBlocked(t *testing.T) {
 			}
 			// The pool grows through the relay as well: every member on
 			// the relay's endpoint, as its primary.
-			check := echoFlows(t, a.m, 1, streamEcho(t), 3, 256<<10)
+			check := echoFlows(t, a.m, 1, testkit.Echo(t), 3, 256<<10)
 			waitFor(t, "a relayed pool of 3", func() bool {
 				ps := peerStats(a.m, 1)
 				return ps.QUICConns == 3 && ps.State == StateRelayed && maxOf(poolShape(a.m, 1)) == 1

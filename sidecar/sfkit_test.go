@@ -24,6 +24,7 @@ import (
 	xproxy "golang.org/x/net/proxy"
 
 	"sfkit-proxy/config"
+	"sfkit-proxy/internal/testkit"
 	"sfkit-proxy/metadata/metadatatest"
 	"sfkit-proxy/stun"
 	"sfkit-proxy/website/websitetest"
@@ -39,31 +40,14 @@ type study struct {
 	ports map[[2]int]int
 	keys  map[int]string
 	meta  *metadatatest.Server
-	logs  *lockedBuffer
+	logs  *testkit.LogBuffer
 }
 
 const threads = 4
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 func newStudy(t *testing.T) *study {
 	t.Helper()
-	s := &study{t: t, ports: map[[2]int]int{}, keys: map[int]string{0: "key-" + rand.Text(), 2: "key-" + rand.Text()}, logs: &lockedBuffer{}}
+	s := &study{t: t, ports: map[[2]int]int{}, keys: map[int]string{0: "key-" + rand.Text(), 2: "key-" + rand.Text()}, logs: &testkit.LogBuffer{}}
 	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
@@ -133,16 +117,7 @@ func (s *study) listenPairs(n int) {
 			continue
 		}
 		for _, ln := range lns {
-			t.Cleanup(func() { ln.Close() })
-			go func() {
-				for {
-					c, err := ln.Accept()
-					if err != nil {
-						return
-					}
-					go exchange(c)
-				}
-			}()
+			testkit.Serve(t, ln, exchange)
 		}
 		break
 	}
@@ -263,7 +238,7 @@ func (s *study) dialMPC(socks string, lo, hi, th int) error {
 func TestSfkitStudyThroughTheWebsiteRelay(t *testing.T) {
 	s := newStudy(t)
 	s.listenPairs(3)
-	echo := echoServer(t)
+	echo := int(testkit.Echo(t))
 	fwd := freePort(t)
 	var socks [3]string
 	for pid := range 3 {
@@ -333,24 +308,6 @@ func freePort(t *testing.T) int {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
-func echoServer(t *testing.T) int {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
 	return ln.Addr().(*net.TCPAddr).Port
 }
 

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"sfkit-proxy/internal/testkit"
 )
 
 // echoServer answers each connection with what it reads.
@@ -21,16 +23,7 @@ func echoServer(t *testing.T) *net.TCPListener {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(c, c) }()
-		}
-	}()
+	testkit.Serve(t, ln, func(c net.Conn) { defer c.Close(); io.Copy(c, c) })
 	return ln
 }
 
@@ -192,28 +185,19 @@ func resetAfter(t *testing.T, n int, got chan<- error) net.Listener {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				tc := c.(*net.TCPConn)
-				if n > 0 {
-					tc.Write(make([]byte, n))
-					time.Sleep(50 * time.Millisecond)
-					tc.SetLinger(0)
-					tc.Close()
-					return
-				}
-				_, err := io.Copy(io.Discard, tc)
-				got <- err
-				tc.Close()
-			}()
+	testkit.Serve(t, ln, func(c net.Conn) {
+		tc := c.(*net.TCPConn)
+		if n > 0 {
+			tc.Write(make([]byte, n))
+			time.Sleep(50 * time.Millisecond)
+			tc.SetLinger(0)
+			tc.Close()
+			return
 		}
-	}()
+		_, err := io.Copy(io.Discard, tc)
+		got <- err
+		tc.Close()
+	})
 	return ln
 }
 

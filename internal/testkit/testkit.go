@@ -1,0 +1,66 @@
+// Package testkit holds what tests of several packages need: local TCP
+// servers that end with the test, and a log sink that is safe to read while
+// it is written.
+package testkit
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"sync"
+	"testing"
+)
+
+// Serve serves each connection to ln with handle, which must close it,
+// until the test ends.
+func Serve(t testing.TB, ln net.Listener, handle func(net.Conn)) {
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go handle(c)
+		}
+	}()
+}
+
+// Local listens on a free port of 127.0.0.1 and serves each connection
+// with handle (which must close it) until the test ends; it returns the
+// port.
+func Local(t testing.TB, handle func(net.Conn)) uint16 {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	Serve(t, ln, handle)
+	return uint16(ln.Addr().(*net.TCPAddr).Port)
+}
+
+// Echo is a local server that sends back what it reads, as it reads it.
+func Echo(t testing.TB) uint16 {
+	return Local(t, func(c net.Conn) {
+		defer c.Close()
+		io.Copy(c, c)
+	})
+}
+
+// LogBuffer is a log sink whose text can be read while it is written.
+type LogBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *LogBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *LogBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
