@@ -7,26 +7,14 @@ import (
 	"net/http"
 	"strings"
 	"testing"
-	"time"
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
 	"sfkit-proxy/admin"
+	"sfkit-proxy/internal/testkit"
 )
-
-// eventually polls cond every 50 ms for up to 10 s.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for range 200 {
-		if cond() {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting until %s", what)
-}
 
 func peerOf(s admin.Status, pid int) (admin.Peer, bool) {
 	for _, p := range s.Peers {
@@ -92,7 +80,7 @@ func TestStatusMetricsAndPing(t *testing.T) {
 		t.Fatalf("fetch: %v", err)
 	}
 	var s admin.Status
-	eventually(t, "party 0 reports the transfer from party 1 and its rate", func() bool {
+	testkit.Eventually(t, "party 0 reports the transfer from party 1 and its rate", func() bool {
 		var err error
 		if s, err = api.Status(ctx); err != nil {
 			t.Fatal(err)
@@ -154,13 +142,13 @@ func TestStatusMetricsAndPing(t *testing.T) {
 
 	// Party 1 goes away, then comes back.
 	stop1()
-	eventually(t, "party 1 is no longer reported direct", func() bool {
+	testkit.Eventually(t, "party 1 is no longer reported direct", func() bool {
 		s, _ := api.Status(ctx)
 		p, ok := peerOf(s, 1)
 		return !ok || p.State != "direct"
 	})
 	l.party(1)
-	eventually(t, "party 1 is direct again", func() bool {
+	testkit.Eventually(t, "party 1 is direct again", func() bool {
 		s, _ := api.Status(ctx)
 		p, ok := peerOf(s, 1)
 		return ok && p.State == "direct"

@@ -14,6 +14,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"sfkit-proxy/flow"
+	"sfkit-proxy/internal/testkit"
 )
 
 // cut kills the connection between m and pid as a broken path does for
@@ -130,7 +131,7 @@ func TestShutdownPeerResetsFlows(t *testing.T) {
 // registry telling us) resets the flows of its old instance at once.
 func TestRestartedPeerResetsFlows(t *testing.T) {
 	a, b, c := heldFlow(t)
-	waitFor(t, "party 0 learned party 1's boot id", func() bool {
+	testkit.Eventually(t, "party 0 learned party 1's boot id", func() bool {
 		p := peerOf(a.m, 1)
 		a.m.mu.Lock()
 		defer a.m.mu.Unlock()

@@ -31,17 +31,6 @@ func remoteOf(m *Mux, pid int) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for range 200 {
-		if cond() {
-			return
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s", what)
-}
-
 // TestBorrowedPinCannotMisfileAConnection: party 0 published party 1's pin
 // (a registry that let it). Party 2 files party 1's connection under
 // party 1, whose handshake names it, never under party 0; and party 0
@@ -198,7 +187,7 @@ func TestStreamLimitFailsFast(t *testing.T) {
 		t.Fatalf("Dial past the limit = %v; want ErrTooManyConns (saying refused)", err)
 	}
 	open[0].Close()
-	waitFor(t, "a free stream after one closed", func() bool {
+	testkit.Eventually(t, "a free stream after one closed", func() bool {
 		c, err := a.m.Dial(ctxTimeout(t, 10*time.Second), 1, hold)
 		if err == nil {
 			c.Close()
@@ -222,7 +211,7 @@ func TestDangerousCandidatesAreIgnored(t *testing.T) {
 	good := netip.MustParseAddrPort("127.0.0.1:4000") // a is on loopback: loopback peers are real
 	k := NewCheckKey()
 	a.m.SetPeers([]PeerInfo{a.info, {PID: 1, Pin: "pin-of-1", CheckKey: k.Public(), Instance: "i1", Candidates: append(cands, good)}})
-	waitFor(t, "party 1 registered", func() bool { return peerOf(a.m, 1) != nil })
+	testkit.Eventually(t, "party 1 registered", func() bool { return peerOf(a.m, 1) != nil })
 	if got := a.m.targets(peerOf(a.m, 1)); !slices.Equal(got, []netip.AddrPort{good}) {
 		t.Errorf("targets = %v; want only %v", got, good)
 	}
@@ -232,7 +221,7 @@ func TestDangerousCandidatesAreIgnored(t *testing.T) {
 		many = append(many, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(5000+i)))
 	}
 	a.m.SetPeers([]PeerInfo{a.info, {PID: 1, Pin: "pin-of-1", CheckKey: k.Public(), Instance: "i1", Candidates: many}})
-	waitFor(t, "the new view", func() bool { return len(a.m.targets(peerOf(a.m, 1))) != 1 })
+	testkit.Eventually(t, "the new view", func() bool { return len(a.m.targets(peerOf(a.m, 1))) != 1 })
 	if n := len(a.m.targets(peerOf(a.m, 1))); n != 16 {
 		t.Errorf("%d targets from 40 candidates; want 16", n)
 	}
@@ -251,7 +240,7 @@ func TestLiveConnectionOutlivesItsRegistryEntry(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	roundTrip(t, a.m, 1, echo, 1000)
 	b.stop()
-	waitFor(t, "party 1 forgotten", func() bool { return peerOf(a.m, 1) == nil })
+	testkit.Eventually(t, "party 1 forgotten", func() bool { return peerOf(a.m, 1) == nil })
 }
 
 func TestAnswersKeepTheNewestPerAddress(t *testing.T) {

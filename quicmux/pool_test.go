@@ -95,7 +95,7 @@ func TestPoolGivesFlowsTheirOwnConnections(t *testing.T) {
 	// Both ends open their flows at once, before there is a pool.
 	checkA := echoFlows(t, a.m, 1, echoB, 2, 1<<20)
 	checkB := echoFlows(t, b.m, 0, echoA, 2, 1<<20)
-	waitFor(t, "a pool of 4 with each side's flows on their own connections", func() bool {
+	testkit.Eventually(t, "a pool of 4 with each side's flows on their own connections", func() bool {
 		sa, sb := poolShape(a.m, 1), poolShape(b.m, 0)
 		return len(sa) == 4 && maxOf(sa) == 1 && sum(sa) == 2 && len(sb) == 4 && maxOf(sb) == 1 && sum(sb) == 2
 	})
@@ -106,12 +106,12 @@ func TestPoolGivesFlowsTheirOwnConnections(t *testing.T) {
 	}
 	// More flows than the limit share the four.
 	checkA = echoFlows(t, a.m, 1, echoB, 6, 64<<10)
-	waitFor(t, "6 flows spread over the 4 connections", func() bool {
+	testkit.Eventually(t, "6 flows spread over the 4 connections", func() bool {
 		s := poolShape(a.m, 1)
 		return len(s) == 4 && maxOf(s) == 2 && minOf(s) == 1
 	})
 	checkA()
-	waitFor(t, "the idle pool shrinks to its primary", func() bool {
+	testkit.Eventually(t, "the idle pool shrinks to its primary", func() bool {
 		return peerStats(a.m, 1).QUICConns == 1 && peerStats(b.m, 0).QUICConns == 1
 	})
 	roundTrip(t, a.m, 1, halfCloseEcho(t), 1000)
@@ -125,12 +125,12 @@ func TestPoolFlowsSurviveTheirConnection(t *testing.T) {
 	introduce(a, b)
 	echo := testkit.Echo(t)
 	check := echoFlows(t, a.m, 1, echo, 4, 2<<20)
-	waitFor(t, "a pool of 4", func() bool { return maxOf(poolShape(a.m, 1)) == 1 && len(poolShape(a.m, 1)) == 4 })
+	testkit.Eventually(t, "a pool of 4", func() bool { return maxOf(poolShape(a.m, 1)) == 1 && len(poolShape(a.m, 1)) == 4 })
 	a.m.mu.Lock()
 	member := a.m.peers[1].pool[0].conn
 	a.m.mu.Unlock()
 	member.CloseWithError(0x999, "test: member cut")
-	waitFor(t, "the member's flow moved", func() bool { return a.m.Stats().FlowsResumed+a.m.Stats().FlowsMoved > 0 })
+	testkit.Eventually(t, "the member's flow moved", func() bool { return a.m.Stats().FlowsResumed+a.m.Stats().FlowsMoved > 0 })
 	cut(b.m, 0)
 	check()
 	if n := peerStats(a.m, 1).QUICConns; n < 1 {
@@ -149,7 +149,7 @@ func TestPoolMembersNeedTheirPrimary(t *testing.T) {
 	}
 	x.m.SetPeers([]PeerInfo{{PID: 4, Pin: id.Pin, CheckKey: NewCheckKey().Public(), Instance: NewInstance(),
 		Candidates: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}}})
-	waitFor(t, "party 4 known", func() bool { return peerOf(x.m, 4) != nil })
+	testkit.Eventually(t, "party 4 known", func() bool { return peerOf(x.m, 4) != nil })
 	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
@@ -185,7 +185,7 @@ func TestPoolMembersNeedTheirPrimary(t *testing.T) {
 	if dial(primary, id.Cert) != nil {
 		t.Fatal("party 4's primary connection was refused")
 	}
-	waitFor(t, "party 4 connected", func() bool { return peerStats(x.m, 4).QUICConns == 1 })
+	testkit.Eventually(t, "party 4 connected", func() bool { return peerStats(x.m, 4).QUICConns == 1 })
 	if dial(member, stranger.Cert) == nil {
 		t.Fatal("a member with another key than party 4's was accepted")
 	}
@@ -194,7 +194,7 @@ func TestPoolMembersNeedTheirPrimary(t *testing.T) {
 			t.Fatalf("member %d refused: %v", i+1, err)
 		}
 	}
-	waitFor(t, "a full pool", func() bool { return peerStats(x.m, 4).QUICConns == config.MaxConnsPerPeer })
+	testkit.Eventually(t, "a full pool", func() bool { return peerStats(x.m, 4).QUICConns == config.MaxConnsPerPeer })
 	if dial(member, id.Cert) == nil {
 		t.Fatalf("member %d accepted; the limit is %d connections", config.MaxConnsPerPeer, config.MaxConnsPerPeer)
 	}

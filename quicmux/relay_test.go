@@ -75,7 +75,7 @@ func TestRelayedPathWhenUDPIsBlocked(t *testing.T) {
 			// The pool grows through the relay as well: every member on
 			// the relay's endpoint, as its primary.
 			check := echoFlows(t, a.m, 1, testkit.Echo(t), 3, 256<<10)
-			waitFor(t, "a relayed pool of 3", func() bool {
+			testkit.Eventually(t, "a relayed pool of 3", func() bool {
 				ps := peerStats(a.m, 1)
 				return ps.QUICConns == 3 && ps.State == StateRelayed && maxOf(poolShape(a.m, 1)) == 1
 			})

@@ -16,6 +16,7 @@ import (
 	"github.com/coder/websocket"
 	"github.com/coder/websocket/wsjson"
 
+	"sfkit-proxy/internal/testkit"
 	"sfkit-proxy/quicmux"
 	"sfkit-proxy/registry"
 	"sfkit-proxy/website"
@@ -101,17 +102,6 @@ func (r *relay) start(t *testing.T, pid int, key string) *party {
 	return p
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for range 400 {
-		if cond() {
-			return
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s", what)
-}
-
 // knows reports whether p's view holds q as q publishes itself.
 func knows(p, q *party) bool {
 	for _, e := range p.seen() {
@@ -130,7 +120,7 @@ func TestPartiesFindEachOther(t *testing.T) {
 	r := newRelay(t)
 	a := r.start(t, 0, "key-alice")
 	b := r.start(t, 1, "key-bob")
-	eventually(t, "two parties connected", func() bool { return len(r.srv.Connected()) == 2 })
+	testkit.Eventually(t, "two parties connected", func() bool { return len(r.srv.Connected()) == 2 })
 	time.Sleep(300 * time.Millisecond)
 	if len(a.seen())+len(b.seen()) != 0 {
 		t.Fatalf("parties learned of each other before the barrier opened: %v %v", a.seen(), b.seen())
@@ -140,14 +130,14 @@ func TestPartiesFindEachOther(t *testing.T) {
 	for _, p := range all {
 		for _, q := range all {
 			if p != q {
-				eventually(t, "every party knows every other", func() bool { return knows(p, q) })
+				testkit.Eventually(t, "every party knows every other", func() bool { return knows(p, q) })
 			}
 		}
 	}
 	// A change is sent at once.
 	c.entry.Candidates = c.entry.Candidates[1:]
 	c.changed <- struct{}{}
-	eventually(t, "the new candidates reached party 0", func() bool {
+	testkit.Eventually(t, "the new candidates reached party 0", func() bool {
 		for _, e := range a.seen() {
 			if e.PID == 2 && len(e.Candidates) == 3 { // the trickled host candidate stays known
 				return e.Candidates[0] == c.entry.Candidates[0]
@@ -187,7 +177,7 @@ func TestRelayRefusals(t *testing.T) {
 	// A second sidecar for a connected party is refused with 409, and
 	// keeps trying (it is not fatal): stop it to see the error.
 	first := r.start(t, 0, "key-alice")
-	eventually(t, "party 0 connected", func() bool { return len(r.srv.Connected()) == 1 })
+	testkit.Eventually(t, "party 0 connected", func() bool { return len(r.srv.Connected()) == 1 })
 	second := r.start(t, 0, "key-alice")
 	time.Sleep(300 * time.Millisecond)
 	if err := second.stop(); !errors.Is(err, context.Canceled) {
@@ -231,7 +221,7 @@ func TestRelayOverridesSourceAndDropsUnknownTypes(t *testing.T) {
 	if err := wsjson.Write(ctx, conn, forged); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "alice knows carol", func() bool { return knows(a, c) })
+	testkit.Eventually(t, "alice knows carol", func() bool { return knows(a, c) })
 	time.Sleep(200 * time.Millisecond)
 	for _, e := range a.seen() {
 		if e.PID == 2 && e.Instance == "forged" {
