@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -25,7 +26,9 @@ import (
 
 	xproxy "golang.org/x/net/proxy"
 
+	"sfkit-proxy/admin"
 	"sfkit-proxy/config"
+	"sfkit-proxy/internal/testkit"
 	"sfkit-proxy/metadata"
 	"sfkit-proxy/metadata/metadatatest"
 	"sfkit-proxy/sidecar"
@@ -144,6 +147,11 @@ func (l *lab) party(pid int, extra ...string) (sidecar.Listening, func()) {
 	}
 	args = append(args, "--socks-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
 		"--stun", l.stunAddr, "--state-dir", filepath.Join(l.dir, "state"+strconv.Itoa(pid)))
+	if !slices.Contains(extra, "--allow-ports") {
+		// The lab's servers listen on ports of the moment: open them all
+		// (the sidecar's own listeners stay closed to peers whatever this says).
+		args = append(args, "--allow-ports", "all")
+	}
 	args = append(args, extra...)
 	cfg, err := config.ParseSidecar(args, io.Discard)
 	if err != nil {
@@ -308,6 +316,7 @@ func TestStartupErrorsAreClear(t *testing.T) {
 		{"empty key file", append(base, "--auth-key-file", empty), "is empty"},
 		{"no credential and no cloud", base, "no cloud metadata endpoint answered"},
 		{"token of another party", append(base, "--auth-key", l.tokens[2]), "403"},
+		{"forward off loopback", append(base, "--forward", "0.0.0.0:9000=1:8000"), "--forward 0.0.0.0:9000=1:8000: 0.0.0.0 is not a loopback address: add --forward-any-host"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -431,5 +440,77 @@ func TestResetsCrossTheTunnel(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("server never saw the client's end")
+	}
+}
+
+// TestNoPivotThroughAPeersSidecar: a study member cannot use another
+// party's sidecar as a proxy. Even with --allow-ports all, party 1's own
+// SOCKS port (through which party 0 would connect onwards as party 1) and
+// its management API are closed to peers, while its other ports are open;
+// and a party that declared no port opens none.
+func TestNoPivotThroughAPeersSidecar(t *testing.T) {
+	l := newLab(t)
+	echo := strconv.Itoa(int(testkit.Echo(t)))
+	s0, _ := l.party(0)
+	s1, _ := l.party(1, "--allow-ports", "all")
+	l.party(2, "--allow-ports", "none")
+	d, err := xproxy.SOCKS5("tcp", s0.SOCKS.String(), nil, xproxy.Direct)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// echoVia says hello to addr through dialer d and expects it back.
+	echoVia := func(d xproxy.Dialer, addr string) error {
+		c, err := d.Dial("tcp", addr)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		c.Write([]byte("ping"))
+		b := make([]byte, 4)
+		if _, err = io.ReadFull(c, b); err == nil && string(b) != "ping" {
+			err = fmt.Errorf("echo answered %q", b)
+		}
+		return err
+	}
+	if err := echoVia(d, "10.0.0.1:"+echo); err != nil {
+		t.Fatalf("party 0 to party 1's allowed echo port: %v", err)
+	}
+	for _, tt := range []struct {
+		name string
+		use  func() error
+	}{
+		{"party 1's SOCKS port, onwards to party 1's loopback", func() error {
+			hop, err := xproxy.SOCKS5("tcp", "10.0.0.1:"+strconv.Itoa(int(s1.SOCKS.Port())), nil, d)
+			if err != nil {
+				return err
+			}
+			return echoVia(hop, "127.0.0.1:"+echo)
+		}},
+		{"party 1's management API", func() error {
+			hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{Dial: d.Dial}}
+			resp, err := hc.Get(fmt.Sprintf("http://10.0.0.1:%d/v1/status", s1.Admin.Port()))
+			if err != nil {
+				return err
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return fmt.Errorf("status %s", resp.Status)
+			}
+			return nil
+		}},
+		{"party 2, which declared no port", func() error { return echoVia(d, "10.0.0.2:"+echo) }},
+	} {
+		if err := tt.use(); err == nil {
+			t.Errorf("party 0 used %s; want it refused", tt.name)
+		}
+	}
+	api := &admin.Client{Addr: s0.Admin.String()}
+	st, err := api.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := st.Counters.SOCKS["peer/not_allowed"]; n != 3 {
+		t.Errorf("party 0 counted %d requests not allowed; want 3 (SOCKS, API, party 2)", n)
 	}
 }

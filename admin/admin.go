@@ -56,20 +56,23 @@ type STUNStatus struct {
 // second: current (the last few seconds), average (since the first
 // connection) and the largest one-second sample.
 type Peer struct {
-	PID            int           `json:"pid"`
-	State          string        `json:"state"`
-	Path           string        `json:"path,omitempty"`
-	Via            string        `json:"via,omitempty"` // the relay, when relayed
-	RemoteAddr     string        `json:"remote_addr,omitempty"`
-	RTTMillis      float64       `json:"rtt_ms"`
-	ConnectedSince *time.Time    `json:"connected_since,omitempty"`
-	OpenConns      int64         `json:"open_conns"`
-	QUICConns      int           `json:"quic_conns"` // the pool that carries them
-	BytesSent      uint64        `json:"bytes_sent"`
-	BytesReceived  uint64        `json:"bytes_received"`
-	Rate           Rates         `json:"rate"`
-	LastError      string        `json:"last_error,omitempty"`
-	Traffic        []PathTraffic `json:"traffic,omitempty"`
+	PID            int        `json:"pid"`
+	State          string     `json:"state"`
+	Path           string     `json:"path,omitempty"`
+	Via            string     `json:"via,omitempty"` // the relay, when relayed
+	RemoteAddr     string     `json:"remote_addr,omitempty"`
+	RTTMillis      float64    `json:"rtt_ms"`
+	ConnectedSince *time.Time `json:"connected_since,omitempty"`
+	OpenConns      int64      `json:"open_conns"`
+	QUICConns      int        `json:"quic_conns"` // the pool that carries them
+	// WaitingConns are the peer's connections waiting here for a local
+	// program to listen on their port.
+	WaitingConns  int           `json:"waiting_conns"`
+	BytesSent     uint64        `json:"bytes_sent"`
+	BytesReceived uint64        `json:"bytes_received"`
+	Rate          Rates         `json:"rate"`
+	LastError     string        `json:"last_error,omitempty"`
+	Traffic       []PathTraffic `json:"traffic,omitempty"`
 	// StateSince is when the state began: for repairing, when the path died.
 	StateSince *time.Time `json:"state_since,omitempty"`
 	// Repairs counts paths repaired; LastRepairSeconds is how long the last took.
@@ -205,18 +208,23 @@ func NewHandler(opts Options) http.Handler {
 	return localOnly(mux)
 }
 
-// localOnly refuses requests whose Host is a name other than localhost: a
-// page that rebinds its own DNS name to 127.0.0.1 gets nothing. Requests
-// from a browser page of another origin are refused too.
+// localOnly answers only requests that name this machine and come from no
+// other site's page. Host must be localhost, a loopback address, or the
+// address the connection arrived on (the API's own, when --admin-any-host
+// binds it elsewhere): a page that rebinds its own DNS name to 127.0.0.1
+// sends its name, and gets nothing. An Origin, when sent, must be localhost
+// or a loopback address: a page served from anywhere else, or a sandboxed
+// one ("null"), gets nothing either.
 func localOnly(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !localHost(r.Host) {
-			writeJSON(w, http.StatusForbidden, map[string]string{"error": "host " + strconv.Quote(r.Host) + " not allowed: use localhost or an IP address"})
+		local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+		if !localHost(r.Host, local) {
+			writeJSON(w, http.StatusForbidden, map[string]string{"error": "host " + strconv.Quote(r.Host) + " not allowed: use localhost, 127.0.0.1 or the address the request was sent to"})
 			return
 		}
 		if o := r.Header.Get("Origin"); o != "" {
 			u, err := url.Parse(o)
-			if err != nil || !localHost(u.Host) {
+			if err != nil || !localHost(u.Host, nil) {
 				writeJSON(w, http.StatusForbidden, map[string]string{"error": "cross-origin requests are refused"})
 				return
 			}
@@ -225,18 +233,33 @@ func localOnly(h http.Handler) http.Handler {
 	})
 }
 
-// localHost reports whether a Host header names this machine's API: an IP
-// literal or localhost, with or without a port.
-func localHost(host string) bool {
+// localHost reports whether host (a Host header, or an Origin's host; with
+// or without a port, IPv6 in brackets) names this machine: localhost, a
+// loopback address, or local, the address the request arrived on (nil for
+// none).
+func localHost(host string, local net.Addr) bool {
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
+	} else if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		host = host[1 : len(host)-1]
 	}
-	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
 	if strings.EqualFold(host, "localhost") {
 		return true
 	}
-	_, err := netip.ParseAddr(host)
-	return err == nil
+	ip, err := netip.ParseAddr(host)
+	if err != nil {
+		return false
+	}
+	ip = ip.Unmap().WithZone("")
+	if ip.IsLoopback() {
+		return true
+	}
+	if ta, ok := local.(*net.TCPAddr); ok {
+		if la, ok := netip.AddrFromSlice(ta.IP); ok {
+			return ip == la.Unmap()
+		}
+	}
+	return false
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"text/tabwriter"
@@ -25,7 +26,13 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, v an
 	if hc == nil {
 		hc = &http.Client{Timeout: 15 * time.Second}
 	}
-	u := url.URL{Scheme: "http", Host: c.Addr, Path: path, RawQuery: q.Encode()}
+	addr := c.Addr
+	if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().IsUnspecified() {
+		// 0.0.0.0 or :: means every address: ask this machine's loopback
+		// (the API answers only a Host of this machine).
+		addr = netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), ap.Port()).String()
+	}
+	u := url.URL{Scheme: "http", Host: addr, Path: path, RawQuery: q.Encode()}
 	req, err := http.NewRequestWithContext(ctx, method, u.String(), nil)
 	if err != nil {
 		return err
@@ -79,7 +86,7 @@ func PrintStatus(w io.Writer, s Status) {
 	fmt.Fprintf(w, "party %d of study %s at %s; socks %s\n", s.PID, s.Study, s.VirtualAddr, s.SOCKS)
 	fmt.Fprintf(w, "external %s, NAT %s; registry %s\n\n", ext, s.NAT, reg)
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tSTATE\tREMOTE\tRTT\tCONNS\tQUIC\tSENT\tRECEIVED\tRATE OUT (now/avg/max)\tRATE IN (now/avg/max)\tLAST ERROR")
+	fmt.Fprintln(tw, "PEER\tSTATE\tREMOTE\tRTT\tCONNS\tQUIC\tWAITING\tSENT\tRECEIVED\tRATE OUT (now/avg/max)\tRATE IN (now/avg/max)\tLAST ERROR")
 	for _, p := range s.Peers {
 		state := p.State
 		if p.Via != "" {
@@ -88,8 +95,8 @@ func PrintStatus(w io.Writer, s Status) {
 		if p.State == "repairing" && p.StateSince != nil {
 			state += fmt.Sprintf(" (%s)", time.Since(*p.StateSince).Round(time.Second))
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%.2fms\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", p.PID, state, dash(p.RemoteAddr), p.RTTMillis,
-			p.OpenConns, p.QUICConns, bytesText(float64(p.BytesSent)), bytesText(float64(p.BytesReceived)),
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%.2fms\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", p.PID, state, dash(p.RemoteAddr), p.RTTMillis,
+			p.OpenConns, p.QUICConns, p.WaitingConns, bytesText(float64(p.BytesSent)), bytesText(float64(p.BytesReceived)),
 			rates(p.Rate.CurrentSent, p.Rate.AverageSent, p.Rate.MaxSent),
 			rates(p.Rate.CurrentReceived, p.Rate.AverageReceived, p.Rate.MaxReceived), dash(p.LastError))
 	}

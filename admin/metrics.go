@@ -28,6 +28,7 @@ var (
 	descMoved       = prometheus.NewDesc("sfkit_proxy_flows_moved_total", "Tunnelled TCP connections moved between the QUIC connections of a peer's pool.", nil, nil)
 	descPoolOpened  = prometheus.NewDesc("sfkit_proxy_pool_conns_opened_total", "QUIC connections added to peers' pools.", nil, nil)
 	descPeerQUIC    = prometheus.NewDesc("sfkit_proxy_peer_quic_conns", "QUIC connections to the peer (its pool).", []string{"peer"}, nil)
+	descPeerWaiting = prometheus.NewDesc("sfkit_proxy_peer_waiting_connections", "The peer's tunnelled connections waiting for a local program to listen on their port.", []string{"peer"}, nil)
 	descFlowResets  = prometheus.NewDesc("sfkit_proxy_flows_reset_total", "Tunnelled TCP connections reset, by reason.", []string{"reason"}, nil)
 	descRepairs     = prometheus.NewDesc("sfkit_proxy_path_repairs_total", "Paths to a peer repaired after they died.", []string{"peer"}, nil)
 	descLastRepair  = prometheus.NewDesc("sfkit_proxy_path_last_repair_seconds", "How long the last repair of the path to a peer took.", []string{"peer"}, nil)
@@ -55,6 +56,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(descPeerOpen, float64(p.OpenConns), pid)
 		gauge(descPeerQUIC, float64(p.QUICConns), pid)
+		gauge(descPeerWaiting, float64(p.WaitingConns), pid)
 		for _, st := range peerStatesShown {
 			v := 0.0
 			if p.State == st {

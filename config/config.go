@@ -60,10 +60,15 @@ type Sidecar struct {
 	UDPListen    netip.AddrPort
 	STUN         []string
 	PeersCIDR    netip.Prefix
-	AllowPorts   PortSet
-	Direct       bool
-	StateDir     string
-	LogLevel     slog.Level
+	// AllowPorts are the local ports peers may reach: -mpc's listening
+	// ports and --allow-ports; empty opens none.
+	AllowPorts PortSet
+	// WaitPorts are the allowed ports whose connections wait for a local
+	// listener (up to DialTimeout): -mpc's listening ports and --wait-ports.
+	WaitPorts PortSet
+	Direct    bool
+	StateDir  string
+	LogLevel  slog.Level
 	// AdminListen is the management API's address; invalid (zero) when off.
 	AdminListen netip.AddrPort
 	// Relays are TURN URLs (turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT).
@@ -91,6 +96,8 @@ type Sidecar struct {
 	// Forwards are local listeners carried to peers (--forward, and with
 	// --mpc-forward the peers' listening ports of the MPC config).
 	Forwards []Forward
+	// ForwardAnyHost allows a forward to listen on a non-loopback address.
+	ForwardAnyHost bool
 	// MPCForward asks for forwards of the MPC config's peer ports.
 	MPCForward bool
 }
@@ -170,7 +177,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		mpcPath  = fs.String("mpc", "", "the MPC program's configGlobal.toml: connections to a peer's listening ports (127.0.0.1:port+t) go to that peer")
 		socksURI = fs.String("socks", "", "sfkit's spelling of --socks-listen, as a URI: socks5://localhost:7080")
 		parties  = fs.String("parties", "", "the study's party ids for the website relay, e.g. 0,1,2 (default: those of -mpc)")
-		dialTO   = fs.Duration("dial-timeout", DefaultDialTimeout, "how long a connection to a peer waits for its tunnel")
+		dialTO   = fs.Duration("dial-timeout", DefaultDialTimeout, "how long a connection to a peer waits for its tunnel, and a peer's connection to a waiting port (-mpc's, --wait-ports) for its local listener")
 		resumeTO = fs.Duration("resume-timeout", DefaultResumeTimeout, "how long a tunnelled connection waits for its path to come back before it is reset")
 		connsPer = fs.Int("conns-per-peer", DefaultConnsPerPeer, fmt.Sprintf("at most this many QUIC connections to each peer (1 to %d): parallel tunnelled connections get their own, so their own congestion control", MaxConnsPerPeer))
 		mpcFwd   = fs.Bool("mpc-forward", false, "with -mpc, also listen on the peers' listening ports (127.0.0.1:port+t), for programs that ignore ALL_PROXY")
@@ -180,10 +187,12 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		key      = fs.String("auth-key", "", "registry bearer token, or the website relay's auth key (prefer the env var or a file: flags show in ps)")
 		socks    = fs.String("socks-listen", "127.0.0.1:1080", "SOCKS5 listen address")
 		anyHost  = fs.Bool("socks-any-host", false, "allow a non-loopback --socks-listen (anyone who reaches it can use your tunnels)")
+		fwdAny   = fs.Bool("forward-any-host", false, "allow a non-loopback --forward listen address (anyone who reaches it can use that tunnel)")
 		udp      = fs.String("udp-listen", "0.0.0.0:0", "UDP address of the one socket used for STUN and QUIC")
 		stunList = fs.String("stun", DefaultSTUN, "STUN servers host:port or stun:host:port, comma-separated, tried in turn")
 		cidr     = fs.String("peers-cidr", DefaultPeersCIDR, "virtual range: party N is the range's base + N")
-		allow    = fs.String("allow-ports", "all", "local ports peers may reach, e.g. 8000-8100,9443, or all")
+		allow    = fs.String("allow-ports", "", "more local ports peers may reach, besides -mpc's listening ports: e.g. 8000-8100,9443, or all (default: none but -mpc's)")
+		waitPort = fs.String("wait-ports", "", "allowed ports whose connections from peers wait, up to --dial-timeout, for a local program to listen (-mpc's listening ports always do): e.g. 9000-9010, or all")
 		direct   = fs.String("direct", "allow", "destinations outside --peers-cidr: allow (dial directly) or deny")
 		stateDir = fs.String("state-dir", "", "directory of the persistent identity key (default $XDG_STATE_HOME/sfkit-proxy/STUDY-PID)")
 		logLevel = fs.String("log-level", "info", "debug, info, warn or error")
@@ -263,8 +272,15 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 			bad("--pid %d does not fit in --peers-cidr %v: use a larger range", *pid, c.PeersCIDR)
 		}
 	}
-	if c.AllowPorts, err = ParsePorts(*allow); err != nil {
-		bad("--allow-ports: %v", err)
+	if *allow != "" {
+		if c.AllowPorts, err = ParsePorts(*allow); err != nil {
+			bad("--allow-ports: %v", err)
+		}
+	}
+	if *waitPort != "" {
+		if c.WaitPorts, err = ParsePorts(*waitPort); err != nil {
+			bad("--wait-ports: %v", err)
+		}
 	}
 	switch *direct {
 	case "allow":
@@ -299,6 +315,15 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	} else if c.MPC != nil {
 		c.Parties = c.MPC.Parties
 	}
+	if c.MPC != nil {
+		// The MPC program's own listening ports are what a party declares
+		// by starting with -mpc: open to peers, and waited for.
+		own := c.MPC.ListenPorts()
+		c.AllowPorts, c.WaitPorts = c.AllowPorts.Union(own), c.WaitPorts.Union(own)
+	}
+	if p, ok := c.WaitPorts.Outside(c.AllowPorts); ok {
+		bad("--wait-ports names port %d, which peers may not reach: add it to --allow-ports", p)
+	}
 	if c.Registry != nil && c.Website() && len(c.Parties) == 0 {
 		bad("the website relay needs the study's parties: give -mpc configGlobal.toml or --parties 0,1,2")
 	}
@@ -315,10 +340,15 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	if c.MPCForward && c.MPC == nil {
 		bad("--mpc-forward needs -mpc")
 	}
+	c.ForwardAnyHost = *fwdAny
 	for _, f := range forwards {
 		fw, err := ParseForward(f)
 		if err != nil {
 			bad("%v", err)
+			continue
+		}
+		if !fw.Listen.Addr().IsLoopback() && !c.ForwardAnyHost {
+			bad("--forward %s: %v is not a loopback address: add --forward-any-host if you really mean to expose it", f, fw.Listen.Addr())
 			continue
 		}
 		c.Forwards = append(c.Forwards, fw)

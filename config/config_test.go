@@ -105,6 +105,7 @@ func TestParseSidecarErrors(t *testing.T) {
 		{"bad registry", append(required, "--registry", "ftp://x"), "want an http(s):// registry URL"},
 		{"public socks", append(required, "--socks-listen", "0.0.0.0:1080"), "--socks-any-host"},
 		{"public admin API", append(required, "--admin-listen", "0.0.0.0:1081"), "--admin-any-host"},
+		{"public forward", append(required, "--forward", "0.0.0.0:9000=1:8000"), "--forward-any-host"},
 		{"bad admin address", append(required, "--admin-listen", "localhost"), "--admin-listen"},
 		{"bad ports", append(required, "--allow-ports", "99999"), "--allow-ports"},
 		{"bad direct", append(required, "--direct", "maybe"), "want allow or deny"},
@@ -217,6 +218,54 @@ func TestParseAdminClient(t *testing.T) {
 			}
 			if err != nil || *got != tt.want {
 				t.Errorf("ParseAdminClient(%q) = %+v, %v; want %+v", tt.args, got, err, tt.want)
+			}
+		})
+	}
+}
+
+// TestForwardNeedsAnyHostOffLoopback tries to expose a forward, whose
+// listener carries anyone who reaches it into a peer's tunnel, on an address
+// other than loopback: refused, in one line that says what to add, unless
+// --forward-any-host says so.
+func TestForwardNeedsAnyHostOffLoopback(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		want    string // the forward's listen address, when accepted
+		wantErr string
+	}{
+		{"all IPv4 addresses", []string{"--forward", "0.0.0.0:9000=1:8000"}, "",
+			"--forward 0.0.0.0:9000=1:8000: 0.0.0.0 is not a loopback address: add --forward-any-host if you really mean to expose it"},
+		{"all IPv6 addresses", []string{"--forward", "[::]:9000=1:8000"}, "",
+			"--forward [::]:9000=1:8000: :: is not a loopback address: add --forward-any-host if you really mean to expose it"},
+		{"a LAN address", []string{"--forward", "192.168.1.5:9000=1:8000"}, "",
+			"--forward 192.168.1.5:9000=1:8000: 192.168.1.5 is not a loopback address: add --forward-any-host if you really mean to expose it"},
+		{"a mapped LAN address", []string{"--forward", "[::ffff:192.168.1.5]:9000=1:8000"}, "",
+			"--forward [::ffff:192.168.1.5]:9000=1:8000: ::ffff:192.168.1.5 is not a loopback address: add --forward-any-host if you really mean to expose it"},
+		{"one of two", []string{"--forward", "9001=1:8001,0.0.0.0:9000=1:8000"}, "",
+			"--forward 0.0.0.0:9000=1:8000: 0.0.0.0 is not a loopback address: add --forward-any-host if you really mean to expose it"},
+		{"all addresses with the flag", []string{"--forward", "0.0.0.0:9000=1:8000", "--forward-any-host"}, "0.0.0.0:9000", ""},
+		{"LAN address with the flag", []string{"--forward", "192.168.1.5:9000=1:8000", "--forward-any-host"}, "192.168.1.5:9000", ""},
+		{"127.0.0.1", []string{"--forward", "127.0.0.1:9000=1:8000"}, "127.0.0.1:9000", ""},
+		{"other loopback", []string{"--forward", "127.0.0.2:9000=1:8000"}, "127.0.0.2:9000", ""},
+		{"[::1]", []string{"--forward", "[::1]:9000=1:8000"}, "[::1]:9000", ""},
+		{"bare port", []string{"--forward", "9000=1:8000"}, "127.0.0.1:9000", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append(append([]string(nil), required...), tt.args...)
+			c, err := ParseSidecar(args, io.Discard)
+			if tt.wantErr != "" {
+				if err == nil || err.Error() != tt.wantErr {
+					t.Errorf("ParseSidecar(%q) = %v; want %q", tt.args, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("ParseSidecar(%q) = %v; want it accepted", tt.args, err)
+			}
+			if len(c.Forwards) != 1 || c.Forwards[0].Listen.String() != tt.want || c.Forwards[0].PID != 1 || c.Forwards[0].Port != 8000 {
+				t.Errorf("ParseSidecar(%q).Forwards = %v; want one listening on %s to party 1 port 8000", tt.args, c.Forwards, tt.want)
 			}
 		})
 	}

@@ -188,6 +188,16 @@ func (m *MPC) Route(host string, port uint16) (int, bool) {
 	return pid, ok
 }
 
+// ListenPorts are this party's own listening ports: what it declares open
+// to its peers by starting with -mpc.
+func (m *MPC) ListenPorts() PortSet {
+	ports := make([]uint16, 0, len(m.Listens))
+	for ap := range m.Listens {
+		ports = append(ports, ap.Port())
+	}
+	return PortsOf(ports...)
+}
+
 // PeerPorts lists the loopback ports that other parties listen on for
 // this one (forward mode listens on them), with the party of each, in
 // order.
@@ -210,7 +220,8 @@ type Forward struct {
 }
 
 // ParseForward reads LOCAL=PID:PORT, LOCAL being PORT or IP:PORT (127.0.0.1
-// when no IP is given).
+// when no IP is given). It takes any IP; ParseSidecar refuses one that is
+// not loopback without --forward-any-host.
 func ParseForward(s string) (Forward, error) {
 	local, remote, ok := strings.Cut(s, "=")
 	pidS, portS, ok2 := strings.Cut(remote, ":")

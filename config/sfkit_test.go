@@ -186,3 +186,43 @@ func TestParseForward(t *testing.T) {
 		}
 	}
 }
+
+// TestDeclaredPorts: a party opens to its peers only what it declared:
+// -mpc's own listening ports (which also wait for their listener), and
+// --allow-ports; with neither, nothing.
+func TestDeclaredPorts(t *testing.T) {
+	mpc := writeMPC(t, mpcConfig)
+	tests := []struct {
+		name        string
+		args        []string
+		allow, wait string
+	}{
+		{"nothing declared", nil, "none", "none"},
+		{"allow-ports", []string{"--allow-ports", "9000"}, "9000", "none"},
+		{"allow-ports all", []string{"--allow-ports", "all"}, "all", "none"},
+		{"allow-ports none", []string{"--allow-ports", "none"}, "none", "none"},
+		{"wait-ports", []string{"--allow-ports", "9000-9010", "--wait-ports", "9005"}, "9000-9010", "9005"},
+		// The lower party of a pair listens: party 0 on 8020+t for party 1
+		// and 8040+t for party 2, party 1 on 8060+t for party 2.
+		{"-mpc party 0", []string{"-mpc", mpc}, "8020-8023,8040-8043", "8020-8023,8040-8043"},
+		{"-mpc party 1", []string{"--pid", "1", "-mpc", mpc}, "8060-8063", "8060-8063"},
+		{"-mpc party 2 listens on nothing", []string{"--pid", "2", "-mpc", mpc}, "none", "none"},
+		{"-mpc and allow-ports", []string{"--pid", "1", "-mpc", mpc, "--allow-ports", "9000", "--wait-ports", "9000"},
+			"8060-8063,9000", "8060-8063,9000"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := ParseSidecar(append(slices.Clone(required), tt.args...), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.AllowPorts.String() != tt.allow || c.WaitPorts.String() != tt.wait {
+				t.Errorf("ParseSidecar(%q): allow %v, wait %v; want %v, %v", tt.args, c.AllowPorts, c.WaitPorts, tt.allow, tt.wait)
+			}
+		})
+	}
+	_, err := ParseSidecar(append(slices.Clone(required), "--allow-ports", "9000", "--wait-ports", "9000-9001"), nil)
+	if want := "--wait-ports names port 9001, which peers may not reach: add it to --allow-ports"; err == nil || err.Error() != want {
+		t.Errorf("--wait-ports beyond --allow-ports = %v; want %q", err, want)
+	}
+}

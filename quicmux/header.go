@@ -56,6 +56,7 @@ const (
 	StatusUnknownFlow Status = 5 // resume of a flow the acceptor does not have (it restarted)
 	StatusFlowDone    Status = 6 // resume of a flow that ended cleanly
 	StatusFlowReset   Status = 7 // resume of a flow that was reset
+	StatusOverBudget  Status = 8 // the acceptor's budget for this peer is spent
 )
 
 func (s Status) String() string {
@@ -76,6 +77,8 @@ func (s Status) String() string {
 		return "flow done"
 	case StatusFlowReset:
 		return "flow reset"
+	case StatusOverBudget:
+		return "over budget"
 	}
 	return fmt.Sprintf("status %d", byte(s))
 }
@@ -94,6 +97,8 @@ var (
 	ErrRefused     = errors.New("connection refused by peer's local port")
 	ErrNotAllowed  = errors.New("port not allowed by peer")
 	ErrUnreachable = errors.New("peer could not reach its local port")
+	// ErrOverBudget carries "refused" in its text too.
+	ErrOverBudget = errors.New("connection refused: this party has spent its budget at the peer (too many tunnelled connections open or waiting there)")
 	// ErrKind is returned for a request kind this version does not know.
 	ErrKind = errors.New("unknown stream kind")
 )
@@ -153,6 +158,8 @@ func (r Reply) Err() error {
 		return ErrNotAllowed
 	case StatusUnreachable:
 		return ErrUnreachable
+	case StatusOverBudget:
+		return ErrOverBudget
 	}
 	return fmt.Errorf("peer answered %v", r.Status)
 }

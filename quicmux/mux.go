@@ -105,6 +105,21 @@ type Options struct {
 	OnPathLost func()
 	// AllowPort says which local ports peers may reach; nil allows none.
 	AllowPort func(port uint16) bool
+	// OwnPort says which local ports this sidecar itself listens on (SOCKS,
+	// the management API, forwards): never reachable by peers, whatever
+	// AllowPort says, so that no peer can speak through this party's
+	// tunnels or API as this party. nil means none.
+	OwnPort func(port uint16) bool
+	// WaitPort says which allowed ports wait for a local listener: a
+	// connection to one that finds nothing listening keeps dialling, up to
+	// LocalWait, before it is refused (so the order in which the parties'
+	// programs start does not matter); nil waits for none.
+	WaitPort func(port uint16) bool
+	// LocalWait bounds that wait; zero means 5 minutes.
+	LocalWait time.Duration
+	// MaxWaiting bounds a peer's connections waiting for a local listener
+	// at once; zero means 1024. Past it they are refused at once.
+	MaxWaiting int
 	// LocalHost is where accepted streams are dialled; zero means 127.0.0.1.
 	LocalHost netip.Addr
 	// CheckInterval is the period of connectivity checks; zero means 200 ms.
@@ -177,7 +192,9 @@ type peer struct {
 	// the connection is kept until it ends.
 	gone bool
 	// boot is the peer's boot id from its last hello, 0 before one.
-	boot    uint64
+	boot uint64
+	// waiting counts its connections waiting for a local listener.
+	waiting int
 	prflx   map[netip.AddrPort]time.Time // learned from its checks: when last heard
 	link    *link                        // the connection in use (the pool's primary), nil when none
 	pool    []*link                      // the primary's members (pool.go)
@@ -238,6 +255,18 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 	}
 	if opts.AllowPort == nil {
 		opts.AllowPort = func(uint16) bool { return false }
+	}
+	if opts.OwnPort == nil {
+		opts.OwnPort = func(uint16) bool { return false }
+	}
+	if opts.WaitPort == nil {
+		opts.WaitPort = func(uint16) bool { return false }
+	}
+	if opts.LocalWait == 0 {
+		opts.LocalWait = 5 * time.Minute
+	}
+	if opts.MaxWaiting == 0 {
+		opts.MaxWaiting = 1024
 	}
 	if !opts.LocalHost.IsValid() {
 		opts.LocalHost = netip.AddrFrom4([4]byte{127, 0, 0, 1})

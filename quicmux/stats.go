@@ -54,6 +54,8 @@ type PeerStats struct {
 	RTT        time.Duration
 	Since      time.Time // connected since
 	OpenConns  int64
+	// Waiting counts its connections waiting for a local listener here.
+	Waiting int
 	// QUICConns is how many QUIC connections carry them (the pool).
 	QUICConns int
 	BytesSent uint64
@@ -166,7 +168,7 @@ func (m *Mux) Stats() Stats {
 	defer m.mu.Unlock()
 	for _, p := range m.peers {
 		ps := PeerStats{PID: p.pid, State: p.path.state, StateSince: p.path.since, LastError: p.lastErr,
-			Repairs: p.repairs, LastRepair: p.lastRepair}
+			Repairs: p.repairs, LastRepair: p.lastRepair, Waiting: p.waiting}
 		if l := p.link; l != nil {
 			ps.Path, ps.Via = m.linkKindLocked(p, l), m.viaLocked(p, l)
 			ps.State = ps.Path // direct or relayed

@@ -16,6 +16,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"sfkit-proxy/backoff"
 	"sfkit-proxy/flow"
 )
 
@@ -121,11 +122,20 @@ func openStream(ctx context.Context, conn *quic.Conn, r Request) (*quic.Stream, 
 	if dl, ok := ctx.Deadline(); ok {
 		str.SetDeadline(dl)
 	}
+	// A caller that gives up ends the stream, and so the peer's work on it
+	// (a wait for a local listener).
+	stop := context.AfterFunc(ctx, func() {
+		str.CancelRead(codeStreamAbort)
+		str.CancelWrite(codeStreamAbort)
+	})
 	var hdr [replyLen]byte
 	var reply Reply
 	_, err = str.Write(r.Append(nil))
 	if err == nil {
 		_, err = io.ReadFull(str, hdr[:])
+	}
+	if !stop() {
+		err = ctx.Err() // the stream is cancelled, whatever it answered
 	}
 	if err == nil {
 		reply, err = ParseReply(hdr[:])
@@ -233,24 +243,29 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 	case req.Kind == KindResume:
 		m.resumed(pid, req, str, l, log)
 		return
+	case m.opts.OwnPort(req.Port):
+		m.quiet.warn("own:"+strconv.Itoa(pid), "peer asked for one of this sidecar's own ports (SOCKS, management API or a forward): refused",
+			"peer", pid, "port", req.Port)
+		reply(Reply{Status: StatusNotAllowed})
+		return
 	case !m.opts.AllowPort(req.Port):
 		log.Warn("peer asked for a port that --allow-ports does not allow", "port", req.Port)
 		reply(Reply{Status: StatusNotAllowed})
 		return
 	}
-	// Loopback needs no TCP keepalive: skipping it saves syscalls per connection.
-	d := net.Dialer{Timeout: 5 * time.Second, KeepAlive: -1}
-	c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(m.opts.LocalHost, req.Port).String())
+	tcp, err := m.dialLocal(ctx, pid, str, req.Port, log)
 	if err != nil {
 		st := StatusUnreachable
-		if errors.Is(err, syscall.ECONNREFUSED) {
+		switch {
+		case errors.Is(err, ErrOverBudget):
+			st = StatusOverBudget
+		case errors.Is(err, syscall.ECONNREFUSED):
 			st = StatusRefused
 		}
 		log.Info("local port not reachable for peer", "port", req.Port, "err", err)
 		reply(Reply{Status: st})
 		return
 	}
-	tcp := c.(*net.TCPConn)
 	// The flow is registered before the reply: the opener may move it to
 	// another connection of the pool at once, and its resume may overtake
 	// this stream (it waits for the attachment below).
@@ -267,6 +282,68 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 	e.log.Info("tunnel opened")
 	m.poolChanged(pid)
 	pipe(tcp, e.c)
+}
+
+// dialLocal connects to the local port a peer asked for. A port that waits
+// for its listener (Options.WaitPort) and finds none is dialled again, with
+// backoff, until something listens, LocalWait passes, or the peer gives up
+// on str; a peer has at most MaxWaiting such waits at once.
+func (m *Mux) dialLocal(ctx context.Context, pid int, str *quic.Stream, port uint16, log *slog.Logger) (*net.TCPConn, error) {
+	// Loopback needs no TCP keepalive: skipping it saves syscalls per connection.
+	d := net.Dialer{Timeout: 5 * time.Second, KeepAlive: -1}
+	addr := netip.AddrPortFrom(m.opts.LocalHost, port).String()
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err == nil {
+		return c.(*net.TCPConn), nil
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) || !m.opts.WaitPort(port) {
+		return nil, err
+	}
+	p := m.startWaiting(pid)
+	if p == nil {
+		m.quiet.warn("waiting:"+strconv.Itoa(pid), "refusing a connection that would wait for a local listener: the peer has too many waiting",
+			"peer", pid, "port", port, "limit", m.opts.MaxWaiting)
+		return nil, ErrOverBudget
+	}
+	defer m.stopWaiting(p)
+	// The wait ends with the peer's interest: its give-up cancels str.
+	wctx, cancel := context.WithTimeout(ctx, m.opts.LocalWait)
+	defer cancel()
+	defer context.AfterFunc(str.Context(), cancel)()
+	start := time.Now()
+	log.Info("local port not listening yet: waiting for it", "port", port, "up_to", m.opts.LocalWait)
+	bo := backoff.Backoff{Min: 20 * time.Millisecond, Max: 500 * time.Millisecond}
+	for bo.Wait(wctx) == nil {
+		c, err := d.DialContext(wctx, "tcp", addr)
+		if err == nil {
+			log.Info("local port listening: connected", "port", port, "waited", time.Since(start).Round(time.Millisecond))
+			return c.(*net.TCPConn), nil
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, err
+		}
+	}
+	log.Info("local port never listened: refusing", "port", port, "waited", time.Since(start).Round(time.Millisecond))
+	return nil, fmt.Errorf("dial %s: %w", addr, syscall.ECONNREFUSED)
+}
+
+// startWaiting counts a connection of pid's waiting for a local listener
+// and returns its peer, if its budget allows; nil otherwise.
+func (m *Mux) startWaiting(pid int) *peer {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p := m.peers[pid]
+	if p == nil || p.waiting >= m.opts.MaxWaiting {
+		return nil
+	}
+	p.waiting++
+	return p
+}
+
+func (m *Mux) stopWaiting(p *peer) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p.waiting--
 }
 
 // logClosed logs a flow's end.

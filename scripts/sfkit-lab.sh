@@ -10,7 +10,10 @@
 # configGlobal.toml with every ipaddr 127.0.0.1, the lower party listening
 # on port+t, the higher one dialling 127.0.0.1:port+t through
 # golang.org/x/net/proxy's FromEnvironment (ALL_PROXY=socks5://localhost:7080),
-# 4 connections per pair, bytes both ways, sha256-checked. Party 2 ignores
+# 4 connections per pair, bytes both ways, sha256-checked. As in hcholab's
+# demo program, each party listens only after a random pause of up to 3 s
+# and dials at once, once, with no retry: a dial that reaches a peer before
+# the peer's program listens waits there for it. Party 2 ignores
 # ALL_PROXY (plain net.Dial) and its sidecar forwards the peers' ports
 # (SFKIT_PROXY_MPC_FORWARD=true).
 #
@@ -76,7 +79,7 @@ for i in $(seq 0 $((NPARTIES - 1))); do
 	plain=()
 	[ "$i" = 2 ] && plain=(-plain)
 	ip netns exec "$(ns "p$i")" env ALL_PROXY=socks5://localhost:7080 "$DIR/mpcpeer" -mpc "$DIR/configGlobal.toml" \
-		-pid "$i" -bytes $((4 << 20)) "${plain[@]}" >"$DIR/mpc$i.log" 2>&1 &
+		-pid "$i" -bytes $((4 << 20)) -listen-delay 3s -tries 1 "${plain[@]}" >"$DIR/mpc$i.log" 2>&1 &
 	MPC_PIDS+=($!)
 	PIDS+=($!)
 done
@@ -90,6 +93,9 @@ for i in $(seq 0 $((NPARTIES - 1))); do
 done
 
 if grep -q 'msg=forwarding' "$DIR/p2.log"; then pass; else fail "party 2 did not forward the peers' ports"; fi
+log "connections that waited for a late listener: $(cat "$DIR"/p*.log | grep -c 'local port listening: connected' || true)"
+# The MPC ports are open to peers by -mpc alone, and nothing else is.
+if grep -q 'allow_ports=8020-8023,8040-8043 ' "$DIR/p0.log"; then pass; else fail "party 0 does not open exactly its -mpc ports: $(grep -o 'allow_ports=[^ ]*' "$DIR/p0.log")"; fi
 for i in $(seq 0 $((NPARTIES - 1))); do
 	check_status "$i" "$NPARTIES" "'direct'"
 done

@@ -88,10 +88,20 @@ func newStudy(t *testing.T) *study {
 // every higher party, as sfgwas does, and writes the MPC config. Each
 // listener reads what the dialer sends and sends its own bytes.
 func (s *study) listenPairs(n int) {
+	for _, pair := range s.mpcPorts(n) {
+		for _, ln := range pair {
+			testkit.Serve(s.t, ln, exchange)
+		}
+	}
+}
+
+// mpcPorts picks free ports for each pair of n parties (threads each),
+// writes the MPC config, and returns listeners on them, by pair.
+func (s *study) mpcPorts(n int) map[[2]int][]net.Listener {
 	t := s.t
 	for try := 0; ; try++ {
 		base := 20000 + mrand.IntN(30000)
-		var lns []net.Listener
+		lns := map[[2]int][]net.Listener{}
 		ok := true
 		for i := range n {
 			for j := i + 1; j < n; j++ {
@@ -102,25 +112,30 @@ func (s *study) listenPairs(n int) {
 						ok = false
 						break
 					}
-					lns = append(lns, ln)
+					lns[[2]int{i, j}] = append(lns[[2]int{i, j}], ln)
 				}
 				s.ports[[2]int{i, j}] = port
 			}
 		}
 		if !ok {
-			for _, ln := range lns {
-				ln.Close()
+			for _, pair := range lns {
+				for _, ln := range pair {
+					ln.Close()
+				}
 			}
 			if try == 20 {
 				t.Fatal("no free ports for the MPC program")
 			}
 			continue
 		}
-		for _, ln := range lns {
-			testkit.Serve(t, ln, exchange)
-		}
-		break
+		s.writeMPC(n)
+		return lns
 	}
+}
+
+// writeMPC writes the MPC config of n parties with s.ports.
+func (s *study) writeMPC(n int) {
+	t := s.t
 	var b strings.Builder
 	fmt.Fprintf(&b, "num_main_parties = %d\nmpc_num_threads = %d\n", n-1, threads)
 	for i := range n {
@@ -140,19 +155,26 @@ func (s *study) listenPairs(n int) {
 // payload is what each side of an MPC connection sends.
 const payload = 256 << 10
 
-// exchange sends payload random bytes and a sha256 of what it received
-// back; the other side checks both.
+// exchange sends payload random bytes and then a sha256 of what it
+// received; the other side checks both.
 func exchange(c net.Conn) {
 	defer c.Close()
 	data := make([]byte, payload)
 	rand.Read(data)
-	go c.Write(data)
+	sum := make(chan []byte, 1)
+	go func() {
+		c.Write(data)
+		if s, ok := <-sum; ok {
+			c.Write(s) // after data, never before it
+		}
+	}()
 	got := make([]byte, payload)
 	if _, err := io.ReadFull(c, got); err != nil {
+		close(sum)
 		return
 	}
-	sum := sha256.Sum256(got)
-	c.Write(sum[:])
+	s := sha256.Sum256(got)
+	sum <- s[:]
 	io.Copy(io.Discard, c) // until the dialer is done
 }
 
@@ -356,5 +378,94 @@ func TestRelayRefusalsAreOneLine(t *testing.T) {
 	}
 	if err := stop(); !errors.Is(err, context.Canceled) {
 		t.Errorf("second sidecar stopped with %v; want it to retry until stopped", err)
+	}
+}
+
+// TestStartOrderDoesNotMatter: as in hcholab's demo, each party's MPC
+// program starts listening only after a random delay of up to 3 s and
+// dials its peers at once, with no retry. A connection that reaches a
+// peer's -mpc port before the program there listens waits for it, so all
+// 20 rounds succeed, every byte checked; a port that never listens is
+// refused once the peer's --dial-timeout has passed.
+func TestStartOrderDoesNotMatter(t *testing.T) {
+	s := newStudy(t)
+	lns := s.mpcPorts(3)
+	for _, pair := range lns {
+		for _, ln := range pair {
+			ln.Close() // the programs have not started yet
+		}
+	}
+	const wait = 5 * time.Second // party 0's --dial-timeout: how long its ports wait
+	var socks [3]string
+	for pid := range 3 {
+		var extra []string
+		if pid == 0 {
+			extra = []string{"--dial-timeout", wait.String()}
+		}
+		l, _, _, err := s.start(s.sfkitArgs(pid, extra...))
+		if err != nil {
+			t.Fatalf("party %d: %v", pid, err)
+		}
+		socks[pid] = l.SOCKS.String()
+	}
+	for round := range 20 {
+		// open: the programs start listening; dials: the higher parties
+		// dial at once; serve: the listeners' side of each connection.
+		var open, dials, serve sync.WaitGroup
+		errs := make(chan error, 16)
+		var mu sync.Mutex // guards opened
+		var opened []net.Listener
+		for lo := range 2 {
+			delay := time.Duration(mrand.Int64N(int64(3 * time.Second)))
+			open.Go(func() {
+				time.Sleep(delay)
+				for hi := lo + 1; hi < 3; hi++ {
+					for th := range threads {
+						ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(s.ports[[2]int{lo, hi}]+th))
+						if err != nil {
+							errs <- err
+							return
+						}
+						mu.Lock()
+						opened = append(opened, ln)
+						mu.Unlock()
+						serve.Go(func() {
+							if c, err := ln.Accept(); err == nil {
+								exchange(c)
+							}
+						})
+					}
+				}
+			})
+			for hi := lo + 1; hi < 3; hi++ {
+				for th := range threads {
+					dials.Go(func() { errs <- s.dialMPC(socks[hi], lo, hi, th) })
+				}
+			}
+		}
+		dials.Wait()
+		open.Wait()
+		for _, ln := range opened {
+			ln.Close() // a listener no dial reached stops waiting
+		}
+		serve.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+		}
+	}
+	// Party 0's program never listens on its port for party 2.
+	start := time.Now()
+	err := s.dialMPC(socks[2], 0, 2, 0)
+	if err == nil || !strings.Contains(err.Error(), "connection refused") {
+		t.Fatalf("dial to a port that never listens = %v; want connection refused", err)
+	}
+	if d := time.Since(start); d < wait {
+		t.Errorf("refused after %v; want it to wait party 0's --dial-timeout (%v) first", d, wait)
+	}
+	if !strings.Contains(s.logs.String(), "local port not listening yet: waiting for it") {
+		t.Error("no connection waited for its listener: the test did not test late listeners")
 	}
 }

@@ -74,10 +74,18 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 			return fmt.Errorf("admin listen %v: %w (pick another --admin-listen, or off)", cfg.AdminListen, err)
 		}
 	}
+	forwards := cfg.Forwards
+	if cfg.MPCForward {
+		forwards = append(forwards, cfg.MPC.PeerPorts()...)
+	}
+	fwds := listenForwards(forwards, log)
 	closeListeners := func() {
 		ln.Close()
 		if adminLn != nil {
 			adminLn.Close()
+		}
+		for _, f := range fwds {
+			f.ln.Close()
 		}
 	}
 	rl, err := allocateRelay(ctx, cfg, log)
@@ -85,11 +93,24 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		closeListeners()
 		return err
 	}
+	// What this sidecar listens on is never a peer's to reach.
+	own := []uint16{listenPort(ln)}
+	if adminLn != nil {
+		own = append(own, listenPort(adminLn))
+	}
+	for _, f := range fwds {
+		own = append(own, listenPort(f.ln))
+	}
+	if cfg.AllowPorts.Empty() {
+		log.Info("no local port is open to peers: they can reach nothing here; give -mpc (its listening ports open) or --allow-ports PORTS to open some")
+	}
 	checkKey := quicmux.CheckKeyOf(id)
 	stunNow := make(chan struct{}, 1)
 	mux, err := quicmux.Listen(cfg.UDPListen, quicmux.Options{
 		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
-		AllowPort: cfg.AllowPorts.Contains, Relay: rl, Virtual: cfg.PeersCIDR, ResumeTimeout: cfg.ResumeTimeout,
+		AllowPort: cfg.AllowPorts.Contains, OwnPort: config.PortsOf(own...).Contains,
+		WaitPort: cfg.WaitPorts.Contains, LocalWait: cfg.DialTimeout,
+		Relay: rl, Virtual: cfg.PeersCIDR, ResumeTimeout: cfg.ResumeTimeout,
 		ConnsPerPeer: cfg.ConnsPerPeer,
 		// A dead path may be a new NAT mapping: ask STUN now, so that a
 		// change is published at once.
@@ -133,13 +154,8 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		opts.Route = cfg.MPC.Route
 	}
 	srv := socks.New(opts)
-	forwards := cfg.Forwards
-	if cfg.MPCForward {
-		forwards = append(forwards, cfg.MPC.PeerPorts()...)
-	}
-	fwds := listenForwards(forwards, log)
 	log.Info("sidecar starting", "study", cfg.Study, "socks", ln.Addr(), "udp", mux.LocalAddr(), "pin", id.Pin,
-		"virtual_addr", cfg.VirtualAddr(cfg.PID), "allow_ports", cfg.AllowPorts.String(), "discovery", cfg.Registry.Redacted())
+		"virtual_addr", cfg.VirtualAddr(cfg.PID), "allow_ports", cfg.AllowPorts.String(), "wait_ports", cfg.WaitPorts.String(), "discovery", cfg.Registry.Redacted())
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return mux.Run(gctx) })
@@ -205,10 +221,14 @@ type forward struct {
 }
 
 // listenForwards listens for each forward. A port something else already
-// listens on (the local program itself) is left alone, and the log says so.
+// listens on (the local program itself) is left alone, and the log says so;
+// so does it of a forward off loopback (--forward-any-host).
 func listenForwards(fs []config.Forward, log *slog.Logger) []forward {
 	var out []forward
 	for _, f := range fs {
+		if !f.Listen.Addr().IsLoopback() {
+			log.Warn("forward listener is not on loopback: anyone who can reach it can use this tunnel to the peer", "listen", f.Listen, "peer", f.PID, "port", f.Port)
+		}
 		ln, err := net.Listen("tcp", f.Listen.String())
 		if err != nil {
 			if errors.Is(err, syscall.EADDRINUSE) {
@@ -223,6 +243,9 @@ func listenForwards(fs []config.Forward, log *slog.Logger) []forward {
 	}
 	return out
 }
+
+// listenPort is the port ln listens on.
+func listenPort(ln net.Listener) uint16 { return uint16(ln.Addr().(*net.TCPAddr).Port) }
 
 // ServeHTTP serves hs on ln until ctx ends, then shuts down gracefully;
 // with cert and key it serves HTTPS.
@@ -494,7 +517,7 @@ func (st *state) status(cfg *config.Sidecar, ms quicmux.Stats, socksAddr netip.A
 	st.mu.Unlock()
 	for _, p := range ms.Peers {
 		ap := admin.Peer{PID: p.PID, State: p.State, Path: p.Path, Via: p.Via, RTTMillis: float64(p.RTT.Microseconds()) / 1000,
-			OpenConns: p.OpenConns, QUICConns: p.QUICConns, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv, LastError: p.LastError,
+			OpenConns: p.OpenConns, QUICConns: p.QUICConns, WaitingConns: p.Waiting, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv, LastError: p.LastError,
 			Rate: admin.Rates{CurrentSent: p.RateSent, CurrentReceived: p.RateRecv, AverageSent: p.AvgSent,
 				AverageReceived: p.AvgRecv, MaxSent: p.MaxSent, MaxReceived: p.MaxRecv}}
 		if !p.StateSince.IsZero() {

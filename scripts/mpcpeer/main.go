@@ -2,11 +2,14 @@
 // it reads configGlobal.toml, and for each other party either listens (the
 // lower party id, on 0.0.0.0 at ports[higher] + t) or dials (the higher
 // one, ipaddr:port + t) through golang.org/x/net/proxy's FromEnvironment,
-// as sfgwas does, retrying a failed dial. On each of mpc_num_threads
+// as sfgwas does, retrying a failed dial (-tries). On each of mpc_num_threads
 // connections per pair both sides send random bytes and the sha256 of
 // them, and check what they receive.
 //
 // With -plain it dials with net.Dial, as programs that ignore ALL_PROXY do.
+// With -listen-delay D it starts listening only after a random pause of up
+// to D, and with -tries 1 it dials once, as hcholab's demo program does: then
+// a dial that reaches a peer before that peer listens must wait there.
 package main
 
 import (
@@ -16,6 +19,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	mrand "math/rand/v2"
 	"net"
 	"os"
 	"strconv"
@@ -41,8 +45,14 @@ func main() {
 	pid := flag.Int("pid", -1, "this party's id")
 	size := flag.Int("bytes", 4<<20, "bytes each side sends on each connection")
 	plain := flag.Bool("plain", false, "dial with net.Dial, ignoring ALL_PROXY")
+	delay := flag.Duration("listen-delay", 0, "listen only after a random pause of up to this long")
+	tries := flag.Int("tries", 120, "dial attempts per connection, 1 s apart (sfgwas: 100, 5 s apart)")
 	flag.Parse()
-	n, err := run(*path, *pid, *size, *plain)
+	var pause time.Duration
+	if *delay > 0 {
+		pause = mrand.N(*delay)
+	}
+	n, err := run(*path, *pid, *size, *plain, *tries, pause)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "mpcpeer %d: %v\n", *pid, err)
 		os.Exit(1)
@@ -50,7 +60,8 @@ func main() {
 	fmt.Printf("party %d: %d connections ok\n", *pid, n)
 }
 
-func run(path string, me, size int, plain bool) (int, error) {
+// run listens (after pause) and dials (at once) as the MPC config says.
+func run(path string, me, size int, plain bool, tries int, pause time.Duration) (int, error) {
 	var c cfg
 	if _, err := toml.DecodeFile(path, &c); err != nil {
 		return 0, err
@@ -71,11 +82,13 @@ func run(path string, me, size int, plain bool) (int, error) {
 			count++
 			if me < them {
 				base, _ := strconv.Atoi(c.Servers["party"+strconv.Itoa(me)].Ports[name])
-				ln, err := net.Listen("tcp", "0.0.0.0:"+strconv.Itoa(base+t))
-				if err != nil {
-					return 0, err
-				}
 				wg.Go(func() {
+					time.Sleep(pause)
+					ln, err := net.Listen("tcp", "0.0.0.0:"+strconv.Itoa(base+t))
+					if err != nil {
+						errs <- err
+						return
+					}
 					defer ln.Close()
 					conn, err := ln.Accept()
 					if err != nil {
@@ -91,11 +104,13 @@ func run(path string, me, size int, plain bool) (int, error) {
 			wg.Go(func() {
 				var conn net.Conn
 				var err error
-				for range 120 { // sfgwas: 100 tries, 5 s apart
+				for try := range tries {
+					if try > 0 {
+						time.Sleep(time.Second)
+					}
 					if conn, err = d.Dial("tcp", addr); err == nil {
 						break
 					}
-					time.Sleep(time.Second)
 				}
 				if err != nil {
 					errs <- fmt.Errorf("dial party %d at %s: %w", them, addr, err)
