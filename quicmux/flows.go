@@ -65,8 +65,10 @@ type tomb struct {
 	until  time.Time
 }
 
-// newFlow makes and registers a flow on link l, to be attached.
-func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flowEntry {
+// newFlow makes and registers a flow on link l, to be attached. owner,
+// for a flow the peer opened, is the peer whose budget it counts against
+// (see takeFlow) until it ends.
+func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger, owner *peer) *flowEntry {
 	e := &flowEntry{port: port, log: log, born: l, ready: make(chan struct{})}
 	e.on.Store(l)
 	start := time.Now()
@@ -103,6 +105,9 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flow
 			now := time.Now()
 			m.mu.Lock()
 			delete(m.flows, key)
+			if owner != nil {
+				owner.inFlows--
+			}
 			for k, t := range m.tombs {
 				if now.After(t.until) {
 					delete(m.tombs, k)

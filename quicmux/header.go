@@ -57,6 +57,7 @@ const (
 	StatusFlowDone    Status = 6 // resume of a flow that ended cleanly
 	StatusFlowReset   Status = 7 // resume of a flow that was reset
 	StatusOverBudget  Status = 8 // the acceptor's budget for this peer is spent
+	StatusDraining    Status = 9 // a new flow on a connection being replaced: open it on the newer one
 )
 
 func (s Status) String() string {
@@ -79,6 +80,8 @@ func (s Status) String() string {
 		return "flow reset"
 	case StatusOverBudget:
 		return "over budget"
+	case StatusDraining:
+		return "connection draining"
 	}
 	return fmt.Sprintf("status %d", byte(s))
 }

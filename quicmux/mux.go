@@ -120,6 +120,11 @@ type Options struct {
 	// MaxWaiting bounds a peer's connections waiting for a local listener
 	// at once; zero means 1024. Past it they are refused at once.
 	MaxWaiting int
+	// MaxFlows bounds the tunnelled connections a peer may have opened
+	// here at once, attached to a stream or waiting for a resume, and
+	// those waiting for a local listener: each holds a local file
+	// descriptor. Zero means 4096. Past it new ones are refused at once.
+	MaxFlows int
 	// LocalHost is where accepted streams are dialled; zero means 127.0.0.1.
 	LocalHost netip.Addr
 	// CheckInterval is the period of connectivity checks; zero means 200 ms.
@@ -198,6 +203,12 @@ type peer struct {
 	prflx   map[netip.AddrPort]time.Time // learned from its checks: when last heard
 	link    *link                        // the connection in use (the pool's primary), nil when none
 	pool    []*link                      // the primary's members (pool.go)
+	// draining are replaced primaries still carrying flows, oldest first:
+	// with link and pool, never more than config.MaxConnsPerPeer.
+	draining []*link
+	// inFlows counts the flows the peer opened here, attached or not: each
+	// holds a local connection (a file descriptor) until it ends.
+	inFlows int
 	path    pathState
 	lastErr string
 	// repairs counts paths repaired; lastRepair is how long the last took.
@@ -220,6 +231,10 @@ type link struct {
 	// direct is set once the link moved from a relay to the direct path: by
 	// migration on the dialer, by the dialer's notice on the acceptor.
 	direct atomic.Bool
+	// draining is set once a newer connection replaced this one: it
+	// carries the flows it has to their end (or until they move), and
+	// takes no new ones.
+	draining atomic.Bool
 	// primary is the connection whose pool this one belongs to; nil for a
 	// primary.
 	primary *link
@@ -267,6 +282,9 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 	}
 	if opts.MaxWaiting == 0 {
 		opts.MaxWaiting = 1024
+	}
+	if opts.MaxFlows == 0 {
+		opts.MaxFlows = 4096
 	}
 	if !opts.LocalHost.IsValid() {
 		opts.LocalHost = netip.AddrFrom4([4]byte{127, 0, 0, 1})

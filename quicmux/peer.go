@@ -12,6 +12,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"sfkit-proxy/config"
 	"sfkit-proxy/stun"
 )
 
@@ -517,6 +518,11 @@ func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *end
 	p.path, repaired = p.path.next(evConnected, kind, time.Now())
 	p.link, p.lastErr = l, ""
 	m.closeMembersLocked(p, codeReplaced, "replaced by a newer connection")
+	if old != nil {
+		old.draining.Store(true)
+		p.draining = append(p.draining, old)
+	}
+	evicted := m.evictDrainingLocked(p)
 	if repaired > 0 {
 		p.repairs++
 		p.lastRepair = repaired
@@ -529,8 +535,11 @@ func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *end
 	}
 	m.broadcastLocked()
 	m.mu.Unlock()
+	for _, d := range evicted {
+		d.conn.CloseWithError(codeReplaced, "too many replaced connections still open")
+	}
 	if old != nil {
-		m.wg.Go(func() { m.drain(ctx, old) })
+		m.wg.Go(func() { m.drain(ctx, p, old) })
 	}
 	if repaired > 0 {
 		m.log.Info("path repaired", "peer", p.pid, "after", repaired.Round(time.Millisecond), "via", kind, "addr", l.remote, "flows", waiting)
@@ -546,8 +555,29 @@ func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *end
 	notify(p.poolCh)
 }
 
-// drain closes l once it carries no tunnelled connection (or after a day).
-func (m *Mux) drain(ctx context.Context, l *link) {
+// evictDrainingLocked takes the oldest of p's replaced connections off its
+// list, as many as keep p within config.MaxConnsPerPeer connections (so
+// that a peer that keeps replacing its connection while holding a flow on
+// each cannot keep them all), and returns them, for the caller to close
+// once it has let go of the lock.
+func (m *Mux) evictDrainingLocked(p *peer) []*link {
+	n := len(p.draining) + len(p.pool) + 1 - config.MaxConnsPerPeer
+	if n <= 0 {
+		return nil
+	}
+	evicted := slices.Clone(p.draining[:n])
+	p.draining = slices.Delete(p.draining, 0, n)
+	return evicted
+}
+
+// drain closes l, p's replaced connection, once it carries no tunnelled
+// connection (or after a day).
+func (m *Mux) drain(ctx context.Context, p *peer, l *link) {
+	defer func() {
+		m.mu.Lock()
+		p.draining = slices.DeleteFunc(p.draining, func(x *link) bool { return x == l })
+		m.mu.Unlock()
+	}()
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
 	deadline := time.Now().Add(24 * time.Hour)

@@ -215,9 +215,13 @@ func (m *Mux) installMember(ctx context.Context, p *peer, primary *link, conn *q
 	l.direct.Store(primary.direct.Load())
 	l.tr = p.trafficLocked(m.linkKindLocked(p, l))
 	p.pool = append(p.pool, l)
+	evicted := m.evictDrainingLocked(p)
 	m.count.poolOpened.Add(1)
 	m.broadcastLocked()
 	m.mu.Unlock()
+	for _, d := range evicted {
+		d.conn.CloseWithError(codeReplaced, "too many replaced connections still open")
+	}
 	m.wg.Go(func() { m.serveStreams(ctx, p.pid, l) })
 	m.wg.Go(func() {
 		select {

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -45,7 +46,7 @@ func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*flow.Conn, error
 	}
 	l.tr.opened.Add(1)
 	log := m.log.With("peer", pid, "port", port, "dir", "out", "path", kind)
-	e := m.newFlow(flowKey{pid: pid, mine: true, id: id}, port, l, log)
+	e := m.newFlow(flowKey{pid: pid, mine: true, id: id}, port, l, log, nil)
 	e.c.Attach(m.flowStream(str, l), 0)
 	e.attached()
 	log.Info("tunnel opened")
@@ -79,6 +80,12 @@ func (m *Mux) open(ctx context.Context, pid int, r Request) (*quic.Stream, *link
 			return nil, nil, "", Reply{}, err
 		}
 		str, reply, err := openStream(ctx, l.conn, r)
+		if err == nil && reply.Status == StatusDraining && attempt < 2 {
+			// The peer replaced this connection a moment before we did:
+			// open on the newer one once we have it.
+			m.waitReplaced(ctx, p, l)
+			continue
+		}
 		if err == nil {
 			return str, l, m.linkKind(p, l), reply, nil
 		}
@@ -91,6 +98,27 @@ func (m *Mux) open(ctx context.Context, pid int, r Request) (*quic.Stream, *link
 			return nil, nil, "", Reply{}, fmt.Errorf("party %d port %d: %w", pid, r.Port, err)
 		}
 		m.dropLink(p, l, err, evLost)
+	}
+}
+
+// waitReplaced waits, within ctx and a second, for l to stop being one of
+// p's current connections.
+func (m *Mux) waitReplaced(ctx context.Context, p *peer, l *link) {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	for {
+		m.mu.Lock()
+		current := slices.Contains(m.linksLocked(p), l)
+		changed := m.changed
+		m.mu.Unlock()
+		if !current {
+			return
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return
+		}
 	}
 }
 
@@ -252,9 +280,21 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 		log.Warn("peer asked for a port that --allow-ports does not allow", "port", req.Port)
 		reply(Reply{Status: StatusNotAllowed})
 		return
+	case l.draining.Load():
+		// A replaced connection only carries its flows to their end.
+		reply(Reply{Status: StatusDraining})
+		return
 	}
-	tcp, err := m.dialLocal(ctx, pid, str, req.Port, log)
+	p := m.takeFlow(pid)
+	if p == nil {
+		m.quiet.warn("flows:"+strconv.Itoa(pid), "refusing a tunnelled connection: the peer has spent its budget of open connections here",
+			"peer", pid, "port", req.Port, "limit", m.opts.MaxFlows)
+		reply(Reply{Status: StatusOverBudget})
+		return
+	}
+	tcp, err := m.dialLocal(ctx, p, str, req.Port, log)
 	if err != nil {
+		m.giveFlow(p)
 		st := StatusUnreachable
 		switch {
 		case errors.Is(err, ErrOverBudget):
@@ -269,7 +309,7 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 	// The flow is registered before the reply: the opener may move it to
 	// another connection of the pool at once, and its resume may overtake
 	// this stream (it waits for the attachment below).
-	e := m.newFlow(flowKey{pid: pid, id: req.Flow}, req.Port, l, log.With("port", req.Port, "dir", "in"))
+	e := m.newFlow(flowKey{pid: pid, id: req.Flow}, req.Port, l, log.With("port", req.Port, "dir", "in"), p)
 	if err := reply(Reply{}); err != nil {
 		tcp.Close()
 		e.attached()
@@ -288,7 +328,7 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 // for its listener (Options.WaitPort) and finds none is dialled again, with
 // backoff, until something listens, LocalWait passes, or the peer gives up
 // on str; a peer has at most MaxWaiting such waits at once.
-func (m *Mux) dialLocal(ctx context.Context, pid int, str *quic.Stream, port uint16, log *slog.Logger) (*net.TCPConn, error) {
+func (m *Mux) dialLocal(ctx context.Context, p *peer, str *quic.Stream, port uint16, log *slog.Logger) (*net.TCPConn, error) {
 	// Loopback needs no TCP keepalive: skipping it saves syscalls per connection.
 	d := net.Dialer{Timeout: 5 * time.Second, KeepAlive: -1}
 	addr := netip.AddrPortFrom(m.opts.LocalHost, port).String()
@@ -299,10 +339,9 @@ func (m *Mux) dialLocal(ctx context.Context, pid int, str *quic.Stream, port uin
 	if !errors.Is(err, syscall.ECONNREFUSED) || !m.opts.WaitPort(port) {
 		return nil, err
 	}
-	p := m.startWaiting(pid)
-	if p == nil {
-		m.quiet.warn("waiting:"+strconv.Itoa(pid), "refusing a connection that would wait for a local listener: the peer has too many waiting",
-			"peer", pid, "port", port, "limit", m.opts.MaxWaiting)
+	if !m.startWaiting(p) {
+		m.quiet.warn("waiting:"+strconv.Itoa(p.pid), "refusing a connection that would wait for a local listener: the peer has too many waiting",
+			"peer", p.pid, "port", port, "limit", m.opts.MaxWaiting)
 		return nil, ErrOverBudget
 	}
 	defer m.stopWaiting(p)
@@ -327,17 +366,35 @@ func (m *Mux) dialLocal(ctx context.Context, pid int, str *quic.Stream, port uin
 	return nil, fmt.Errorf("dial %s: %w", addr, syscall.ECONNREFUSED)
 }
 
-// startWaiting counts a connection of pid's waiting for a local listener
-// and returns its peer, if its budget allows; nil otherwise.
-func (m *Mux) startWaiting(pid int) *peer {
+// startWaiting counts a connection of p's waiting for a local listener,
+// if its budget allows.
+func (m *Mux) startWaiting(p *peer) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if p.waiting >= m.opts.MaxWaiting {
+		return false
+	}
+	p.waiting++
+	return true
+}
+
+// takeFlow counts a new flow that pid opens here and returns its peer, if
+// its budget allows; nil otherwise. giveFlow gives it back when it ends.
+func (m *Mux) takeFlow(pid int) *peer {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	p := m.peers[pid]
-	if p == nil || p.waiting >= m.opts.MaxWaiting {
+	if p == nil || p.inFlows >= m.opts.MaxFlows {
 		return nil
 	}
-	p.waiting++
+	p.inFlows++
 	return p
+}
+
+func (m *Mux) giveFlow(p *peer) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p.inFlows--
 }
 
 func (m *Mux) stopWaiting(p *peer) {

@@ -1,0 +1,222 @@
+package quicmux
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"fmt"
+	"io"
+	mrand "math/rand/v2"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"sfkit-proxy/config"
+	"sfkit-proxy/internal/testkit"
+)
+
+// hostilePeer is a study member with its own valid key that speaks the
+// stream protocol by hand: it dials its target as party pid (lower than
+// the target's, so the target accepts), as often as it likes, and opens
+// whatever streams and writes whatever frames it likes on them.
+type hostilePeer struct {
+	t      *testing.T
+	pid    int
+	id     *Identity
+	tr     *quic.Transport
+	target *testParty
+	info   PeerInfo
+}
+
+func newHostilePeer(t *testing.T, pid int, target *testParty) *hostilePeer {
+	t.Helper()
+	id, err := LoadIdentity(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &quic.Transport{Conn: conn}
+	t.Cleanup(func() { tr.Close(); conn.Close() })
+	return &hostilePeer{t: t, pid: pid, id: id, tr: tr, target: target,
+		info: PeerInfo{PID: pid, Pin: id.Pin, CheckKey: NewCheckKey().Public(), Instance: NewInstance(),
+			Candidates: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}}}
+}
+
+// dial opens a new primary connection to the target (which replaces the
+// last one there), as fast as the target's handshake rate limit lets it.
+func (h *hostilePeer) dial() *quic.Conn {
+	h.t.Helper()
+	cfg := &tls.Config{Certificates: []tls.Certificate{h.id.Cert}, NextProtos: []string{ALPN}, MinVersion: tls.VersionTLS13,
+		InsecureSkipVerify: true, ServerName: handshakeName(h.pid, h.target.info.PID)}
+	var err error
+	for range 40 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		qc, derr := h.tr.Dial(ctx, net.UDPAddrFromAddrPort(h.target.m.LocalAddr()), cfg, QUICConfig(3*time.Second))
+		cancel()
+		if derr == nil {
+			return qc
+		}
+		err = derr
+		time.Sleep(100 * time.Millisecond) // refused: over the rate of handshakes
+	}
+	h.t.Fatal(err)
+	return nil
+}
+
+// connect asks for a new flow to port on qc and returns its stream and the
+// target's answer.
+func (h *hostilePeer) connect(qc *quic.Conn, port uint16) (*quic.Stream, Status) {
+	h.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	str, reply, err := openStream(ctx, qc, Request{Kind: KindConnect, Port: port, Flow: mrand.Uint64()})
+	if err != nil {
+		h.t.Fatalf("hostile connect: %v", err)
+	}
+	return str, reply.Status
+}
+
+// drop abandons a stream at once, both ways: the flow it carried waits,
+// detached, for a resume that never comes.
+func drop(str *quic.Stream) {
+	str.CancelRead(codeStreamAbort)
+	str.CancelWrite(codeStreamAbort)
+}
+
+// honestTransfer echoes size bytes from a to b's port through the tunnel
+// while the test goes on; wait reports how it went.
+func honestTransfer(a *Mux, pid int, port uint16, size int) (wait func() error) {
+	done := make(chan error, 1)
+	go func() {
+		done <- func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			c, err := a.Dial(ctx, pid, port)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			want := make([]byte, size)
+			rand.Read(want)
+			go func() {
+				for b := want; len(b) > 0; b = b[min(len(b), 64<<10):] {
+					c.Write(b[:min(len(b), 64<<10)])
+					time.Sleep(time.Millisecond) // paced: it runs through the attack
+				}
+				c.CloseWrite()
+			}()
+			c.SetReadDeadline(time.Now().Add(60 * time.Second))
+			got, err := io.ReadAll(c)
+			if err != nil || !bytes.Equal(got, want) {
+				return fmt.Errorf("echo of %d bytes: got %d bytes, %v", size, len(got), err)
+			}
+			return nil
+		}()
+	}()
+	return func() error { return <-done }
+}
+
+// TestHostileMemberIsBudgeted: while a study member with a valid key
+// replaces its connection over and over holding a flow on each, floods
+// flows whose streams it drops at once (each left waiting for a resume,
+// with a local connection open), an honest peer's transfer to the same
+// sidecar goes on and completes intact. The member keeps no more than
+// config.MaxConnsPerPeer connections, a replaced connection takes no new
+// flow, and past its budget of flows it is refused at once.
+func TestHostileMemberIsBudgeted(t *testing.T) {
+	const maxFlows = 60
+	echo := halfCloseEcho(t)
+	x := startPartyWith(t, 5, nil, allowAll, func(o *Options) { o.MaxFlows = maxFlows })
+	y := startParty(t, 6, nil, allowAll)
+	h := newHostilePeer(t, 4, x)
+	x.m.SetPeers([]PeerInfo{x.info, y.info, h.info})
+	y.m.SetPeers([]PeerInfo{x.info, y.info})
+	testkit.Eventually(t, "party 4 known", func() bool { return peerOf(x.m, 4) != nil })
+	roundTrip(t, y.m, 5, echo, 1000)
+	honest := honestTransfer(y.m, 5, echo, 8<<20)
+
+	// Connection churn: each new connection replaces the last, which holds
+	// a flow open.
+	var conns []*quic.Conn
+	var held []*quic.Stream
+	for i := range config.MaxConnsPerPeer + 8 {
+		qc := h.dial()
+		conns = append(conns, qc)
+		str, st := h.connect(qc, echo)
+		if st != StatusOK {
+			t.Fatalf("flow on connection %d: %v", i, st)
+		}
+		held = append(held, str)
+		if i > 0 && conns[i-1].Context().Err() == nil {
+			if _, st := h.connect(conns[i-1], echo); st != StatusDraining {
+				t.Errorf("a new flow on a replaced connection: %v; want %v", st, StatusDraining)
+			}
+		}
+	}
+	live := func() int {
+		n := 0
+		for _, qc := range conns {
+			if qc.Context().Err() == nil {
+				n++
+			}
+		}
+		return n
+	}
+	testkit.Eventually(t, fmt.Sprintf("at most %d of the member's connections live", config.MaxConnsPerPeer),
+		func() bool { return live() <= config.MaxConnsPerPeer })
+
+	// Detached flows: open and drop at once, until refused.
+	qc := conns[len(conns)-1]
+	opened := len(held)
+	for range 2 * maxFlows {
+		str, st := h.connect(qc, echo)
+		if st == StatusOverBudget {
+			break
+		}
+		if st != StatusOK {
+			t.Fatalf("flood: %v", st)
+		}
+		drop(str)
+		opened++
+	}
+	if opened != maxFlows {
+		t.Errorf("the member opened %d flows; want its budget, %d", opened, maxFlows)
+	}
+	if _, st := h.connect(qc, echo); st != StatusOverBudget {
+		t.Errorf("past the budget: %v; want %v", st, StatusOverBudget)
+	}
+	if err := honest(); err != nil {
+		t.Errorf("honest transfer during the attack: %v", err)
+	}
+	roundTrip(t, y.m, 5, echo, 1000)
+
+	// What the member holds it gives back: once its flows end, it may
+	// open new ones.
+	for _, str := range held {
+		drop(str)
+	}
+	for _, c := range conns {
+		c.CloseWithError(0, "")
+	}
+	x.m.mu.Lock()
+	p := x.m.peers[4]
+	x.m.mu.Unlock()
+	x.m.resetFlows(4, ResetPeerShutdown, nil)
+	testkit.Eventually(t, "the member's flows given back", func() bool {
+		x.m.mu.Lock()
+		defer x.m.mu.Unlock()
+		return p.inFlows == 0
+	})
+	qc = h.dial()
+	if _, st := h.connect(qc, echo); st != StatusOK {
+		t.Errorf("after its flows ended: %v; want %v", st, StatusOK)
+	}
+}
+
