@@ -219,4 +219,3 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 		t.Errorf("after its flows ended: %v; want %v", st, StatusOK)
 	}
 }
-
