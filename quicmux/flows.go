@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"math/rand/v2"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -55,6 +56,7 @@ const (
 	ResetPeerShutdown  = "peer_shutdown"
 	ResetPeerLostFlow  = "peer_lost_flow" // the peer no longer had it
 	ResetShutdown      = "shutdown"       // this sidecar stopped
+	ResetProtocol      = "protocol"       // the peer broke the flow protocol
 )
 
 // tomb remembers how a flow ended, for a peer that asks to resume it
@@ -95,6 +97,9 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger, owner
 				switch how {
 				case flow.EndTimeout:
 					why = ResetResumeTimeout
+				case flow.EndProtocol:
+					why = ResetProtocol
+					m.quiet.warn("protocol:"+strconv.Itoa(key.pid), "peer broke the flow protocol; flow reset", "peer", key.pid)
 				case flow.EndAbandoned:
 					if w, ok := e.why.Load().(string); ok {
 						why = w
@@ -104,23 +109,23 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger, owner
 			}
 			now := time.Now()
 			m.mu.Lock()
-			delete(m.flows, key)
+			m.delFlowLocked(key)
 			if owner != nil {
 				owner.inFlows--
 			}
-			for k, t := range m.tombs {
-				if now.After(t.until) {
-					delete(m.tombs, k)
-				}
-			}
-			m.tombs[key] = tomb{status: st, rcvd: rcvd, until: now.Add(m.opts.ResumeTimeout)}
+			m.buryLocked(key, tomb{status: st, rcvd: rcvd, until: now.Add(m.opts.ResumeTimeout)}, now)
 			m.mu.Unlock()
 			sent, recv := e.c.Counts()
 			logClosed(log, start, sent, recv, reset)
 		},
 	}, addrOf(l.local), addrOf(l.remote))
 	m.mu.Lock()
-	m.flows[key] = e
+	pf := m.flows[key.pid]
+	if pf == nil {
+		pf = make(map[flowKey]*flowEntry)
+		m.flows[key.pid] = pf
+	}
+	pf[key] = e
 	m.mu.Unlock()
 	select {
 	case <-m.quit:
@@ -128,6 +133,63 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger, owner
 	default:
 	}
 	return e
+}
+
+// delFlowLocked forgets a live flow.
+func (m *Mux) delFlowLocked(key flowKey) {
+	pf := m.flows[key.pid]
+	delete(pf, key)
+	if len(pf) == 0 {
+		delete(m.flows, key.pid)
+	}
+}
+
+// graveyard is one peer's tombs, in the order they were made (and so the
+// order they expire: each lives ResumeTimeout).
+type graveyard struct {
+	byKey map[flowKey]tomb
+	order []flowKey
+}
+
+// maxTombs bounds the tombs kept per peer: a peer that ends flows faster
+// than they expire loses the oldest (a late resume of one is refused, and
+// the peer resets that flow).
+const maxTombs = 16384
+
+// buryLocked remembers how flow key, which the peer opened, ended, and
+// forgets that peer's tombs that expired by now: this costs what it
+// forgets, whatever the number kept. Flows we opened need no tomb: only
+// the peer resumes its own.
+func (m *Mux) buryLocked(key flowKey, t tomb, now time.Time) {
+	if key.mine {
+		return
+	}
+	g := m.tombs[key.pid]
+	if g == nil {
+		g = &graveyard{byKey: make(map[flowKey]tomb)}
+		m.tombs[key.pid] = g
+	}
+	for len(g.order) > 0 {
+		old, ok := g.byKey[g.order[0]]
+		if ok && !now.After(old.until) && len(g.byKey) < maxTombs {
+			break
+		}
+		delete(g.byKey, g.order[0])
+		g.order = g.order[1:]
+	}
+	if _, again := g.byKey[key]; !again {
+		g.order = append(g.order, key)
+	}
+	g.byKey[key] = t
+}
+
+// tombLocked is how flow key ended, if it is remembered.
+func (m *Mux) tombLocked(key flowKey) (tomb, bool) {
+	if g := m.tombs[key.pid]; g != nil {
+		t, ok := g.byKey[key]
+		return t, ok
+	}
+	return tomb{}, false
 }
 
 // resume carries a flow we opened over the peer's current connection, once
@@ -208,8 +270,8 @@ func (m *Mux) resume(key flowKey, e *flowEntry) {
 func (m *Mux) resumed(pid int, req Request, str *quic.Stream, l *link, log *slog.Logger) {
 	key := flowKey{pid: pid, id: req.Flow}
 	m.mu.Lock()
-	e := m.flows[key]
-	t, ended := m.tombs[key]
+	e := m.flows[key.pid][key]
+	t, ended := m.tombLocked(key)
 	m.mu.Unlock()
 	if e != nil {
 		select {
@@ -280,8 +342,8 @@ func (m *Mux) sayHello(ctx context.Context, pid int, l *link) {
 func (m *Mux) resetFlows(pid int, why string, keep *link) {
 	m.mu.Lock()
 	var es []*flowEntry
-	for k, e := range m.flows {
-		if k.pid == pid && (keep == nil || e.born != keep && e.born.primary != keep) {
+	for _, e := range m.flows[pid] {
+		if keep == nil || e.born != keep && e.born.primary != keep {
 			es = append(es, e)
 		}
 	}

@@ -219,3 +219,42 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 		t.Errorf("after its flows ended: %v; want %v", st, StatusOK)
 	}
 }
+
+// TestTombsAreBoundedPerPeer: how a peer's flows ended is remembered for
+// its late resumes until they expire, at most maxTombs per peer, whatever
+// another peer does; flows we opened leave no tomb (only their opener
+// resumes them).
+func TestTombsAreBoundedPerPeer(t *testing.T) {
+	m := &Mux{tombs: make(map[int]*graveyard)}
+	t0 := time.Now()
+	life := time.Minute
+	bury := func(pid int, id uint64, mine bool, at time.Time) {
+		m.buryLocked(flowKey{pid: pid, id: id, mine: mine}, tomb{status: StatusFlowDone, until: at.Add(life)}, at)
+	}
+	has := func(pid int, id uint64) bool {
+		_, ok := m.tombLocked(flowKey{pid: pid, id: id})
+		return ok
+	}
+	bury(1, 1, false, t0)
+	bury(2, 1, false, t0)
+	bury(1, 2, true, t0)
+	if !has(1, 1) || !has(2, 1) {
+		t.Fatal("a peer's ended flow is not remembered")
+	}
+	if _, ok := m.tombLocked(flowKey{pid: 1, id: 2, mine: true}); ok {
+		t.Error("a flow we opened left a tomb")
+	}
+	// A flood from party 1, after party 1's first tomb expired.
+	for i := range maxTombs + 10 {
+		bury(1, uint64(100+i), false, t0.Add(life+time.Second))
+	}
+	if n := len(m.tombs[1].byKey); n != maxTombs {
+		t.Errorf("party 1 has %d tombs; want at most %d", n, maxTombs)
+	}
+	if has(1, 1) || has(1, 100) || !has(1, uint64(100+maxTombs+9)) {
+		t.Error("the expired and the oldest tombs were kept, or the newest lost")
+	}
+	if !has(2, 1) {
+		t.Error("party 1's flood cost party 2 its tomb")
+	}
+}

@@ -165,8 +165,11 @@ type Mux struct {
 
 	boot  uint64                 // this run's id, told to peers in hellos
 	quit  chan struct{}          // closed when Run ends
-	flows map[flowKey]*flowEntry // guarded by mu
-	tombs map[flowKey]tomb       // ended flows, for late resumes; guarded by mu
+	// flows are the live flows, by peer; guarded by mu.
+	flows map[int]map[flowKey]*flowEntry
+	// tombs remember the ended flows each peer opened, for its late
+	// resumes; guarded by mu.
+	tombs map[int]*graveyard
 
 	wg    sync.WaitGroup // stream handlers and per-connection goroutines
 	count counters
@@ -337,8 +340,8 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 		qc:      QUICConfig(opts.DialTimeout),
 		boot:    newBoot(),
 		quit:    make(chan struct{}),
-		flows:   make(map[flowKey]*flowEntry),
-		tombs:   make(map[flowKey]tomb),
+		flows:   make(map[int]map[flowKey]*flowEntry),
+		tombs:   make(map[int]*graveyard),
 	}
 	m.qc.MaxIncomingStreams = int64(opts.MaxStreams)
 	if m.main, err = m.newEndpoint(pc, false, ""); err != nil {
@@ -496,8 +499,10 @@ loop:
 		m.closeMembersLocked(p, codeShutdown, "shutdown")
 	}
 	var flows []*flowEntry
-	for _, e := range m.flows {
-		flows = append(flows, e)
+	for _, pf := range m.flows {
+		for _, e := range pf {
+			flows = append(flows, e)
+		}
 	}
 	m.mu.Unlock()
 	// Nothing will resume them: their local connections are reset.

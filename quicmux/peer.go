@@ -527,12 +527,7 @@ func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *end
 		p.repairs++
 		p.lastRepair = repaired
 	}
-	waiting := 0
-	for k := range m.flows {
-		if k.pid == p.pid {
-			waiting++
-		}
-	}
+	waiting := len(m.flows[p.pid])
 	m.broadcastLocked()
 	m.mu.Unlock()
 	for _, d := range evicted {

@@ -84,8 +84,8 @@ func (m *Mux) mineLocked(p *peer, ls []*link) map[*link][]flowMove {
 	for _, l := range ls {
 		n[l] = nil
 	}
-	for k, e := range m.flows {
-		if k.pid != p.pid || !k.mine {
+	for k, e := range m.flows[p.pid] {
+		if !k.mine {
 			continue
 		}
 		on := e.on.Load()
@@ -122,7 +122,7 @@ func (m *Mux) balance(p *peer) {
 		on[f.to] = append(on[f.to], f)
 		moves = append(moves, f)
 	}
-	for range len(m.flows) {
+	for range len(m.flows[p.pid]) {
 		hi := ls[0]
 		for _, l := range ls[1:] {
 			if len(on[l]) > len(on[hi]) {
@@ -158,12 +158,7 @@ func (m *Mux) grow(ctx context.Context, p *peer, primary *link, log *slog.Logger
 	defer p.growing.Store(false)
 	for range config.MaxConnsPerPeer {
 		m.mu.Lock()
-		flows := 0
-		for k := range m.flows {
-			if k.pid == p.pid {
-				flows++
-			}
-		}
+		flows := len(m.flows[p.pid])
 		want := min(m.opts.ConnsPerPeer, max(flows, 1)) - len(m.linksLocked(p))
 		pin, current := p.info.Pin, p.link == primary
 		m.mu.Unlock()
