@@ -42,7 +42,7 @@ soak: build
 fuzz:
 	for t in FuzzParse:./stun FuzzParseRequest:./quicmux FuzzParseReply:./quicmux \
 	         FuzzDecodeEntry:./registry FuzzParsePorts:./config FuzzParseRelayURL:./relay \
-	         FuzzParseCandidateLine:./website FuzzReadFrame:./flow; do \
+	         FuzzParseCandidateLine:./website FuzzReadFrame:./flow FuzzFlow:./flow; do \
 		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 20s "$${t#*:}" || exit 1; \
 	done
 

@@ -41,8 +41,9 @@ type Options struct {
 	// MaxSend bounds the bytes kept until the peer acknowledges them; a
 	// Write waits while it is full. Zero means 4 MiB.
 	MaxSend int
-	// MaxRecv bounds the bytes received and not yet read; the stream is
-	// not read while it is full. Zero means 1 MiB.
+	// MaxRecv bounds the memory that received, unread data holds (its
+	// buffers, not only its bytes, so that tiny frames cannot pin more);
+	// the stream is not read while it is full. Zero means 1 MiB.
 	MaxRecv int
 	// ResumeTimeout is how long the flow waits detached before it resets;
 	// zero means 10 minutes.
@@ -51,40 +52,74 @@ type Options struct {
 	// waits for a new one.
 	OnDetach func()
 	// OnDone, if set, is called once when the flow ends, with how: EndDone,
-	// EndReset, EndTimeout or EndAbandoned. It runs on the goroutine that
-	// ended the flow, without the flow's lock: it may call the flow, and
-	// must not block.
+	// EndReset, EndProtocol, EndTimeout or EndAbandoned. It runs on the
+	// goroutine that ended the flow, without the flow's lock: it may call
+	// the flow, and must not block.
 	OnDone func(how End)
 	// Buffers hands out the buffers received data waits in, shared by the
 	// flows of one owner; nil means a pool of the flow's own.
 	Buffers *Buffers
 }
 
-// Buffers is a pool of MaxData-sized buffers.
-type Buffers struct{ p sync.Pool }
+// Buffers pools the buffers of received data and of large reads, in
+// classes of smallFrame, twice that, and so on up to MaxData: a frame
+// waits in the smallest that holds it, so that a mid-sized frame does not
+// hold (and count as) a MaxData buffer.
+type Buffers struct{ p [bufClasses]sync.Pool }
 
-func (b *Buffers) get() *[]byte {
-	if v, ok := b.p.Get().(*[]byte); ok {
+// bufClasses is how many sizes Buffers has: smallFrame << i, i <
+// bufClasses, the last MaxData.
+const bufClasses = 4
+
+// class is the smallest class that holds n bytes (n <= MaxData).
+func class(n int) int {
+	i := 0
+	for smallFrame<<i < n {
+		i++
+	}
+	return i
+}
+
+// get returns a buffer of at least n bytes.
+func (b *Buffers) get(n int) *[]byte {
+	i := class(n)
+	if v, ok := b.p[i].Get().(*[]byte); ok {
 		return v
 	}
-	v := make([]byte, MaxData)
+	v := make([]byte, smallFrame<<i)
 	return &v
 }
 
 func (b *Buffers) put(v *[]byte) {
 	if v != nil {
-		b.p.Put(v)
+		b.p[class(cap(*v))].Put(v)
 	}
 }
 
-// smallFrame is the size below which received data gets a buffer of its
-// own rather than a pooled MaxData one.
-const smallFrame = 32 << 10
+// Received data below smallFrame waits in small buffers of the flow's own
+// rather than pooled MaxData ones: the first holds minSmall, each next one
+// twice the last, up to smallFrame, and small frames fill them one after
+// the other. chunkCost is what a chunk costs beyond its buffer (its place
+// in the queue, the allocator's share), counted against MaxRecv.
+const (
+	smallFrame = 32 << 10
+	minSmall   = 4 << 10
+	chunkCost  = 128
+)
 
-// chunk is received data waiting to be read, in a pooled buffer.
+// chunk is received data waiting to be read.
 type chunk struct {
-	buf  *[]byte
-	data []byte // the unread part
+	buf  *[]byte // the pooled buffer, or nil for a small one
+	data []byte  // the unread part; a small buffer's room follows it
+	size int     // the capacity of its buffer
+}
+
+// landing is where a data frame's bytes are read to, outside the lock.
+type landing struct {
+	buf  *[]byte // a pooled buffer, or nil
+	data []byte  // the frame's bytes
+	size int     // the capacity of the buffer data is in
+	room bool    // data is the room of rq's last chunk (c.filling)
 }
 
 // End is how a flow ended.
@@ -93,7 +128,8 @@ type End string
 // Ends.
 const (
 	EndDone      End = "done"      // everything delivered both ways
-	EndReset     End = "reset"     // a reset, from either end (or a broken peer)
+	EndReset     End = "reset"     // a reset, from either end
+	EndProtocol  End = "protocol"  // the peer broke the flow protocol: we reset it
 	EndTimeout   End = "timeout"   // not resumed within the resume timeout
 	EndAbandoned End = "abandoned" // its owner gave it up (Abandon, PeerDone)
 )
@@ -132,13 +168,16 @@ type Conn struct {
 	finAcked bool // the peer has our end of stream
 
 	// Receive side: rcvd counts what arrived (its end counting one), acked
-	// what we acknowledged on the current stream.
-	rq    []chunk // received, not yet read
-	rlen  int     // bytes in rq
-	lent  *[]byte // the buffer WriteTo is writing from, not to be pooled yet
-	rcvd  uint64
-	acked uint64
-	rfin  bool
+	// what we acknowledged on the current stream. rmem is what MaxRecv
+	// bounds: the capacity of rq's buffers and chunkCost per chunk.
+	rq      []chunk // received, not yet read
+	rlen    int     // bytes in rq
+	rmem    int     // memory rq holds
+	filling bool    // a readLoop reads into the room of rq's last chunk
+	lent    *[]byte // the buffer WriteTo is writing from, not to be pooled yet
+	rcvd    uint64
+	acked   uint64
+	rfin    bool
 
 	stream    Stream // nil while detached
 	gen       uint64 // attachment generation
@@ -197,7 +236,8 @@ func (c *Conn) detachLocked() {
 // Attach carries the flow over s from now on. peerRcvd is how much of our
 // data (and end of stream) the peer has received: the flow resends from
 // there. A peer that claims to have lost acknowledged data, or received
-// more than was sent, breaks the protocol: the flow resets.
+// more than was sent, breaks the protocol: the flow resets (EndProtocol),
+// the reset sent on s.
 func (c *Conn) Attach(s Stream, peerRcvd uint64) {
 	c.mu.Lock()
 	defer c.unlock()
@@ -211,18 +251,35 @@ func (c *Conn) Attach(s Stream, peerRcvd uint64) {
 		c.timer = nil
 	}
 	end := c.sbase + uint64(c.slen)
-	if peerRcvd < c.sbase || peerRcvd > end+1 || peerRcvd == end+1 && !c.wclosed {
-		c.resetting = true
-	} else {
+	bad := peerRcvd < c.sbase || peerRcvd > end+1 || peerRcvd == end+1 && !c.wclosed
+	if !bad {
 		c.ackLocked(peerRcvd)
 	}
 	c.stream, c.sent, c.finSent, c.acked = s, c.sbase, c.finAcked, c.rcvd
+	if bad {
+		c.peerBrokeLocked()
+	}
 	g := c.gen
 	go c.writeLoop(s, g)
 	go c.readLoop(s, g)
 }
 
-// ackLocked takes in that the peer received our bytes up to off.
+// ackOKLocked reports whether an acknowledgement of off fits what was
+// sent on the current stream: not behind an earlier one, not past what
+// was sent (the end of stream counting one, once it was sent).
+func (c *Conn) ackOKLocked(off uint64) bool {
+	lo, hi := c.sbase, c.sent
+	if c.finAcked {
+		lo++
+	}
+	if c.finSent {
+		hi++
+	}
+	return lo <= off && off <= hi
+}
+
+// ackLocked takes in that the peer received our bytes up to off, which a
+// stream's acknowledgement was checked for (ackOKLocked).
 func (c *Conn) ackLocked(off uint64) {
 	if off > c.sbase {
 		n := min(off-c.sbase, uint64(c.slen))
@@ -264,6 +321,16 @@ func (c *Conn) lost(g uint64) {
 	if c.opts.OnDetach != nil {
 		c.opts.OnDetach()
 	}
+}
+
+// peerBrokeLocked ends the flow because the peer broke the protocol: it is
+// reset, and the reset sent to the peer on the current stream.
+func (c *Conn) peerBrokeLocked() {
+	if c.state != Live {
+		return
+	}
+	c.resetting = true
+	c.endLocked(Reset, EndProtocol)
 }
 
 // endLocked ends the flow; unlock tells OnDone.
@@ -374,89 +441,191 @@ func (c *Conn) writeLoop(s Stream, g uint64) {
 	}
 }
 
-// readLoop takes in frames from s while it is the flow's stream.
+// readLoop takes in frames from s while it is the flow's stream. Each is
+// checked against the flow's state first: one that breaks the protocol
+// resets the flow (peerBrokeLocked), and nothing more that s carries is
+// looked at.
 func (c *Conn) readLoop(s Stream, g uint64) {
 	var scratch [9]byte
 	for {
 		f, err := readFrame(s, &scratch)
 		if err != nil {
 			c.mu.Lock()
-			if err == io.EOF && c.gen == g && c.doneLocked() {
+			bad := c.gen == g && errors.Is(err, ErrFrame)
+			switch {
+			case bad:
+				c.peerBrokeLocked()
+			case err == io.EOF && c.gen == g && c.doneLocked():
 				// The peer closed its side after our last acknowledgement.
 				c.endLocked(Done, EndDone)
 			}
 			live := c.state == Live
 			c.unlock()
-			if live {
+			switch {
+			case bad:
+				drain(s)
+			case live:
 				c.lost(g)
 			}
 			return
 		}
-		var ch chunk
 		if f.typ == frameData {
-			// Large frames wait in pooled buffers; small ones in their
-			// own, so that many small frames cannot pin many large buffers.
-			if f.n >= smallFrame {
-				ch.buf = c.opts.Buffers.get()
-				ch.data = (*ch.buf)[:f.n]
-			} else {
-				ch.data = make([]byte, f.n)
-			}
-			if _, err := io.ReadFull(s, ch.data); err != nil {
-				c.opts.Buffers.put(ch.buf)
-				c.lost(g)
+			if !c.recvData(s, g, int(f.n)) {
 				return
 			}
+			continue
 		}
 		c.mu.Lock()
 		if c.gen != g {
 			c.unlock()
-			if ch.buf != nil {
-				c.opts.Buffers.put(ch.buf)
-			}
 			return
 		}
-		switch f.typ {
-		case frameData:
-			if c.rfin {
-				c.opts.Buffers.put(ch.buf)
-				c.resetting = true // data after the end: a broken peer
-				break
-			}
-			for c.rlen >= c.opts.MaxRecv && c.gen == g && c.state == Live && !c.appClosed {
-				c.cond.Wait()
-			}
-			if c.gen != g || c.state != Live || c.appClosed {
-				c.opts.Buffers.put(ch.buf)
-				if c.gen != g {
-					c.unlock()
-					return
-				}
-				if c.appClosed {
-					c.resetting = true // data for a closed connection: as TCP, reset
-				}
-				break
-			}
-			c.rq = append(c.rq, ch)
-			c.rlen += len(ch.data)
-			c.rcvd += uint64(len(ch.data))
-		case frameAck:
-			c.ackLocked(f.ack)
-		case frameFin:
-			if !c.rfin {
-				c.rfin = true
-				c.rcvd++
-			}
-		case frameReset:
+		bad := false
+		switch {
+		case f.typ == frameReset:
 			c.endLocked(Reset, EndReset)
 			c.unlock()
 			s.Abort()
 			return
+		case c.state != Live:
+			// Ended: what else arrives changes nothing.
+		case f.typ == frameAck:
+			// Not past what this stream carried, never back.
+			bad = !c.ackOKLocked(f.ack)
+			if !bad {
+				c.ackLocked(f.ack)
+			}
+		case f.typ == frameFin:
+			bad = c.rfin // a second end
+			if !bad {
+				c.rfin = true
+				c.rcvd++
+			}
+		}
+		if bad {
+			c.peerBrokeLocked()
 		}
 		c.cond.Broadcast()
 		c.unlock()
+		if bad {
+			drain(s)
+			return
+		}
 	}
 }
+
+// recvData takes in a data frame of n bytes from s, its header read, and
+// reports whether to go on reading s. While received data fills MaxRecv it
+// waits, before it reads the bytes.
+func (c *Conn) recvData(s Stream, g uint64, n int) bool {
+	c.mu.Lock()
+	for c.rmem >= c.opts.MaxRecv && c.gen == g && c.state == Live && !c.appClosed && !c.rfin {
+		c.cond.Wait()
+	}
+	switch {
+	case c.gen != g:
+		c.unlock()
+		return false
+	case c.state == Live && c.rfin:
+		c.peerBrokeLocked() // data after the end
+		c.unlock()
+		drain(s)
+		return false
+	case c.state != Live || c.appClosed:
+		if c.state == Live {
+			c.resetting = true // data for a closed connection: as TCP, reset
+			c.cond.Broadcast()
+		}
+		c.unlock()
+		if _, err := io.CopyN(io.Discard, s, int64(n)); err != nil {
+			c.lost(g)
+			return false
+		}
+		return true
+	}
+	l := c.landLocked(n)
+	c.unlock()
+	_, err := io.ReadFull(s, l.data)
+	c.mu.Lock()
+	if l.room {
+		c.filling = false
+	}
+	keep := err == nil && c.gen == g
+	switch {
+	case !keep || c.state != Live:
+		c.opts.Buffers.put(l.buf)
+	case c.appClosed:
+		c.opts.Buffers.put(l.buf)
+		c.resetting = true // closed while the bytes came in
+	default:
+		c.pushLocked(l)
+	}
+	c.cond.Broadcast()
+	c.unlock()
+	if err != nil {
+		c.lost(g)
+	}
+	return keep
+}
+
+// landLocked is where the n bytes of a data frame are to be read: a large
+// frame gets a pooled buffer; a small one the room of rq's last chunk, if
+// that is small with room to spare (and no other readLoop fills it), or
+// else a new small buffer, larger than the last.
+func (c *Conn) landLocked(n int) landing {
+	if n >= smallFrame {
+		b := c.opts.Buffers.get(n)
+		return landing{buf: b, data: (*b)[:n], size: cap(*b)}
+	}
+	size := minSmall
+	if len(c.rq) > 0 {
+		if t := c.rq[len(c.rq)-1]; t.buf == nil {
+			if end := len(t.data); !c.filling && cap(t.data)-end >= n {
+				c.filling = true
+				return landing{data: t.data[end : end+n], size: t.size, room: true}
+			}
+			size = 2 * t.size
+		}
+	}
+	size = min(max(size, n), smallFrame)
+	return landing{data: make([]byte, n, size), size: size}
+}
+
+// pushLocked queues the bytes of l, read: onto rq's last chunk if they
+// are its room, else as a chunk of their own (the last chunk may have been
+// read and dropped meanwhile: its room is then a chunk of its own, in the
+// same buffer).
+func (c *Conn) pushLocked(l landing) {
+	n := len(l.data)
+	c.rlen += n
+	c.rcvd += uint64(n)
+	if l.room && len(c.rq) > 0 {
+		t := &c.rq[len(c.rq)-1]
+		if end := len(t.data); cap(t.data) > end && &t.data[:end+1][end] == &l.data[0] {
+			t.data = t.data[:end+n]
+			return
+		}
+	}
+	c.rq = append(c.rq, chunk{buf: l.buf, data: l.data, size: l.size})
+	c.rmem += l.size + chunkCost
+}
+
+// popLocked drops rq's first chunk, read to its end.
+func (c *Conn) popLocked() {
+	ch := c.rq[0]
+	c.opts.Buffers.put(ch.buf)
+	c.rmem -= ch.size + chunkCost
+	c.rq[0] = chunk{}
+	c.rq = c.rq[1:]
+	if len(c.rq) == 0 {
+		c.rq = nil // an idle flow holds no queue
+	}
+}
+
+// drain reads s to its end, unlooked at: a peer that broke the protocol
+// is sent a reset, and what it sends meanwhile is not kept. It ends when
+// the peer ends s or the flow lets go of it.
+func drain(s Stream) { io.Copy(io.Discard, s) }
 
 // Read reads what the peer sent: io.EOF after its end of stream, ErrReset
 // once the flow is reset.
@@ -476,13 +645,8 @@ func (c *Conn) Read(b []byte) (int, error) {
 			n += k
 			c.rq[0].data = c.rq[0].data[k:]
 			if len(c.rq[0].data) == 0 {
-				c.opts.Buffers.put(c.rq[0].buf)
-				c.rq[0] = chunk{}
-				c.rq = c.rq[1:]
+				c.popLocked()
 			}
-		}
-		if len(c.rq) == 0 {
-			c.rq = nil
 		}
 		c.rlen -= n
 		c.cond.Broadcast()
@@ -521,7 +685,9 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 		ch := c.rq[0]
 		c.lent = ch.buf
 		c.unlock()
-		// Only this reader takes chunks off the queue: ch stays ours.
+		// Only this reader takes chunks off the queue: ch stays ours, and
+		// small frames that arrive meanwhile go past the end of ch.data,
+		// into its buffer's room, not into the bytes written.
 		n, err := w.Write(ch.data)
 		total += int64(n)
 		c.mu.Lock()
@@ -530,9 +696,7 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 			c.rq[0].data = c.rq[0].data[n:]
 			c.rlen -= n
 			if len(c.rq[0].data) == 0 {
-				c.opts.Buffers.put(c.rq[0].buf)
-				c.rq[0] = chunk{}
-				c.rq = c.rq[1:]
+				c.popLocked()
 			}
 			c.cond.Broadcast()
 		}
@@ -573,7 +737,7 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 		}
 		switch {
 		case big == nil && n == len(buf):
-			big = c.opts.Buffers.get()
+			big = c.opts.Buffers.get(MaxData)
 			buf = *big
 		case big != nil && n < smallRead:
 			c.opts.Buffers.put(big)
@@ -724,7 +888,7 @@ func (c *Conn) dropRecvLocked() {
 			c.opts.Buffers.put(ch.buf)
 		}
 	}
-	c.rq, c.rlen = nil, 0
+	c.rq, c.rlen, c.rmem = nil, 0, 0
 }
 
 // Counts are the bytes written to the flow and received from the peer.

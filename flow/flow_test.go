@@ -238,3 +238,18 @@ func FuzzReadFrame(f *testing.F) {
 		}
 	})
 }
+
+// TestBufferClasses: a frame waits in the smallest pooled buffer that holds
+// it, and a buffer goes back to its own class.
+func TestBufferClasses(t *testing.T) {
+	var b Buffers
+	for _, tt := range []struct{ n, want int }{
+		{smallFrame, smallFrame}, {smallFrame + 1, 2 * smallFrame}, {100 << 10, 128 << 10}, {MaxData - 1, MaxData}, {MaxData, MaxData},
+	} {
+		v := b.get(tt.n)
+		if cap(*v) != tt.want {
+			t.Errorf("get(%d) has %d bytes; want %d", tt.n, cap(*v), tt.want)
+		}
+		b.put(v)
+	}
+}

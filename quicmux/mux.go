@@ -163,8 +163,8 @@ type Mux struct {
 	quiet *quietLog // warnings that strangers can provoke
 	guard *handshakeGuard
 
-	boot  uint64                 // this run's id, told to peers in hellos
-	quit  chan struct{}          // closed when Run ends
+	boot uint64        // this run's id, told to peers in hellos
+	quit chan struct{} // closed when Run ends
 	// flows are the live flows, by peer; guarded by mu.
 	flows map[int]map[flowKey]*flowEntry
 	// tombs remember the ended flows each peer opened, for its late
