@@ -5,11 +5,13 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"encoding/binary"
 	"fmt"
 	"io"
 	mrand "math/rand/v2"
 	"net"
 	"net/netip"
+	"runtime"
 	"testing"
 	"time"
 
@@ -124,15 +126,18 @@ func honestTransfer(a *Mux, pid int, port uint16, size int) (wait func() error) 
 }
 
 // TestHostileMemberIsBudgeted: while a study member with a valid key
-// replaces its connection over and over holding a flow on each, floods
-// flows whose streams it drops at once (each left waiting for a resume,
-// with a local connection open), an honest peer's transfer to the same
-// sidecar goes on and completes intact. The member keeps no more than
+// replaces its connection over and over holding a flow on each, breaks the
+// flow protocol, sends a megabyte in 1-byte frames, and floods flows whose
+// streams it drops at once (each left waiting for a resume, with a local
+// connection open), an honest peer's transfer to the same sidecar goes on
+// and completes intact. The member keeps no more than
 // config.MaxConnsPerPeer connections, a replaced connection takes no new
 // flow, and past its budget of flows it is refused at once.
 func TestHostileMemberIsBudgeted(t *testing.T) {
 	const maxFlows = 60
 	echo := halfCloseEcho(t)
+	source := localServer(t, func(c net.Conn) { c.Write(make([]byte, 8<<20)) })
+	sink := localServer(t, func(c net.Conn) { time.Sleep(time.Minute) })
 	x := startPartyWith(t, 5, nil, allowAll, func(o *Options) { o.MaxFlows = maxFlows })
 	y := startParty(t, 6, nil, allowAll)
 	h := newHostilePeer(t, 4, x)
@@ -172,9 +177,47 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 	testkit.Eventually(t, fmt.Sprintf("at most %d of the member's connections live", config.MaxConnsPerPeer),
 		func() bool { return live() <= config.MaxConnsPerPeer })
 
-	// Detached flows: open and drop at once, until refused.
+	// A frame that breaks the protocol: an ack far past what the target
+	// sent, while its writer is stuck in a stream write (the member reads
+	// nothing). That flow is reset, counted as such; nothing else is.
 	qc := conns[len(conns)-1]
-	opened := len(held)
+	str, st := h.connect(qc, source)
+	if st != StatusOK {
+		t.Fatalf("flow to the source: %v", st)
+	}
+	held = append(held, str)
+	time.Sleep(200 * time.Millisecond) // the source fills the stream
+	str.Write(binary.BigEndian.AppendUint64([]byte{0x02}, 1<<40))
+	testkit.Eventually(t, "the broken flow reset with reason protocol", func() bool {
+		return x.m.Stats().FlowsReset[ResetProtocol] == 1
+	})
+
+	// Tiny frames: just over MaxRecv (1 MiB) in 1-byte data frames, to a
+	// program that reads nothing. What the target holds for them is the
+	// bytes, not a chunk each (that was 48 bytes a frame, 48 MiB).
+	str, st = h.connect(qc, sink)
+	if st != StatusOK {
+		t.Fatalf("flow to the sink: %v", st)
+	}
+	held = append(held, str)
+	before, recvd := heapInUse(), peerStats(x.m, 4).BytesRecv
+	tiny := bytes.Repeat([]byte{0x01, 0, 0, 0, 1, 'x'}, 1<<20+1)
+	str.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	if _, err := str.Write(tiny); err != nil {
+		t.Fatalf("tiny frames: %v", err)
+	}
+	wire := len(tiny)
+	tiny = nil
+	testkit.Eventually(t, "the target took in the tiny frames, up to its bound", func() bool {
+		return peerStats(x.m, 4).BytesRecv-recvd >= uint64(wire-256<<10)
+	})
+	if grew := heapInUse() - before; grew > 4*int64(wire) {
+		t.Errorf("%d bytes of tiny frames (%d on the wire) grew the heap by %d bytes; want at most %d",
+			1<<20+1, wire, grew, 4*wire)
+	}
+	opened := len(held) - 1 // the broken flow ended
+
+	// Detached flows: open and drop at once, until refused.
 	for range 2 * maxFlows {
 		str, st := h.connect(qc, echo)
 		if st == StatusOverBudget {
@@ -218,6 +261,14 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 	if _, st := h.connect(qc, echo); st != StatusOK {
 		t.Errorf("after its flows ended: %v; want %v", st, StatusOK)
 	}
+}
+
+// heapInUse is the heap in use after a collection.
+func heapInUse() int64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return int64(ms.HeapInuse)
 }
 
 // TestTombsAreBoundedPerPeer: how a peer's flows ended is remembered for
