@@ -362,7 +362,11 @@ func (m *Mux) dialLocal(ctx context.Context, p *peer, str *quic.Stream, port uin
 			return nil, err
 		}
 	}
-	log.Info("local port never listened: refusing", "port", port, "waited", time.Since(start).Round(time.Millisecond))
+	if str.Context().Err() != nil {
+		log.Info("peer gave up waiting for the local port", "port", port, "waited", time.Since(start).Round(time.Millisecond))
+	} else {
+		log.Info("local port never listened: refusing", "port", port, "waited", time.Since(start).Round(time.Millisecond))
+	}
 	return nil, fmt.Errorf("dial %s: %w", addr, syscall.ECONNREFUSED)
 }
 
@@ -376,6 +380,12 @@ func (m *Mux) startWaiting(p *peer) bool {
 	}
 	p.waiting++
 	return true
+}
+
+func (m *Mux) stopWaiting(p *peer) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p.waiting--
 }
 
 // takeFlow counts a new flow that pid opens here and returns its peer, if
@@ -395,12 +405,6 @@ func (m *Mux) giveFlow(p *peer) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	p.inFlows--
-}
-
-func (m *Mux) stopWaiting(p *peer) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	p.waiting--
 }
 
 // logClosed logs a flow's end.

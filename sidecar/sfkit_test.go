@@ -265,7 +265,10 @@ func TestSfkitStudyThroughTheWebsiteRelay(t *testing.T) {
 	var socks [3]string
 	for pid := range 3 {
 		var extra []string
-		if pid == 2 { // a program that ignores ALL_PROXY, through a forward
+		switch pid {
+		case 0: // opens its echo port to peers, besides its -mpc ports
+			extra = []string{"--allow-ports", strconv.Itoa(echo)}
+		case 2: // a program that ignores ALL_PROXY, through a forward
 			extra = []string{"--forward", strconv.Itoa(fwd) + "=0:" + strconv.Itoa(echo)}
 		}
 		l, _, _, err := s.start(s.sfkitArgs(pid, extra...))
