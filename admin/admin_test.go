@@ -129,20 +129,8 @@ func TestAPIAnswersOnlyThisMachine(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			req, _ := http.NewRequest("GET", ts.URL+"/v1/status", nil)
-			if tt.host != "" {
-				req.Host = tt.host
-			}
-			if tt.origin != "" {
-				req.Header.Set("Origin", tt.origin)
-			}
-			resp, err := http.DefaultClient.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			resp.Body.Close()
-			if resp.StatusCode != tt.want {
-				t.Errorf("GET /v1/status (Host %q, Origin %q) = %d; want %d", req.Host, tt.origin, resp.StatusCode, tt.want)
+			if code := statusCode(t, ts.URL, tt.host, tt.origin); code != tt.want {
+				t.Errorf("GET /v1/status (Host %q, Origin %q) = %d; want %d", tt.host, tt.origin, code, tt.want)
 			}
 		})
 	}
@@ -176,18 +164,8 @@ func TestAPIAnswersItsOwnAddress(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			req, _ := http.NewRequest("GET", "http://"+own+"/v1/status", nil)
-			req.Host = tt.host
-			if tt.origin != "" {
-				req.Header.Set("Origin", tt.origin)
-			}
-			resp, err := http.DefaultClient.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			resp.Body.Close()
-			if resp.StatusCode != tt.want {
-				t.Errorf("GET /v1/status on %s (Host %q, Origin %q) = %d; want %d", own, tt.host, tt.origin, resp.StatusCode, tt.want)
+			if code := statusCode(t, "http://"+own, tt.host, tt.origin); code != tt.want {
+				t.Errorf("GET /v1/status on %s (Host %q, Origin %q) = %d; want %d", own, tt.host, tt.origin, code, tt.want)
 			}
 		})
 	}
@@ -208,4 +186,23 @@ func nonLoopbackIPv4(t *testing.T) netip.Addr {
 	}
 	t.Skip("no non-loopback IPv4 address to reach the API on")
 	return netip.Addr{}
+}
+
+// statusCode is the answer to GET base/v1/status with the Host (if not
+// empty) and the Origin (if not empty) given.
+func statusCode(t *testing.T, base, host, origin string) int {
+	t.Helper()
+	req, _ := http.NewRequest("GET", base+"/v1/status", nil)
+	if host != "" {
+		req.Host = host
+	}
+	if origin != "" {
+		req.Header.Set("Origin", origin)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }
