@@ -488,7 +488,7 @@ func TestNoPivotThroughAPeersSidecar(t *testing.T) {
 			return echoVia(hop, "127.0.0.1:"+echo)
 		}},
 		{"party 1's management API", func() error {
-			hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{Dial: d.Dial}}
+			hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{DialContext: d.(xproxy.ContextDialer).DialContext}}
 			resp, err := hc.Get(fmt.Sprintf("http://10.0.0.1:%d/v1/status", s1.Admin.Port()))
 			if err != nil {
 				return err
