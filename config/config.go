@@ -60,15 +60,18 @@ type Sidecar struct {
 	UDPListen    netip.AddrPort
 	STUN         []string
 	PeersCIDR    netip.Prefix
-	// AllowPorts are the local ports peers may reach: -mpc's listening
-	// ports and --allow-ports; empty opens none.
+	// AllowPorts are the local ports some peer may reach: -mpc's
+	// listening ports (each for its one peer, see Allows) and
+	// --allow-ports (for every peer); empty opens none.
 	AllowPorts PortSet
 	// WaitPorts are the allowed ports whose connections wait for a local
 	// listener (up to DialTimeout): -mpc's listening ports and --wait-ports.
 	WaitPorts PortSet
-	Direct    bool
-	StateDir  string
-	LogLevel  slog.Level
+	// extraAllow and extraWait are --allow-ports and --wait-ports alone.
+	extraAllow, extraWait PortSet
+	Direct                bool
+	StateDir              string
+	LogLevel              slog.Level
 	// AdminListen is the management API's address; invalid (zero) when off.
 	AdminListen netip.AddrPort
 	// Relays are TURN URLs (turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT).
@@ -100,6 +103,26 @@ type Sidecar struct {
 	ForwardAnyHost bool
 	// MPCForward asks for forwards of the MPC config's peer ports.
 	MPCForward bool
+}
+
+// Allows reports whether peer pid may reach local port: one of
+// --allow-ports, or a port this party's MPC program listens on for pid.
+func (c *Sidecar) Allows(pid int, port uint16) bool {
+	return c.extraAllow.Contains(port) || c.mpcPortFor(pid, port)
+}
+
+// Waits reports whether peer pid's connection to local port waits for a
+// local listener: one of --wait-ports, or pid's -mpc port.
+func (c *Sidecar) Waits(pid int, port uint16) bool {
+	return c.extraWait.Contains(port) || c.mpcPortFor(pid, port)
+}
+
+func (c *Sidecar) mpcPortFor(pid int, port uint16) bool {
+	if c.MPC == nil {
+		return false
+	}
+	owner, ok := c.MPC.ListenerFor(port)
+	return ok && owner == pid
 }
 
 // Website reports whether Registry is the sfkit website's WebSocket relay.
@@ -315,9 +338,11 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	} else if c.MPC != nil {
 		c.Parties = c.MPC.Parties
 	}
+	c.extraAllow, c.extraWait = c.AllowPorts, c.WaitPorts
 	if c.MPC != nil {
 		// The MPC program's own listening ports are what a party declares
-		// by starting with -mpc: open to peers, and waited for.
+		// by starting with -mpc: open to the peer each is for, and waited
+		// for.
 		own := c.MPC.ListenPorts()
 		c.AllowPorts, c.WaitPorts = c.AllowPorts.Union(own), c.WaitPorts.Union(own)
 	}

@@ -188,6 +188,13 @@ func (m *MPC) Route(host string, port uint16) (int, bool) {
 	return pid, ok
 }
 
+// ListenerFor says which party this party's MPC program listens on port
+// for, if any: only that party may reach it.
+func (m *MPC) ListenerFor(port uint16) (int, bool) {
+	pid, ok := m.Listens[netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), port)]
+	return pid, ok
+}
+
 // ListenPorts are this party's own listening ports: what it declares open
 // to its peers by starting with -mpc.
 func (m *MPC) ListenPorts() PortSet {

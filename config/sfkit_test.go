@@ -221,7 +221,24 @@ func TestDeclaredPorts(t *testing.T) {
 			}
 		})
 	}
-	_, err := ParseSidecar(append(slices.Clone(required), "--allow-ports", "9000", "--wait-ports", "9000-9001"), nil)
+	// An MPC port is for the one party it listens for.
+	c, err := ParseSidecar(append(slices.Clone(required), "-mpc", mpc, "--allow-ports", "9000"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		pid  int
+		port uint16
+		want bool
+	}{{1, 8020, true}, {1, 8023, true}, {2, 8020, false}, {2, 8040, true}, {1, 8040, false}, {1, 9000, true}, {2, 9000, true}, {1, 8060, false}} {
+		if got := c.Allows(tt.pid, tt.port); got != tt.want {
+			t.Errorf("party 0 Allows(party %d, port %d) = %v; want %v", tt.pid, tt.port, got, tt.want)
+		}
+		if got, want := c.Waits(tt.pid, tt.port), tt.want && tt.port != 9000; got != want {
+			t.Errorf("party 0 Waits(party %d, port %d) = %v; want %v", tt.pid, tt.port, got, want)
+		}
+	}
+	_, err = ParseSidecar(append(slices.Clone(required), "--allow-ports", "9000", "--wait-ports", "9000-9001"), nil)
 	if want := "--wait-ports names port 9001, which peers may not reach: add it to --allow-ports"; err == nil || err.Error() != want {
 		t.Errorf("--wait-ports beyond --allow-ports = %v; want %q", err, want)
 	}

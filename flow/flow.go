@@ -250,8 +250,7 @@ func (c *Conn) Attach(s Stream, peerRcvd uint64) {
 		c.timer.Stop()
 		c.timer = nil
 	}
-	end := c.sbase + uint64(c.slen)
-	bad := peerRcvd < c.sbase || peerRcvd > end+1 || peerRcvd == end+1 && !c.wclosed
+	bad := !c.peerRcvdOKLocked(peerRcvd)
 	if !bad {
 		c.ackLocked(peerRcvd)
 	}
@@ -262,6 +261,14 @@ func (c *Conn) Attach(s Stream, peerRcvd uint64) {
 	g := c.gen
 	go c.writeLoop(s, g)
 	go c.readLoop(s, g)
+}
+
+// peerRcvdOKLocked reports whether a resume's claim that the peer received
+// our bytes up to r fits what we hold: not behind what it acknowledged,
+// not past what we have (our end of stream counting one, once we closed).
+func (c *Conn) peerRcvdOKLocked(r uint64) bool {
+	end := c.sbase + uint64(c.slen)
+	return r >= c.sbase && (r <= end || r == end+1 && c.wclosed)
 }
 
 // ackOKLocked reports whether an acknowledgement of off fits what was
@@ -306,6 +313,9 @@ func (c *Conn) ackLocked(off uint64) {
 func (c *Conn) lost(g uint64) {
 	c.mu.Lock()
 	if c.gen != g || c.state != Live {
+		if c.gen == g {
+			c.detachLocked() // ended: nothing more goes over s
+		}
 		c.unlock()
 		return
 	}
@@ -331,7 +341,23 @@ func (c *Conn) peerBrokeLocked() {
 	}
 	c.resetting = true
 	c.endLocked(Reset, EndProtocol)
+	// A peer that does not read keeps the writer stuck before the reset:
+	// the stream is let go of after resetGrace whatever happens.
+	if c.stream != nil {
+		g := c.gen
+		time.AfterFunc(resetGrace, func() {
+			c.mu.Lock()
+			if c.gen == g {
+				c.detachLocked()
+			}
+			c.unlock()
+		})
+	}
 }
+
+// resetGrace is how long a flow that the peer broke keeps its stream for
+// the reset to get out.
+const resetGrace = 2 * time.Second
 
 // endLocked ends the flow; unlock tells OnDone.
 func (c *Conn) endLocked(s Status, how End) {
@@ -908,6 +934,10 @@ func (c *Conn) Counts() (sent, rcvd uint64) {
 func (c *Conn) PeerDone(peerRcvd uint64) {
 	c.mu.Lock()
 	defer c.unlock()
+	if !c.peerRcvdOKLocked(peerRcvd) {
+		c.endLocked(Reset, EndProtocol) // it claims what was never sent
+		return
+	}
 	c.ackLocked(peerRcvd)
 	if c.finAcked && c.rfin {
 		c.endLocked(Done, EndDone)

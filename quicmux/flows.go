@@ -67,7 +67,8 @@ type tomb struct {
 	until  time.Time
 }
 
-// newFlow makes and registers a flow on link l, to be attached. owner,
+// newFlow makes and registers a flow on link l, to be attached, or
+// returns nil if a flow of that key is live already. owner,
 // for a flow the peer opened, is the peer whose budget it counts against
 // (see takeFlow) until it ends.
 func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger, owner *peer) *flowEntry {
@@ -109,7 +110,7 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger, owner
 			}
 			now := time.Now()
 			m.mu.Lock()
-			m.delFlowLocked(key)
+			m.delFlowLocked(key, e)
 			if owner != nil {
 				owner.inFlows--
 			}
@@ -125,6 +126,10 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger, owner
 		pf = make(map[flowKey]*flowEntry)
 		m.flows[key.pid] = pf
 	}
+	if pf[key] != nil {
+		m.mu.Unlock()
+		return nil // the peer raced two flows of one id: the first keeps it
+	}
 	pf[key] = e
 	m.mu.Unlock()
 	select {
@@ -135,9 +140,12 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger, owner
 	return e
 }
 
-// delFlowLocked forgets a live flow.
-func (m *Mux) delFlowLocked(key flowKey) {
+// delFlowLocked forgets e, the live flow key.
+func (m *Mux) delFlowLocked(key flowKey, e *flowEntry) {
 	pf := m.flows[key.pid]
+	if pf[key] != e {
+		return
+	}
 	delete(pf, key)
 	if len(pf) == 0 {
 		delete(m.flows, key.pid)

@@ -103,8 +103,9 @@ type Options struct {
 	// OnPathLost, if set, is called when a connection to a peer dies: the
 	// NAT mapping may have changed, and is worth asking STUN about now.
 	OnPathLost func()
-	// AllowPort says which local ports peers may reach; nil allows none.
-	AllowPort func(port uint16) bool
+	// AllowPort says which local ports peer pid may reach (an MPC
+	// program's port is for one peer only); nil allows none.
+	AllowPort func(pid int, port uint16) bool
 	// OwnPort says which local ports this sidecar itself listens on (SOCKS,
 	// the management API, forwards): never reachable by peers, whatever
 	// AllowPort says, so that no peer can speak through this party's
@@ -114,7 +115,7 @@ type Options struct {
 	// connection to one that finds nothing listening keeps dialling, up to
 	// LocalWait, before it is refused (so the order in which the parties'
 	// programs start does not matter); nil waits for none.
-	WaitPort func(port uint16) bool
+	WaitPort func(pid int, port uint16) bool
 	// LocalWait bounds that wait; zero means 5 minutes.
 	LocalWait time.Duration
 	// MaxWaiting bounds a peer's connections waiting for a local listener
@@ -272,13 +273,13 @@ func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	if opts.AllowPort == nil {
-		opts.AllowPort = func(uint16) bool { return false }
+		opts.AllowPort = func(int, uint16) bool { return false }
 	}
 	if opts.OwnPort == nil {
 		opts.OwnPort = func(uint16) bool { return false }
 	}
 	if opts.WaitPort == nil {
-		opts.WaitPort = func(uint16) bool { return false }
+		opts.WaitPort = func(int, uint16) bool { return false }
 	}
 	if opts.LocalWait == 0 {
 		opts.LocalWait = 5 * time.Minute
@@ -497,6 +498,10 @@ loop:
 			p.link.conn.CloseWithError(codeShutdown, "shutdown")
 		}
 		m.closeMembersLocked(p, codeShutdown, "shutdown")
+		for _, d := range p.draining {
+			d.conn.CloseWithError(codeShutdown, "shutdown")
+		}
+		p.draining = nil
 	}
 	var flows []*flowEntry
 	for _, pf := range m.flows {
@@ -583,6 +588,10 @@ func (m *Mux) removeLocked(p *peer) {
 		p.link.conn.CloseWithError(codeShutdown, "peer left the registry")
 	}
 	m.closeMembersLocked(p, codeShutdown, "peer left the registry")
+	for _, d := range p.draining {
+		m.wg.Go(func() { d.conn.CloseWithError(codeShutdown, "peer left the registry") })
+	}
+	p.draining = nil
 	if m.peers[p.pid] == p {
 		delete(m.peers, p.pid)
 	}

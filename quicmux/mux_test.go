@@ -39,7 +39,7 @@ func startPartyWith(t testing.TB, pid int, id *Identity, allow func(uint16) bool
 		}
 	}
 	key := NewCheckKey()
-	opts := Options{Study: "test", PID: pid, Identity: id, CheckKey: key, AllowPort: allow, CheckInterval: 50 * time.Millisecond}
+	opts := Options{Study: "test", PID: pid, Identity: id, CheckKey: key, AllowPort: func(_ int, p uint16) bool { return allow(p) }, CheckInterval: 50 * time.Millisecond}
 	if adjust != nil {
 		adjust(&opts)
 	}

@@ -47,6 +47,10 @@ func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*flow.Conn, error
 	l.tr.opened.Add(1)
 	log := m.log.With("peer", pid, "port", port, "dir", "out", "path", kind)
 	e := m.newFlow(flowKey{pid: pid, mine: true, id: id}, port, l, log, nil)
+	if e == nil { // one in 2^64: our random id is one we use already
+		endStream(str)
+		return nil, fmt.Errorf("party %d port %d: flow id in use, try again", pid, port)
+	}
 	e.c.Attach(m.flowStream(str, l), 0)
 	e.attached()
 	log.Info("tunnel opened")
@@ -63,10 +67,10 @@ func (m *Mux) Ping(ctx context.Context, pid int) (rtt time.Duration, path string
 		return 0, "", netip.AddrPort{}, err
 	}
 	rtt = time.Since(start)
-	endStream(str)
 	if err := reply.Err(); err != nil {
-		return 0, "", netip.AddrPort{}, err
+		return 0, "", netip.AddrPort{}, err // no stream: it was refused
 	}
+	endStream(str)
 	return rtt, kind, l.remote, nil
 }
 
@@ -276,7 +280,7 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 			"peer", pid, "port", req.Port)
 		reply(Reply{Status: StatusNotAllowed})
 		return
-	case !m.opts.AllowPort(req.Port):
+	case !m.opts.AllowPort(pid, req.Port):
 		log.Warn("peer asked for a port that --allow-ports does not allow", "port", req.Port)
 		reply(Reply{Status: StatusNotAllowed})
 		return
@@ -285,7 +289,13 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 		reply(Reply{Status: StatusDraining})
 		return
 	}
-	p := m.takeFlow(pid)
+	key := flowKey{pid: pid, id: req.Flow}
+	p, fresh := m.takeFlow(key)
+	if !fresh {
+		log.Warn("peer opened a flow with the id of one it already has: refused", "flow", req.Flow)
+		reply(Reply{Status: StatusBadRequest})
+		return
+	}
 	if p == nil {
 		m.quiet.warn("flows:"+strconv.Itoa(pid), "refusing a tunnelled connection: the peer has spent its budget of open connections here",
 			"peer", pid, "port", req.Port, "limit", m.opts.MaxFlows)
@@ -309,7 +319,13 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 	// The flow is registered before the reply: the opener may move it to
 	// another connection of the pool at once, and its resume may overtake
 	// this stream (it waits for the attachment below).
-	e := m.newFlow(flowKey{pid: pid, id: req.Flow}, req.Port, l, log.With("port", req.Port, "dir", "in"), p)
+	e := m.newFlow(key, req.Port, l, log.With("port", req.Port, "dir", "in"), p)
+	if e == nil {
+		tcp.Close()
+		m.giveFlow(p)
+		reply(Reply{Status: StatusBadRequest})
+		return
+	}
 	if err := reply(Reply{}); err != nil {
 		tcp.Close()
 		e.attached()
@@ -336,7 +352,7 @@ func (m *Mux) dialLocal(ctx context.Context, p *peer, str *quic.Stream, port uin
 	if err == nil {
 		return c.(*net.TCPConn), nil
 	}
-	if !errors.Is(err, syscall.ECONNREFUSED) || !m.opts.WaitPort(port) {
+	if !errors.Is(err, syscall.ECONNREFUSED) || !m.opts.WaitPort(p.pid, port) {
 		return nil, err
 	}
 	if !m.startWaiting(p) {
@@ -388,17 +404,22 @@ func (m *Mux) stopWaiting(p *peer) {
 	p.waiting--
 }
 
-// takeFlow counts a new flow that pid opens here and returns its peer, if
-// its budget allows; nil otherwise. giveFlow gives it back when it ends.
-func (m *Mux) takeFlow(pid int) *peer {
+// takeFlow counts a new flow key that its peer opens here and returns the
+// peer, if its budget allows; nil otherwise. giveFlow gives it back when it
+// ends. fresh is false when the peer has, or had, a flow of that id: a new
+// one would take the other's place.
+func (m *Mux) takeFlow(key flowKey) (p *peer, fresh bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	p := m.peers[pid]
+	if _, ended := m.tombLocked(key); ended || m.flows[key.pid][key] != nil {
+		return nil, false
+	}
+	p = m.peers[key.pid]
 	if p == nil || p.inFlows >= m.opts.MaxFlows {
-		return nil
+		return nil, true
 	}
 	p.inFlows++
-	return p
+	return p, true
 }
 
 func (m *Mux) giveFlow(p *peer) {

@@ -31,7 +31,7 @@ func TestWaitingPortsWaitForTheirListener(t *testing.T) {
 	late, never, plain := freePort(t), freePort(t), freePort(t)
 	a := startParty(t, 0, nil, allowAll)
 	b := startPartyWith(t, 1, nil, allowAll, func(o *Options) {
-		o.WaitPort = func(p uint16) bool { return p == late || p == never }
+		o.WaitPort = func(_ int, p uint16) bool { return p == late || p == never }
 		o.LocalWait = 2 * time.Second
 		o.MaxWaiting = 2
 	})

@@ -293,6 +293,16 @@ func TestSfkitStudyThroughTheWebsiteRelay(t *testing.T) {
 			t.Error(err)
 		}
 	}
+	// An MPC port is for the party it listens for: party 2 cannot reach
+	// the port party 0 keeps for party 1, and so cannot pass for party 1.
+	d, err := xproxy.SOCKS5("tcp", socks[2], nil, xproxy.Direct)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, err := d.Dial("tcp", "10.0.0.0:"+strconv.Itoa(s.ports[[2]int{0, 1}])); err == nil {
+		c.Close()
+		t.Error("party 2 reached party 0's port for party 1")
+	}
 	// The website restarts: every party loses its socket. Tunnels do not
 	// depend on it: new connections work at once, and the parties
 	// reconnect (and meet at the barrier again).

@@ -108,8 +108,8 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 	stunNow := make(chan struct{}, 1)
 	mux, err := quicmux.Listen(cfg.UDPListen, quicmux.Options{
 		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
-		AllowPort: cfg.AllowPorts.Contains, OwnPort: config.PortsOf(own...).Contains,
-		WaitPort: cfg.WaitPorts.Contains, LocalWait: cfg.DialTimeout,
+		AllowPort: cfg.Allows, OwnPort: config.PortsOf(own...).Contains,
+		WaitPort: cfg.Waits, LocalWait: cfg.DialTimeout,
 		Relay: rl, Virtual: cfg.PeersCIDR, ResumeTimeout: cfg.ResumeTimeout,
 		ConnsPerPeer: cfg.ConnsPerPeer,
 		// A dead path may be a new NAT mapping: ask STUN now, so that a
