@@ -79,13 +79,12 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger, owner
 		ResumeTimeout: m.opts.ResumeTimeout,
 		Buffers:       &m.fbufs,
 		OnDetach: func() {
-			select {
-			case <-m.quit:
-				e.abandon(ResetShutdown) // nothing will resume it
-			default:
+			if !m.goUnlessQuit(func() {
 				if key.mine {
-					m.wg.Go(func() { m.resume(key, e) })
+					m.resume(key, e)
 				}
+			}) {
+				e.abandon(ResetShutdown) // nothing will resume it
 			}
 		},
 		OnDone: func(how flow.End) {
@@ -198,6 +197,22 @@ func (m *Mux) tombLocked(key flowKey) (tomb, bool) {
 		return t, ok
 	}
 	return tomb{}, false
+}
+
+// goUnlessQuit runs f on a goroutine that Run waits for, unless Run is
+// ending; it reports whether it did. The check and the count are one step
+// under mu, as Run's close of quit is: a goroutine is never added while Run
+// waits for them.
+func (m *Mux) goUnlessQuit(f func()) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	select {
+	case <-m.quit:
+		return false
+	default:
+	}
+	m.wg.Go(f)
+	return true
 }
 
 // resume carries a flow we opened over the peer's current connection, once

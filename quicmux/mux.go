@@ -490,8 +490,8 @@ loop:
 		}
 	}
 	cancel()
-	close(m.quit)
 	m.mu.Lock()
+	close(m.quit) // under mu: see goUnlessQuit
 	for _, p := range m.peers {
 		p.cancel()
 		if p.link != nil {
