@@ -105,10 +105,7 @@ func TestHostilePeer(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			done := make(chan End, 4)
-			c := New(Options{OnDone: func(how End) { done <- how }}, nil, nil)
-			local, remote := streamPair()
-			c.Attach(local, 0)
+			c, done, remote := attachedFlow()
 			p := &farEnd{s: remote}
 			t.Cleanup(func() {
 				remote.Abort()
@@ -198,10 +195,7 @@ func TestAttachChecksPeerRcvd(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			done := make(chan End, 4)
-			c := New(Options{OnDone: func(how End) { done <- how }}, nil, nil)
-			local, remote := streamPair()
-			c.Attach(local, 0)
+			c, done, remote := attachedFlow()
 			var wg sync.WaitGroup
 			t.Cleanup(func() {
 				c.Abandon()
@@ -227,6 +221,7 @@ func TestAttachChecksPeerRcvd(t *testing.T) {
 				return c.sbase == 5
 			})
 			c.Detach()
+			var local pipeStream
 			local, remote = streamPair()
 			c.Attach(local, tt.rcvd)
 			p = &farEnd{s: remote}
@@ -599,4 +594,14 @@ func wantEnd(t *testing.T, done <-chan End, want End) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the flow did not end")
 	}
+}
+
+// attachedFlow is a new flow attached to an in-memory stream, the far end
+// of which the test speaks for; done has how it ended.
+func attachedFlow() (*Conn, chan End, pipeStream) {
+	done := make(chan End, 4)
+	c := New(Options{OnDone: func(how End) { done <- how }}, nil, nil)
+	local, remote := streamPair()
+	c.Attach(local, 0)
+	return c, done, remote
 }

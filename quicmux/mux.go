@@ -490,6 +490,7 @@ loop:
 		}
 	}
 	cancel()
+	var draining []*link // closed once mu is let go of
 	m.mu.Lock()
 	close(m.quit) // under mu: see goUnlessQuit
 	for _, p := range m.peers {
@@ -498,9 +499,7 @@ loop:
 			p.link.conn.CloseWithError(codeShutdown, "shutdown")
 		}
 		m.closeMembersLocked(p, codeShutdown, "shutdown")
-		for _, d := range p.draining {
-			d.conn.CloseWithError(codeShutdown, "shutdown")
-		}
+		draining = append(draining, p.draining...)
 		p.draining = nil
 	}
 	var flows []*flowEntry
@@ -510,6 +509,9 @@ loop:
 		}
 	}
 	m.mu.Unlock()
+	for _, d := range draining {
+		d.conn.CloseWithError(codeShutdown, "shutdown")
+	}
 	// Nothing will resume them: their local connections are reset.
 	for _, e := range flows {
 		e.abandon(ResetShutdown)
