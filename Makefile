@@ -40,7 +40,7 @@ soak: build
 
 # A short run of every fuzz target.
 fuzz:
-	for t in FuzzParse:./stun FuzzParseRequest:./quicmux FuzzParseReply:./quicmux \
+	for t in FuzzParse:./stun FuzzParseRequest:./quicmux/header FuzzParseReply:./quicmux/header \
 	         FuzzDecodeEntry:./registry FuzzParsePorts:./config FuzzParseRelayURL:./relay \
 	         FuzzParseCandidateLine:./website FuzzReadFrame:./flow FuzzFlow:./flow; do \
 		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 20s "$${t#*:}" || exit 1; \

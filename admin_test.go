@@ -14,15 +14,16 @@ import (
 
 	"sfkit-proxy/admin"
 	"sfkit-proxy/internal/testkit"
+	"sfkit-proxy/status"
 )
 
-func peerOf(s admin.Status, pid int) (admin.Peer, bool) {
+func peerOf(s status.Status, pid int) (status.Peer, bool) {
 	for _, p := range s.Peers {
 		if p.PID == pid {
 			return p, true
 		}
 	}
-	return admin.Peer{}, false
+	return status.Peer{}, false
 }
 
 func scrape(t *testing.T, addr string) map[string]*dto.MetricFamily {
@@ -79,7 +80,7 @@ func TestStatusMetricsAndPing(t *testing.T) {
 	if _, got, err := fetchVia(t, p0.SOCKS, fmt.Sprintf("http://10.0.0.1:%d/", port)); err != nil || got != sum {
 		t.Fatalf("fetch: %v", err)
 	}
-	var s admin.Status
+	var s status.Status
 	testkit.Eventually(t, "party 0 reports the transfer from party 1 and its rate", func() bool {
 		var err error
 		if s, err = api.Status(ctx); err != nil {

@@ -6,7 +6,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +17,8 @@ import (
 
 	"sfkit-proxy/admin"
 	"sfkit-proxy/config"
+	"sfkit-proxy/demo"
+	"sfkit-proxy/registry"
 	"sfkit-proxy/sidecar"
 )
 
@@ -43,15 +44,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			if err != nil {
 				return err
 			}
-			return runRegistry(ctx, cfg, newLogger(stderr, cfg.LogLevel))
+			return registry.Run(ctx, cfg, newLogger(stderr, cfg.LogLevel))
 		case "status", "ping":
 			cfg, err := config.ParseAdminClient(args[0], args[1:], stderr)
 			if err != nil {
 				return err
 			}
-			return runAdminClient(ctx, args[0], cfg, stdout)
+			return admin.RunClient(ctx, args[0], cfg, stdout)
 		case "demo":
-			return runDemo(ctx, args[1:], stdout, stderr)
+			return demo.Run(ctx, args[1:], stdout, stderr)
 		case "version":
 			fmt.Fprintln(stdout, "sfkit-proxy", version())
 			return nil
@@ -78,33 +79,4 @@ func version() string {
 		return bi.Main.Version
 	}
 	return "unknown"
-}
-
-// runAdminClient prints the status of, or pings through, a running sidecar.
-func runAdminClient(ctx context.Context, cmd string, cfg *config.AdminClient, stdout io.Writer) error {
-	c := &admin.Client{Addr: cfg.Addr}
-	if cmd == "ping" {
-		r, err := c.Ping(ctx, cfg.PID, cfg.Count)
-		if err != nil {
-			return fmt.Errorf("ping party %d: %w", cfg.PID, err)
-		}
-		if cfg.JSON {
-			return json.NewEncoder(stdout).Encode(r)
-		}
-		for _, ms := range r.RTTMillis {
-			fmt.Fprintf(stdout, "pong from party %d via %s %s: time=%.2f ms\n", r.PID, r.Path, r.RemoteAddr, ms)
-		}
-		return nil
-	}
-	s, err := c.Status(ctx)
-	if err != nil {
-		return err
-	}
-	if cfg.JSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(s)
-	}
-	admin.PrintStatus(stdout, s)
-	return nil
 }

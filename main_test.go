@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -31,6 +32,7 @@ import (
 	"sfkit-proxy/internal/testkit"
 	"sfkit-proxy/metadata"
 	"sfkit-proxy/metadata/metadatatest"
+	"sfkit-proxy/registry"
 	"sfkit-proxy/sidecar"
 	"sfkit-proxy/stun"
 )
@@ -110,7 +112,7 @@ func (l *lab) startRegistry(addr string) {
 		l.regCfg(cfg)
 	}
 	done := make(chan error, 1)
-	go func() { done <- runRegistry(ctx, cfg, slog.New(slog.DiscardHandler)) }()
+	go func() { done <- registry.Run(ctx, cfg, slog.New(slog.DiscardHandler)) }()
 	l.regLn = cfg.Listen
 	l.regURL = "http://" + cfg.Listen + "/"
 	stopped := false
@@ -254,6 +256,34 @@ func fetchVia(t *testing.T, socksAddr netip.AddrPort, u string) (int64, string, 
 	defer c.CloseIdleConnections()
 	n, sum, err := fetch(ctx, c, u)
 	return n, hex.EncodeToString(sum[:]), err
+}
+
+// socksClient is an HTTP client whose connections go through the SOCKS
+// proxy at socksAddr, names resolved there (socks5h).
+func socksClient(socksAddr netip.AddrPort) *http.Client {
+	proxy := &url.URL{Scheme: "socks5h", Host: socksAddr.String()}
+	return &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(proxy)}, Timeout: time.Minute}
+}
+
+// fetch GETs u and returns its length and SHA-256.
+func fetch(ctx context.Context, c *http.Client, u string) (int64, [32]byte, error) {
+	var sum [32]byte
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return 0, sum, err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, sum, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return 0, sum, fmt.Errorf("http %s", resp.Status)
+	}
+	h := sha256.New()
+	n, err := io.Copy(h, resp.Body)
+	copy(sum[:], h.Sum(nil))
+	return n, sum, err
 }
 
 func TestRegistryOutageKeepsTunnels(t *testing.T) {

@@ -19,120 +19,15 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"sfkit-proxy/status"
 )
-
-// Status is what GET /v1/status returns.
-type Status struct {
-	Study        string         `json:"study"`
-	PID          int            `json:"pid"`
-	VirtualAddr  string         `json:"virtual_addr"`
-	SOCKS        string         `json:"socks"`
-	ExternalAddr string         `json:"external_addr,omitempty"`
-	NAT          string         `json:"nat"`
-	Registry     RegistryStatus `json:"registry"`
-	STUN         STUNStatus     `json:"stun"`
-	Peers        []Peer         `json:"peers"`
-	Counters     Counters       `json:"counters"`
-}
-
-// RegistryStatus says whether the registry is reachable.
-type RegistryStatus struct {
-	URL       string `json:"url"`
-	Reachable bool   `json:"reachable"`
-	Published bool   `json:"published"`
-	LastError string `json:"last_error,omitempty"`
-}
-
-// STUNStatus says what STUN learned and how often it worked.
-type STUNStatus struct {
-	Done           bool   `json:"done"`
-	LastError      string `json:"last_error,omitempty"`
-	Refreshes      uint64 `json:"refreshes"`
-	Failures       uint64 `json:"failures"`
-	MappingChanges uint64 `json:"mapping_changes"`
-}
-
-// Peer is one other party as this sidecar sees it. Rates are bytes per
-// second: current (the last few seconds), average (since the first
-// connection) and the largest one-second sample.
-type Peer struct {
-	PID            int        `json:"pid"`
-	State          string     `json:"state"`
-	Path           string     `json:"path,omitempty"`
-	Via            string     `json:"via,omitempty"` // the relay, when relayed
-	RemoteAddr     string     `json:"remote_addr,omitempty"`
-	RTTMillis      float64    `json:"rtt_ms"`
-	ConnectedSince *time.Time `json:"connected_since,omitempty"`
-	OpenConns      int64      `json:"open_conns"`
-	QUICConns      int        `json:"quic_conns"` // the pool that carries them
-	// WaitingConns are the peer's connections waiting here for a local
-	// program to listen on their port.
-	WaitingConns  int           `json:"waiting_conns"`
-	BytesSent     uint64        `json:"bytes_sent"`
-	BytesReceived uint64        `json:"bytes_received"`
-	Rate          Rates         `json:"rate"`
-	LastError     string        `json:"last_error,omitempty"`
-	Traffic       []PathTraffic `json:"traffic,omitempty"`
-	// StateSince is when the state began: for repairing, when the path died.
-	StateSince *time.Time `json:"state_since,omitempty"`
-	// Repairs counts paths repaired; LastRepairSeconds is how long the last took.
-	Repairs           uint64  `json:"repairs"`
-	LastRepairSeconds float64 `json:"last_repair_seconds,omitempty"`
-}
-
-// Rates in bytes per second.
-type Rates struct {
-	CurrentSent     float64 `json:"current_sent"`
-	CurrentReceived float64 `json:"current_received"`
-	AverageSent     float64 `json:"average_sent"`
-	AverageReceived float64 `json:"average_received"`
-	MaxSent         float64 `json:"max_sent"`
-	MaxReceived     float64 `json:"max_received"`
-}
-
-// PathTraffic is a peer's traffic over one kind of path.
-type PathTraffic struct {
-	Path          string `json:"path"`
-	Conns         uint64 `json:"conns"`
-	BytesSent     uint64 `json:"bytes_sent"`
-	BytesReceived uint64 `json:"bytes_received"`
-}
-
-// Counters are event counts since start.
-type Counters struct {
-	DialsOK         uint64 `json:"dials_ok"`
-	DialsFailed     uint64 `json:"dials_failed"`
-	AcceptsOK       uint64 `json:"accepts_ok"`
-	AcceptsRejected uint64 `json:"accepts_rejected"`
-	ChecksSent      uint64 `json:"checks_sent"`
-	ChecksAnswered  uint64 `json:"checks_answered"`
-	// SOCKS counts CONNECT requests by "target/outcome", e.g. "peer/ok",
-	// "direct/refused".
-	SOCKS map[string]uint64 `json:"socks"`
-	// FlowsResumed counts tunnelled connections carried on over a new
-	// connection; FlowsReset counts resets by reason.
-	FlowsResumed uint64            `json:"flows_resumed"`
-	FlowsReset   map[string]uint64 `json:"flows_reset"`
-	// FlowsMoved counts tunnelled connections moved between the QUIC
-	// connections of a peer's pool; PoolConnsOpened counts the pool's
-	// connections opened (dialer) or accepted.
-	FlowsMoved      uint64 `json:"flows_moved"`
-	PoolConnsOpened uint64 `json:"pool_conns_opened"`
-}
-
-// PingResult is what POST /v1/ping returns.
-type PingResult struct {
-	PID        int       `json:"pid"`
-	Path       string    `json:"path"`
-	RemoteAddr string    `json:"remote_addr"`
-	RTTMillis  []float64 `json:"rtt_ms"`
-}
 
 // Options configure the API. Status and Ping are required.
 type Options struct {
 	// Logger; nil discards.
 	Logger *slog.Logger
-	Status func() Status
+	Status func() status.Status
 	// Ping measures one round trip through the tunnel to pid.
 	Ping func(ctx context.Context, pid int) (rtt time.Duration, path, addr string, err error)
 	// Ready returns nil once the sidecar is registered and STUN is done.
@@ -177,7 +72,7 @@ func NewHandler(opts Options) http.Handler {
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
 		defer cancel()
-		res := PingResult{PID: pid}
+		res := status.PingResult{PID: pid}
 		for range count {
 			rtt, path, addr, err := opts.Ping(ctx, pid)
 			if err != nil {

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"sfkit-proxy/status"
 )
 
 // TestAPIRefusesWebPages plays a web page against the API: a DNS-rebinding
@@ -19,7 +21,7 @@ import (
 func TestAPIRefusesWebPages(t *testing.T) {
 	var pings atomic.Int32
 	h := NewHandler(Options{
-		Status: func() Status { return Status{Study: "s"} },
+		Status: func() status.Status { return status.Status{Study: "s"} },
 		Ping: func(context.Context, int) (time.Duration, string, string, error) {
 			pings.Add(1)
 			return time.Millisecond, "direct", "192.0.2.1:1", nil
@@ -69,7 +71,7 @@ func TestAPIRefusesWebPages(t *testing.T) {
 }
 
 func TestProfilesOnlyWhenAskedFor(t *testing.T) {
-	ts := httptest.NewServer(NewHandler(Options{Status: func() Status { return Status{} }, Debug: true}))
+	ts := httptest.NewServer(NewHandler(Options{Status: func() status.Status { return status.Status{} }, Debug: true}))
 	t.Cleanup(ts.Close)
 	for _, tt := range []struct {
 		method string
@@ -91,7 +93,7 @@ func TestProfilesOnlyWhenAskedFor(t *testing.T) {
 // that name another host, against the API: only localhost and loopback
 // addresses pass, as Host and as Origin.
 func TestAPIAnswersOnlyThisMachine(t *testing.T) {
-	ts := httptest.NewServer(NewHandler(Options{Status: func() Status { return Status{} }}))
+	ts := httptest.NewServer(NewHandler(Options{Status: func() status.Status { return status.Status{} }}))
 	t.Cleanup(ts.Close)
 	tests := []struct {
 		name, host, origin string
@@ -145,7 +147,7 @@ func TestAPIAnswersItsOwnAddress(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts := httptest.NewUnstartedServer(NewHandler(Options{Status: func() Status { return Status{} }}))
+	ts := httptest.NewUnstartedServer(NewHandler(Options{Status: func() status.Status { return status.Status{} }}))
 	ts.Listener.Close()
 	ts.Listener = ln
 	ts.Start()

@@ -11,7 +11,41 @@ import (
 	"strconv"
 	"text/tabwriter"
 	"time"
+
+	"sfkit-proxy/config"
+	"sfkit-proxy/status"
 )
+
+// RunClient runs `sfkit-proxy status` or `sfkit-proxy ping` (cmd): prints
+// the status of a running sidecar, or pings through it, to stdout, as a
+// table or as JSON.
+func RunClient(ctx context.Context, cmd string, cfg *config.AdminClient, stdout io.Writer) error {
+	c := &Client{Addr: cfg.Addr}
+	if cmd == "ping" {
+		r, err := c.Ping(ctx, cfg.PID, cfg.Count)
+		if err != nil {
+			return fmt.Errorf("ping party %d: %w", cfg.PID, err)
+		}
+		if cfg.JSON {
+			return json.NewEncoder(stdout).Encode(r)
+		}
+		for _, ms := range r.RTTMillis {
+			fmt.Fprintf(stdout, "pong from party %d via %s %s: time=%.2f ms\n", r.PID, r.Path, r.RemoteAddr, ms)
+		}
+		return nil
+	}
+	s, err := c.Status(ctx)
+	if err != nil {
+		return err
+	}
+	if cfg.JSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(s)
+	}
+	PrintStatus(stdout, s)
+	return nil
+}
 
 // Client reads a sidecar's API at Addr (host:port).
 type Client struct {
@@ -60,21 +94,21 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, v an
 }
 
 // Status fetches the status.
-func (c *Client) Status(ctx context.Context) (Status, error) {
-	var s Status
+func (c *Client) Status(ctx context.Context) (status.Status, error) {
+	var s status.Status
 	err := c.do(ctx, http.MethodGet, "/v1/status", nil, &s)
 	return s, err
 }
 
 // Ping asks the sidecar to ping pid count times.
-func (c *Client) Ping(ctx context.Context, pid, count int) (PingResult, error) {
-	var r PingResult
+func (c *Client) Ping(ctx context.Context, pid, count int) (status.PingResult, error) {
+	var r status.PingResult
 	err := c.do(ctx, http.MethodPost, "/v1/ping", url.Values{"pid": {strconv.Itoa(pid)}, "count": {strconv.Itoa(count)}}, &r)
 	return r, err
 }
 
 // PrintStatus writes s as a table.
-func PrintStatus(w io.Writer, s Status) {
+func PrintStatus(w io.Writer, s status.Status) {
 	reg := "reachable"
 	if !s.Registry.Reachable {
 		reg = "UNREACHABLE: " + s.Registry.LastError

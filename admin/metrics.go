@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"sfkit-proxy/status"
 )
 
 // Metric descriptions. Everything is read from one Status snapshot per
@@ -35,7 +37,7 @@ var (
 	peerStatesShown = []string{"connecting", "direct", "relayed", "repairing", "unreachable"}
 )
 
-type collector struct{ status func() Status }
+type collector struct{ status func() status.Status }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(c, ch) }
 

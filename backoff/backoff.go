@@ -34,16 +34,23 @@ func (b *Backoff) min() time.Duration {
 // Reset starts again from Min, after a success.
 func (b *Backoff) Reset() { b.next = 0 }
 
-// Wait pauses for the next pause plus up to a quarter of it, then doubles
-// it up to Max. It returns ctx's error if ctx ends first.
-func (b *Backoff) Wait(ctx context.Context) error {
+// Step is the pause after one more failure, jittered as Wait's, for a
+// caller that schedules its own retry (a time to try again, not a sleep);
+// it doubles the next pause up to Max.
+func (b *Backoff) Step() time.Duration {
 	d := b.Next()
 	limit := b.Max
 	if limit == 0 {
 		limit = 30 * time.Second
 	}
 	b.next = min(2*d, limit)
-	t := time.NewTimer(d + rand.N(d/4+1))
+	return d + rand.N(d/4+1)
+}
+
+// Wait pauses for the next pause plus up to a quarter of it, then doubles
+// it up to Max. It returns ctx's error if ctx ends first.
+func (b *Backoff) Wait(ctx context.Context) error {
+	t := time.NewTimer(b.Step())
 	defer t.Stop()
 	select {
 	case <-ctx.Done():

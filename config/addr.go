@@ -12,6 +12,16 @@ const DefaultPeersCIDR = "10.0.0.0/24"
 // MaxCandidates is how many addresses a party may publish.
 const MaxCandidates = 16
 
+// IsLoopbackHost reports whether a URL's host name is this machine:
+// localhost or a loopback address.
+func IsLoopbackHost(h string) bool {
+	if h == "localhost" {
+		return true
+	}
+	a, err := netip.ParseAddr(h)
+	return err == nil && a.IsLoopback()
+}
+
 // AddrPolicy says which addresses may stand as a party's candidates.
 type AddrPolicy struct {
 	// Loopback allows loopback addresses: only where every party runs on

@@ -21,6 +21,7 @@ import (
 
 	"github.com/peterbourgon/ff/v3"
 
+	"sfkit-proxy/flow"
 	"sfkit-proxy/relay"
 )
 
@@ -65,7 +66,7 @@ type Sidecar struct {
 	// --allow-ports (for every peer); empty opens none.
 	AllowPorts PortSet
 	// WaitPorts are the allowed ports whose connections wait for a local
-	// listener (up to DialTimeout): -mpc's listening ports and --wait-ports.
+	// listener (up to TunnelWait): -mpc's listening ports and --wait-ports.
 	WaitPorts PortSet
 	// extraAllow and extraWait are --allow-ports and --wait-ports alone.
 	extraAllow, extraWait PortSet
@@ -87,8 +88,10 @@ type Sidecar struct {
 	// Parties are the study's party ids, for the website relay: --parties,
 	// else those of the MPC config.
 	Parties []int
-	// DialTimeout bounds how long a CONNECT waits for a peer's tunnel.
-	DialTimeout time.Duration
+	// TunnelWait (--dial-timeout) bounds how long a CONNECT to a peer waits
+	// for its tunnel, and how long a peer's connection to a waiting port
+	// (WaitPorts) waits for its local listener.
+	TunnelWait time.Duration
 	// ResumeTimeout bounds how long a tunnelled connection waits for its
 	// path to come back.
 	ResumeTimeout time.Duration
@@ -137,14 +140,10 @@ const (
 	MaxConnsPerPeer     = 32
 )
 
-// DefaultResumeTimeout is how long a tunnelled connection waits, detached,
-// for a path to its peer to come back before it is reset.
-const DefaultResumeTimeout = 10 * time.Minute
-
-// DefaultDialTimeout is how long a CONNECT to a peer waits for its tunnel:
-// long enough for every party of a study to start, and for the website
-// relay's barrier.
-const DefaultDialTimeout = 5 * time.Minute
+// DefaultTunnelWait is how long a CONNECT to a peer waits for its tunnel
+// (--dial-timeout): long enough for every party of a study to start, and
+// for the website relay's barrier.
+const DefaultTunnelWait = 5 * time.Minute
 
 // VirtualAddr returns party pid's address in the peers range.
 func (c *Sidecar) VirtualAddr(pid int) netip.Addr {
@@ -200,8 +199,8 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		mpcPath  = fs.String("mpc", "", "the MPC program's configGlobal.toml: connections to a peer's listening ports (127.0.0.1:port+t) go to that peer")
 		socksURI = fs.String("socks", "", "sfkit's spelling of --socks-listen, as a URI: socks5://localhost:7080")
 		parties  = fs.String("parties", "", "the study's party ids for the website relay, e.g. 0,1,2 (default: those of -mpc)")
-		dialTO   = fs.Duration("dial-timeout", DefaultDialTimeout, "how long a connection to a peer waits for its tunnel, and a peer's connection to a waiting port (-mpc's, --wait-ports) for its local listener")
-		resumeTO = fs.Duration("resume-timeout", DefaultResumeTimeout, "how long a tunnelled connection waits for its path to come back before it is reset")
+		dialTO   = fs.Duration("dial-timeout", DefaultTunnelWait, "how long a connection to a peer waits for its tunnel, and a peer's connection to a waiting port (-mpc's, --wait-ports) for its local listener")
+		resumeTO = fs.Duration("resume-timeout", flow.DefaultResumeTimeout, "how long a tunnelled connection waits for its path to come back before it is reset")
 		connsPer = fs.Int("conns-per-peer", DefaultConnsPerPeer, fmt.Sprintf("at most this many QUIC connections to each peer (1 to %d): parallel tunnelled connections get their own, so their own congestion control", MaxConnsPerPeer))
 		mpcFwd   = fs.Bool("mpc-forward", false, "with -mpc, also listen on the peers' listening ports (127.0.0.1:port+t), for programs that ignore ALL_PROXY")
 		verbose  countFlag
@@ -358,8 +357,8 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	if c.ConnsPerPeer = *connsPer; c.ConnsPerPeer < 1 || c.ConnsPerPeer > MaxConnsPerPeer {
 		bad("--conns-per-peer %d: want 1 to %d (1 carries every tunnelled connection to a peer on one QUIC connection)", c.ConnsPerPeer, MaxConnsPerPeer)
 	}
-	if c.DialTimeout = *dialTO; c.DialTimeout <= 0 {
-		bad("--dial-timeout %v: want a positive duration such as 5m", c.DialTimeout)
+	if c.TunnelWait = *dialTO; c.TunnelWait <= 0 {
+		bad("--dial-timeout %v: want a positive duration such as 5m", c.TunnelWait)
 	}
 	c.MPCForward = *mpcFwd
 	if c.MPCForward && c.MPC == nil {

@@ -61,8 +61,8 @@ func TestSfkitCommandLine(t *testing.T) {
 	if c.LogLevel != slog.LevelDebug {
 		t.Errorf("-v: level %v; want debug", c.LogLevel)
 	}
-	if !slices.Equal(c.Parties, []int{0, 1, 2}) || c.MPC == nil || c.DialTimeout != DefaultDialTimeout {
-		t.Errorf("parties %v, mpc %v, dial timeout %v; want 0,1,2 from the MPC config and the default", c.Parties, c.MPC, c.DialTimeout)
+	if !slices.Equal(c.Parties, []int{0, 1, 2}) || c.MPC == nil || c.TunnelWait != DefaultTunnelWait {
+		t.Errorf("parties %v, mpc %v, tunnel wait %v; want 0,1,2 from the MPC config and the default", c.Parties, c.MPC, c.TunnelWait)
 	}
 	args[0] = "-v"
 	c, err = ParseSidecar(append([]string{"-v"}, args...), nil)

@@ -46,7 +46,7 @@ type Options struct {
 	// the stream is not read while it is full. Zero means 1 MiB.
 	MaxRecv int
 	// ResumeTimeout is how long the flow waits detached before it resets;
-	// zero means 10 minutes.
+	// zero means DefaultResumeTimeout.
 	ResumeTimeout time.Duration
 	// OnDetach, if set, is called when the stream is lost and the flow
 	// waits for a new one.
@@ -60,6 +60,11 @@ type Options struct {
 	// flows of one owner; nil means a pool of the flow's own.
 	Buffers *Buffers
 }
+
+// DefaultResumeTimeout is how long a flow waits, detached, for a path to its
+// peer to come back before it is reset, unless configured otherwise: the one
+// place this default is written.
+const DefaultResumeTimeout = 10 * time.Minute
 
 // Buffers pools the buffers of received data and of large reads, in
 // classes of smallFrame, twice that, and so on up to MaxData: a frame
@@ -198,7 +203,7 @@ func New(opts Options, local, remote net.Addr) *Conn {
 		opts.MaxRecv = 1 << 20
 	}
 	if opts.ResumeTimeout == 0 {
-		opts.ResumeTimeout = 10 * time.Minute
+		opts.ResumeTimeout = DefaultResumeTimeout
 	}
 	if opts.Buffers == nil {
 		opts.Buffers = new(Buffers)

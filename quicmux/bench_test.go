@@ -4,16 +4,17 @@ import (
 	"context"
 	"io"
 	"net"
+	"sfkit-proxy/quicmux/header"
 	"testing"
 	"time"
 )
 
 func BenchmarkRequestHeader(b *testing.B) {
 	b.ReportAllocs()
-	buf := make([]byte, 0, requestLen)
+	buf := make([]byte, 0, header.RequestLen)
 	for b.Loop() {
-		buf = Request{Kind: KindConnect, Port: 8020, Flow: 1}.Append(buf[:0])
-		if _, err := ParseRequest(buf); err != nil {
+		buf = header.Request{Kind: header.KindConnect, Port: 8020, Flow: 1}.Append(buf[:0])
+		if _, err := header.ParseRequest(buf); err != nil {
 			b.Fatal(err)
 		}
 	}

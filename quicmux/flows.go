@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"math/rand/v2"
+	"sfkit-proxy/quicmux/header"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -22,6 +23,22 @@ type flowKey struct {
 	id   uint64
 }
 
+// ResetReason is why a flow was reset, as counted.
+type ResetReason uint8
+
+// Reset reasons.
+const (
+	resetNone          ResetReason = iota // none
+	ResetByPeer                           // connection_reset
+	ResetResumeTimeout                    // resume_timeout
+	ResetPeerRestarted                    // peer_restarted
+	ResetPeerShutdown                     // peer_shutdown
+	ResetPeerLostFlow                     // peer_lost_flow
+	ResetShutdown                         // shutdown
+	ResetProtocol                         // protocol
+	numResetReasons
+)
+
 // flowEntry is a live flow.
 type flowEntry struct {
 	c        *flow.Conn
@@ -29,7 +46,7 @@ type flowEntry struct {
 	port     uint16
 	log      *slog.Logger
 	resuming atomic.Bool
-	why      atomic.Value // string: why the owner abandons it, for the reset counters
+	why      atomic.Uint32 // a ResetReason: why the owner abandons it, for the reset counters
 	// on is the connection it runs on, or is moving to; want, when set, is
 	// where its next resume goes (pool.go).
 	on, want atomic.Pointer[link]
@@ -43,112 +60,126 @@ type flowEntry struct {
 func (e *flowEntry) attached() { e.readyOnce.Do(func() { close(e.ready) }) }
 
 // abandon resets the flow here, counting the reason.
-func (e *flowEntry) abandon(why string) {
-	e.why.CompareAndSwap(nil, why)
+func (e *flowEntry) abandon(why ResetReason) {
+	e.why.CompareAndSwap(0, uint32(why))
 	e.c.Abandon()
 }
 
-// Reasons a flow was reset, as counted.
-const (
-	ResetByPeer        = "connection_reset" // an application reset it, at either end
-	ResetResumeTimeout = "resume_timeout"   // no path came back in time
-	ResetPeerRestarted = "peer_restarted"
-	ResetPeerShutdown  = "peer_shutdown"
-	ResetPeerLostFlow  = "peer_lost_flow" // the peer no longer had it
-	ResetShutdown      = "shutdown"       // this sidecar stopped
-	ResetProtocol      = "protocol"       // the peer broke the flow protocol
-)
+// The flow table: every live flow, by peer, and the tombs of the ended
+// flows each peer opened. It outlives peers (a flow waits for its peer to
+// come back), so it is the Mux's, not a peer's. Its lock guards only the
+// index of peers; each peer's flows have a lock of their own, so that what
+// one peer makes grow (its flows, its tombs) costs only under its own
+// lock. Lock order: Mux.mu, then peer.mu, then flowTable.mu, then
+// peerFlows.mu; nothing is closed or written under either.
+type flowTable struct {
+	mu     sync.Mutex // guards byPeer
+	byPeer map[int]*peerFlows
+}
+
+// peerFlows are one peer's flows.
+type peerFlows struct {
+	mu   sync.Mutex // guards the fields below
+	live map[flowKey]*flowEntry
+	// tombs remember the ended flows the peer opened, for its late resumes.
+	tombs graveyard
+	// opened counts the flows the peer opened here and holds, attached or
+	// not, and those being dialled locally: each holds a local connection
+	// (a file descriptor) until it ends.
+	opened int
+	// waiting counts, of those, the ones waiting for a local listener.
+	waiting int
+}
+
+// of is pid's flows, made on first use. Entries are never removed: there
+// is one per party of the study.
+func (t *flowTable) of(pid int) *peerFlows {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.byPeer == nil {
+		t.byPeer = make(map[int]*peerFlows)
+	}
+	pf := t.byPeer[pid]
+	if pf == nil {
+		pf = &peerFlows{live: make(map[flowKey]*flowEntry), tombs: graveyard{byKey: make(map[flowKey]tomb)}}
+		t.byPeer[pid] = pf
+	}
+	return pf
+}
+
+// all lists every live flow.
+func (t *flowTable) all() []*flowEntry {
+	t.mu.Lock()
+	pfs := make([]*peerFlows, 0, len(t.byPeer))
+	for _, pf := range t.byPeer {
+		pfs = append(pfs, pf)
+	}
+	t.mu.Unlock()
+	var out []*flowEntry
+	for _, pf := range pfs {
+		pf.mu.Lock()
+		for _, e := range pf.live {
+			out = append(out, e)
+		}
+		pf.mu.Unlock()
+	}
+	return out
+}
+
+// count is how many flows the peer has, both directions.
+func (pf *peerFlows) count() int {
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	return len(pf.live)
+}
+
+// take counts a new flow key that its peer opens here, if the peer's
+// budget (max flows) allows. fresh is false when the peer has, or had, a
+// flow of that id: a new one would take the other's place. give gives it
+// back when it ends.
+func (pf *peerFlows) take(key flowKey, max int) (ok, fresh bool) {
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	if _, ended := pf.tombs.byKey[key]; ended || pf.live[key] != nil {
+		return false, false
+	}
+	if pf.opened >= max {
+		return false, true
+	}
+	pf.opened++
+	return true, true
+}
+
+func (pf *peerFlows) give() {
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	pf.opened--
+}
+
+// startWaiting counts a connection of the peer's waiting for a local
+// listener, if its budget (max) allows.
+func (pf *peerFlows) startWaiting(max int) bool {
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	if pf.waiting >= max {
+		return false
+	}
+	pf.waiting++
+	return true
+}
+
+func (pf *peerFlows) stopWaiting() {
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	pf.waiting--
+}
 
 // tomb remembers how a flow ended, for a peer that asks to resume it
 // after the connection died under the last acknowledgement.
 type tomb struct {
-	status Status
+	status header.Status
 	rcvd   uint64
 	until  time.Time
-}
-
-// newFlow makes and registers a flow on link l, to be attached, or
-// returns nil if a flow of that key is live already. owner,
-// for a flow the peer opened, is the peer whose budget it counts against
-// (see takeFlow) until it ends.
-func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger, owner *peer) *flowEntry {
-	e := &flowEntry{port: port, log: log, born: l, ready: make(chan struct{})}
-	e.on.Store(l)
-	start := time.Now()
-	e.c = flow.New(flow.Options{
-		ResumeTimeout: m.opts.ResumeTimeout,
-		Buffers:       &m.fbufs,
-		OnDetach: func() {
-			if !m.goUnlessQuit(func() {
-				if key.mine {
-					m.resume(key, e)
-				}
-			}) {
-				e.abandon(ResetShutdown) // nothing will resume it
-			}
-		},
-		OnDone: func(how flow.End) {
-			_, rcvd := e.c.State()
-			st := StatusFlowDone
-			reset := how != flow.EndDone
-			if reset {
-				st = StatusFlowReset
-				why := ResetByPeer
-				switch how {
-				case flow.EndTimeout:
-					why = ResetResumeTimeout
-				case flow.EndProtocol:
-					why = ResetProtocol
-					m.quiet.warn("protocol:"+strconv.Itoa(key.pid), "peer broke the flow protocol; flow reset", "peer", key.pid)
-				case flow.EndAbandoned:
-					if w, ok := e.why.Load().(string); ok {
-						why = w
-					}
-				}
-				m.count.reset(why)
-			}
-			now := time.Now()
-			m.mu.Lock()
-			m.delFlowLocked(key, e)
-			if owner != nil {
-				owner.inFlows--
-			}
-			m.buryLocked(key, tomb{status: st, rcvd: rcvd, until: now.Add(m.opts.ResumeTimeout)}, now)
-			m.mu.Unlock()
-			sent, recv := e.c.Counts()
-			logClosed(log, start, sent, recv, reset)
-		},
-	}, addrOf(l.local), addrOf(l.remote))
-	m.mu.Lock()
-	pf := m.flows[key.pid]
-	if pf == nil {
-		pf = make(map[flowKey]*flowEntry)
-		m.flows[key.pid] = pf
-	}
-	if pf[key] != nil {
-		m.mu.Unlock()
-		return nil // the peer raced two flows of one id: the first keeps it
-	}
-	pf[key] = e
-	m.mu.Unlock()
-	select {
-	case <-m.quit:
-		e.abandon(ResetShutdown)
-	default:
-	}
-	return e
-}
-
-// delFlowLocked forgets e, the live flow key.
-func (m *Mux) delFlowLocked(key flowKey, e *flowEntry) {
-	pf := m.flows[key.pid]
-	if pf[key] != e {
-		return
-	}
-	delete(pf, key)
-	if len(pf) == 0 {
-		delete(m.flows, key.pid)
-	}
 }
 
 // graveyard is one peer's tombs, in the order they were made (and so the
@@ -163,19 +194,10 @@ type graveyard struct {
 // the peer resets that flow).
 const maxTombs = 16384
 
-// buryLocked remembers how flow key, which the peer opened, ended, and
-// forgets that peer's tombs that expired by now: this costs what it
-// forgets, whatever the number kept. Flows we opened need no tomb: only
-// the peer resumes its own.
-func (m *Mux) buryLocked(key flowKey, t tomb, now time.Time) {
-	if key.mine {
-		return
-	}
-	g := m.tombs[key.pid]
-	if g == nil {
-		g = &graveyard{byKey: make(map[flowKey]tomb)}
-		m.tombs[key.pid] = g
-	}
+// bury remembers how flow key, which the peer opened, ended, and forgets
+// the tombs that expired by now: this costs what it forgets, whatever the
+// number kept.
+func (g *graveyard) bury(key flowKey, t tomb, now time.Time) {
 	for len(g.order) > 0 {
 		old, ok := g.byKey[g.order[0]]
 		if ok && !now.After(old.until) && len(g.byKey) < maxTombs {
@@ -190,13 +212,89 @@ func (m *Mux) buryLocked(key flowKey, t tomb, now time.Time) {
 	g.byKey[key] = t
 }
 
-// tombLocked is how flow key ended, if it is remembered.
-func (m *Mux) tombLocked(key flowKey) (tomb, bool) {
-	if g := m.tombs[key.pid]; g != nil {
-		t, ok := g.byKey[key]
-		return t, ok
+// ended removes e, the live flow key, which ended with t; opened says
+// whether the peer opened it (and so had it counted, and may resume it
+// late).
+func (pf *peerFlows) ended(key flowKey, e *flowEntry, t tomb, now time.Time) {
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	if pf.live[key] == e {
+		delete(pf.live, key)
 	}
-	return tomb{}, false
+	if key.mine {
+		return // only the peer resumes its own
+	}
+	pf.opened--
+	pf.tombs.bury(key, t, now)
+}
+
+// lookup is the live flow key, or how it ended.
+func (pf *peerFlows) lookup(key flowKey) (e *flowEntry, t tomb, ended bool) {
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	t, ended = pf.tombs.byKey[key]
+	return pf.live[key], t, ended
+}
+
+// newFlow makes and registers a flow on link l, to be attached, or
+// returns nil if a flow of that key is live already. A flow the peer
+// opened was counted by take, until it ends.
+func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flowEntry {
+	e := &flowEntry{port: port, log: log, born: l, ready: make(chan struct{})}
+	e.on.Store(l)
+	start := time.Now()
+	pf := m.flows.of(key.pid)
+	e.c = flow.New(flow.Options{
+		ResumeTimeout: m.opts.ResumeTimeout,
+		Buffers:       &m.fbufs,
+		OnDetach: func() {
+			if !m.goUnlessQuit(func() {
+				if key.mine {
+					m.resume(key, e)
+				}
+			}) {
+				e.abandon(ResetShutdown) // nothing will resume it
+			}
+		},
+		OnDone: func(how flow.End) {
+			_, rcvd := e.c.State()
+			st := header.StatusFlowDone
+			reset := how != flow.EndDone
+			if reset {
+				st = header.StatusFlowReset
+				why := ResetByPeer
+				switch how {
+				case flow.EndTimeout:
+					why = ResetResumeTimeout
+				case flow.EndProtocol:
+					why = ResetProtocol
+					m.quiet.warn("protocol:"+strconv.Itoa(key.pid), "peer broke the flow protocol; flow reset", "peer", key.pid)
+				case flow.EndAbandoned:
+					if w := ResetReason(e.why.Load()); w != resetNone {
+						why = w
+					}
+				}
+				m.count.reset(why)
+			}
+			now := time.Now()
+			pf.ended(key, e, tomb{status: st, rcvd: rcvd, until: now.Add(m.opts.ResumeTimeout)}, now)
+			sent, recv := e.c.Counts()
+			logClosed(log, start, sent, recv, reset)
+		},
+	}, addrOf(l.local), addrOf(l.remote))
+	pf.mu.Lock()
+	if pf.live[key] != nil {
+		pf.mu.Unlock()
+		return nil // the peer raced two flows of one id: the first keeps it
+	}
+	pf.live[key] = e
+	pf.mu.Unlock()
+	select {
+	case <-m.quit:
+		e.abandon(ResetShutdown)
+	default:
+	}
+	return e
 }
 
 // goUnlessQuit runs f on a goroutine that Run waits for, unless Run is
@@ -253,10 +351,10 @@ func (m *Mux) resume(key flowKey, e *flowEntry) {
 		e.on.Store(l)
 		e.c.Detach()
 		_, rcvd := e.c.State()
-		str, reply, err := openStream(ctx, l.conn, Request{Kind: KindResume, Port: e.port, Flow: key.id, Rcvd: rcvd})
+		str, reply, err := openStream(ctx, l.conn, header.Request{Kind: header.KindResume, Port: e.port, Flow: key.id, Rcvd: rcvd})
 		if err != nil {
 			if connectionDead(l.conn, err) {
-				m.dropLink(p, l, err, evLost)
+				p.dropLink(l, err, evLost)
 			}
 			if bo.Wait(ctx) != nil {
 				e.abandon(ResetResumeTimeout)
@@ -265,22 +363,22 @@ func (m *Mux) resume(key flowKey, e *flowEntry) {
 			continue
 		}
 		switch reply.Status {
-		case StatusOK:
+		case header.StatusOK:
 			e.c.Attach(m.flowStream(str, l), reply.Rcvd)
 			if moving {
 				m.count.flowsMoved.Add(1)
 				e.log.Debug("flow moved to another connection of the pool", "after", time.Since(lost).Round(time.Millisecond))
 			} else {
 				m.count.flowsResumed.Add(1)
-				e.log.Info("flow resumed", "after", time.Since(lost).Round(time.Millisecond), "path", m.linkKind(p, l))
+				e.log.Info("flow resumed", "after", time.Since(lost).Round(time.Millisecond), "path", p.kindOf(l))
 			}
-			m.poolChanged(key.pid)
-		case StatusFlowDone:
+			p.poolChanged()
+		case header.StatusFlowDone:
 			e.c.PeerDone(reply.Rcvd)
 		default:
 			e.log.Info("peer no longer has the flow; resetting it", "status", reply.Status)
 			why := ResetPeerLostFlow
-			if reply.Status == StatusFlowReset {
+			if reply.Status == header.StatusFlowReset {
 				why = ResetByPeer
 			}
 			e.abandon(why)
@@ -290,30 +388,27 @@ func (m *Mux) resume(key flowKey, e *flowEntry) {
 }
 
 // resumed answers a peer's resume of a flow it opened.
-func (m *Mux) resumed(pid int, req Request, str *quic.Stream, l *link, log *slog.Logger) {
+func (m *Mux) resumed(pid int, req header.Request, str *quic.Stream, l *link) {
 	key := flowKey{pid: pid, id: req.Flow}
-	m.mu.Lock()
-	e := m.flows[key.pid][key]
-	t, ended := m.tombLocked(key)
-	m.mu.Unlock()
+	e, t, ended := m.flows.of(pid).lookup(key)
 	if e != nil {
 		select {
 		case <-e.ready:
-		case <-time.After(m.opts.DialTimeout):
+		case <-time.After(m.opts.HandshakeTimeout):
 		}
 	}
 	if e == nil {
-		st := StatusUnknownFlow
+		st := header.StatusUnknownFlow
 		if ended {
 			st = t.status
 		}
-		str.Write(Reply{Status: st, Rcvd: t.rcvd}.Append(nil))
+		str.Write(header.Reply{Status: st, Rcvd: t.rcvd}.Append(nil))
 		endStream(str)
 		return
 	}
 	e.c.Detach()
 	_, rcvd := e.c.State()
-	if _, err := str.Write(Reply{Rcvd: rcvd}.Append(nil)); err != nil {
+	if _, err := str.Write(header.Reply{Rcvd: rcvd}.Append(nil)); err != nil {
 		str.CancelRead(codeStreamAbort)
 		return
 	}
@@ -327,50 +422,23 @@ func (m *Mux) resumed(pid int, req Request, str *quic.Stream, l *link, log *slog
 		e.log.Info("flow resumed by peer")
 	}
 	e.c.Attach(m.flowStream(str, l), req.Rcvd)
-	m.poolChanged(pid)
-}
-
-// hello records the boot id a peer sent on l, a new connection: a new one
-// means the peer restarted, and the flows of its old instance (those opened
-// before l) cannot be resumed.
-func (m *Mux) hello(pid int, boot uint64, l *link) {
-	m.mu.Lock()
-	p := m.peers[pid]
-	restarted := p != nil && p.boot != 0 && p.boot != boot
-	if p != nil {
-		p.boot = boot
+	if p := m.peer(pid); p != nil {
+		p.poolChanged()
 	}
-	m.mu.Unlock()
-	if restarted {
-		m.resetFlows(pid, ResetPeerRestarted, l)
-	}
-}
-
-// sayHello tells the peer on a new connection who we are, and learns who
-// it is.
-func (m *Mux) sayHello(ctx context.Context, pid int, l *link) {
-	hctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
-	defer cancel()
-	str, reply, err := openStream(hctx, l.conn, Request{Kind: KindHello, Flow: m.boot})
-	if err != nil {
-		m.log.Debug("hello failed", "peer", pid, "err", err)
-		return
-	}
-	endStream(str)
-	m.hello(pid, reply.Rcvd, l)
 }
 
 // resetFlows resets every flow with pid but those opened on keep (nil for
 // none): the peer restarted or shut down (why), so they cannot be resumed.
-func (m *Mux) resetFlows(pid int, why string, keep *link) {
-	m.mu.Lock()
+func (m *Mux) resetFlows(pid int, why ResetReason, keep *link) {
+	pf := m.flows.of(pid)
+	pf.mu.Lock()
 	var es []*flowEntry
-	for _, e := range m.flows[pid] {
+	for _, e := range pf.live {
 		if keep == nil || e.born != keep && e.born.primary != keep {
 			es = append(es, e)
 		}
 	}
-	m.mu.Unlock()
+	pf.mu.Unlock()
 	if len(es) > 0 {
 		m.log.Info("resetting the peer's flows", "peer", pid, "flows", len(es), "why", why)
 	}

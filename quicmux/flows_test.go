@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/quic-go/quic-go"
-
 	"sfkit-proxy/flow"
 	"sfkit-proxy/internal/testkit"
 )
@@ -21,15 +19,8 @@ import (
 // the flows on it: the far side sees it end with an error that is not a
 // shutdown.
 func cut(m *Mux, pid int) {
-	m.mu.Lock()
-	p := m.peers[pid]
-	var conn *quic.Conn
-	if p != nil && p.link != nil {
-		conn = p.link.conn
-	}
-	m.mu.Unlock()
-	if conn != nil {
-		conn.CloseWithError(0x999, "test: path cut")
+	if l := primaryOf(m, pid); l != nil {
+		l.conn.CloseWithError(0x999, "test: path cut")
 	}
 }
 
@@ -133,16 +124,16 @@ func TestRestartedPeerResetsFlows(t *testing.T) {
 	a, b, c := heldFlow(t)
 	testkit.Eventually(t, "party 0 learned party 1's boot id", func() bool {
 		p := peerOf(a.m, 1)
-		a.m.mu.Lock()
-		defer a.m.mu.Unlock()
+		p.mu.Lock()
+		defer p.mu.Unlock()
 		return p.boot == b.m.boot
 	})
-	a.m.hello(1, b.m.boot, nil) // the same instance again: nothing happens
+	peerOf(a.m, 1).hello(b.m.boot, nil) // the same instance again: nothing happens
 	c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("Read = %v; want the flow alive (a deadline)", err)
 	}
-	a.m.hello(1, newBoot(), nil) // a new instance says hello
+	peerOf(a.m, 1).hello(newBoot(), nil) // a new instance says hello
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, flow.ErrReset) {
 		t.Errorf("Read after the peer restarted = %v; want flow.ErrReset", err)

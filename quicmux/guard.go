@@ -6,67 +6,12 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"slices"
 	"sync"
 	"time"
 
 	"github.com/quic-go/quic-go"
 	"golang.org/x/time/rate"
-
-	"sfkit-proxy/stun"
 )
-
-// answers holds the newest answer to our checks from each address. A burst
-// of answers cannot crowd out a newer one, and an address that answers a
-// hundred times is one entry.
-type answers struct {
-	ready chan struct{} // holds a token while byAddr is not empty
-
-	mu     sync.Mutex // guards byAddr, seq
-	byAddr map[netip.AddrPort]answer
-	seq    uint64
-}
-
-type answer struct {
-	r   stun.Result
-	seq uint64 // arrival order
-}
-
-// maxAnswers bounds the addresses remembered; checks go to at most
-// MaxCandidates published and maxPrflx learned addresses.
-const maxAnswers = 64
-
-func newAnswers() *answers {
-	return &answers{ready: make(chan struct{}, 1), byAddr: make(map[netip.AddrPort]answer)}
-}
-
-// put records r; it never blocks.
-func (a *answers) put(r stun.Result) {
-	a.mu.Lock()
-	if _, ok := a.byAddr[r.From]; ok || len(a.byAddr) < maxAnswers {
-		a.seq++
-		a.byAddr[r.From] = answer{r, a.seq}
-	}
-	a.mu.Unlock()
-	notify(a.ready)
-}
-
-// take returns the answers held, newest first, and forgets them.
-func (a *answers) take() []stun.Result {
-	a.mu.Lock()
-	all := make([]answer, 0, len(a.byAddr))
-	for _, an := range a.byAddr {
-		all = append(all, an)
-	}
-	clear(a.byAddr)
-	a.mu.Unlock()
-	slices.SortFunc(all, func(x, y answer) int { return int(y.seq - x.seq) })
-	out := make([]stun.Result, len(all))
-	for i, an := range all {
-		out[i] = an.r
-	}
-	return out
-}
 
 // quietLog writes a repeated warning once per key and interval, saying how
 // many were held back since: a flood cannot flood the log.

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sfkit-proxy/identity"
 	"slices"
 	"strings"
 	"sync"
@@ -18,7 +19,6 @@ import (
 
 	"sfkit-proxy/flow"
 	"sfkit-proxy/internal/testkit"
-	"sfkit-proxy/stun"
 )
 
 // remoteOf is where pid's connection at m comes from; zero when none.
@@ -125,7 +125,7 @@ func TestHandshakeFloodIsCheap(t *testing.T) {
 	}
 	tr := &quic.Transport{Conn: conn}
 	t.Cleanup(func() { tr.Close() })
-	stranger, _ := LoadIdentity(t.TempDir())
+	stranger, _ := identity.Load(t.TempDir())
 	cfg := &tls.Config{Certificates: []tls.Certificate{stranger.Cert}, NextProtos: []string{ALPN},
 		InsecureSkipVerify: true, ServerName: handshakeName(0, 1)}
 	const flood = 3 * time.Second
@@ -209,10 +209,10 @@ func TestDangerousCandidatesAreIgnored(t *testing.T) {
 		cands = append(cands, netip.MustParseAddrPort(s))
 	}
 	good := netip.MustParseAddrPort("127.0.0.1:4000") // a is on loopback: loopback peers are real
-	k := NewCheckKey()
+	k := identity.NewCheckKey()
 	a.m.SetPeers([]PeerInfo{a.info, {PID: 1, Pin: "pin-of-1", CheckKey: k.Public(), Instance: "i1", Candidates: append(cands, good)}})
 	testkit.Eventually(t, "party 1 registered", func() bool { return peerOf(a.m, 1) != nil })
-	if got := a.m.targets(peerOf(a.m, 1)); !slices.Equal(got, []netip.AddrPort{good}) {
+	if got := targetsOf(a.m, 1); !slices.Equal(got, []netip.AddrPort{good}) {
 		t.Errorf("targets = %v; want only %v", got, good)
 	}
 	// More than the limit are cut to it.
@@ -221,8 +221,8 @@ func TestDangerousCandidatesAreIgnored(t *testing.T) {
 		many = append(many, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(5000+i)))
 	}
 	a.m.SetPeers([]PeerInfo{a.info, {PID: 1, Pin: "pin-of-1", CheckKey: k.Public(), Instance: "i1", Candidates: many}})
-	testkit.Eventually(t, "the new view", func() bool { return len(a.m.targets(peerOf(a.m, 1))) != 1 })
-	if n := len(a.m.targets(peerOf(a.m, 1))); n != 16 {
+	testkit.Eventually(t, "the new view", func() bool { return len(targetsOf(a.m, 1)) != 1 })
+	if n := len(targetsOf(a.m, 1)); n != 16 {
 		t.Errorf("%d targets from 40 candidates; want 16", n)
 	}
 }
@@ -241,27 +241,4 @@ func TestLiveConnectionOutlivesItsRegistryEntry(t *testing.T) {
 	roundTrip(t, a.m, 1, echo, 1000)
 	b.stop()
 	testkit.Eventually(t, "party 1 forgotten", func() bool { return peerOf(a.m, 1) == nil })
-}
-
-func TestAnswersKeepTheNewestPerAddress(t *testing.T) {
-	a := newAnswers()
-	x, y := netip.MustParseAddrPort("192.0.2.1:1"), netip.MustParseAddrPort("192.0.2.2:2")
-	for range 1000 {
-		a.put(stun.Result{From: x})
-	}
-	a.put(stun.Result{From: y})
-	for i := range 2 * maxAnswers {
-		a.put(stun.Result{From: netip.AddrPortFrom(x.Addr(), uint16(1000+i))})
-	}
-	a.put(stun.Result{From: x}) // x again: newest
-	got := a.take()
-	if len(got) != maxAnswers || got[0].From != x {
-		t.Fatalf("take = %d answers, newest %v; want %d, newest %v", len(got), got[0].From, maxAnswers, x)
-	}
-	if !slices.ContainsFunc(got, func(r stun.Result) bool { return r.From == y }) {
-		t.Error("an older answer from another address was crowded out")
-	}
-	if len(a.take()) != 0 {
-		t.Error("take did not empty the answers")
-	}
 }

@@ -12,6 +12,8 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"sfkit-proxy/identity"
+	"sfkit-proxy/quicmux/header"
 	"testing"
 	"time"
 
@@ -28,7 +30,7 @@ import (
 type hostilePeer struct {
 	t      *testing.T
 	pid    int
-	id     *Identity
+	id     *identity.Identity
 	tr     *quic.Transport
 	target *testParty
 	info   PeerInfo
@@ -37,7 +39,7 @@ type hostilePeer struct {
 
 func newHostilePeer(t *testing.T, pid int, target *testParty) *hostilePeer {
 	t.Helper()
-	id, err := LoadIdentity(t.TempDir())
+	id, err := identity.Load(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,7 +50,7 @@ func newHostilePeer(t *testing.T, pid int, target *testParty) *hostilePeer {
 	tr := &quic.Transport{Conn: conn}
 	t.Cleanup(func() { tr.Close(); conn.Close() })
 	return &hostilePeer{t: t, pid: pid, id: id, tr: tr, target: target,
-		info: PeerInfo{PID: pid, Pin: id.Pin, CheckKey: NewCheckKey().Public(), Instance: NewInstance(),
+		info: PeerInfo{PID: pid, Pin: id.Pin, CheckKey: identity.NewCheckKey().Public(), Instance: identity.NewInstance(),
 			Candidates: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}}}
 }
 
@@ -75,18 +77,18 @@ func (h *hostilePeer) dial() *quic.Conn {
 
 // connect asks for a new flow to port on qc and returns its stream and the
 // target's answer.
-func (h *hostilePeer) connect(qc *quic.Conn, port uint16) (*quic.Stream, Status) {
+func (h *hostilePeer) connect(qc *quic.Conn, port uint16) (*quic.Stream, header.Status) {
 	h.t.Helper()
 	h.lastID = mrand.Uint64()
 	return h.connectID(qc, port, h.lastID)
 }
 
 // connectID is connect with flow id id.
-func (h *hostilePeer) connectID(qc *quic.Conn, port uint16, id uint64) (*quic.Stream, Status) {
+func (h *hostilePeer) connectID(qc *quic.Conn, port uint16, id uint64) (*quic.Stream, header.Status) {
 	h.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	str, reply, err := openStream(ctx, qc, Request{Kind: KindConnect, Port: port, Flow: id})
+	str, reply, err := openStream(ctx, qc, header.Request{Kind: header.KindConnect, Port: port, Flow: id})
 	if err != nil {
 		h.t.Fatalf("hostile connect: %v", err)
 	}
@@ -175,13 +177,13 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 		qc := h.dial()
 		conns = append(conns, qc)
 		str, st := h.connect(qc, echo)
-		if st != StatusOK {
+		if st != header.StatusOK {
 			t.Fatalf("flow on connection %d: %v", i, st)
 		}
 		held = append(held, str)
 		if i > 0 && conns[i-1].Context().Err() == nil {
-			if _, st := h.connect(conns[i-1], echo); st != StatusDraining {
-				t.Errorf("a new flow on a replaced connection: %v; want %v", st, StatusDraining)
+			if _, st := h.connect(conns[i-1], echo); st != header.StatusDraining {
+				t.Errorf("a new flow on a replaced connection: %v; want %v", st, header.StatusDraining)
 			}
 		}
 	}
@@ -203,7 +205,7 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 	qc := conns[len(conns)-1]
 	streams := peerStats(x.m, 4).OpenConns
 	str, st := h.connect(qc, source)
-	if st != StatusOK {
+	if st != header.StatusOK {
 		t.Fatalf("flow to the source: %v", st)
 	}
 	held = append(held, str)
@@ -211,22 +213,22 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 	time.Sleep(200 * time.Millisecond) // the source fills the stream
 	str.Write(binary.BigEndian.AppendUint64([]byte{0x02}, 1<<40))
 	testkit.Eventually(t, "the broken flow reset with reason protocol", func() bool {
-		return x.m.Stats().FlowsReset[ResetProtocol] == 1
+		return x.m.Stats().FlowsReset[ResetProtocol.String()] == 1
 	})
 	// Its stream is let go of, though the member reads nothing and so
 	// never takes the reset.
 	testkit.Eventually(t, "the broken flow's stream let go of", func() bool { return peerStats(x.m, 4).OpenConns == streams })
 
 	// A flow id the member has, or had, is not taken again.
-	if _, st := h.connectID(qc, echo, h.lastID); st != StatusBadRequest {
-		t.Errorf("a flow with the id of a live one: %v; want %v", st, StatusBadRequest)
+	if _, st := h.connectID(qc, echo, h.lastID); st != header.StatusBadRequest {
+		t.Errorf("a flow with the id of a live one: %v; want %v", st, header.StatusBadRequest)
 	}
 
 	// Tiny frames: just over MaxRecv (1 MiB) in 1-byte data frames, to a
 	// program that reads nothing. What the target holds for them is the
 	// bytes, not a chunk each (that was 48 bytes a frame, 48 MiB).
 	str, st = h.connect(qc, sink)
-	if st != StatusOK {
+	if st != header.StatusOK {
 		t.Fatalf("flow to the sink: %v", st)
 	}
 	held = append(held, str)
@@ -250,10 +252,10 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 	// Detached flows: open and drop at once, until refused.
 	for range 2 * maxFlows {
 		str, st := h.connect(qc, echo)
-		if st == StatusOverBudget {
+		if st == header.StatusOverBudget {
 			break
 		}
-		if st != StatusOK {
+		if st != header.StatusOK {
 			t.Fatalf("flood: %v", st)
 		}
 		drop(str)
@@ -262,8 +264,8 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 	if opened != maxFlows {
 		t.Errorf("the member opened %d flows; want its budget, %d", opened, maxFlows)
 	}
-	if _, st := h.connect(qc, echo); st != StatusOverBudget {
-		t.Errorf("past the budget: %v; want %v", st, StatusOverBudget)
+	if _, st := h.connect(qc, echo); st != header.StatusOverBudget {
+		t.Errorf("past the budget: %v; want %v", st, header.StatusOverBudget)
 	}
 	if err := honest(); err != nil {
 		t.Errorf("honest transfer during the attack: %v", err)
@@ -278,18 +280,16 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 	for _, c := range conns {
 		c.CloseWithError(0, "")
 	}
-	x.m.mu.Lock()
-	p := x.m.peers[4]
-	x.m.mu.Unlock()
 	x.m.resetFlows(4, ResetPeerShutdown, nil)
 	testkit.Eventually(t, "the member's flows given back", func() bool {
-		x.m.mu.Lock()
-		defer x.m.mu.Unlock()
-		return p.inFlows == 0
+		pf := x.m.flows.of(4)
+		pf.mu.Lock()
+		defer pf.mu.Unlock()
+		return pf.opened == 0
 	})
 	qc = h.dial()
-	if _, st := h.connect(qc, echo); st != StatusOK {
-		t.Errorf("after its flows ended: %v; want %v", st, StatusOK)
+	if _, st := h.connect(qc, echo); st != header.StatusOK {
+		t.Errorf("after its flows ended: %v; want %v", st, header.StatusOK)
 	}
 }
 
@@ -306,30 +306,37 @@ func heapInUse() int64 {
 // another peer does; flows we opened leave no tomb (only their opener
 // resumes them).
 func TestTombsAreBoundedPerPeer(t *testing.T) {
-	m := &Mux{tombs: make(map[int]*graveyard)}
+	var ft flowTable
 	t0 := time.Now()
 	life := time.Minute
 	bury := func(pid int, id uint64, mine bool, at time.Time) {
-		m.buryLocked(flowKey{pid: pid, id: id, mine: mine}, tomb{status: StatusFlowDone, until: at.Add(life)}, at)
+		key := flowKey{pid: pid, id: id, mine: mine}
+		if !mine {
+			if ok, fresh := ft.of(pid).take(key, maxTombs); !ok || !fresh {
+				t.Fatalf("take(%v) = %v, %v; want a fresh flow", key, ok, fresh)
+			}
+		}
+		ft.of(pid).ended(key, nil, tomb{status: header.StatusFlowDone, until: at.Add(life)}, at)
 	}
-	has := func(pid int, id uint64) bool {
-		_, ok := m.tombLocked(flowKey{pid: pid, id: id})
-		return ok
+	tombOf := func(key flowKey) bool {
+		_, _, ended := ft.of(key.pid).lookup(key)
+		return ended
 	}
+	has := func(pid int, id uint64) bool { return tombOf(flowKey{pid: pid, id: id}) }
 	bury(1, 1, false, t0)
 	bury(2, 1, false, t0)
 	bury(1, 2, true, t0)
 	if !has(1, 1) || !has(2, 1) {
 		t.Fatal("a peer's ended flow is not remembered")
 	}
-	if _, ok := m.tombLocked(flowKey{pid: 1, id: 2, mine: true}); ok {
+	if tombOf(flowKey{pid: 1, id: 2, mine: true}) {
 		t.Error("a flow we opened left a tomb")
 	}
 	// A flood from party 1, after party 1's first tomb expired.
 	for i := range maxTombs + 10 {
 		bury(1, uint64(100+i), false, t0.Add(life+time.Second))
 	}
-	if n := len(m.tombs[1].byKey); n != maxTombs {
+	if n := len(ft.of(1).tombs.byKey); n != maxTombs {
 		t.Errorf("party 1 has %d tombs; want at most %d", n, maxTombs)
 	}
 	if has(1, 1) || has(1, 100) || !has(1, uint64(100+maxTombs+9)) {

@@ -1,8 +1,31 @@
 // Package quicmux owns the one UDP socket of a sidecar through a
 // quic.Transport. It separates STUN from QUIC on that socket, runs the
-// connectivity checks that punch through NATs, keeps one mutually
-// authenticated QUIC connection per peer, and carries each tunnelled TCP
-// connection as one QUIC stream.
+// connectivity checks that punch through NATs, keeps mutually
+// authenticated QUIC connections to every peer, and carries each tunnelled
+// TCP connection (a flow, package flow) as one QUIC stream.
+//
+// What owns what:
+//   - Mux (mux.go): the endpoints, the peer map, the flow table, the
+//     counters. Its lock guards only the peer map and its lifecycle.
+//   - endpoint (endpoint.go): a socket (the main one, or a relay
+//     allocation) with its QUIC transport, listener and STUN client; it
+//     hands each connectivity check to its peer, and each accepted
+//     connection to its peer.
+//   - peer (peer.go): one party's state under its own lock, and one
+//     goroutine that takes its events and obeys its path state, a typed
+//     state machine whose transitions are a pure function (state.go).
+//   - candidates (candidates.go): a peer's address table, with a pure
+//     choice of the pair to dial.
+//   - pool (pool.go): a peer's QUIC connections, and a pure balancing
+//     function that returns the moves.
+//   - the flow table (flows.go): every flow by peer, and expiring tombs.
+//   - streams (stream.go): the stream protocol's two ends (header.go is its
+//     wire format).
+//
+// Lock order: Mux.mu, then peer.mu, then the flow table's locks; the
+// change signal, the counters and the quiet log are leaves. Nothing is
+// dialled, written or closed while a lock is held: what to do is collected
+// under the lock and done after it.
 package quicmux
 
 import (
@@ -13,11 +36,10 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sfkit-proxy/identity"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -39,10 +61,6 @@ const (
 	codePathDead quic.ApplicationErrorCode = 0x104 // nothing heard for pathDeadAfter
 	codeIdle     quic.ApplicationErrorCode = 0x105 // a pool member carried nothing for a while
 
-	// pathDeadAfter is how long a connection may go without a packet before
-	// its path counts as dead.
-	pathDeadAfter = 5 * time.Second
-
 	codeStreamAbort quic.StreamErrorCode = 0x1
 )
 
@@ -60,24 +78,13 @@ type PeerInfo struct {
 // Relay is a relayed allocation (a TURN allocation) to reach peers through
 // when no direct path works.
 type Relay struct {
-	// Conn sends and receives through the relay; Run closes it.
+	// Conn sends and receives through the relay; the Mux it is given to
+	// closes it.
 	Conn net.PacketConn
 	// Addr is the relayed address peers send to (published as a candidate).
 	Addr netip.AddrPort
 	// Server names the relay, for logs and status.
 	Server string
-}
-
-// endpoint is a local socket peers are reached through: the main UDP socket
-// or a relay allocation, each with its QUIC transport, listener and STUN
-// transactions.
-type endpoint struct {
-	relay  bool
-	server string // the relay's name
-	conn   net.PacketConn
-	tr     *quic.Transport
-	ln     *quic.Listener
-	stun   *stun.Client
 }
 
 // Options configure a Mux. Zero values are documented per field.
@@ -87,10 +94,10 @@ type Options struct {
 	Study  string
 	PID    int
 	// Identity is this party's key and certificate (required).
-	Identity *Identity
+	Identity *identity.Identity
 	// CheckKey authenticates connectivity checks with each peer (required;
 	// its public half is what we publish as check_key).
-	CheckKey *CheckKey
+	CheckKey *identity.CheckKey
 	// Virtual is the virtual range (--peers-cidr); a peer's candidate inside
 	// it is ignored. Zero checks none.
 	Virtual netip.Prefix
@@ -98,7 +105,7 @@ type Options struct {
 	// us at once; zero means 4096. Past it a Dial fails at once.
 	MaxStreams int
 	// ResumeTimeout is how long a tunnelled connection waits for a path to
-	// come back before it is reset; zero means 10 minutes.
+	// come back before it is reset; zero means flow.DefaultResumeTimeout.
 	ResumeTimeout time.Duration
 	// OnPathLost, if set, is called when a connection to a peer dies: the
 	// NAT mapping may have changed, and is worth asking STUN about now.
@@ -130,121 +137,141 @@ type Options struct {
 	LocalHost netip.Addr
 	// CheckInterval is the period of connectivity checks; zero means 200 ms.
 	CheckInterval time.Duration
-	// DialTimeout bounds one QUIC handshake; zero means 5 s.
-	DialTimeout time.Duration
-	// Relay, if set, is a relayed allocation used when no direct path works.
-	Relay *Relay
+	// HandshakeTimeout bounds one QUIC handshake (and a request's answer on
+	// a new stream); zero means 5 s.
+	HandshakeTimeout time.Duration
 	// RelayDelay is how long direct checks get before a relayed path is
 	// taken; zero means 3 s.
 	RelayDelay time.Duration
 	// ConnsPerPeer bounds the QUIC connections to one peer (see pool.go):
 	// zero means config.DefaultConnsPerPeer, 1 carries every flow on one.
 	ConnsPerPeer int
-	// poolIdle is how long a pool member may carry nothing; zero means
-	// defaultPoolIdle (tests shorten it).
+}
+
+// populate fills in the documented defaults: the one place they live.
+func (o *Options) populate() error {
+	if o.Identity == nil || o.CheckKey == nil {
+		return errors.New("quicmux: Identity and CheckKey are required")
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.AllowPort == nil {
+		o.AllowPort = func(int, uint16) bool { return false }
+	}
+	if o.OwnPort == nil {
+		o.OwnPort = func(uint16) bool { return false }
+	}
+	if o.WaitPort == nil {
+		o.WaitPort = func(int, uint16) bool { return false }
+	}
+	if o.LocalWait == 0 {
+		o.LocalWait = 5 * time.Minute
+	}
+	if o.MaxWaiting == 0 {
+		o.MaxWaiting = 1024
+	}
+	if o.MaxFlows == 0 {
+		o.MaxFlows = 4096
+	}
+	if !o.LocalHost.IsValid() {
+		o.LocalHost = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	}
+	if o.CheckInterval == 0 {
+		o.CheckInterval = 200 * time.Millisecond
+	}
+	if o.HandshakeTimeout == 0 {
+		o.HandshakeTimeout = 5 * time.Second
+	}
+	if o.RelayDelay == 0 {
+		o.RelayDelay = 3 * time.Second
+	}
+	if o.MaxStreams == 0 {
+		o.MaxStreams = 4096
+	}
+	if o.ResumeTimeout == 0 {
+		o.ResumeTimeout = flow.DefaultResumeTimeout
+	}
+	if o.ConnsPerPeer == 0 {
+		o.ConnsPerPeer = config.DefaultConnsPerPeer
+	}
+	o.ConnsPerPeer = min(max(o.ConnsPerPeer, 1), config.MaxConnsPerPeer)
+	return nil
+}
+
+// tuning are timings that are not options: tests shorten them through
+// newMux, the test-only way in.
+type tuning struct {
+	// pathDeadAfter is how long a connection may go without a packet
+	// before its path counts as dead.
+	pathDeadAfter time.Duration
+	// poolIdle is how long a pool member may carry nothing before the
+	// dialer closes it.
 	poolIdle time.Duration
+	// balanceDelay lets a burst of pool changes settle before flows move.
+	balanceDelay time.Duration
+}
+
+func defaultTuning() tuning {
+	return tuning{pathDeadAfter: 5 * time.Second, poolIdle: 30 * time.Second, balanceDelay: 100 * time.Millisecond}
 }
 
 // Mux is a sidecar's UDP socket, QUIC transport and peer connections.
 type Mux struct {
 	opts  Options
+	tune  tuning
 	log   *slog.Logger
-	pc    *net.UDPConn
+	local netip.AddrPort // the main socket's address
 	main  *endpoint
 	relay *endpoint // nil without a relay
 	qc    *quic.Config
+	quiet *quietLog // warnings that strangers can provoke
+	guard *handshakeGuard
+	boot  uint64 // this run's id, told to peers in hellos
 
 	updates chan []PeerInfo  // latest registry view, for Run
 	relayQ  chan relayChecks // rounds of checks for relaySender
+	changed signal           // any peer's connections changed
+	flows   flowTable
+	count   counters
+	fbufs   flow.Buffers // what received flow data waits in
 
-	mu      sync.Mutex // guards peers, changed
+	mu      sync.Mutex // guards peers, running; quit is closed under it
 	peers   map[int]*peer
-	changed chan struct{} // closed and replaced when any peer's state changes
+	running bool
+	quit    chan struct{}  // closed when Run ends
+	wg      sync.WaitGroup // stream handlers and per-connection goroutines
 
-	quiet *quietLog // warnings that strangers can provoke
-	guard *handshakeGuard
-
-	boot uint64        // this run's id, told to peers in hellos
-	quit chan struct{} // closed when Run ends
-	// flows are the live flows, by peer; guarded by mu.
-	flows map[int]map[flowKey]*flowEntry
-	// tombs remember the ended flows each peer opened, for its late
-	// resumes; guarded by mu.
-	tombs map[int]*graveyard
-
-	wg    sync.WaitGroup // stream handlers and per-connection goroutines
-	count counters
-	fbufs flow.Buffers // what received flow data waits in
-	// blockDirect drops direct connectivity checks both ways, as a firewall
-	// that blocks UDP would; for tests of the relayed path.
-	blockDirect atomic.Bool
+	closing   chan struct{} // closed by Close
+	closeOnce sync.Once
+	done      chan struct{} // closed once the endpoints are closed
+	endOnce   sync.Once
+	endErr    error
 }
 
-// peer is the state of one remote party. Fields after cancel are guarded by
-// Mux.mu.
-type peer struct {
-	pid          int
-	infoCh       chan struct{} // a new info arrived
-	connCh       chan struct{} // the accept loop installed a connection
-	answers      *answers      // answers to checks from the main socket
-	relayAnswers *answers      // answers to checks from the relay
-	cancel       context.CancelFunc
-	relaySending atomic.Bool   // checks through the relay are being sent
-	poolCh       chan struct{} // a flow was attached, or the pool changed
-	growing      atomic.Bool   // members are being opened
-
-	info PeerInfo
-	// key is the integrity key of checks with this peer ("" while its
-	// check key is unusable).
-	key string
-	// gone: its registry entry went away while a connection was live;
-	// the connection is kept until it ends.
-	gone bool
-	// boot is the peer's boot id from its last hello, 0 before one.
-	boot uint64
-	// waiting counts its connections waiting for a local listener.
-	waiting int
-	prflx   map[netip.AddrPort]time.Time // learned from its checks: when last heard
-	link    *link                        // the connection in use (the pool's primary), nil when none
-	pool    []*link                      // the primary's members (pool.go)
-	// draining are replaced primaries still carrying flows, oldest first:
-	// with link and pool, never more than config.MaxConnsPerPeer.
-	draining []*link
-	// inFlows counts the flows the peer opened here, attached or not: each
-	// holds a local connection (a file descriptor) until it ends.
-	inFlows int
-	path    pathState
-	lastErr string
-	// repairs counts paths repaired; lastRepair is how long the last took.
-	repairs    uint64
-	lastRepair time.Duration
-	traffic    map[string]*traffic // by path kind
-	rates      rates
+// signal is a broadcast: every waiter wakes when it fires.
+type signal struct {
+	mu sync.Mutex // guards ch
+	ch chan struct{}
 }
 
-// link is a QUIC connection to a peer and what it runs over.
-type link struct {
-	conn *quic.Conn
-	ep   *endpoint // the local endpoint it was made on
-	// local and remote are read once, when the link is made: quic-go's
-	// Conn.LocalAddr and RemoteAddr race with a path switch.
-	local, remote netip.AddrPort
-	since         time.Time
-	tr            *traffic     // counters of its path kind when it was made
-	open          atomic.Int64 // tunnelled connections on it, to drain it gracefully
-	// direct is set once the link moved from a relay to the direct path: by
-	// migration on the dialer, by the dialer's notice on the acceptor.
-	direct atomic.Bool
-	// draining is set once a newer connection replaced this one: it
-	// carries the flows it has to their end (or until they move), and
-	// takes no new ones.
-	draining atomic.Bool
-	// primary is the connection whose pool this one belongs to; nil for a
-	// primary.
-	primary *link
-	// idleSince is when a member last carried nothing (dialer; guarded
-	// by Mux.mu).
-	idleSince time.Time
+// wait returns a channel that is closed at the next broadcast.
+func (s *signal) wait() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ch == nil {
+		s.ch = make(chan struct{})
+	}
+	return s.ch
+}
+
+func (s *signal) broadcast() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ch != nil {
+		close(s.ch)
+		s.ch = nil
+	}
 }
 
 // QUICConfig is the QUIC configuration of peer connections (exported for
@@ -264,135 +291,80 @@ func QUICConfig(handshakeTimeout time.Duration) *quic.Config {
 	}
 }
 
-// Listen opens the UDP socket on addr and the QUIC transport on it.
-func Listen(addr netip.AddrPort, opts Options) (*Mux, error) {
-	if opts.Identity == nil || opts.CheckKey == nil {
-		return nil, errors.New("quicmux: Identity and CheckKey are required")
-	}
-	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.DiscardHandler)
-	}
-	if opts.AllowPort == nil {
-		opts.AllowPort = func(int, uint16) bool { return false }
-	}
-	if opts.OwnPort == nil {
-		opts.OwnPort = func(uint16) bool { return false }
-	}
-	if opts.WaitPort == nil {
-		opts.WaitPort = func(int, uint16) bool { return false }
-	}
-	if opts.LocalWait == 0 {
-		opts.LocalWait = 5 * time.Minute
-	}
-	if opts.MaxWaiting == 0 {
-		opts.MaxWaiting = 1024
-	}
-	if opts.MaxFlows == 0 {
-		opts.MaxFlows = 4096
-	}
-	if !opts.LocalHost.IsValid() {
-		opts.LocalHost = netip.AddrFrom4([4]byte{127, 0, 0, 1})
-	}
-	if opts.CheckInterval == 0 {
-		opts.CheckInterval = 200 * time.Millisecond
-	}
-	if opts.DialTimeout == 0 {
-		opts.DialTimeout = 5 * time.Second
-	}
-	if opts.RelayDelay == 0 {
-		opts.RelayDelay = 3 * time.Second
-	}
-	if opts.MaxStreams == 0 {
-		opts.MaxStreams = 4096
-	}
-	if opts.ResumeTimeout == 0 {
-		opts.ResumeTimeout = 10 * time.Minute
-	}
-	if opts.ConnsPerPeer == 0 {
-		opts.ConnsPerPeer = config.DefaultConnsPerPeer
-	}
-	opts.ConnsPerPeer = min(max(opts.ConnsPerPeer, 1), config.MaxConnsPerPeer)
-	if opts.poolIdle == 0 {
-		opts.poolIdle = defaultPoolIdle
-	}
+// Listen opens a UDP socket on addr and runs a Mux on it (see New).
+func Listen(addr netip.AddrPort, relay *Relay, opts Options) (*Mux, error) {
 	network := "udp4"
 	if addr.Addr().Is6() && !addr.Addr().Is4In6() {
 		network = "udp6"
 	}
 	pc, err := net.ListenUDP(network, net.UDPAddrFromAddrPort(addr))
 	if err != nil {
-		if opts.Relay != nil {
-			opts.Relay.Conn.Close()
+		if relay != nil {
+			relay.Conn.Close()
 		}
 		return nil, fmt.Errorf("udp listen %v: %w", addr, err)
 	}
+	return New(pc, relay, opts)
+}
+
+// New runs a Mux on pc, the main socket, and on relay (nil for none). The
+// Mux owns both from here on: it closes them when it fails, and when Run
+// ends or Close is called.
+func New(pc net.PacketConn, relay *Relay, opts Options) (*Mux, error) {
+	return newMux(pc, relay, opts, defaultTuning())
+}
+
+func newMux(pc net.PacketConn, relay *Relay, opts Options, tune tuning) (m *Mux, err error) {
+	defer func() {
+		if err != nil {
+			pc.Close()
+			if relay != nil {
+				relay.Conn.Close()
+			}
+		}
+	}()
+	if err := opts.populate(); err != nil {
+		return nil, err
+	}
 	log := opts.Logger.With("component", "quicmux")
 	quiet := newQuietLog(log, time.Minute)
-	m := &Mux{
+	m = &Mux{
 		opts:    opts,
+		tune:    tune,
 		log:     log,
+		local:   addrPortOf(pc.LocalAddr()),
 		quiet:   quiet,
 		guard:   newHandshakeGuard(quiet),
-		pc:      pc,
 		updates: make(chan []PeerInfo, 1),
 		relayQ:  make(chan relayChecks, 64),
 		peers:   make(map[int]*peer),
-		changed: make(chan struct{}),
-		qc:      QUICConfig(opts.DialTimeout),
+		qc:      QUICConfig(opts.HandshakeTimeout),
 		boot:    newBoot(),
 		quit:    make(chan struct{}),
-		flows:   make(map[int]map[flowKey]*flowEntry),
-		tombs:   make(map[int]*graveyard),
+		closing: make(chan struct{}),
+		done:    make(chan struct{}),
 	}
 	m.qc.MaxIncomingStreams = int64(opts.MaxStreams)
 	if m.main, err = m.newEndpoint(pc, false, ""); err != nil {
-		pc.Close()
-		if opts.Relay != nil {
-			opts.Relay.Conn.Close()
-		}
 		return nil, err
 	}
-	if opts.Relay != nil {
-		if m.relay, err = m.newEndpoint(opts.Relay.Conn, true, opts.Relay.Server); err != nil {
-			m.main.close()
-			pc.Close()
+	if relay != nil {
+		if m.relay, err = m.newEndpoint(relay.Conn, true, relay.Server); err != nil {
+			m.main.ln.Close()
+			m.main.tr.Close()
 			return nil, err
 		}
+		m.relay.addr = relay.Addr
 	}
 	return m, nil
 }
 
-// newEndpoint runs a QUIC transport and listener on conn.
-func (m *Mux) newEndpoint(conn net.PacketConn, relay bool, server string) (*endpoint, error) {
-	ep := &endpoint{relay: relay, server: server, conn: conn, tr: &quic.Transport{Conn: conn,
-		VerifySourceAddress: m.guard.verifySource, ConnContext: m.guard.admit}}
-	ep.stun = stun.NewClient(ep.tr)
-	// Turn on the non-QUIC packet queue before anything is sent, so that no
-	// early STUN answer is dropped.
-	done, cancel := context.WithCancel(context.Background())
-	cancel()
-	ep.tr.ReadNonQUICPacket(done, nil)
-	var err error
-	if ep.ln, err = ep.tr.Listen(m.serverTLS(), m.qc); err != nil {
-		ep.tr.Close()
-		return nil, fmt.Errorf("quic listen: %w", err)
-	}
-	return ep, nil
-}
-
-func (ep *endpoint) close() error {
-	return errors.Join(ep.ln.Close(), ep.tr.Close(), ep.conn.Close())
-}
-
 // LocalAddr is the socket's local address.
-func (m *Mux) LocalAddr() netip.AddrPort {
-	ap := m.pc.LocalAddr().(*net.UDPAddr).AddrPort()
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-}
+func (m *Mux) LocalAddr() netip.AddrPort { return m.local }
 
 // Network is "udp4" or "udp6".
 func (m *Mux) Network() string {
-	if m.LocalAddr().Addr().Is4() {
+	if m.local.Addr().Is4() {
 		return "udp4"
 	}
 	return "udp6"
@@ -412,7 +384,7 @@ func (m *Mux) endpoints() []*endpoint {
 // can be reached: the bound address, or every usable interface address of
 // the socket's family when bound to the wildcard.
 func (m *Mux) HostCandidates() []netip.AddrPort {
-	local := m.LocalAddr()
+	local := m.local
 	if !local.Addr().IsUnspecified() {
 		return []netip.AddrPort{local}
 	}
@@ -458,10 +430,17 @@ func (m *Mux) SetPeers(infos []PeerInfo) {
 	}
 }
 
-// Run serves until ctx ends: it reads STUN off the socket, accepts peers'
-// connections and keeps one connection to every peer. It closes the socket
-// when it returns.
+// Run serves until ctx ends or Close is called: it reads STUN off the
+// sockets, accepts peers' connections and keeps connections to every peer.
+// It closes the sockets when it returns. A Mux runs once.
 func (m *Mux) Run(ctx context.Context) error {
+	m.mu.Lock()
+	again := m.running
+	m.running = true
+	m.mu.Unlock()
+	if again {
+		return errors.New("quicmux: Run called twice")
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	var bg sync.WaitGroup
 	eps := m.endpoints()
@@ -483,6 +462,9 @@ loop:
 			m.sample(now)
 		case <-ctx.Done():
 			break loop
+		case <-m.closing:
+			err = net.ErrClosed
+			break loop
 		case err = <-errc:
 			break loop
 		case infos := <-m.updates:
@@ -490,30 +472,24 @@ loop:
 		}
 	}
 	cancel()
-	var draining []*link // closed once mu is let go of
+	// The peers go first, then their connections, then the flows that
+	// nothing will resume, then the sockets.
+	var closing []*link
 	m.mu.Lock()
 	close(m.quit) // under mu: see goUnlessQuit
-	for _, p := range m.peers {
-		p.cancel()
-		if p.link != nil {
-			p.link.conn.CloseWithError(codeShutdown, "shutdown")
-		}
-		m.closeMembersLocked(p, codeShutdown, "shutdown")
-		draining = append(draining, p.draining...)
-		p.draining = nil
-	}
-	var flows []*flowEntry
-	for _, pf := range m.flows {
-		for _, e := range pf {
-			flows = append(flows, e)
-		}
+	for pid, p := range m.peers {
+		p.mu.Lock()
+		closing = append(closing, p.stopLocked()...)
+		p.mu.Unlock()
+		delete(m.peers, pid)
 	}
 	m.mu.Unlock()
-	for _, d := range draining {
-		d.conn.CloseWithError(codeShutdown, "shutdown")
+	var wg sync.WaitGroup
+	for _, l := range closing {
+		wg.Go(func() { l.conn.CloseWithError(codeShutdown, "shutdown") })
 	}
-	// Nothing will resume them: their local connections are reset.
-	for _, e := range flows {
+	wg.Wait()
+	for _, e := range m.flows.all() {
 		e.abandon(ResetShutdown)
 	}
 	for _, ep := range eps {
@@ -521,21 +497,47 @@ loop:
 	}
 	bg.Wait()
 	m.wg.Wait()
-	var cerr error
-	for _, ep := range eps {
-		cerr = errors.Join(cerr, ep.close())
-	}
-	if err != nil && !errors.Is(err, context.Canceled) {
+	cerr := m.end()
+	switch {
+	case errors.Is(err, net.ErrClosed):
+		return net.ErrClosed
+	case err != nil && !errors.Is(err, context.Canceled):
 		return errors.Join(err, cerr)
 	}
-	return ctx.Err()
+	return context.Cause(ctx)
 }
 
-// reconcile starts, updates and stops peer goroutines to match infos.
+// end closes the endpoints, once.
+func (m *Mux) end() error {
+	m.endOnce.Do(func() {
+		for _, ep := range m.endpoints() {
+			m.endErr = errors.Join(m.endErr, ep.close())
+		}
+		close(m.done)
+	})
+	return m.endErr
+}
+
+// Close stops the Mux: Run, if it runs, ends its peers, their connections
+// and flows and returns net.ErrClosed; the sockets are closed either way,
+// and Close returns once they are. It is safe to call more than once.
+func (m *Mux) Close() error {
+	m.closeOnce.Do(func() { close(m.closing) })
+	m.mu.Lock()
+	running := m.running
+	m.mu.Unlock()
+	if !running {
+		return m.end()
+	}
+	<-m.done
+	return nil
+}
+
+// reconcile starts, updates and stops peers to match infos.
 func (m *Mux) reconcile(ctx context.Context, infos []PeerInfo, bg *sync.WaitGroup) {
 	seen := make(map[int]bool)
+	var closing []*link
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	for _, in := range infos {
 		if in.PID == m.opts.PID || in.PID < 0 {
 			continue
@@ -545,58 +547,85 @@ func (m *Mux) reconcile(ctx context.Context, infos []PeerInfo, bg *sync.WaitGrou
 		p := m.peers[in.PID]
 		if p == nil {
 			pctx, pcancel := context.WithCancel(ctx)
-			p = &peer{
-				pid: in.PID, info: in, path: pathState{state: StateConnecting, since: time.Now()}, cancel: pcancel,
-				rates:  rates{start: time.Now(), last: time.Now()},
-				infoCh: make(chan struct{}, 1), connCh: make(chan struct{}, 1), poolCh: make(chan struct{}, 1),
-				answers: newAnswers(), relayAnswers: newAnswers(), prflx: make(map[netip.AddrPort]time.Time),
-			}
-			m.setKeyLocked(p)
+			p = m.newPeer(pcancel, in)
 			m.peers[in.PID] = p
 			m.log.Info("peer registered", "peer", in.PID, "candidates", in.Candidates)
-			bg.Go(func() { m.runPeer(pctx, p) })
+			bg.Go(func() { p.run(pctx) })
+			bg.Go(func() { p.sendAnswers(pctx) })
 			continue
 		}
+		p.mu.Lock()
 		p.gone = false
 		if !samePeerInfo(p.info, in) {
-			p.info = in
-			m.setKeyLocked(p)
+			p.setInfoLocked(in)
 			notify(p.infoCh)
 		}
+		p.mu.Unlock()
 	}
 	for pid, p := range m.peers {
-		if seen[pid] || p.gone {
+		if seen[pid] {
 			continue
 		}
-		if p.link != nil && p.link.conn.Context().Err() == nil {
+		p.mu.Lock()
+		switch {
+		case p.gone:
+		case p.pool.primary != nil && p.pool.primary.conn.Context().Err() == nil:
 			// An entry expires when its party cannot reach the registry,
 			// which says nothing of the path between us: a live
 			// connection is kept until it ends by itself.
 			m.log.Info("peer left the registry; keeping its live connection until it ends", "peer", pid)
 			p.gone = true
 			notify(p.infoCh)
-			continue
+		default:
+			m.log.Info("peer left the registry", "peer", pid)
+			closing = append(closing, p.stopLocked()...)
+			delete(m.peers, pid)
 		}
-		m.log.Info("peer left the registry", "peer", pid)
-		m.removeLocked(p)
+		p.mu.Unlock()
 	}
-	m.broadcastLocked()
+	m.mu.Unlock()
+	m.closeLater(codeShutdown, "peer left the registry", conns(closing)...)
+	m.changed.broadcast()
 }
 
-// removeLocked stops p and forgets it.
-func (m *Mux) removeLocked(p *peer) {
-	p.cancel()
-	if p.link != nil {
-		p.link.conn.CloseWithError(codeShutdown, "peer left the registry")
+// forget removes p, whose entry went away, once it has no connection; it
+// reports whether it did.
+func (m *Mux) forget(p *peer) bool {
+	m.mu.Lock()
+	p.mu.Lock()
+	ok := p.gone && p.pool.primary == nil
+	var closing []*link
+	if ok {
+		closing = p.stopLocked()
+		if m.peers[p.pid] == p {
+			delete(m.peers, p.pid)
+		}
 	}
-	m.closeMembersLocked(p, codeShutdown, "peer left the registry")
-	for _, d := range p.draining {
-		m.wg.Go(func() { d.conn.CloseWithError(codeShutdown, "peer left the registry") })
+	p.mu.Unlock()
+	m.mu.Unlock()
+	m.closeLater(codeShutdown, "peer left the registry", conns(closing)...)
+	m.changed.broadcast()
+	return ok
+}
+
+// peer is party pid's state, nil when it is not registered.
+func (m *Mux) peer(pid int) *peer {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.peers[pid]
+}
+
+// closeLater closes conns with code in the background: a close waits for
+// the connection to finish, and whoever asks may hold up others.
+func (m *Mux) closeLater(code quic.ApplicationErrorCode, why string, conns ...*quic.Conn) {
+	if len(conns) == 0 {
+		return
 	}
-	p.draining = nil
-	if m.peers[p.pid] == p {
-		delete(m.peers, p.pid)
-	}
+	m.wg.Go(func() {
+		for _, c := range conns {
+			c.CloseWithError(code, why)
+		}
+	})
 }
 
 // screen drops the candidates of in that no peer should send to (see
@@ -626,17 +655,7 @@ func (m *Mux) screen(in PeerInfo) PeerInfo {
 // addrPolicy is which peer addresses we send to: loopback ones only when
 // our own socket is on loopback (every party on this machine).
 func (m *Mux) addrPolicy() config.AddrPolicy {
-	return config.AddrPolicy{Loopback: m.LocalAddr().Addr().IsLoopback(), Virtual: m.opts.Virtual}
-}
-
-// setKeyLocked derives the check key of the pair p and us.
-func (m *Mux) setKeyLocked(p *peer) {
-	key, err := m.opts.CheckKey.pairKey(m.opts.Study, m.opts.PID, p.pid, p.info.CheckKey)
-	if err != nil {
-		m.quiet.warn("checkkey:"+strconv.Itoa(p.pid), "peer published an unusable check key; no checks with it until it publishes a good one",
-			"peer", p.pid, "err", err)
-	}
-	p.key = key
+	return config.AddrPolicy{Loopback: m.local.Addr().IsLoopback(), Virtual: m.opts.Virtual}
 }
 
 func samePeerInfo(a, b PeerInfo) bool {
@@ -651,42 +670,18 @@ func notify(c chan struct{}) {
 	}
 }
 
-func (m *Mux) broadcastLocked() {
-	close(m.changed)
-	m.changed = make(chan struct{})
-}
-
-// readLoop takes every non-QUIC packet off an endpoint: STUN responses go
-// to its STUN client, binding requests are peers' connectivity checks.
-func (m *Mux) readLoop(ctx context.Context, ep *endpoint) error {
-	buf := make([]byte, 1500)
+// relaySender sends the checks through the relay one round at a time: a
+// relay may first have to install a permission for each address, and
+// one TURN client takes its transactions best one after another.
+func (m *Mux) relaySender(ctx context.Context) error {
 	for {
-		n, addr, err := ep.tr.ReadNonQUICPacket(ctx, buf)
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			return fmt.Errorf("read stun: %w", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case rc := <-m.relayQ:
+			rc.send()
+			rc.p.relaySending.Store(false)
 		}
-		ua, ok := addr.(*net.UDPAddr)
-		if !ok {
-			continue
-		}
-		from := ua.AddrPort()
-		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
-		msg, err := stun.Parse(buf[:n])
-		if err != nil {
-			m.log.Debug("ignoring non-quic packet", "from", from, "err", err)
-			continue
-		}
-		if !ep.relay && m.blockDirect.Load() {
-			continue
-		}
-		if !msg.Request {
-			ep.stun.Handle(msg, from)
-			continue
-		}
-		m.answerCheck(ep, msg, from)
 	}
 }
 
@@ -695,163 +690,10 @@ func checkUsername(study string, to, from int) string {
 	return study + ":" + strconv.Itoa(to) + ":" + strconv.Itoa(from)
 }
 
-// answerCheck answers a peer's connectivity check if it carries our study,
-// our pid and integrity with the key of the pair it claims to come from;
-// anything else is ignored. Only such a check teaches us an address.
-func (m *Mux) answerCheck(ep *endpoint, msg *stun.Message, from netip.AddrPort) {
-	study, rest, ok1 := strings.Cut(msg.Username, ":")
-	to, fromPID, ok2 := strings.Cut(rest, ":")
-	pid, err := strconv.Atoi(fromPID)
-	if !ok1 || !ok2 || err != nil || study != m.opts.Study || to != strconv.Itoa(m.opts.PID) {
-		m.log.Debug("ignoring stranger's binding request", "from", from)
-		return
-	}
-	m.mu.Lock()
-	p := m.peers[pid]
-	key := ""
-	if p != nil {
-		key = p.key
-	}
-	m.mu.Unlock()
-	if key == "" {
-		m.log.Debug("ignoring check from a party we cannot check", "from", from, "peer", pid)
-		return
-	}
-	resp := stun.Answer(msg, from, key)
-	if resp == nil {
-		m.log.Debug("ignoring check with bad integrity", "from", from, "peer", pid)
-		return
-	}
-	if _, err := ep.tr.WriteTo(resp, net.UDPAddrFromAddrPort(from)); err != nil {
-		m.log.Debug("check answer failed", "to", from, "err", err)
-	}
-	if !ep.relay {
-		m.learn(p, from)
-	}
-}
-
-// acceptLoop accepts connections from peers with a lower pid; the TLS
-// handshake has already checked their pin.
-func (m *Mux) acceptLoop(ctx context.Context, ep *endpoint) error {
-	for {
-		conn, err := ep.ln.Accept(ctx)
-		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, quic.ErrServerClosed) {
-				return ctx.Err()
-			}
-			return fmt.Errorf("accept: %w", err)
-		}
-		cs := conn.ConnectionState().TLS
-		p, member, err := m.claimed(cs.ServerName, PinOf(cs.PeerCertificates[0]))
-		if err != nil {
-			m.count.acceptsRejected.Add(1)
-			conn.CloseWithError(codeRejected, "unknown peer")
-			continue
-		}
-		m.count.acceptsOK.Add(1)
-		if member {
-			m.mu.Lock()
-			primary := p.link
-			m.mu.Unlock()
-			m.installMember(ctx, p, primary, conn, ep)
-			continue
-		}
-		m.installConn(ctx, p, conn, ep)
-		notify(p.connCh)
-	}
-}
-
-// handshakeName is the TLS server name a dialer sends: who dials whom.
-// The acceptor checks the pin of the party it names, so a member can claim
-// only itself.
-func handshakeName(from, to int) string {
-	return "p" + strconv.Itoa(from) + ".to.p" + strconv.Itoa(to) + ".sfkit-proxy"
-}
-
-// parseHandshakeName reads a handshakeName, with memberName after it for a
-// pool member; anything else is not ok.
-func parseHandshakeName(s string) (from, to int, member, ok bool) {
-	s, member = strings.CutSuffix(s, memberName)
-	rest, ok1 := strings.CutSuffix(s, ".sfkit-proxy")
-	a, b, ok2 := strings.Cut(rest, ".to.")
-	num := func(s string) int {
-		n, err := strconv.Atoi(strings.TrimPrefix(s, "p"))
-		if err != nil || n < 0 || "p"+strconv.Itoa(n) != s {
-			return -1
-		}
-		return n
-	}
-	from, to = num(a), num(b)
-	return from, to, member, ok1 && ok2 && from >= 0 && to >= 0
-}
-
-// claimed finds the peer that a handshake's server name claims dialled us,
-// and checks that it dials (a lower pid) and holds that peer's pinned key.
-// A member is refused when the peer has no connection for it to join, or
-// already has config.MaxConnsPerPeer.
-func (m *Mux) claimed(serverName, pin string) (p *peer, member bool, err error) {
-	from, to, member, ok := parseHandshakeName(serverName)
-	if !ok || to != m.opts.PID {
-		return nil, false, fmt.Errorf("handshake names no party dialling party %d (server name %q)", m.opts.PID, serverName)
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	p = m.peers[from]
-	switch {
-	case p == nil:
-		return nil, false, fmt.Errorf("party %d is not in the registry", from)
-	case from >= m.opts.PID:
-		return nil, false, fmt.Errorf("party %d dialled, but the lower party id dials", from)
-	case p.info.Pin != pin:
-		return nil, false, fmt.Errorf("party %d presented key %s, but pinned is %s", from, pin, p.info.Pin)
-	case member && p.link == nil:
-		return nil, false, fmt.Errorf("party %d opened a pool connection with no connection to pool with", from)
-	case member && len(p.pool) >= config.MaxConnsPerPeer-1:
-		return nil, false, fmt.Errorf("party %d opened more than %d connections", from, config.MaxConnsPerPeer)
-	}
-	return p, member, nil
-}
-
 func (m *Mux) baseTLS() *tls.Config {
 	return &tls.Config{
 		Certificates: []tls.Certificate{m.opts.Identity.Cert},
 		NextProtos:   []string{ALPN},
 		MinVersion:   tls.VersionTLS13,
 	}
-}
-
-func (m *Mux) serverTLS() *tls.Config {
-	c := m.baseTLS()
-	c.ClientAuth = tls.RequireAnyClientCert
-	c.VerifyConnection = func(cs tls.ConnectionState) error {
-		if len(cs.PeerCertificates) == 0 {
-			return errors.New("peer sent no certificate")
-		}
-		pin := PinOf(cs.PeerCertificates[0])
-		if _, _, err := m.claimed(cs.ServerName, pin); err != nil {
-			m.count.acceptsRejected.Add(1)
-			m.quiet.warn("reject:"+pin, "rejected handshake", "pin", pin, "err", err)
-			return err
-		}
-		return nil
-	}
-	return c
-}
-
-func (m *Mux) clientTLS(pid int, pin string) *tls.Config {
-	c := m.baseTLS()
-	c.ServerName = handshakeName(m.opts.PID, pid)
-	// Chain verification is replaced by the pin check below; TLS 1.3 still
-	// proves that the peer holds the pinned key.
-	c.InsecureSkipVerify = true
-	c.VerifyConnection = func(cs tls.ConnectionState) error {
-		if len(cs.PeerCertificates) == 0 {
-			return errors.New("peer sent no certificate")
-		}
-		if got := PinOf(cs.PeerCertificates[0]); got != pin {
-			return fmt.Errorf("party %d presented key %s, but pinned is %s", pid, got, pin)
-		}
-		return nil
-	}
-	return c
 }

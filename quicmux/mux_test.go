@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"sfkit-proxy/identity"
+	"sfkit-proxy/quicmux/header"
 	"slices"
 	"testing"
 	"time"
@@ -19,31 +21,58 @@ import (
 
 type testParty struct {
 	m    *Mux
-	key  *CheckKey
+	key  *identity.CheckKey
 	info PeerInfo
 	stop func()
 }
 
 // startParty runs a Mux on loopback. identity may be nil for a new one.
-func startParty(t testing.TB, pid int, id *Identity, allow func(uint16) bool) *testParty {
+func startParty(t testing.TB, pid int, id *identity.Identity, allow func(uint16) bool) *testParty {
 	t.Helper()
 	return startPartyWith(t, pid, id, allow, nil)
 }
 
-func startPartyWith(t testing.TB, pid int, id *Identity, allow func(uint16) bool, adjust func(*Options)) *testParty {
+func startPartyWith(t testing.TB, pid int, id *identity.Identity, allow func(uint16) bool, adjust func(*Options)) *testParty {
 	t.Helper()
+	return startPartyConf(t, pid, partyConf{id: id, allow: allow, adjust: adjust})
+}
+
+// partyConf is how a test party runs.
+type partyConf struct {
+	id     *identity.Identity // nil: a new one
+	allow  func(uint16) bool
+	adjust func(*Options)
+	pc     net.PacketConn // nil: a new socket on loopback
+	relay  *Relay
+	tune   func(*tuning) // shorter timings
+}
+
+func startPartyConf(t testing.TB, pid int, c partyConf) *testParty {
+	t.Helper()
+	id, allow, adjust := c.id, c.allow, c.adjust
 	if id == nil {
 		var err error
-		if id, err = LoadIdentity(t.TempDir()); err != nil {
+		if id, err = identity.Load(t.TempDir()); err != nil {
 			t.Fatal(err)
 		}
 	}
-	key := NewCheckKey()
+	key := identity.NewCheckKey()
 	opts := Options{Study: "test", PID: pid, Identity: id, CheckKey: key, AllowPort: func(_ int, p uint16) bool { return allow(p) }, CheckInterval: 50 * time.Millisecond}
 	if adjust != nil {
 		adjust(&opts)
 	}
-	m, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), opts)
+	pc := c.pc
+	if pc == nil {
+		var err error
+		if pc, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tune := defaultTuning()
+	if c.tune != nil {
+		c.tune(&tune)
+	}
+	m, err := newMux(pc, c.relay, opts, tune)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,7 +80,7 @@ func startPartyWith(t testing.TB, pid int, id *Identity, allow func(uint16) bool
 	done := make(chan error, 1)
 	go func() { done <- m.Run(ctx) }()
 	stopped := false
-	p := &testParty{m: m, key: key, info: PeerInfo{PID: pid, Pin: id.Pin, CheckKey: key.Public(), Instance: NewInstance(), Candidates: m.HostCandidates()}}
+	p := &testParty{m: m, key: key, info: PeerInfo{PID: pid, Pin: id.Pin, CheckKey: key.Public(), Instance: identity.NewInstance(), Candidates: m.HostCandidates()}}
 	p.stop = func() {
 		if stopped {
 			return
@@ -175,8 +204,8 @@ func TestStreamStatuses(t *testing.T) {
 		port uint16
 		want error
 	}{
-		{"nothing listening", closedPort, ErrRefused},
-		{"not allowed", 1, ErrNotAllowed},
+		{"nothing listening", closedPort, header.ErrRefused},
+		{"not allowed", 1, header.ErrNotAllowed},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -200,7 +229,7 @@ func TestUnknownPeer(t *testing.T) {
 func TestWrongPinIsRejected(t *testing.T) {
 	a := startParty(t, 0, nil, allowAll)
 	b := startParty(t, 1, nil, allowAll)
-	impostor, _ := LoadIdentity(t.TempDir())
+	impostor, _ := identity.Load(t.TempDir())
 	bad := b.info
 	bad.Pin = impostor.Pin // a believes party 1 has another key
 	a.m.SetPeers([]PeerInfo{a.info, bad})
@@ -216,7 +245,7 @@ func TestWrongPinIsRejected(t *testing.T) {
 
 func TestPeerRestartIsReachedAgain(t *testing.T) {
 	echo := halfCloseEcho(t)
-	id, _ := LoadIdentity(t.TempDir())
+	id, _ := identity.Load(t.TempDir())
 	a := startParty(t, 0, nil, allowAll)
 	b := startParty(t, 1, id, allowAll)
 	introduce(a, b)
@@ -243,12 +272,12 @@ func TestForgedChecksAreIgnored(t *testing.T) {
 		return pc
 	}
 	one, two := listen(), listen()
-	k1, k2 := NewCheckKey(), NewCheckKey()
+	k1, k2 := identity.NewCheckKey(), identity.NewCheckKey()
 	a.m.SetPeers([]PeerInfo{a.info,
 		{PID: 1, Pin: "pin-of-1", CheckKey: k1.Public(), Instance: "i1"},
 		{PID: 2, Pin: "pin-of-2", CheckKey: k2.Public(), Instance: "i2"}})
-	pair := func(k *CheckKey, self int, peerPub string) string {
-		key, err := k.pairKey("test", self, 0, peerPub)
+	pair := func(k *identity.CheckKey, self int, peerPub string) string {
+		key, err := k.PairKey("test", self, 0, peerPub)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -293,7 +322,7 @@ func TestForgedChecksAreIgnored(t *testing.T) {
 	if n, _, err := two.ReadFrom(buf); err == nil {
 		t.Errorf("a forged check got an answer (%d bytes); want silence", n)
 	}
-	targets := a.m.targets(peerOf(a.m, 1))
+	targets := targetsOf(a.m, 1)
 	if forged := addrPortOf(two.LocalAddr()); slices.Contains(targets, forged) {
 		t.Errorf("party 0 learned party 2's address %v as party 1's", forged)
 	}
@@ -303,10 +332,39 @@ func TestForgedChecksAreIgnored(t *testing.T) {
 }
 
 // peerOf is m's state of party pid.
-func peerOf(m *Mux, pid int) *peer {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.peers[pid]
+func peerOf(m *Mux, pid int) *peer { return m.peer(pid) }
+
+// primaryOf is m's connection in use to pid, nil when none.
+func primaryOf(m *Mux, pid int) *link {
+	p := m.peer(pid)
+	if p == nil {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.pool.primary
+}
+
+// linksOf are m's live connections to pid, the primary first.
+func linksOf(m *Mux, pid int) []*link {
+	p := m.peer(pid)
+	if p == nil {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.pool.live()
+}
+
+// targetsOf are the addresses m checks for pid.
+func targetsOf(m *Mux, pid int) []netip.AddrPort {
+	p := m.peer(pid)
+	if p == nil {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cands.targets(time.Now())
 }
 
 // waitGoroutines fails if the goroutine count does not return to base.

@@ -7,48 +7,177 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sfkit-proxy/identity"
+	"sfkit-proxy/quicmux/header"
 	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
 
-	"sfkit-proxy/config"
 	"sfkit-proxy/stun"
 )
 
-// runPeer keeps a connection to p until ctx ends.
-func (m *Mux) runPeer(ctx context.Context, p *peer) {
-	log := m.log.With("peer", p.pid)
-	for ctx.Err() == nil {
-		m.mu.Lock()
-		l, inst := p.link, p.info.Instance
-		if l == nil && p.gone {
-			// Its entry went away while connected; now the connection has too.
-			log.Info("peer left the registry")
-			m.removeLocked(p)
-			m.broadcastLocked()
-			m.mu.Unlock()
+// peer is one remote party, in the manner of magicsock's endpoint: its
+// own state under its own lock, and one goroutine (run) that takes its
+// events (a new registry entry, answered checks, a connection accepted,
+// pool changes, the path lost) and obeys its path state (state.go): in a
+// connected state it watches the connection (keep), in any other it looks
+// for one (connect). Lock order: Mux.mu, then peer.mu, then the flow
+// table's; nothing is dialled, written or closed while mu is held.
+type peer struct {
+	m      *Mux
+	pid    int
+	log    *slog.Logger
+	cancel context.CancelFunc
+	// Events for run: one token each, so a sender never blocks.
+	infoCh       chan struct{} // a new registry entry
+	connCh       chan struct{} // the accept loop installed a connection
+	poolCh       chan struct{} // a flow was attached, or the pool changed
+	answerCh     chan struct{} // one of our checks was answered
+	relaySending atomic.Bool   // checks through the relay are being sent
+	growing      atomic.Bool   // members are being opened
+	// answersOut are answers to the peer's checks, for sendAnswers.
+	answersOut chan checkAnswer
+
+	mu   sync.Mutex // guards the fields below
+	info PeerInfo
+	// key is the integrity key of checks with this peer ("" while its
+	// check key is unusable).
+	key string
+	// gone: its registry entry went away while a connection was live;
+	// the connection is kept until it ends.
+	gone bool
+	// boot is the peer's boot id from its last hello, 0 before one.
+	boot       uint64
+	cands      candidates
+	pool       pool
+	path       pathState
+	lastErr    error
+	repairs    uint64        // paths repaired
+	lastRepair time.Duration // how long the last repair took
+	traffic    map[PathKind]*traffic
+	rates      rates
+}
+
+// link is a QUIC connection to a peer and what it runs over.
+type link struct {
+	conn *quic.Conn
+	ep   *endpoint // the local endpoint it was made on
+	// local and remote are read once, when the link is made: quic-go's
+	// Conn.LocalAddr and RemoteAddr race with a path switch.
+	local, remote netip.AddrPort
+	since         time.Time
+	tr            *traffic     // counters of its path kind when it was made
+	open          atomic.Int64 // tunnelled connections on it, to drain it gracefully
+	// direct is set once the link moved from a relay to the direct path: by
+	// migration on the dialer, by the dialer's notice on the acceptor.
+	direct atomic.Bool
+	// draining is set once a newer connection replaced this one: it
+	// carries the flows it has to their end (or until they move), and
+	// takes no new ones.
+	draining atomic.Bool
+	// primary is the connection whose pool this one belongs to; nil for a
+	// primary.
+	primary *link
+	// idleSince is when a member last carried nothing (dialer; guarded
+	// by its peer's mu).
+	idleSince time.Time
+}
+
+func (m *Mux) newPeer(cancel context.CancelFunc, in PeerInfo) *peer {
+	now := time.Now()
+	p := &peer{
+		m: m, pid: in.PID, log: m.log.With("peer", in.PID), cancel: cancel,
+		infoCh: make(chan struct{}, 1), connCh: make(chan struct{}, 1), poolCh: make(chan struct{}, 1), answerCh: make(chan struct{}, 1),
+		answersOut: make(chan checkAnswer, 8),
+		path:       pathState{state: StateConnecting, since: now},
+		rates:      rates{start: now, last: now},
+		cands:      newCandidates(m.local.Addr().Is4()),
+	}
+	p.setInfoLocked(in)
+	return p
+}
+
+// setInfoLocked takes the peer's registry entry, and derives the check key
+// of the pair.
+func (p *peer) setInfoLocked(in PeerInfo) {
+	p.info = in
+	p.cands.publish(in.Candidates, in.Relays)
+	key, err := p.m.opts.CheckKey.PairKey(p.m.opts.Study, p.m.opts.PID, p.pid, in.CheckKey)
+	if err != nil {
+		p.m.quiet.warn("checkkey:"+strconv.Itoa(p.pid), "peer published an unusable check key; no checks with it until it publishes a good one",
+			"peer", p.pid, "err", err)
+	}
+	p.key = key
+}
+
+// stopLocked ends p's loop and takes every connection it has, for the
+// caller to close once it has let go of the locks.
+func (p *peer) stopLocked() []*link {
+	p.cancel()
+	ls := p.pool.all()
+	p.pool = pool{}
+	return ls
+}
+
+// checkAnswer is an answer to one of the peer's checks.
+type checkAnswer struct {
+	ep  *endpoint
+	pkt []byte
+	to  netip.AddrPort
+}
+
+// sendAnswers writes the answers to p's checks until ctx ends.
+func (p *peer) sendAnswers(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
 			return
+		case a := <-p.answersOut:
+			if _, err := a.ep.tr.WriteTo(a.pkt, net.UDPAddrFromAddrPort(a.to)); err != nil {
+				p.log.Debug("check answer failed", "to", a.to, "err", err)
+			}
 		}
-		m.mu.Unlock()
-		if l == nil {
-			m.connect(ctx, p, log)
-			continue
+	}
+}
+
+// run keeps a connection to p until ctx ends.
+func (p *peer) run(ctx context.Context) {
+	for ctx.Err() == nil {
+		p.mu.Lock()
+		st, l, inst := p.path.state, p.pool.primary, p.info.Instance
+		gone := p.gone
+		p.mu.Unlock()
+		switch {
+		case st.Connected() && l != nil:
+			p.keep(ctx, l, inst)
+		case gone:
+			// Its entry went away while connected; now the connection has too.
+			if p.m.forget(p) {
+				p.log.Info("peer left the registry")
+				return
+			}
+		default:
+			p.connect(ctx)
 		}
-		m.keep(ctx, p, l, inst, log)
 	}
 }
 
 // keep watches a live link until it ends, is replaced, or the peer
 // restarts. While the link is relayed both sides keep checking the direct
 // path, and the dialer moves to it when it answers.
-func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog.Logger) {
+func (p *peer) keep(ctx context.Context, l *link, inst string) {
+	m := p.m
 	var directChecks <-chan time.Time
-	if m.linkKind(p, l) == PathRelayed {
+	if p.kindOf(l) == PathRelayed {
 		t := time.NewTicker(time.Second)
 		defer t.Stop()
 		directChecks = t.C
 	}
+	since := time.Now()
 	// A path that carries nothing for pathDeadAfter is dead: both sides
 	// send a keepalive every 2 s. Noticing it here takes seconds, not the
 	// idle timeout.
@@ -64,21 +193,30 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 		case now := <-live.C:
 			if n := l.conn.ConnectionStats().PacketsReceived; n != lastPackets {
 				lastPackets, lastHeard = n, now
-			} else if now.Sub(lastHeard) >= pathDeadAfter {
-				l.conn.CloseWithError(codePathDead, "path dead")
+			} else if now.Sub(lastHeard) >= m.tune.pathDeadAfter {
+				// The close itself may wait on the dead path: the repair
+				// begins first.
+				err := fmt.Errorf("path dead: nothing heard for %v", now.Sub(lastHeard).Round(time.Second))
+				p.log.Warn("path lost; tunnelled connections wait for a new one", "err", err)
+				p.dropLink(l, err, evLost)
+				m.closeLater(codePathDead, "path dead", l.conn)
+				if m.opts.OnPathLost != nil {
+					m.opts.OnPathLost()
+				}
+				return
 			}
 			if dialer {
-				m.shrink(p, now)
+				p.shrink(now)
 			}
 		case <-p.poolCh:
 			if settle == nil {
-				settle = time.After(balanceDelay)
+				settle = time.After(m.tune.balanceDelay)
 			}
 		case <-settle:
 			settle = nil
-			m.balance(p)
+			p.balance()
 			if dialer && m.opts.ConnsPerPeer > 1 {
-				m.wg.Go(func() { m.grow(ctx, p, l, log) })
+				m.wg.Go(func() { p.grow(ctx, l) })
 			}
 		case <-ctx.Done():
 			return
@@ -89,41 +227,41 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 			var app *quic.ApplicationError
 			if errors.As(err, &app) && app.Remote && app.ErrorCode == codeShutdown {
 				// It stopped on purpose: nothing will resume.
-				log.Info("peer shut down")
-				m.dropLink(p, l, err, evGone)
+				p.log.Info("peer shut down")
+				p.dropLink(l, err, evGone)
 				m.resetFlows(p.pid, ResetPeerShutdown, nil)
 				return
 			}
-			log.Warn("path lost; tunnelled connections wait for a new one", "err", err)
-			m.dropLink(p, l, err, evLost)
+			p.log.Warn("path lost; tunnelled connections wait for a new one", "err", err)
+			p.dropLink(l, err, evLost)
 			if m.opts.OnPathLost != nil {
 				m.opts.OnPathLost()
 			}
 			return
 		case <-p.infoCh:
-			m.mu.Lock()
-			restarted := p.info.Instance != inst || PinOf(l.conn.ConnectionState().TLS.PeerCertificates[0]) != p.info.Pin
-			m.mu.Unlock()
+			p.mu.Lock()
+			restarted := p.info.Instance != inst || identity.PinOf(l.conn.ConnectionState().TLS.PeerCertificates[0]) != p.info.Pin
+			p.mu.Unlock()
 			if restarted {
-				log.Info("peer restarted; reconnecting")
-				l.conn.CloseWithError(codeRestart, "peer restarted")
-				m.dropLink(p, l, errors.New("peer restarted"), evGone)
+				p.log.Info("peer restarted; reconnecting")
+				p.dropLink(l, errors.New("peer restarted"), evGone)
+				m.closeLater(codeRestart, "peer restarted", l.conn)
 				m.resetFlows(p.pid, ResetPeerRestarted, nil)
 			}
 			return
 		case <-directChecks:
-			m.sendChecks(p, false)
-		case <-p.answers.ready:
-			for _, r := range p.answers.take() {
-				m.count.checksAnswered.Add(1)
-				if directChecks == nil || m.opts.PID > p.pid || !m.isDirectTarget(p, r.From) {
-					continue
-				}
-				m.upgrade(ctx, p, l, r.From, log)
+			p.sendChecks(false)
+		case <-p.answerCh:
+			if directChecks == nil || !dialer {
+				continue
+			}
+			p.mu.Lock()
+			pk, ok := p.cands.best(time.Now(), since, false)
+			p.mu.Unlock()
+			if ok {
+				p.upgrade(ctx, l, pk.to)
 				return
 			}
-		case <-p.relayAnswers.ready:
-			m.count.checksAnswered.Add(uint64(len(p.relayAnswers.take())))
 		}
 	}
 }
@@ -133,44 +271,43 @@ func (m *Mux) keep(ctx context.Context, p *peer, l *link, inst string, log *slog
 // on our relay and `to` is the address it already talks to), which keeps
 // every open stream; otherwise by a new direct connection, the old one
 // draining until its streams end.
-func (m *Mux) upgrade(ctx context.Context, p *peer, l *link, to netip.AddrPort, log *slog.Logger) {
+func (p *peer) upgrade(ctx context.Context, l *link, to netip.AddrPort) {
+	m := p.m
 	if l.ep.relay && !l.direct.Load() && l.remote == to {
-		err := m.migrate(ctx, p, l)
+		err := p.migrate(ctx, l)
 		if err == nil {
-			m.mu.Lock()
-			m.broadcastLocked()
-			m.mu.Unlock()
-			log.Info("path switched", "from", PathRelayed, "to", PathDirect, "addr", to)
+			p.log.Info("path switched", "from", PathRelayed, "to", PathDirect, "addr", to)
 			// Tell the acceptor, which cannot see the switch itself.
-			nctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
+			nctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
 			defer cancel()
-			if str, _, err := openStream(nctx, l.conn, Request{Kind: KindPathNotice}); err == nil {
+			if str, _, err := openStream(nctx, l.conn, header.Request{Kind: header.KindPathNotice}); err == nil {
 				endStream(str)
 			}
 			return
 		}
-		log.Info("could not migrate to the direct path; opening a new connection", "err", err)
+		p.log.Info("could not migrate to the direct path; opening a new connection", "err", err)
 	}
-	conn, err := m.dial(ctx, p, m.main, to)
+	conn, err := p.dial(ctx, m.main, to)
 	if err != nil {
 		if ctx.Err() == nil {
-			m.count.dialsFailed.Add(1)
-			log.Debug("direct dial failed", "addr", to, "err", err)
+			p.mu.Lock()
+			p.cands.failed(to, viaMain, time.Now())
+			p.mu.Unlock()
+			p.log.Debug("direct dial failed", "addr", to, "err", err)
 		}
 		return
 	}
-	m.count.dialsOK.Add(1)
-	log.Info("direct path found; new connections use it, relayed ones finish on the relay")
-	m.installConn(ctx, p, conn, m.main)
+	p.log.Info("direct path found; new connections use it, relayed ones finish on the relay")
+	p.installConn(ctx, conn, m.main)
 }
 
 // migrate switches l, p's connection, from the relay socket to the main one.
-func (m *Mux) migrate(ctx context.Context, p *peer, l *link) error {
-	path, err := l.conn.AddPath(m.main.tr)
+func (p *peer) migrate(ctx context.Context, l *link) error {
+	path, err := l.conn.AddPath(p.m.main.tr)
 	if err != nil {
 		return err
 	}
-	pctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
+	pctx, cancel := context.WithTimeout(ctx, p.m.opts.HandshakeTimeout)
 	defer cancel()
 	if err := path.Probe(pctx); err != nil {
 		path.Close()
@@ -180,212 +317,172 @@ func (m *Mux) migrate(ctx context.Context, p *peer, l *link) error {
 		path.Close()
 		return fmt.Errorf("switch: %w", err)
 	}
-	l.direct.Store(true)
-	// The members still run on the relay: their flows move to the
-	// primary, and the pool grows again on the direct path.
-	m.mu.Lock()
-	if p.link == l {
-		m.closeMembersLocked(p, codeReplaced, "the pool moves to the direct path")
-	}
-	m.mu.Unlock()
+	p.switched(l)
 	return nil
 }
 
-// Peer-reflexive addresses: how many are kept per peer, and how long one
-// is checked after the last check that came from it.
-const (
-	maxPrflx = 8
-	prflxTTL = time.Minute
-)
-
-// learn remembers an address an authenticated check of p came from: the
-// newest maxPrflx of them, each until it has been silent for prflxTTL.
-func (m *Mux) learn(p *peer, ap netip.AddrPort) {
-	if err := m.addrPolicy().CheckCandidate(ap); err != nil {
-		return
+// switched records that l moved from a relay to the direct path. On a
+// primary, the members still run on the relay: they close, their flows
+// move to the primary, and the pool grows again on the direct path.
+func (p *peer) switched(l *link) {
+	l.direct.Store(true)
+	var closing []*link
+	p.mu.Lock()
+	if p.pool.primary == l {
+		closing = p.pool.takeMembers()
+		p.path, _ = p.path.next(evUpgraded, PathDirect, time.Now())
 	}
-	now := time.Now()
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	p.prflx[ap] = now
-	for a, t := range p.prflx {
-		if now.Sub(t) > prflxTTL {
-			delete(p.prflx, a)
-		}
-	}
-	for len(p.prflx) > maxPrflx {
-		oldest := ap
-		for a, t := range p.prflx {
-			if t.Before(p.prflx[oldest]) {
-				oldest = a
-			}
-		}
-		delete(p.prflx, oldest)
-	}
+	p.mu.Unlock()
+	p.m.closeLater(codeReplaced, "the pool moves to the direct path", conns(closing)...)
+	p.m.changed.broadcast()
 }
 
-// pair is a local endpoint and a remote address.
-type pair struct {
-	ep *endpoint
-	to netip.AddrPort
+// learn remembers an address an authenticated check of p came from.
+func (p *peer) learn(ap netip.AddrPort) {
+	if err := p.m.addrPolicy().CheckCandidate(ap); err != nil {
+		return
+	}
+	p.mu.Lock()
+	p.cands.learn(ap, time.Now())
+	p.mu.Unlock()
+}
+
+// answered is the callback of our checks sent over v.
+func (p *peer) answered(v via) func(stun.Result) {
+	return func(r stun.Result) {
+		p.m.count.checksAnswered.Add(1)
+		p.mu.Lock()
+		p.cands.answered(r.From, v, time.Now())
+		p.mu.Unlock()
+		notify(p.answerCh)
+	}
 }
 
 // connect sends connectivity checks from every local endpoint to every
-// candidate of p until a connection is up. The lower pid dials: at once on a
-// direct pair that answers; on a relayed pair only when no direct pair has
-// answered within RelayDelay, preferring pairs through its own relay (those
-// can migrate to the direct path later). The higher pid waits for the accept
-// loop.
-func (m *Mux) connect(ctx context.Context, p *peer, log *slog.Logger) {
+// candidate of p until a connection is up. The lower pid dials the best
+// pair that answered (candidates.best): at once on a direct pair; on a
+// relayed pair only when no direct pair has worked within RelayDelay. The
+// higher pid waits for the accept loop.
+func (p *peer) connect(ctx context.Context) {
+	m := p.m
 	tick := time.NewTicker(m.opts.CheckInterval)
 	defer tick.Stop()
 	dialer := m.opts.PID < p.pid
-	// Answers to an earlier round may still be held; their paths may be gone.
-	p.answers.take()
-	p.relayAnswers.take()
-	start := time.Now()
+	start := time.Now() // answers from before are of paths that may be gone
 	warned := false
-	var relayed *pair
-	// A pair whose dial failed waits before the next dial, 250 ms doubling
-	// to 8 s: checks may answer many times a second, and every handshake
-	// costs both sides (and counts against the peer's per-source limit).
-	type failures struct {
-		n    int
-		next time.Time
-	}
-	failed := make(map[pair]*failures)
-	try := func(pr pair) bool {
-		if f := failed[pr]; f != nil && time.Now().Before(f.next) {
-			return false
-		}
-		conn, err := m.dial(ctx, p, pr.ep, pr.to)
-		if err != nil {
-			if ctx.Err() == nil {
-				m.count.dialsFailed.Add(1)
-				log.Debug("dial peer failed", "addr", pr.to, "relay", pr.ep.relay, "err", err)
-				m.setErr(p, err)
-				f := failed[pr]
-				if f == nil {
-					f = &failures{}
-					failed[pr] = f
-				}
-				f.next = time.Now().Add(min(250*time.Millisecond<<f.n, 8*time.Second))
-				f.n = min(f.n+1, 6)
-			}
-			return false
-		}
-		m.count.dialsOK.Add(1)
-		m.installConn(ctx, p, conn, pr.ep)
-		return true
-	}
 	for {
-		m.sendChecks(p, true)
+		p.sendChecks(true)
 		select {
 		case <-ctx.Done():
 			return
 		case <-p.connCh:
 			return
 		case <-p.infoCh:
+		case <-p.answerCh:
 		case <-tick.C:
-			if dialer && relayed != nil && time.Since(start) >= m.opts.RelayDelay {
-				if try(*relayed) {
-					return
-				}
-				relayed = nil
-			}
 			if !warned && time.Since(start) > 30*time.Second {
 				warned = true
 				// Keep trying, but gently: one round a second.
 				tick.Reset(max(m.opts.CheckInterval, time.Second))
-				m.mu.Lock()
+				p.mu.Lock()
 				lastErr := p.lastErr
-				p.path, _ = p.path.next(evSlow, "", time.Now())
-				m.broadcastLocked()
-				m.mu.Unlock()
-				log.Warn("no path to peer yet; still trying", "after", time.Since(start).Round(time.Second), "last_err", lastErr)
+				p.path, _ = p.path.next(evSlow, PathNone, time.Now())
+				p.mu.Unlock()
+				m.changed.broadcast()
+				p.log.Warn("no path to peer yet; still trying", "after", time.Since(start).Round(time.Second), "last_err", lastErr)
 			}
-		case <-p.answers.ready:
-			// Newest first: after a burst, what answered last is likeliest
-			// to work.
-			for _, r := range p.answers.take() {
-				m.count.checksAnswered.Add(1)
-				if !dialer || !slices.Contains(m.targets(p), r.From) {
-					continue
-				}
-				if !m.isRelayCandidate(p, r.From) {
-					if try(pair{m.main, r.From}) {
-						return
-					}
-					continue
-				}
-				if relayed == nil {
-					relayed = &pair{m.main, r.From}
-				}
-			}
-		case <-p.relayAnswers.ready:
-			for _, r := range p.relayAnswers.take() {
-				m.count.checksAnswered.Add(1)
-				if dialer && slices.Contains(m.targets(p), r.From) && (relayed == nil || !relayed.ep.relay) {
-					relayed = &pair{m.relay, r.From}
-				}
-			}
+		}
+		if dialer && p.dialBest(ctx, start) {
+			return
 		}
 	}
 }
 
-func (m *Mux) setErr(p *peer, err error) {
-	m.mu.Lock()
-	p.lastErr = err.Error()
-	m.mu.Unlock()
+// dialBest dials the best pairs that answered since start, one after
+// another while they fail, and reports whether a connection is up.
+func (p *peer) dialBest(ctx context.Context, start time.Time) bool {
+	m := p.m
+	for range 2 * maxAnswers {
+		now := time.Now()
+		p.mu.Lock()
+		pk, ok := p.cands.best(now, start, now.Sub(start) >= m.opts.RelayDelay)
+		p.mu.Unlock()
+		if !ok || ctx.Err() != nil {
+			return false
+		}
+		ep := m.main
+		if pk.via == viaRelay {
+			ep = m.relay
+		}
+		conn, err := p.dial(ctx, ep, pk.to)
+		p.mu.Lock()
+		if err != nil {
+			p.cands.failed(pk.to, pk.via, time.Now())
+			if ctx.Err() == nil {
+				p.lastErr = err
+			}
+		} else {
+			p.cands.succeeded(pk.to, pk.via)
+		}
+		p.mu.Unlock()
+		if err != nil {
+			p.log.Debug("dial peer failed", "addr", pk.to, "relay", ep.relay, "err", err)
+			continue
+		}
+		p.installConn(ctx, conn, ep)
+		return true
+	}
+	return false
 }
+
+// maxAnswers bounds the pairs one round dials: checks go to at most
+// MaxCandidates published and maxPrflx learned addresses, from two
+// endpoints.
+const maxAnswers = 64
 
 // sendChecks sends one check from the main socket to each of p's
 // candidates, and with relay also from the relay (in the background: a
 // relay may first have to install permissions).
-func (m *Mux) sendChecks(p *peer, relay bool) {
-	m.mu.Lock()
+func (p *peer) sendChecks(relay bool) {
+	m := p.m
+	p.mu.Lock()
 	key := p.key
-	m.mu.Unlock()
+	targets := p.cands.targets(time.Now())
+	relays := p.cands.relays()
+	p.mu.Unlock()
 	if key == "" {
 		return
 	}
 	user := checkUsername(m.opts.Study, p.pid, m.opts.PID)
-	targets := m.targets(p)
-	send := func(ep *endpoint, out *answers, to []netip.AddrPort) {
+	send := func(ep *endpoint, v via, to []netip.AddrPort) {
 		for _, t := range to {
 			tx := stun.NewTxID()
-			if err := ep.stun.Send(t, stun.CheckRequest(tx, user, key), tx, key, out.put); err != nil {
-				m.log.Debug("check not sent", "peer", p.pid, "to", t, "relay", ep.relay, "err", err)
+			if err := ep.stun.Send(t, stun.CheckRequest(tx, user, key), tx, key, p.answered(v)); err != nil {
+				p.log.Debug("check not sent", "to", t, "relay", ep.relay, "err", err)
 				continue
 			}
 			m.count.checksSent.Add(1)
 		}
 	}
-	if !m.blockDirect.Load() {
-		send(m.main, p.answers, targets)
-	}
+	send(m.main, viaMain, targets)
 	if relay && m.relay != nil && p.relaySending.CompareAndSwap(false, true) {
 		select {
-		case m.relayQ <- relayChecks{p, func() { send(m.relay, p.relayAnswers, m.relayTargets(p, targets)) }}:
+		case m.relayQ <- relayChecks{p, func() { send(m.relay, viaRelay, relayTargets(m.relay.addr.Addr(), relays, targets)) }}:
 		default:
 			p.relaySending.Store(false)
 		}
 	}
 }
 
-// relayTargets keeps the addresses the relay server can reach: a relay on
-// a public address reaches only public ones (coturn tears an allocation
-// down when a send to an unroutable peer fails), one on a private address
-// no loopback or link-local ones. It also drops the server's own relayed
-// addresses (p's relay candidates on our server's IP), which TURN servers
-// refuse to relay to: a peer behind the same server is reached through its
-// relay from our main socket instead, or through its NAT mapping toward
-// our relay.
-func (m *Mux) relayTargets(p *peer, targets []netip.AddrPort) []netip.AddrPort {
-	own := m.opts.Relay.Addr.Addr()
-	m.mu.Lock()
-	relays := slices.Clone(p.info.Relays)
-	m.mu.Unlock()
+// relayTargets keeps the addresses a relay server on own can reach: a
+// relay on a public address reaches only public ones (coturn tears an
+// allocation down when a send to an unroutable peer fails), one on a
+// private address no loopback or link-local ones. It also drops the
+// server's own relayed addresses (the peer's relays on our server's IP),
+// which TURN servers refuse to relay to: a peer behind the same server is
+// reached through its relay from our main socket instead, or through its
+// NAT mapping toward our relay.
+func relayTargets(own netip.Addr, relays, targets []netip.AddrPort) []netip.AddrPort {
 	return slices.DeleteFunc(slices.Clone(targets), func(a netip.AddrPort) bool {
 		ip := a.Addr()
 		switch {
@@ -408,85 +505,46 @@ type relayChecks struct {
 	send func()
 }
 
-// relaySender sends the checks through the relay one round at a time: a
-// relay may first have to install a permission for each address, and
-// one TURN client takes its transactions best one after another.
-func (m *Mux) relaySender(ctx context.Context) error {
-	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case rc := <-m.relayQ:
-			rc.send()
-			rc.p.relaySending.Store(false)
-		}
-	}
-}
-
-// targets are the addresses to check for p: its published candidates and
-// the addresses its own checks came from lately, of our socket's family.
-func (m *Mux) targets(p *peer) []netip.AddrPort {
-	now := time.Now()
-	m.mu.Lock()
-	all := slices.Clone(p.info.Candidates)
-	for a, t := range p.prflx {
-		if now.Sub(t) <= prflxTTL {
-			all = append(all, a)
-		}
-	}
-	m.mu.Unlock()
-	v4 := m.LocalAddr().Addr().Is4()
-	all = slices.DeleteFunc(all, func(a netip.AddrPort) bool { return a.Addr().Is4() != v4 })
-	slices.SortFunc(all, func(a, b netip.AddrPort) int { return a.Compare(b) })
-	return slices.Compact(all)
-}
-
-func (m *Mux) isRelayCandidate(p *peer, a netip.AddrPort) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return slices.Contains(p.info.Relays, a)
-}
-
-func (m *Mux) isDirectTarget(p *peer, a netip.AddrPort) bool {
-	return slices.Contains(m.targets(p), a) && !m.isRelayCandidate(p, a)
-}
-
-func (m *Mux) dial(ctx context.Context, p *peer, ep *endpoint, to netip.AddrPort) (*quic.Conn, error) {
-	m.mu.Lock()
+func (p *peer) dial(ctx context.Context, ep *endpoint, to netip.AddrPort) (*quic.Conn, error) {
+	p.mu.Lock()
 	pin := p.info.Pin
-	m.mu.Unlock()
-	dctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
+	p.mu.Unlock()
+	dctx, cancel := context.WithTimeout(ctx, p.m.opts.HandshakeTimeout)
 	defer cancel()
-	conn, err := ep.tr.Dial(dctx, net.UDPAddrFromAddrPort(to), m.clientTLS(p.pid, pin), m.qc)
+	conn, err := ep.tr.Dial(dctx, net.UDPAddrFromAddrPort(to), p.m.clientTLS(p.pid, pin), p.m.qc)
 	if err != nil {
+		if ctx.Err() == nil {
+			p.m.count.dialsFailed.Add(1)
+		}
 		return nil, fmt.Errorf("dial peer %d at %v: %w", p.pid, to, err)
 	}
+	p.m.count.dialsOK.Add(1)
 	return conn, nil
 }
 
-// linkKind says whether l runs over a relay: it was made on our relay (and
+// kindOf says whether l runs over a relay: it was made on our relay (and
 // not migrated off it), or it talks to one of p's relay candidates.
-func (m *Mux) linkKind(p *peer, l *link) string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.linkKindLocked(p, l)
+func (p *peer) kindOf(l *link) PathKind {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.kindLocked(l)
 }
 
-func (m *Mux) linkKindLocked(p *peer, l *link) string {
-	if m.viaLocked(p, l) != "" {
+func (p *peer) kindLocked(l *link) PathKind {
+	if p.viaLocked(l) != "" {
 		return PathRelayed
 	}
 	return PathDirect
 }
 
 // viaLocked names the relay a link runs through; "" for a direct link.
-func (m *Mux) viaLocked(p *peer, l *link) string {
+func (p *peer) viaLocked(l *link) string {
 	switch {
 	case l.direct.Load():
 		return ""
 	case l.ep.relay:
 		return l.ep.server
-	case slices.Contains(p.info.Relays, l.remote):
+	case p.cands.isRelay(l.remote):
 		return "peer's relay " + l.remote.String()
 	}
 	return ""
@@ -507,71 +565,47 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 // installConn makes conn p's link, and starts serving the streams the peer
 // opens on it. An older link drains: it serves its open streams to the end
 // and then closes.
-func (m *Mux) installConn(ctx context.Context, p *peer, conn *quic.Conn, ep *endpoint) {
+func (p *peer) installConn(ctx context.Context, conn *quic.Conn, ep *endpoint) {
+	m := p.m
 	l := &link{conn: conn, ep: ep, since: time.Now(), local: addrPortOf(conn.LocalAddr()), remote: addrPortOf(conn.RemoteAddr())}
-	m.mu.Lock()
-	old := p.link
-	kind := m.linkKindLocked(p, l)
-	via := m.viaLocked(p, l)
+	p.mu.Lock()
+	kind := p.kindLocked(l)
+	via := p.viaLocked(l)
 	l.tr = p.trafficLocked(kind)
 	var repaired time.Duration
 	p.path, repaired = p.path.next(evConnected, kind, time.Now())
-	p.link, p.lastErr = l, ""
-	m.closeMembersLocked(p, codeReplaced, "replaced by a newer connection")
-	if old != nil {
-		old.draining.Store(true)
-		p.draining = append(p.draining, old)
-	}
-	evicted := m.evictDrainingLocked(p)
+	old, closing := p.pool.replace(l)
+	p.lastErr = nil
 	if repaired > 0 {
 		p.repairs++
 		p.lastRepair = repaired
 	}
-	waiting := len(m.flows[p.pid])
-	m.broadcastLocked()
-	m.mu.Unlock()
-	for _, d := range evicted {
-		d.conn.CloseWithError(codeReplaced, "too many replaced connections still open")
-	}
+	p.mu.Unlock()
+	m.closeLater(codeReplaced, "replaced by a newer connection", conns(closing)...)
+	m.changed.broadcast()
 	if old != nil {
-		m.wg.Go(func() { m.drain(ctx, p, old) })
+		m.wg.Go(func() { p.drain(ctx, old) })
 	}
 	if repaired > 0 {
-		m.log.Info("path repaired", "peer", p.pid, "after", repaired.Round(time.Millisecond), "via", kind, "addr", l.remote, "flows", waiting)
+		p.log.Info("path repaired", "after", repaired.Round(time.Millisecond), "via", kind, "addr", l.remote, "flows", m.flows.of(p.pid).count())
 	} else {
-		m.log.Info("peer connected", "peer", p.pid, "path", kind, "addr", l.remote, "via", via,
-			"rtt", conn.ConnectionStats().SmoothedRTT)
+		p.log.Info("peer connected", "path", kind, "addr", l.remote, "via", via, "rtt", conn.ConnectionStats().SmoothedRTT)
 	}
 	m.wg.Go(func() { m.serveStreams(ctx, p.pid, l) })
 	if m.opts.PID < p.pid {
-		m.wg.Go(func() { m.sayHello(ctx, p.pid, l) })
+		m.wg.Go(func() { m.sayHello(ctx, p, l) })
 	}
 	// Flows still on the old connection move to the new one.
-	notify(p.poolCh)
-}
-
-// evictDrainingLocked takes the oldest of p's replaced connections off its
-// list, as many as keep p within config.MaxConnsPerPeer connections (so
-// that a peer that keeps replacing its connection while holding a flow on
-// each cannot keep them all), and returns them, for the caller to close
-// once it has let go of the lock.
-func (m *Mux) evictDrainingLocked(p *peer) []*link {
-	n := len(p.draining) + len(p.pool) + 1 - config.MaxConnsPerPeer
-	if n <= 0 {
-		return nil
-	}
-	evicted := slices.Clone(p.draining[:n])
-	p.draining = slices.Delete(p.draining, 0, n)
-	return evicted
+	p.poolChanged()
 }
 
 // drain closes l, p's replaced connection, once it carries no tunnelled
 // connection (or after a day).
-func (m *Mux) drain(ctx context.Context, p *peer, l *link) {
+func (p *peer) drain(ctx context.Context, l *link) {
 	defer func() {
-		m.mu.Lock()
-		p.draining = slices.DeleteFunc(p.draining, func(x *link) bool { return x == l })
-		m.mu.Unlock()
+		p.mu.Lock()
+		p.pool.draining = slices.DeleteFunc(p.pool.draining, func(x *link) bool { return x == l })
+		p.mu.Unlock()
 	}()
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
@@ -590,15 +624,44 @@ func (m *Mux) drain(ctx context.Context, p *peer, l *link) {
 
 // dropLink forgets l, p's connection, after ev (evLost: a repair begins;
 // evGone: the peer stopped or restarted).
-func (m *Mux) dropLink(p *peer, l *link, err error, ev pathEvent) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if p.link != l {
+func (p *peer) dropLink(l *link, err error, ev pathEvent) {
+	p.mu.Lock()
+	if p.pool.primary != l {
+		p.mu.Unlock()
 		return
 	}
-	p.link = nil
-	m.closeMembersLocked(p, codeReplaced, "path lost")
-	p.path, _ = p.path.next(ev, "", time.Now())
-	p.lastErr = err.Error()
-	m.broadcastLocked()
+	p.pool.primary = nil
+	closing := p.pool.takeMembers()
+	p.path, _ = p.path.next(ev, PathNone, time.Now())
+	p.lastErr = err
+	p.mu.Unlock()
+	p.m.closeLater(codeReplaced, "path lost", conns(closing)...)
+	p.m.changed.broadcast()
+}
+
+// hello records the boot id the peer sent on l, a new connection: a new
+// one means the peer restarted, and the flows of its old instance (those
+// opened before l) cannot be resumed.
+func (p *peer) hello(boot uint64, l *link) {
+	p.mu.Lock()
+	restarted := p.boot != 0 && p.boot != boot
+	p.boot = boot
+	p.mu.Unlock()
+	if restarted {
+		p.m.resetFlows(p.pid, ResetPeerRestarted, l)
+	}
+}
+
+// sayHello tells the peer on a new connection who we are, and learns who
+// it is.
+func (m *Mux) sayHello(ctx context.Context, p *peer, l *link) {
+	hctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
+	defer cancel()
+	str, reply, err := openStream(hctx, l.conn, header.Request{Kind: header.KindHello, Flow: m.boot})
+	if err != nil {
+		p.log.Debug("hello failed", "err", err)
+		return
+	}
+	endStream(str)
+	p.hello(reply.Rcvd, l)
 }

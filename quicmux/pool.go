@@ -2,7 +2,6 @@ package quicmux
 
 import (
 	"context"
-	"log/slog"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -23,31 +22,32 @@ import (
 // Only the dialer (the lower pid) opens and closes members: it keeps as
 // many connections as the peer has flows, both directions counted, up to
 // ConnsPerPeer (config.MaxConnsPerPeer at most; an acceptor refuses more),
-// and closes a member that has carried nothing for poolIdle (30 s). Each side spreads the flows it opened over the connections:
-// a new flow goes to the one carrying fewest of them, and when the pool
-// changes, flows move (a resume, package flow: nothing is lost) until the
-// counts differ by at most one. A member dies with its primary: the path
-// is the same.
-
-// Pool timings.
-const (
-	// defaultPoolIdle is how long a member may carry nothing before the
-	// dialer closes it.
-	defaultPoolIdle = 30 * time.Second
-	// balanceDelay lets a burst of pool changes settle before flows move.
-	balanceDelay = 100 * time.Millisecond
-)
+// and closes a member that has carried nothing for a while (30 s). Each
+// side spreads the flows it opened over the connections: a new flow goes
+// to the one carrying fewest of them, and when the pool changes, flows
+// move (a resume, package flow: nothing is lost) until the counts differ
+// by at most one (spread, a pure function). A member dies with its
+// primary: the path is the same.
 
 // memberName marks a handshake as a pool member's.
 const memberName = ".pool"
 
-// linksLocked are p's live connections, the primary first.
-func (m *Mux) linksLocked(p *peer) []*link {
-	if p.link == nil {
+// pool is a peer's QUIC connections. Guarded by its peer's mu.
+type pool struct {
+	primary *link   // the connection in use; nil when none
+	members []*link // the primary's members
+	// draining are replaced primaries still carrying flows, oldest first:
+	// with primary and members, never more than config.MaxConnsPerPeer.
+	draining []*link
+}
+
+// live are the pool's live connections, the primary first.
+func (pl *pool) live() []*link {
+	if pl.primary == nil {
 		return nil
 	}
-	ls := []*link{p.link}
-	for _, l := range p.pool {
+	ls := []*link{pl.primary}
+	for _, l := range pl.members {
 		if l.conn.Context().Err() == nil {
 			ls = append(ls, l)
 		}
@@ -55,113 +55,184 @@ func (m *Mux) linksLocked(p *peer) []*link {
 	return ls
 }
 
-// pickLocked is the connection to p carrying fewest of the flows we
-// opened; nil when there is none.
-func (m *Mux) pickLocked(p *peer) *link {
-	ls := m.linksLocked(p)
-	if len(ls) < 2 {
-		return p.link
-	}
-	return fewest(ls, m.mineLocked(p, ls))
+// takeMembers forgets the members and returns them, for the caller to
+// close once it has let go of the lock.
+func (pl *pool) takeMembers() []*link {
+	ms := pl.members
+	pl.members = nil
+	return ms
 }
 
-// fewest is the connection of ls (the first on a tie) with the fewest
-// flows in on.
-func fewest(ls []*link, on map[*link][]flowMove) *link {
-	best := ls[0]
-	for _, l := range ls[1:] {
-		if len(on[l]) < len(on[best]) {
-			best = l
-		}
+// replace makes l the primary; the old primary drains. It returns the
+// connections to close: the old members, and the oldest draining ones
+// past config.MaxConnsPerPeer (a peer that keeps replacing its connection
+// while holding a flow on each cannot keep them all).
+func (pl *pool) replace(l *link) (old *link, closing []*link) {
+	old = pl.primary
+	pl.primary = l
+	closing = pl.takeMembers()
+	if old != nil {
+		old.draining.Store(true)
+		pl.draining = append(pl.draining, old)
 	}
-	return best
+	return old, append(closing, pl.evict()...)
 }
 
-// mineLocked lists, per connection of ls, the flows to p we opened that
-// run on it.
-func (m *Mux) mineLocked(p *peer, ls []*link) map[*link][]flowMove {
-	n := make(map[*link][]flowMove, len(ls))
-	for _, l := range ls {
-		n[l] = nil
+// evict takes the oldest draining connections off the list, as many as
+// keep the pool within config.MaxConnsPerPeer, and returns them.
+func (pl *pool) evict() []*link {
+	n := len(pl.draining) + len(pl.members) + 1 - config.MaxConnsPerPeer
+	if n <= 0 {
+		return nil
 	}
-	for k, e := range m.flows[p.pid] {
-		if !k.mine {
-			continue
-		}
-		on := e.on.Load()
-		if _, ok := n[on]; ok {
-			n[on] = append(n[on], flowMove{k, e, nil})
-		} else if !e.resuming.Load() {
-			n[nil] = append(n[nil], flowMove{k, e, nil}) // on a connection no longer in the pool
-		}
-	}
-	return n
+	evicted := slices.Clone(pl.draining[:n])
+	pl.draining = slices.Delete(pl.draining, 0, n)
+	return evicted
 }
 
-// flowMove is a flow of ours that moves to another connection.
+// all are every connection of the pool, draining ones included.
+func (pl *pool) all() []*link {
+	var ls []*link
+	if pl.primary != nil {
+		ls = append(ls, pl.primary)
+	}
+	return slices.Concat(ls, pl.members, pl.draining)
+}
+
+// move is a flow that goes to another connection, by index.
+type move[F any] struct {
+	flow F
+	to   int
+}
+
+// spread plans the moves that leave the connections carrying as many
+// flows each, give or take one: on[i] are the flows on connection i,
+// stray those on no connection of the pool (they move first, each to the
+// connection carrying fewest). It returns the moves and does nothing else.
+func spread[F any](on [][]F, stray []F) []move[F] {
+	if len(on) == 0 {
+		return nil
+	}
+	n := make([]int, len(on))
+	for i, fs := range on {
+		n[i] = len(fs)
+	}
+	fewest := func() int {
+		best := 0
+		for i := range n {
+			if n[i] < n[best] {
+				best = i
+			}
+		}
+		return best
+	}
+	var moves []move[F]
+	for _, f := range stray {
+		to := fewest()
+		n[to]++
+		moves = append(moves, move[F]{f, to})
+	}
+	left := make([][]F, len(on)) // what may still move off each
+	for i, fs := range on {
+		left[i] = slices.Clone(fs)
+	}
+	for {
+		hi, lo := 0, fewest()
+		for i := range n {
+			if n[i] > n[hi] {
+				hi = i
+			}
+		}
+		if n[hi]-n[lo] < 2 || len(left[hi]) == 0 {
+			return moves
+		}
+		f := left[hi][len(left[hi])-1]
+		left[hi] = left[hi][:len(left[hi])-1]
+		n[hi]--
+		n[lo]++
+		moves = append(moves, move[F]{f, lo})
+	}
+}
+
+// flowMove is a flow of ours and where it runs.
 type flowMove struct {
 	key flowKey
 	e   *flowEntry
-	to  *link
+}
+
+// mineLocked lists, per connection of ls, the flows to p we opened that
+// run on it, and those on no connection of ls (not while a resume is
+// under way: it chooses its own).
+func (p *peer) mineLocked(ls []*link) (on [][]flowMove, stray []flowMove) {
+	at := make(map[*link]int, len(ls))
+	for i, l := range ls {
+		at[l] = i
+	}
+	on = make([][]flowMove, len(ls))
+	pf := p.m.flows.of(p.pid)
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	for k, e := range pf.live {
+		if !k.mine {
+			continue
+		}
+		if i, ok := at[e.on.Load()]; ok {
+			on[i] = append(on[i], flowMove{k, e})
+		} else if !e.resuming.Load() {
+			stray = append(stray, flowMove{k, e})
+		}
+	}
+	return on, stray
+}
+
+// pickLocked is the connection to p carrying fewest of the flows we
+// opened; nil when there is none.
+func (p *peer) pickLocked() *link {
+	ls := p.pool.live()
+	if len(ls) < 2 {
+		return p.pool.primary
+	}
+	on, _ := p.mineLocked(ls)
+	best := 0
+	for i := range on {
+		if len(on[i]) < len(on[best]) {
+			best = i
+		}
+	}
+	return ls[best]
 }
 
 // balance moves the flows we opened to p so that its connections carry
-// as many each, give or take one: those left on a connection that is no
-// longer in the pool first.
-func (m *Mux) balance(p *peer) {
-	m.mu.Lock()
-	ls := m.linksLocked(p)
-	if len(ls) == 0 {
-		m.mu.Unlock()
-		return
+// as many each, give or take one.
+func (p *peer) balance() {
+	p.mu.Lock()
+	ls := p.pool.live()
+	on, stray := p.mineLocked(ls)
+	moves := spread(on, stray)
+	for _, mv := range moves {
+		mv.flow.e.want.Store(ls[mv.to])
+		mv.flow.e.on.Store(ls[mv.to])
 	}
-	on := m.mineLocked(p, ls)
-	var moves []flowMove
-	for _, f := range on[nil] {
-		f.to = fewest(ls, on)
-		on[f.to] = append(on[f.to], f)
-		moves = append(moves, f)
-	}
-	for range len(m.flows[p.pid]) {
-		hi := ls[0]
-		for _, l := range ls[1:] {
-			if len(on[l]) > len(on[hi]) {
-				hi = l
-			}
-		}
-		lo := fewest(ls, on)
-		if len(on[hi])-len(on[lo]) < 2 {
-			break
-		}
-		f := on[hi][len(on[hi])-1]
-		on[hi] = on[hi][:len(on[hi])-1]
-		f.to = lo
-		on[lo] = append(on[lo], f)
-		moves = append(moves, f)
-	}
-	for _, f := range moves {
-		f.e.want.Store(f.to)
-		f.e.on.Store(f.to)
-	}
-	m.mu.Unlock()
-	for _, f := range moves {
-		m.wg.Go(func() { m.resume(f.key, f.e) })
+	p.mu.Unlock()
+	for _, mv := range moves {
+		p.m.wg.Go(func() { p.m.resume(mv.flow.key, mv.flow.e) })
 	}
 }
 
 // grow opens members until p has a connection per flow, up to
 // ConnsPerPeer (dialer only).
-func (m *Mux) grow(ctx context.Context, p *peer, primary *link, log *slog.Logger) {
+func (p *peer) grow(ctx context.Context, primary *link) {
 	if !p.growing.CompareAndSwap(false, true) {
 		return
 	}
 	defer p.growing.Store(false)
+	m := p.m
 	for range config.MaxConnsPerPeer {
-		m.mu.Lock()
-		flows := len(m.flows[p.pid])
-		want := min(m.opts.ConnsPerPeer, max(flows, 1)) - len(m.linksLocked(p))
-		pin, current := p.info.Pin, p.link == primary
-		m.mu.Unlock()
+		flows := m.flows.of(p.pid).count()
+		p.mu.Lock()
+		want := min(m.opts.ConnsPerPeer, max(flows, 1)) - len(p.pool.live())
+		pin, current := p.info.Pin, p.pool.primary == primary
+		p.mu.Unlock()
 		if want <= 0 || !current || ctx.Err() != nil {
 			return
 		}
@@ -173,19 +244,19 @@ func (m *Mux) grow(ctx context.Context, p *peer, primary *link, log *slog.Logger
 		var failed atomic.Bool
 		for range want {
 			wg.Go(func() {
-				dctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
+				dctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
 				defer cancel()
 				tc := m.clientTLS(p.pid, pin)
 				tc.ServerName = handshakeName(m.opts.PID, p.pid) + memberName
 				start := time.Now()
 				conn, err := ep.tr.Dial(dctx, addrOf(primary.remote), tc, m.qc)
 				if err != nil {
-					log.Debug("pool connection not opened", "err", err)
+					p.log.Debug("pool connection not opened", "err", err)
 					failed.Store(true)
 					return
 				}
-				log.Debug("pool connection opened", "handshake", time.Since(start).Round(time.Microsecond))
-				if !m.installMember(ctx, p, primary, conn, ep) {
+				p.log.Debug("pool connection opened", "handshake", time.Since(start).Round(time.Microsecond))
+				if !p.installMember(ctx, primary, conn, ep) {
 					failed.Store(true)
 				}
 			})
@@ -198,75 +269,69 @@ func (m *Mux) grow(ctx context.Context, p *peer, primary *link, log *slog.Logger
 }
 
 // installMember adds conn to p's pool, if primary is still p's connection.
-func (m *Mux) installMember(ctx context.Context, p *peer, primary *link, conn *quic.Conn, ep *endpoint) bool {
+func (p *peer) installMember(ctx context.Context, primary *link, conn *quic.Conn, ep *endpoint) bool {
+	m := p.m
 	l := &link{conn: conn, ep: ep, since: time.Now(), local: addrPortOf(conn.LocalAddr()),
 		remote: addrPortOf(conn.RemoteAddr()), primary: primary}
-	m.mu.Lock()
-	if primary == nil || p.link != primary || len(p.pool) >= config.MaxConnsPerPeer-1 {
-		m.mu.Unlock()
-		conn.CloseWithError(codeRejected, "not a member of the current pool")
+	p.mu.Lock()
+	if primary == nil || p.pool.primary != primary || len(p.pool.members) >= config.MaxConnsPerPeer-1 {
+		p.mu.Unlock()
+		m.closeLater(codeRejected, "not a member of the current pool", conn)
 		return false
 	}
 	l.direct.Store(primary.direct.Load())
-	l.tr = p.trafficLocked(m.linkKindLocked(p, l))
-	p.pool = append(p.pool, l)
-	evicted := m.evictDrainingLocked(p)
+	l.tr = p.trafficLocked(p.kindLocked(l))
+	p.pool.members = append(p.pool.members, l)
+	evicted := p.pool.evict()
 	m.count.poolOpened.Add(1)
-	m.broadcastLocked()
-	m.mu.Unlock()
-	for _, d := range evicted {
-		d.conn.CloseWithError(codeReplaced, "too many replaced connections still open")
-	}
+	p.mu.Unlock()
+	m.closeLater(codeReplaced, "too many replaced connections still open", conns(evicted)...)
+	m.changed.broadcast()
 	m.wg.Go(func() { m.serveStreams(ctx, p.pid, l) })
 	m.wg.Go(func() {
 		select {
 		case <-conn.Context().Done():
 		case <-ctx.Done():
 		}
-		m.mu.Lock()
-		p.pool = slices.DeleteFunc(p.pool, func(x *link) bool { return x == l })
-		m.broadcastLocked()
-		m.mu.Unlock()
-		notify(p.poolCh)
+		p.mu.Lock()
+		p.pool.members = slices.DeleteFunc(p.pool.members, func(x *link) bool { return x == l })
+		p.mu.Unlock()
+		m.changed.broadcast()
+		p.poolChanged()
 	})
-	notify(p.poolCh)
+	p.poolChanged()
 	return true
 }
 
-// closeMembersLocked closes p's members with code (their primary was
-// lost, replaced, or is shutting down); their flows move to whatever
-// connection comes next.
-func (m *Mux) closeMembersLocked(p *peer, code quic.ApplicationErrorCode, why string) {
-	for _, l := range p.pool {
-		l.conn.CloseWithError(code, why)
-	}
-	p.pool = nil
-}
-
-// shrink closes the members that carried nothing for poolIdle (dialer
-// only).
-func (m *Mux) shrink(p *peer, now time.Time) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, l := range p.pool {
+// shrink closes the members that carried nothing for the pool's idle time
+// (dialer only).
+func (p *peer) shrink(now time.Time) {
+	var idle []*link
+	p.mu.Lock()
+	for _, l := range p.pool.members {
 		switch {
 		case l.open.Load() > 0:
 			l.idleSince = time.Time{}
 		case l.idleSince.IsZero():
 			l.idleSince = now
-		case now.Sub(l.idleSince) >= m.opts.poolIdle:
-			l.conn.CloseWithError(codeIdle, "idle pool connection")
+		case now.Sub(l.idleSince) >= p.m.tune.poolIdle:
+			idle = append(idle, l)
 		}
+	}
+	p.mu.Unlock()
+	for _, l := range idle {
+		l.conn.CloseWithError(codeIdle, "idle pool connection")
 	}
 }
 
-// poolChanged tells pid's peer loop that a flow was attached or the pool
-// changed.
-func (m *Mux) poolChanged(pid int) {
-	m.mu.Lock()
-	p := m.peers[pid]
-	m.mu.Unlock()
-	if p != nil {
-		notify(p.poolCh)
+// poolChanged tells p's loop that a flow was attached or the pool changed.
+func (p *peer) poolChanged() { notify(p.poolCh) }
+
+// conns are the QUIC connections of ls.
+func conns(ls []*link) []*quic.Conn {
+	out := make([]*quic.Conn, len(ls))
+	for i, l := range ls {
+		out[i] = l.conn
 	}
+	return out
 }

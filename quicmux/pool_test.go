@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"sfkit-proxy/identity"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -22,17 +24,16 @@ import (
 // poolShape is, per connection of m's pool to pid (the primary first),
 // how many of m's own flows run on it.
 func poolShape(m *Mux, pid int) []int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	p := m.peers[pid]
+	p := m.peer(pid)
 	if p == nil {
 		return nil
 	}
-	ls := m.linksLocked(p)
-	on := m.mineLocked(p, ls)
-	n := make([]int, len(ls))
-	for i, l := range ls {
-		n[i] = len(on[l])
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	on, _ := p.mineLocked(p.pool.live())
+	n := make([]int, len(on))
+	for i := range on {
+		n[i] = len(on[i])
 	}
 	return n
 }
@@ -87,9 +88,10 @@ func echoFlows(t *testing.T, m *Mux, pid int, port uint16, n, size int) (check f
 // spread over it one per connection; every byte arrives once, and once the
 // flows end the pool shrinks back to its primary.
 func TestPoolGivesFlowsTheirOwnConnections(t *testing.T) {
-	short := func(o *Options) { o.ConnsPerPeer = 4; o.poolIdle = 500 * time.Millisecond }
-	a := startPartyWith(t, 0, nil, allowAll, short)
-	b := startPartyWith(t, 1, nil, allowAll, short)
+	short := partyConf{allow: allowAll, adjust: func(o *Options) { o.ConnsPerPeer = 4 },
+		tune: func(tu *tuning) { tu.poolIdle = 500 * time.Millisecond }}
+	a := startPartyConf(t, 0, short)
+	b := startPartyConf(t, 1, short)
 	introduce(a, b)
 	echoA, echoB := testkit.Echo(t), testkit.Echo(t)
 	// Both ends open their flows at once, before there is a pool.
@@ -126,9 +128,7 @@ func TestPoolFlowsSurviveTheirConnection(t *testing.T) {
 	echo := testkit.Echo(t)
 	check := echoFlows(t, a.m, 1, echo, 4, 2<<20)
 	testkit.Eventually(t, "a pool of 4", func() bool { return maxOf(poolShape(a.m, 1)) == 1 && len(poolShape(a.m, 1)) == 4 })
-	a.m.mu.Lock()
-	member := a.m.peers[1].pool[0].conn
-	a.m.mu.Unlock()
+	member := linksOf(a.m, 1)[1].conn
 	member.CloseWithError(0x999, "test: member cut")
 	testkit.Eventually(t, "the member's flow moved", func() bool { return a.m.Stats().FlowsResumed+a.m.Stats().FlowsMoved > 0 })
 	cut(b.m, 0)
@@ -143,11 +143,11 @@ func TestPoolFlowsSurviveTheirConnection(t *testing.T) {
 // connection to join, and keeps within config.MaxConnsPerPeer.
 func TestPoolMembersNeedTheirPrimary(t *testing.T) {
 	x := startParty(t, 5, nil, allowAll)
-	id, err := LoadIdentity(t.TempDir())
+	id, err := identity.Load(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	x.m.SetPeers([]PeerInfo{{PID: 4, Pin: id.Pin, CheckKey: NewCheckKey().Public(), Instance: NewInstance(),
+	x.m.SetPeers([]PeerInfo{{PID: 4, Pin: id.Pin, CheckKey: identity.NewCheckKey().Public(), Instance: identity.NewInstance(),
 		Candidates: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}}})
 	testkit.Eventually(t, "party 4 known", func() bool { return peerOf(x.m, 4) != nil })
 	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -175,7 +175,7 @@ func TestPoolMembersNeedTheirPrimary(t *testing.T) {
 		return nil
 	}
 	primary, member := handshakeName(4, 5), handshakeName(4, 5)+memberName
-	stranger, err := LoadIdentity(t.TempDir())
+	stranger, err := identity.Load(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,4 +222,56 @@ func minOf(v []int) int {
 		m = min(m, x)
 	}
 	return m
+}
+
+func TestSpread(t *testing.T) {
+	tests := []struct {
+		name  string
+		on    [][]string
+		stray []string
+		want  []move[string]
+	}{
+		{"no connection", nil, []string{"a"}, nil},
+		{"balanced", [][]string{{"a"}, {"b"}}, nil, nil},
+		{"off by one is balanced", [][]string{{"a", "b"}, {"c"}}, nil, nil},
+		{"all on the primary", [][]string{{"a", "b", "c", "d"}, {}, {}, {}}, nil,
+			[]move[string]{{"d", 1}, {"c", 2}, {"b", 3}}},
+		{"strays go to the fewest first", [][]string{{"a", "b"}, {}}, []string{"x", "y"},
+			[]move[string]{{"x", 1}, {"y", 1}}},
+		{"strays then balance", [][]string{{"a", "b", "c"}, {}}, []string{"x"},
+			[]move[string]{{"x", 1}, {"c", 1}}},
+		{"a new member takes from the busiest", [][]string{{"a", "b"}, {"c", "d"}, {}}, nil,
+			[]move[string]{{"b", 2}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := spread(tt.on, tt.stray)
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("spread(%v, %v) = %v; want %v", tt.on, tt.stray, got, tt.want)
+			}
+			// Whatever the moves, the result differs by at most one.
+			if len(tt.on) == 0 {
+				return
+			}
+			n := make([]int, len(tt.on))
+			for i := range tt.on {
+				n[i] = len(tt.on[i])
+			}
+			from := map[string]int{}
+			for i, fs := range tt.on {
+				for _, f := range fs {
+					from[f] = i
+				}
+			}
+			for _, mv := range got {
+				if i, ok := from[mv.flow]; ok {
+					n[i]--
+				}
+				n[mv.to]++
+			}
+			if slices.Max(n)-slices.Min(n) > 1 {
+				t.Errorf("after the moves the connections carry %v", n)
+			}
+		})
+	}
 }

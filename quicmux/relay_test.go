@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"io"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -15,8 +16,9 @@ import (
 	"sfkit-proxy/relay/relaytest"
 )
 
-// startRelayedParty runs a Mux with a relay allocated on c.
-func startRelayedParty(t *testing.T, pid int, c *relaytest.Coturn, transport string) *testParty {
+// startRelayedParty runs a Mux with a relay allocated on c, and its main
+// socket behind a filter (a firewall the test opens and closes).
+func startRelayedParty(t *testing.T, pid int, c *relaytest.Coturn, transport string) (*testParty, *testkit.FilterConn) {
 	t.Helper()
 	raw := "turn:" + c.Addr() + "?transport=" + transport
 	u, _ := relay.ParseURL(raw)
@@ -24,13 +26,16 @@ func startRelayedParty(t *testing.T, pid int, c *relaytest.Coturn, transport str
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := startPartyWith(t, pid, nil, allowAll, func(o *Options) {
-		o.Relay = &Relay{Conn: a.Conn, Addr: a.Addr, Server: a.Server}
-		o.RelayDelay = 300 * time.Millisecond
-	})
+	udp, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fc := testkit.NewFilterConn(udp)
+	p := startPartyConf(t, pid, partyConf{allow: allowAll, pc: fc, relay: &Relay{Conn: a.Conn, Addr: a.Addr, Server: a.Server},
+		adjust: func(o *Options) { o.RelayDelay = 300 * time.Millisecond }})
 	p.info.Candidates = append(p.info.Candidates, a.Addr)
 	p.info.Relays = []netip.AddrPort{a.Addr}
-	return p
+	return p, fc
 }
 
 func peerStats(m *Mux, pid int) PeerStats {
@@ -42,7 +47,7 @@ func peerStats(m *Mux, pid int) PeerStats {
 	return PeerStats{}
 }
 
-func waitPath(t *testing.T, m *Mux, pid int, want string) PeerStats {
+func waitPath(t *testing.T, m *Mux, pid int, want PathKind) PeerStats {
 	t.Helper()
 	for range 200 {
 		if ps := peerStats(m, pid); ps.Path == want {
@@ -59,9 +64,9 @@ func TestRelayedPathWhenUDPIsBlocked(t *testing.T) {
 	for _, transport := range []string{"udp", "tcp"} {
 		t.Run(transport, func(t *testing.T) {
 			echo := halfCloseEcho(t)
-			a := startRelayedParty(t, 0, c, transport)
-			a.m.blockDirect.Store(true)
+			a, firewall := startRelayedParty(t, 0, c, transport)
 			b := startParty(t, 1, nil, allowAll)
+			firewall.Drop(b.m.LocalAddr(), true)
 			introduce(a, b)
 			roundTrip(t, a.m, 1, echo, 1<<20)
 			roundTrip(t, b.m, 0, echo, 1<<20)
@@ -79,13 +84,11 @@ func TestRelayedPathWhenUDPIsBlocked(t *testing.T) {
 				ps := peerStats(a.m, 1)
 				return ps.QUICConns == 3 && ps.State == StateRelayed && maxOf(poolShape(a.m, 1)) == 1
 			})
-			a.m.mu.Lock()
-			for _, l := range a.m.linksLocked(a.m.peers[1]) {
+			for _, l := range linksOf(a.m, 1) {
 				if !l.ep.relay {
 					t.Errorf("a pool connection to %v runs beside the relay", l.remote)
 				}
 			}
-			a.m.mu.Unlock()
 			check()
 		})
 	}
@@ -94,9 +97,9 @@ func TestRelayedPathWhenUDPIsBlocked(t *testing.T) {
 func TestLiveConnectionMigratesToDirect(t *testing.T) {
 	c := relaytest.Start(t, relaytest.Options{})
 	echo := halfCloseEcho(t)
-	a := startRelayedParty(t, 0, c, "udp")
-	a.m.blockDirect.Store(true)
+	a, firewall := startRelayedParty(t, 0, c, "udp")
 	b := startParty(t, 1, nil, allowAll)
+	firewall.Drop(b.m.LocalAddr(), true)
 	introduce(a, b)
 	conn, err := a.m.Dial(ctxTimeout(t, 10*time.Second), 1, echo)
 	if err != nil {
@@ -111,7 +114,7 @@ func TestLiveConnectionMigratesToDirect(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The firewall opens: the direct path appears mid-transfer.
-	a.m.blockDirect.Store(false)
+	firewall.Drop(b.m.LocalAddr(), false)
 	waitPath(t, a.m, 1, PathDirect)
 	if _, err := conn.Write(want[half:]); err != nil {
 		t.Fatalf("write after the switch: %v", err)
@@ -122,9 +125,7 @@ func TestLiveConnectionMigratesToDirect(t *testing.T) {
 	if err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("the same connection after the switch: got %d of %d bytes, %v", len(got), len(want), err)
 	}
-	a.m.mu.Lock()
-	l := a.m.peers[1].link
-	a.m.mu.Unlock()
+	l := primaryOf(a.m, 1)
 	if !l.ep.relay || !l.direct.Load() {
 		t.Error("the link was replaced, not migrated")
 	}
@@ -148,12 +149,11 @@ func TestRelayTargets(t *testing.T) {
 		{"10.1.1.1:49999", []string{"203.0.113.21:1000", "203.0.113.10:50000", "192.168.11.2:1000"}},
 		{"127.0.0.1:49999", []string{"203.0.113.21:1000", "203.0.113.10:50000", "192.168.11.2:1000", "127.0.0.1:1000", "169.254.1.1:1000"}},
 	}
-	p := &peer{info: PeerInfo{Relays: []netip.AddrPort{netip.MustParseAddrPort("203.0.113.10:50000")}}}
+	relays := []netip.AddrPort{netip.MustParseAddrPort("203.0.113.10:50000")}
 	for _, tt := range tests {
 		t.Run(tt.relay, func(t *testing.T) {
-			m := &Mux{opts: Options{Relay: &Relay{Addr: netip.MustParseAddrPort(tt.relay)}}}
 			var got []string
-			for _, a := range m.relayTargets(p, targets) {
+			for _, a := range relayTargets(netip.MustParseAddr(strings.Split(tt.relay, ":")[0]), relays, targets) {
 				got = append(got, a.String())
 			}
 			if strings.Join(got, " ") != strings.Join(tt.want, " ") {

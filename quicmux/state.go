@@ -2,45 +2,79 @@ package quicmux
 
 import "time"
 
-// Peer states. A connected peer's state is its path's kind.
+//go:generate stringer -type=State,PathKind,pathEvent,ResetReason -linecomment -output=enums_string.go
+
+// State is a peer's state as status shows it. A connected peer's state is
+// its path's kind.
+type State uint8
+
+// States.
 const (
-	StateConnecting  = "connecting"  // no connection yet (or the peer restarted)
-	StateDirect      = PathDirect    // connected directly
-	StateRelayed     = PathRelayed   // connected through a relay
-	StateRepairing   = "repairing"   // the path died; its tunnels wait for a new one
-	StateUnreachable = "unreachable" // no path after 30 s of trying
+	StateConnecting  State = iota // connecting
+	StateDirect                   // direct
+	StateRelayed                  // relayed
+	StateRepairing                // repairing
+	StateUnreachable              // unreachable
 )
 
+// PathKind is what a connection runs over.
+type PathKind uint8
+
+// Path kinds.
+const (
+	PathNone    PathKind = iota // none
+	PathDirect                  // direct
+	PathRelayed                 // relayed
+)
+
+// connected is the state of a peer connected over a path of kind k.
+func (k PathKind) connected() State {
+	if k == PathRelayed {
+		return StateRelayed
+	}
+	return StateDirect
+}
+
+// Connected reports whether s is a connected state (direct or relayed).
+func (s State) Connected() bool { return s == StateDirect || s == StateRelayed }
+
 // pathEvent is what happens to a peer's path.
-type pathEvent int
+type pathEvent uint8
 
 const (
-	evConnected pathEvent = iota // a connection is up (with its path kind)
-	evLost                       // the connection died under live tunnels
-	evSlow                       // 30 s without a path
-	evGone                       // the peer stopped or restarted: nothing to repair
+	evConnected pathEvent = iota // connected: a connection is up (with its path kind)
+	evUpgraded                   // upgraded: the relayed connection moved to the direct path
+	evLost                       // lost: the connection died under live tunnels
+	evSlow                       // slow: 30 s without a path
+	evGone                       // gone: the peer stopped or restarted, nothing to repair
 )
 
 // pathState is a peer's path state: what it is, since when, and when the
 // path was lost while repairing.
 type pathState struct {
-	state string
+	state State
 	since time.Time
 	lost  time.Time // when repairing began; zero when not repairing
 }
 
-// next is the state after ev at now; kind is the path kind of a
-// connection. repaired, when not zero, is how long a repair took.
-func (s pathState) next(ev pathEvent, kind string, now time.Time) (n pathState, repaired time.Duration) {
+// next is the state after ev at now; kind is the path kind of a new
+// connection. repaired, when not zero, is how long a repair took. The
+// peer's loop obeys it: in a connected state it watches its connection
+// (keep), in any other it looks for one (connect).
+func (s pathState) next(ev pathEvent, kind PathKind, now time.Time) (n pathState, repaired time.Duration) {
 	n = s
 	switch ev {
 	case evConnected:
 		if !s.lost.IsZero() {
 			repaired = now.Sub(s.lost)
 		}
-		n = pathState{state: kind, since: now}
+		n = pathState{state: kind.connected(), since: now}
+	case evUpgraded:
+		if s.state == StateRelayed {
+			n = pathState{state: StateDirect, since: now}
+		}
 	case evLost:
-		if s.state == StateDirect || s.state == StateRelayed {
+		if s.state.Connected() {
 			n = pathState{state: StateRepairing, since: now, lost: now}
 		}
 	case evSlow:

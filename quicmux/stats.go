@@ -3,15 +3,10 @@ package quicmux
 import (
 	"net/netip"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"time"
-)
 
-// Path kinds.
-const (
-	PathDirect  = "direct"
-	PathRelayed = "relayed"
+	"sfkit-proxy/status"
 )
 
 // traffic counts one peer's tunnelled connections and bytes on one kind of
@@ -26,7 +21,7 @@ type traffic struct {
 const rateWindow = 3
 
 // rates turns a peer's byte counts into rates from 1 s samples, counted
-// from when the peer appeared. Guarded by Mux.mu.
+// from when the peer appeared. Guarded by its peer's mu.
 type rates struct {
 	start              time.Time // when the peer appeared
 	last               time.Time
@@ -38,7 +33,7 @@ type rates struct {
 
 // PathTraffic is a peer's traffic on one kind of path.
 type PathTraffic struct {
-	Path      string
+	Path      PathKind
 	Conns     uint64 // tunnelled connections opened, both directions
 	BytesSent uint64
 	BytesRecv uint64
@@ -47,9 +42,9 @@ type PathTraffic struct {
 // PeerStats is a snapshot of one peer.
 type PeerStats struct {
 	PID        int
-	State      string // connecting, direct, relayed, unreachable
-	Path       string // kind of the path in use, "" when not connected
-	Via        string // the relay, when relayed
+	State      State
+	Path       PathKind // of the path in use, PathNone when not connected
+	Via        string   // the relay, when relayed
 	RemoteAddr netip.AddrPort
 	RTT        time.Duration
 	Since      time.Time // connected since
@@ -84,7 +79,7 @@ type Stats struct {
 	// FlowsMoved counts flows moved between a peer's connections (pool.go);
 	// PoolConnsOpened counts pool members opened or accepted.
 	FlowsMoved, PoolConnsOpened uint64
-	FlowsReset                  map[string]uint64 // by reason
+	FlowsReset                  map[string]uint64 // by reason (ResetReason's String)
 }
 
 // counters are the mux-wide event counts.
@@ -94,24 +89,15 @@ type counters struct {
 	checksSent, checksAnswered atomic.Uint64
 	flowsResumed, flowsMoved   atomic.Uint64
 	poolOpened                 atomic.Uint64
-
-	mu         sync.Mutex        // guards flowResets
-	flowResets map[string]uint64 // by reason
+	flowResets                 [numResetReasons]atomic.Uint64
 }
 
-func (c *counters) reset(why string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.flowResets == nil {
-		c.flowResets = make(map[string]uint64)
-	}
-	c.flowResets[why]++
-}
+func (c *counters) reset(why ResetReason) { c.flowResets[why].Add(1) }
 
 // trafficLocked returns p's counters for path kind, creating them.
-func (p *peer) trafficLocked(kind string) *traffic {
+func (p *peer) trafficLocked(kind PathKind) *traffic {
 	if p.traffic == nil {
-		p.traffic = make(map[string]*traffic)
+		p.traffic = make(map[PathKind]*traffic)
 	}
 	t := p.traffic[kind]
 	if t == nil {
@@ -132,21 +118,31 @@ func (p *peer) totalsLocked() (sent, recv uint64, open int64) {
 
 // sample takes the 1 s rate sample of every peer.
 func (m *Mux) sample(now time.Time) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, p := range m.peers {
+	for _, p := range m.peerList() {
+		p.mu.Lock()
 		sent, recv, _ := p.totalsLocked()
 		r := &p.rates
-		dt := now.Sub(r.last).Seconds()
-		if dt <= 0 {
-			continue
+		if dt := now.Sub(r.last).Seconds(); dt > 0 {
+			s, v := float64(sent-r.lastSent)/dt, float64(recv-r.lastRecv)/dt
+			r.window[r.n%rateWindow] = [2]float64{s, v}
+			r.n++
+			r.maxSent, r.maxRecv = max(r.maxSent, s), max(r.maxRecv, v)
+			r.last, r.lastSent, r.lastRecv = now, sent, recv
 		}
-		s, v := float64(sent-r.lastSent)/dt, float64(recv-r.lastRecv)/dt
-		r.window[r.n%rateWindow] = [2]float64{s, v}
-		r.n++
-		r.maxSent, r.maxRecv = max(r.maxSent, s), max(r.maxRecv, v)
-		r.last, r.lastSent, r.lastRecv = now, sent, recv
+		p.mu.Unlock()
 	}
+}
+
+// peerList is every peer, in pid order.
+func (m *Mux) peerList() []*peer {
+	m.mu.Lock()
+	ps := make([]*peer, 0, len(m.peers))
+	for _, p := range m.peers {
+		ps = append(ps, p)
+	}
+	m.mu.Unlock()
+	slices.SortFunc(ps, func(a, b *peer) int { return a.pid - b.pid })
+	return ps
 }
 
 // Stats returns a snapshot of every peer and of the mux's counters.
@@ -158,50 +154,83 @@ func (m *Mux) Stats() Stats {
 		FlowsResumed: m.count.flowsResumed.Load(), FlowsReset: map[string]uint64{},
 		FlowsMoved: m.count.flowsMoved.Load(), PoolConnsOpened: m.count.poolOpened.Load(),
 	}
-	m.count.mu.Lock()
-	for k, v := range m.count.flowResets {
-		st.FlowsReset[k] = v
+	for why := ResetByPeer; why < numResetReasons; why++ {
+		if n := m.count.flowResets[why].Load(); n > 0 {
+			st.FlowsReset[why.String()] = n
+		}
 	}
-	m.count.mu.Unlock()
 	now := time.Now()
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, p := range m.peers {
-		ps := PeerStats{PID: p.pid, State: p.path.state, StateSince: p.path.since, LastError: p.lastErr,
-			Repairs: p.repairs, LastRepair: p.lastRepair, Waiting: p.waiting}
-		if l := p.link; l != nil {
-			ps.Path, ps.Via = m.linkKindLocked(p, l), m.viaLocked(p, l)
-			ps.State = ps.Path // direct or relayed
-			ps.RemoteAddr, ps.Since = l.remote, l.since
-			ps.RTT = l.conn.ConnectionStats().SmoothedRTT
-			ps.QUICConns = len(m.linksLocked(p))
-		}
-		ps.BytesSent, ps.BytesRecv, ps.OpenConns = p.totalsLocked()
-		r := &p.rates
-		for i := 0; i < min(r.n, rateWindow); i++ {
-			ps.RateSent += r.window[i][0] / float64(min(r.n, rateWindow))
-			ps.RateRecv += r.window[i][1] / float64(min(r.n, rateWindow))
-		}
-		if el := now.Sub(r.start).Seconds(); el > 0 {
-			ps.AvgSent, ps.AvgRecv = float64(ps.BytesSent)/el, float64(ps.BytesRecv)/el
-		}
-		ps.MaxSent, ps.MaxRecv = r.maxSent, r.maxRecv
-		for kind, t := range p.traffic {
-			ps.Traffic = append(ps.Traffic, PathTraffic{Path: kind, Conns: t.opened.Load(), BytesSent: t.sent.Load(), BytesRecv: t.recv.Load()})
-		}
-		slices.SortFunc(ps.Traffic, func(a, b PathTraffic) int { return cmpString(a.Path, b.Path) })
-		st.Peers = append(st.Peers, ps)
+	for _, p := range m.peerList() {
+		st.Peers = append(st.Peers, p.stats(now))
 	}
-	slices.SortFunc(st.Peers, func(a, b PeerStats) int { return a.PID - b.PID })
 	return st
 }
 
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
+// stats is a snapshot of p.
+func (p *peer) stats(now time.Time) PeerStats {
+	pf := p.m.flows.of(p.pid)
+	pf.mu.Lock()
+	waiting := pf.waiting
+	pf.mu.Unlock()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ps := PeerStats{PID: p.pid, State: p.path.state, StateSince: p.path.since,
+		Repairs: p.repairs, LastRepair: p.lastRepair, Waiting: waiting}
+	if p.lastErr != nil {
+		ps.LastError = p.lastErr.Error()
 	}
-	return 0
+	if l := p.pool.primary; l != nil {
+		ps.Path, ps.Via = p.kindLocked(l), p.viaLocked(l)
+		ps.RemoteAddr, ps.Since = l.remote, l.since
+		ps.RTT = l.conn.ConnectionStats().SmoothedRTT
+		ps.QUICConns = len(p.pool.live())
+	}
+	ps.BytesSent, ps.BytesRecv, ps.OpenConns = p.totalsLocked()
+	r := &p.rates
+	for i := 0; i < min(r.n, rateWindow); i++ {
+		ps.RateSent += r.window[i][0] / float64(min(r.n, rateWindow))
+		ps.RateRecv += r.window[i][1] / float64(min(r.n, rateWindow))
+	}
+	if el := now.Sub(r.start).Seconds(); el > 0 {
+		ps.AvgSent, ps.AvgRecv = float64(ps.BytesSent)/el, float64(ps.BytesRecv)/el
+	}
+	ps.MaxSent, ps.MaxRecv = r.maxSent, r.maxRecv
+	for kind, t := range p.traffic {
+		ps.Traffic = append(ps.Traffic, PathTraffic{Path: kind, Conns: t.opened.Load(), BytesSent: t.sent.Load(), BytesRecv: t.recv.Load()})
+	}
+	slices.SortFunc(ps.Traffic, func(a, b PathTraffic) int { return int(a.Path) - int(b.Path) })
+	return ps
+}
+
+// UpdateStatus fills s's peers and the mux's counters: the part of the
+// sidecar's status that quicmux owns.
+func (m *Mux) UpdateStatus(s *status.Status) {
+	st := m.Stats()
+	c := &s.Counters
+	c.DialsOK, c.DialsFailed = st.DialsOK, st.DialsFailed
+	c.AcceptsOK, c.AcceptsRejected = st.AcceptsOK, st.AcceptsRejected
+	c.ChecksSent, c.ChecksAnswered = st.ChecksSent, st.ChecksAnswered
+	c.FlowsResumed, c.FlowsReset = st.FlowsResumed, st.FlowsReset
+	c.FlowsMoved, c.PoolConnsOpened = st.FlowsMoved, st.PoolConnsOpened
+	for _, p := range st.Peers {
+		sp := status.Peer{PID: p.PID, State: p.State.String(), Via: p.Via, RTTMillis: float64(p.RTT.Microseconds()) / 1000,
+			OpenConns: p.OpenConns, QUICConns: p.QUICConns, WaitingConns: p.Waiting, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv,
+			LastError: p.LastError, Repairs: p.Repairs, LastRepairSeconds: p.LastRepair.Seconds(),
+			Rate: status.Rates{CurrentSent: p.RateSent, CurrentReceived: p.RateRecv, AverageSent: p.AvgSent,
+				AverageReceived: p.AvgRecv, MaxSent: p.MaxSent, MaxReceived: p.MaxRecv}}
+		if p.Path != PathNone {
+			sp.Path = p.Path.String()
+		}
+		if !p.StateSince.IsZero() {
+			sp.StateSince = &p.StateSince
+		}
+		if p.RemoteAddr.IsValid() {
+			sp.RemoteAddr = p.RemoteAddr.String()
+			sp.ConnectedSince = &p.Since
+		}
+		for _, t := range p.Traffic {
+			sp.Traffic = append(sp.Traffic, status.PathTraffic{Path: t.Path.String(), Conns: t.Conns, BytesSent: t.BytesSent, BytesReceived: t.BytesRecv})
+		}
+		s.Peers = append(s.Peers, sp)
+	}
 }

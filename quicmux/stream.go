@@ -9,9 +9,9 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"sfkit-proxy/quicmux/header"
 	"slices"
 	"strconv"
-	"sync"
 	"syscall"
 	"time"
 
@@ -19,15 +19,16 @@ import (
 
 	"sfkit-proxy/backoff"
 	"sfkit-proxy/flow"
+	"sfkit-proxy/splice"
 )
 
 // Errors of Dial.
 var (
 	ErrUnknownPeer = errors.New("party is not in the registry")
 	ErrNoPath      = errors.New("no path to party yet")
-	// ErrTooManyConns carries "refused" in its text, so that go-socks5
-	// answers "connection refused" at once.
-	ErrTooManyConns = errors.New("too many open tunnelled connections to this party: connection refused until some close")
+	// ErrTooManyConns is a refusal (header.Refusal): this side holds the
+	// peer's limit of open streams.
+	ErrTooManyConns error = header.Refusal("too many open tunnelled connections to this party; new ones are refused until some close")
 )
 
 // Dial opens a tunnelled TCP connection (a flow) to port on party pid's
@@ -37,7 +38,7 @@ var (
 // resumes it on the next one (see package flow).
 func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*flow.Conn, error) {
 	id := rand.Uint64()
-	str, l, kind, reply, err := m.open(ctx, pid, Request{Kind: KindConnect, Port: port, Flow: id})
+	str, l, kind, reply, err := m.open(ctx, pid, header.Request{Kind: header.KindConnect, Port: port, Flow: id})
 	if err != nil {
 		return nil, err
 	}
@@ -46,7 +47,7 @@ func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*flow.Conn, error
 	}
 	l.tr.opened.Add(1)
 	log := m.log.With("peer", pid, "port", port, "dir", "out", "path", kind)
-	e := m.newFlow(flowKey{pid: pid, mine: true, id: id}, port, l, log, nil)
+	e := m.newFlow(flowKey{pid: pid, mine: true, id: id}, port, l, log)
 	if e == nil { // one in 2^64: our random id is one we use already
 		endStream(str)
 		return nil, fmt.Errorf("party %d port %d: flow id in use, try again", pid, port)
@@ -54,21 +55,23 @@ func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*flow.Conn, error
 	e.c.Attach(m.flowStream(str, l), 0)
 	e.attached()
 	log.Info("tunnel opened")
-	m.poolChanged(pid)
+	if p := m.peer(pid); p != nil {
+		p.poolChanged()
+	}
 	return e.c, nil
 }
 
 // Ping measures the round trip of a request through the tunnel to pid, and
 // names the path it took.
-func (m *Mux) Ping(ctx context.Context, pid int) (rtt time.Duration, path string, addr netip.AddrPort, err error) {
+func (m *Mux) Ping(ctx context.Context, pid int) (rtt time.Duration, path PathKind, addr netip.AddrPort, err error) {
 	start := time.Now()
-	str, l, kind, reply, err := m.open(ctx, pid, Request{Kind: KindPing})
+	str, l, kind, reply, err := m.open(ctx, pid, header.Request{Kind: header.KindPing})
 	if err != nil {
-		return 0, "", netip.AddrPort{}, err
+		return 0, PathNone, netip.AddrPort{}, err
 	}
 	rtt = time.Since(start)
 	if err := reply.Err(); err != nil {
-		return 0, "", netip.AddrPort{}, err // no stream: it was refused
+		return 0, PathNone, netip.AddrPort{}, err // no stream: it was refused
 	}
 	endStream(str)
 	return rtt, kind, l.remote, nil
@@ -77,44 +80,44 @@ func (m *Mux) Ping(ctx context.Context, pid int) (rtt time.Duration, path string
 // open opens a stream with request r to pid and reads the peer's reply. A
 // connection may die under us (the peer restarted, the path broke); nothing
 // has reached the client yet, so opening again is safe.
-func (m *Mux) open(ctx context.Context, pid int, r Request) (*quic.Stream, *link, string, Reply, error) {
+func (m *Mux) open(ctx context.Context, pid int, r header.Request) (*quic.Stream, *link, PathKind, header.Reply, error) {
 	for attempt := 0; ; attempt++ {
 		p, l, err := m.waitLink(ctx, pid)
 		if err != nil {
-			return nil, nil, "", Reply{}, err
+			return nil, nil, PathNone, header.Reply{}, err
 		}
 		str, reply, err := openStream(ctx, l.conn, r)
-		if err == nil && reply.Status == StatusDraining && attempt < 2 {
+		if err == nil && reply.Status == header.StatusDraining && attempt < 2 {
 			// The peer replaced this connection a moment before we did:
 			// open on the newer one once we have it.
-			m.waitReplaced(ctx, p, l)
+			p.waitReplaced(ctx, l)
 			continue
 		}
 		if err == nil {
-			return str, l, m.linkKind(p, l), reply, nil
+			return str, l, p.kindOf(l), reply, nil
 		}
 		if errors.Is(err, ErrTooManyConns) {
 			m.quiet.warn("streams:"+strconv.Itoa(pid), "refusing a tunnelled connection: the peer's limit of open connections is reached",
 				"peer", pid, "port", r.Port, "limit", m.opts.MaxStreams)
-			return nil, nil, "", Reply{}, fmt.Errorf("party %d port %d: %w", pid, r.Port, err)
+			return nil, nil, PathNone, header.Reply{}, fmt.Errorf("party %d port %d: %w", pid, r.Port, err)
 		}
 		if !connectionDead(l.conn, err) || ctx.Err() != nil || attempt == 2 {
-			return nil, nil, "", Reply{}, fmt.Errorf("party %d port %d: %w", pid, r.Port, err)
+			return nil, nil, PathNone, header.Reply{}, fmt.Errorf("party %d port %d: %w", pid, r.Port, err)
 		}
-		m.dropLink(p, l, err, evLost)
+		p.dropLink(l, err, evLost)
 	}
 }
 
 // waitReplaced waits, within ctx and a second, for l to stop being one of
 // p's current connections.
-func (m *Mux) waitReplaced(ctx context.Context, p *peer, l *link) {
+func (p *peer) waitReplaced(ctx context.Context, l *link) {
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
 	for {
-		m.mu.Lock()
-		current := slices.Contains(m.linksLocked(p), l)
-		changed := m.changed
-		m.mu.Unlock()
+		changed := p.m.changed.wait()
+		p.mu.Lock()
+		current := slices.Contains(p.pool.live(), l)
+		p.mu.Unlock()
 		if !current {
 			return
 		}
@@ -143,13 +146,13 @@ func connectionDead(conn *quic.Conn, err error) bool {
 // openStream opens a stream and exchanges the request and reply. It does
 // not wait for the peer to allow more streams: past the limit it fails at
 // once with ErrTooManyConns. A reply other than OK closes the stream.
-func openStream(ctx context.Context, conn *quic.Conn, r Request) (*quic.Stream, Reply, error) {
+func openStream(ctx context.Context, conn *quic.Conn, r header.Request) (*quic.Stream, header.Reply, error) {
 	str, err := conn.OpenStream()
 	if err != nil {
 		if _, ok := errors.AsType[*quic.StreamLimitReachedError](err); ok {
-			return nil, Reply{}, ErrTooManyConns
+			return nil, header.Reply{}, ErrTooManyConns
 		}
-		return nil, Reply{}, fmt.Errorf("open stream: %w", err)
+		return nil, header.Reply{}, fmt.Errorf("open stream: %w", err)
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		str.SetDeadline(dl)
@@ -160,8 +163,8 @@ func openStream(ctx context.Context, conn *quic.Conn, r Request) (*quic.Stream, 
 		str.CancelRead(codeStreamAbort)
 		str.CancelWrite(codeStreamAbort)
 	})
-	var hdr [replyLen]byte
-	var reply Reply
+	var hdr [header.ReplyLen]byte
+	var reply header.Reply
 	_, err = str.Write(r.Append(nil))
 	if err == nil {
 		_, err = io.ReadFull(str, hdr[:])
@@ -170,9 +173,9 @@ func openStream(ctx context.Context, conn *quic.Conn, r Request) (*quic.Stream, 
 		err = ctx.Err() // the stream is cancelled, whatever it answered
 	}
 	if err == nil {
-		reply, err = ParseReply(hdr[:])
+		reply, err = header.ParseReply(hdr[:])
 	}
-	if err != nil || reply.Status != StatusOK {
+	if err != nil || reply.Status != header.StatusOK {
 		str.CancelRead(codeStreamAbort)
 		str.CancelWrite(codeStreamAbort)
 		return nil, reply, err
@@ -191,14 +194,14 @@ func endStream(str *quic.Stream) {
 // its pool, the one carrying fewest of our flows.
 func (m *Mux) waitLink(ctx context.Context, pid int) (*peer, *link, error) {
 	for {
-		m.mu.Lock()
-		p := m.peers[pid]
+		changed := m.changed.wait()
+		p := m.peer(pid)
 		var l *link
 		if p != nil {
-			l = m.pickLocked(p)
+			p.mu.Lock()
+			l = p.pickLocked()
+			p.mu.Unlock()
 		}
-		changed := m.changed
-		m.mu.Unlock()
 		if l != nil {
 			return p, l, nil
 		}
@@ -208,11 +211,11 @@ func (m *Mux) waitLink(ctx context.Context, pid int) (*peer, *link, error) {
 			if p == nil {
 				return nil, nil, fmt.Errorf("party %d: %w", pid, ErrUnknownPeer)
 			}
-			m.mu.Lock()
+			p.mu.Lock()
 			lastErr := p.lastErr
-			m.mu.Unlock()
-			if lastErr != "" {
-				return nil, nil, fmt.Errorf("party %d: %w (last error: %s)", pid, ErrNoPath, lastErr)
+			p.mu.Unlock()
+			if lastErr != nil {
+				return nil, nil, fmt.Errorf("party %d: %w (last error: %v)", pid, ErrNoPath, lastErr)
 			}
 			return nil, nil, fmt.Errorf("party %d: %w", pid, ErrNoPath)
 		}
@@ -235,7 +238,7 @@ func (m *Mux) serveStreams(ctx context.Context, pid int, l *link) {
 func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *link) {
 	log := m.log.With("peer", pid)
 	str.SetReadDeadline(time.Now().Add(10 * time.Second))
-	var hdr [requestLen]byte
+	var hdr [header.RequestLen]byte
 	if _, err := io.ReadFull(str, hdr[:]); err != nil {
 		log.Debug("stream header not read", "err", err)
 		str.CancelRead(codeStreamAbort)
@@ -243,90 +246,96 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 		return
 	}
 	str.SetReadDeadline(time.Time{})
-	reply := func(r Reply) error {
+	reply := func(r header.Reply) error {
 		_, err := str.Write(r.Append(nil))
-		if r.Status != StatusOK {
+		if r.Status != header.StatusOK {
 			endStream(str)
 		}
 		return err
 	}
-	req, err := ParseRequest(hdr[:])
+	req, err := header.ParseRequest(hdr[:])
 	switch {
 	case err != nil:
 		log.Warn("peer sent a bad stream header", "err", err)
-		reply(Reply{Status: StatusBadRequest})
+		reply(header.Reply{Status: header.StatusBadRequest})
 		return
-	case req.Kind == KindPing:
-		reply(Reply{})
+	case req.Kind == header.KindPing:
+		reply(header.Reply{})
 		endStream(str)
 		return
-	case req.Kind == KindPathNotice:
-		if !l.direct.Swap(true) {
+	case req.Kind == header.KindPathNotice:
+		if !l.direct.Load() {
+			if p := m.peer(pid); p != nil {
+				p.switched(l)
+			}
 			log.Info("path switched", "from", PathRelayed, "to", PathDirect, "by", "peer")
 		}
-		reply(Reply{})
+		reply(header.Reply{})
 		endStream(str)
 		return
-	case req.Kind == KindHello:
-		m.hello(pid, req.Flow, l)
-		reply(Reply{Rcvd: m.boot})
+	case req.Kind == header.KindHello:
+		if p := m.peer(pid); p != nil {
+			p.hello(req.Flow, l)
+		}
+		reply(header.Reply{Rcvd: m.boot})
 		endStream(str)
 		return
-	case req.Kind == KindResume:
-		m.resumed(pid, req, str, l, log)
+	case req.Kind == header.KindResume:
+		m.resumed(pid, req, str, l)
 		return
 	case m.opts.OwnPort(req.Port):
 		m.quiet.warn("own:"+strconv.Itoa(pid), "peer asked for one of this sidecar's own ports (SOCKS, management API or a forward): refused",
 			"peer", pid, "port", req.Port)
-		reply(Reply{Status: StatusNotAllowed})
+		reply(header.Reply{Status: header.StatusNotAllowed})
 		return
 	case !m.opts.AllowPort(pid, req.Port):
 		log.Warn("peer asked for a port that --allow-ports does not allow", "port", req.Port)
-		reply(Reply{Status: StatusNotAllowed})
+		reply(header.Reply{Status: header.StatusNotAllowed})
 		return
 	case l.draining.Load():
 		// A replaced connection only carries its flows to their end.
-		reply(Reply{Status: StatusDraining})
+		reply(header.Reply{Status: header.StatusDraining})
 		return
 	}
 	key := flowKey{pid: pid, id: req.Flow}
-	p, fresh := m.takeFlow(key)
+	pf := m.flows.of(pid)
+	ok, fresh := pf.take(key, m.opts.MaxFlows)
 	if !fresh {
 		log.Warn("peer opened a flow with the id of one it already has: refused", "flow", req.Flow)
-		reply(Reply{Status: StatusBadRequest})
+		reply(header.Reply{Status: header.StatusBadRequest})
 		return
 	}
-	if p == nil {
+	if !ok {
 		m.quiet.warn("flows:"+strconv.Itoa(pid), "refusing a tunnelled connection: the peer has spent its budget of open connections here",
 			"peer", pid, "port", req.Port, "limit", m.opts.MaxFlows)
-		reply(Reply{Status: StatusOverBudget})
+		reply(header.Reply{Status: header.StatusOverBudget})
 		return
 	}
-	tcp, err := m.dialLocal(ctx, p, str, req.Port, log)
+	tcp, err := m.dialLocal(ctx, pid, pf, str, req.Port, log)
 	if err != nil {
-		m.giveFlow(p)
-		st := StatusUnreachable
+		pf.give()
+		st := header.StatusUnreachable
 		switch {
-		case errors.Is(err, ErrOverBudget):
-			st = StatusOverBudget
+		case errors.Is(err, header.ErrOverBudget):
+			st = header.StatusOverBudget
 		case errors.Is(err, syscall.ECONNREFUSED):
-			st = StatusRefused
+			st = header.StatusRefused
 		}
 		log.Info("local port not reachable for peer", "port", req.Port, "err", err)
-		reply(Reply{Status: st})
+		reply(header.Reply{Status: st})
 		return
 	}
 	// The flow is registered before the reply: the opener may move it to
 	// another connection of the pool at once, and its resume may overtake
 	// this stream (it waits for the attachment below).
-	e := m.newFlow(key, req.Port, l, log.With("port", req.Port, "dir", "in"), p)
+	e := m.newFlow(key, req.Port, l, log.With("port", req.Port, "dir", "in"))
 	if e == nil {
 		tcp.Close()
-		m.giveFlow(p)
-		reply(Reply{Status: StatusBadRequest})
+		pf.give()
+		reply(header.Reply{Status: header.StatusBadRequest})
 		return
 	}
-	if err := reply(Reply{}); err != nil {
+	if err := reply(header.Reply{}); err != nil {
 		tcp.Close()
 		e.attached()
 		e.abandon(ResetPeerLostFlow)
@@ -336,15 +345,17 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 	e.c.Attach(m.flowStream(str, l), 0)
 	e.attached()
 	e.log.Info("tunnel opened")
-	m.poolChanged(pid)
-	pipe(tcp, e.c)
+	if p := m.peer(pid); p != nil {
+		p.poolChanged()
+	}
+	splice.Splice(tcp, e.c)
 }
 
 // dialLocal connects to the local port a peer asked for. A port that waits
 // for its listener (Options.WaitPort) and finds none is dialled again, with
 // backoff, until something listens, LocalWait passes, or the peer gives up
 // on str; a peer has at most MaxWaiting such waits at once.
-func (m *Mux) dialLocal(ctx context.Context, p *peer, str *quic.Stream, port uint16, log *slog.Logger) (*net.TCPConn, error) {
+func (m *Mux) dialLocal(ctx context.Context, pid int, pf *peerFlows, str *quic.Stream, port uint16, log *slog.Logger) (*net.TCPConn, error) {
 	// Loopback needs no TCP keepalive: skipping it saves syscalls per connection.
 	d := net.Dialer{Timeout: 5 * time.Second, KeepAlive: -1}
 	addr := netip.AddrPortFrom(m.opts.LocalHost, port).String()
@@ -352,15 +363,15 @@ func (m *Mux) dialLocal(ctx context.Context, p *peer, str *quic.Stream, port uin
 	if err == nil {
 		return c.(*net.TCPConn), nil
 	}
-	if !errors.Is(err, syscall.ECONNREFUSED) || !m.opts.WaitPort(p.pid, port) {
+	if !errors.Is(err, syscall.ECONNREFUSED) || !m.opts.WaitPort(pid, port) {
 		return nil, err
 	}
-	if !m.startWaiting(p) {
-		m.quiet.warn("waiting:"+strconv.Itoa(p.pid), "refusing a connection that would wait for a local listener: the peer has too many waiting",
-			"peer", p.pid, "port", port, "limit", m.opts.MaxWaiting)
-		return nil, ErrOverBudget
+	if !pf.startWaiting(m.opts.MaxWaiting) {
+		m.quiet.warn("waiting:"+strconv.Itoa(pid), "refusing a connection that would wait for a local listener: the peer has too many waiting",
+			"peer", pid, "port", port, "limit", m.opts.MaxWaiting)
+		return nil, header.ErrOverBudget
 	}
-	defer m.stopWaiting(p)
+	defer pf.stopWaiting()
 	// The wait ends with the peer's interest: its give-up cancels str.
 	wctx, cancel := context.WithTimeout(ctx, m.opts.LocalWait)
 	defer cancel()
@@ -386,48 +397,6 @@ func (m *Mux) dialLocal(ctx context.Context, p *peer, str *quic.Stream, port uin
 	return nil, fmt.Errorf("dial %s: %w", addr, syscall.ECONNREFUSED)
 }
 
-// startWaiting counts a connection of p's waiting for a local listener,
-// if its budget allows.
-func (m *Mux) startWaiting(p *peer) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if p.waiting >= m.opts.MaxWaiting {
-		return false
-	}
-	p.waiting++
-	return true
-}
-
-func (m *Mux) stopWaiting(p *peer) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	p.waiting--
-}
-
-// takeFlow counts a new flow key that its peer opens here and returns the
-// peer, if its budget allows; nil otherwise. giveFlow gives it back when it
-// ends. fresh is false when the peer has, or had, a flow of that id: a new
-// one would take the other's place.
-func (m *Mux) takeFlow(key flowKey) (p *peer, fresh bool) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if _, ended := m.tombLocked(key); ended || m.flows[key.pid][key] != nil {
-		return nil, false
-	}
-	p = m.peers[key.pid]
-	if p == nil || p.inFlows >= m.opts.MaxFlows {
-		return nil, true
-	}
-	p.inFlows++
-	return p, true
-}
-
-func (m *Mux) giveFlow(p *peer) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	p.inFlows--
-}
-
 // logClosed logs a flow's end.
 func logClosed(log *slog.Logger, start time.Time, sent, recv uint64, reset bool) {
 	outcome := "ok"
@@ -435,29 +404,4 @@ func logClosed(log *slog.Logger, start time.Time, sent, recv uint64, reset bool)
 		outcome = "reset"
 	}
 	log.Info("tunnel closed", "sent", sent, "received", recv, "duration", time.Since(start).Round(time.Millisecond), "outcome", outcome)
-}
-
-// pipe copies between a local TCP connection and a flow until both
-// directions end. A clean end (EOF) is passed on as a half-close; an error
-// resets the other side.
-func pipe(tcp *net.TCPConn, fc *flow.Conn) {
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		if _, err := fc.ReadFrom(tcp); err != nil {
-			fc.Reset()
-			tcp.CloseRead()
-			return
-		}
-		fc.CloseWrite()
-	})
-	if _, err := fc.WriteTo(tcp); err != nil {
-		tcp.SetLinger(0)
-		tcp.Close() // resets the local side; unblocks the other copy
-		fc.Reset()
-	} else {
-		tcp.CloseWrite()
-	}
-	wg.Wait()
-	tcp.Close()
-	fc.Close()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"sfkit-proxy/quicmux/header"
 	"strconv"
 	"testing"
 	"time"
@@ -78,8 +79,8 @@ func TestWaitingPortsWaitForTheirListener(t *testing.T) {
 	t.Run("never listens", func(t *testing.T) {
 		start := time.Now()
 		_, err := a.m.Dial(ctxTimeout(t, 20*time.Second), 1, never)
-		if !errors.Is(err, ErrRefused) {
-			t.Fatalf("Dial to a port that never listens = %v; want ErrRefused", err)
+		if !errors.Is(err, header.ErrRefused) {
+			t.Fatalf("Dial to a port that never listens = %v; want header.ErrRefused", err)
 		}
 		if d := time.Since(start); d < 2*time.Second {
 			t.Errorf("refused after %v; want it to wait LocalWait (2s) first", d)
@@ -89,8 +90,8 @@ func TestWaitingPortsWaitForTheirListener(t *testing.T) {
 	t.Run("other ports are refused at once", func(t *testing.T) {
 		start := time.Now()
 		_, err := a.m.Dial(ctxTimeout(t, 20*time.Second), 1, plain)
-		if !errors.Is(err, ErrRefused) {
-			t.Fatalf("Dial = %v; want ErrRefused", err)
+		if !errors.Is(err, header.ErrRefused) {
+			t.Fatalf("Dial = %v; want header.ErrRefused", err)
 		}
 		if d := time.Since(start); d >= 2*time.Second {
 			t.Errorf("refused after %v; want at once", d)
@@ -109,8 +110,8 @@ func TestWaitingPortsWaitForTheirListener(t *testing.T) {
 		}
 		testkit.Eventually(t, "two connections waiting", func() bool { return waiting() == 2 })
 		_, err := a.m.Dial(ctxTimeout(t, 20*time.Second), 1, never)
-		if !errors.Is(err, ErrOverBudget) {
-			t.Errorf("third waiting Dial = %v; want ErrOverBudget", err)
+		if !errors.Is(err, header.ErrOverBudget) {
+			t.Errorf("third waiting Dial = %v; want header.ErrOverBudget", err)
 		}
 		// A client that gives up ends its wait at the peer too.
 		cancel()

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"sfkit-proxy/identity"
 	"strings"
 	"sync"
 	"syscall"
@@ -24,11 +25,15 @@ import (
 
 	"sfkit-proxy/admin"
 	"sfkit-proxy/config"
+	"sfkit-proxy/httpserve"
 	"sfkit-proxy/metadata"
 	"sfkit-proxy/quicmux"
+	"sfkit-proxy/quicmux/header"
 	"sfkit-proxy/registry"
 	"sfkit-proxy/relay"
 	"sfkit-proxy/socks"
+	"sfkit-proxy/splice"
+	"sfkit-proxy/status"
 	"sfkit-proxy/stun"
 	"sfkit-proxy/website"
 )
@@ -43,11 +48,11 @@ type Listening struct {
 // everything is listening.
 func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady func(Listening)) error {
 	log = log.With("party", cfg.PID)
-	id, err := quicmux.LoadIdentity(cfg.StateDir)
+	id, err := identity.Load(cfg.StateDir)
 	if err != nil {
 		return err
 	}
-	if (cfg.Registry.Scheme == "http" || cfg.Registry.Scheme == "ws") && !IsLoopbackHost(cfg.Registry.Hostname()) {
+	if (cfg.Registry.Scheme == "http" || cfg.Registry.Scheme == "ws") && !config.IsLoopbackHost(cfg.Registry.Hostname()) {
 		log.Warn("registry URL is not encrypted: credentials and addresses cross the network in the clear; use https:// or wss:// outside a lab", "registry", cfg.Registry.Redacted())
 	}
 	st := &state{socks: make(map[string]uint64)}
@@ -104,13 +109,13 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 	if cfg.AllowPorts.Empty() {
 		log.Info("no local port is open to peers: they can reach nothing here; give -mpc (its listening ports open) or --allow-ports PORTS to open some")
 	}
-	checkKey := quicmux.CheckKeyOf(id)
+	checkKey := identity.CheckKeyOf(id)
 	stunNow := make(chan struct{}, 1)
-	mux, err := quicmux.Listen(cfg.UDPListen, quicmux.Options{
+	mux, err := quicmux.Listen(cfg.UDPListen, rl, quicmux.Options{
 		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
 		AllowPort: cfg.Allows, OwnPort: config.PortsOf(own...).Contains,
-		WaitPort: cfg.Waits, LocalWait: cfg.DialTimeout,
-		Relay: rl, Virtual: cfg.PeersCIDR, ResumeTimeout: cfg.ResumeTimeout,
+		WaitPort: cfg.Waits, LocalWait: cfg.TunnelWait,
+		Virtual: cfg.PeersCIDR, ResumeTimeout: cfg.ResumeTimeout,
 		ConnsPerPeer: cfg.ConnsPerPeer,
 		// A dead path may be a new NAT mapping: ask STUN now, so that a
 		// change is published at once.
@@ -126,8 +131,8 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		return err
 	}
 	self := &local{mux: mux, log: log.With("component", "discovery"), kick: make(chan struct{}, 1),
-		addrs: config.AddrPolicy{Loopback: IsLoopbackHost(cfg.Registry.Hostname()), Virtual: cfg.PeersCIDR},
-		entry: registry.Entry{PID: cfg.PID, Pin: id.Pin, CheckKey: checkKey.Public(), Instance: quicmux.NewInstance(),
+		addrs: config.AddrPolicy{Loopback: config.IsLoopbackHost(cfg.Registry.Hostname()), Virtual: cfg.PeersCIDR},
+		entry: registry.Entry{PID: cfg.PID, Pin: id.Pin, CheckKey: checkKey.Public(), Instance: identity.NewInstance(),
 			NAT: stun.NATUnknown, AllowPorts: cfg.AllowPorts.String()}}
 	if rl != nil {
 		self.entry.Candidates = []registry.Candidate{{Kind: registry.KindRelay, Addr: rl.Addr}}
@@ -143,12 +148,12 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 				log.Warn("stun failed; peers may not reach this party from outside its network", "err", err)
 			}
 		}}
-	dialPeer := func(ctx context.Context, pid int, port uint16) (socks.Conn, error) {
+	dialPeer := func(ctx context.Context, pid int, port uint16) (splice.Conn, error) {
 		return mux.Dial(ctx, pid, port)
 	}
 	opts := socks.Options{
 		Logger: log, Peers: cfg.PeersCIDR, Self: cfg.PID, Direct: cfg.Direct, PeerAllows: policy.allows,
-		DialPeer: dialPeer, DialTimeout: cfg.DialTimeout, OnConnect: st.socksRequest,
+		DialPeer: dialPeer, ConnectTimeout: cfg.TunnelWait, OnConnect: st.socksRequest,
 	}
 	if cfg.MPC != nil {
 		opts.Route = cfg.MPC.Route
@@ -172,16 +177,16 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		where.Admin = netip.MustParseAddrPort(adminLn.Addr().String())
 		h := admin.NewHandler(admin.Options{
 			Logger: log,
-			Status: func() admin.Status { return st.status(cfg, mux.Stats(), where.SOCKS) },
+			Status: func() status.Status { return st.status(cfg, mux, where.SOCKS) },
 			Ping: func(ctx context.Context, pid int) (time.Duration, string, string, error) {
 				rtt, path, addr, err := mux.Ping(ctx, pid)
-				return rtt, path, addr.String(), err
+				return rtt, path.String(), addr.String(), err
 			},
 			Ready: st.ready,
 			Debug: cfg.AdminDebug,
 		})
 		g.Go(func() error {
-			return ServeHTTP(gctx, &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}, adminLn, "", "")
+			return httpserve.Serve(gctx, &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}, adminLn, "", "")
 		})
 	}
 	if onReady != nil {
@@ -194,7 +199,7 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 
 // discovery builds the way to find peers that cfg.Registry names, with
 // its credential.
-func discovery(ctx context.Context, cfg *config.Sidecar, id *quicmux.Identity, st *state, log *slog.Logger) (Discovery, error) {
+func discovery(ctx context.Context, cfg *config.Sidecar, id *identity.Identity, st *state, log *slog.Logger) (Discovery, error) {
 	if cfg.Website() {
 		auth, src, err := websiteCredential(ctx, cfg)
 		if err != nil {
@@ -247,34 +252,6 @@ func listenForwards(fs []config.Forward, log *slog.Logger) []forward {
 // listenPort is the port ln listens on.
 func listenPort(ln net.Listener) uint16 { return uint16(ln.Addr().(*net.TCPAddr).Port) }
 
-// ServeHTTP serves hs on ln until ctx ends, then shuts down gracefully;
-// with cert and key it serves HTTPS.
-func ServeHTTP(ctx context.Context, hs *http.Server, ln net.Listener, cert, key string) error {
-	errc := make(chan error, 1)
-	go func() {
-		if cert != "" {
-			errc <- hs.ServeTLS(ln, cert, key)
-		} else {
-			errc <- hs.Serve(ln)
-		}
-	}()
-	select {
-	case err := <-errc:
-		return err
-	case <-ctx.Done():
-	}
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-	defer cancel()
-	serr := hs.Shutdown(sctx)
-	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
-		serr = errors.Join(serr, err)
-	}
-	if serr != nil && !errors.Is(serr, context.DeadlineExceeded) {
-		return serr
-	}
-	return ctx.Err()
-}
-
 // allocateRelay gets a relayed address from the first --relay that gives
 // one. Without one the sidecar still runs (direct paths only), and says so.
 func allocateRelay(ctx context.Context, cfg *config.Sidecar, log *slog.Logger) (*quicmux.Relay, error) {
@@ -326,15 +303,6 @@ func allocateRelay(ctx context.Context, cfg *config.Sidecar, log *slog.Logger) (
 	}
 	log.Info("relay allocated", "relay", a.Server, "addr", a.Addr)
 	return &quicmux.Relay{Conn: a.Conn, Addr: a.Addr, Server: a.Server}, nil
-}
-
-// IsLoopbackHost reports whether a URL's host name is this machine.
-func IsLoopbackHost(h string) bool {
-	if h == "localhost" {
-		return true
-	}
-	a, err := netip.ParseAddr(h)
-	return err == nil && a.IsLoopback()
 }
 
 // credential returns where the registry token comes from: a key file or
@@ -467,11 +435,11 @@ func (st *state) socksRequest(dest string, pid int, err error) {
 	switch {
 	case err == nil:
 		outcome = "ok"
-	case errors.Is(err, quicmux.ErrNotAllowed), errors.Is(err, socks.ErrNotAllowed):
+	case errors.Is(err, header.ErrNotAllowed), errors.Is(err, socks.ErrNotAllowed):
 		outcome = "not_allowed"
 	case errors.Is(err, socks.ErrDirectDenied):
 		outcome = "denied"
-	case errors.Is(err, quicmux.ErrRefused), errors.Is(err, syscall.ECONNREFUSED):
+	case errors.Is(err, syscall.ECONNREFUSED):
 		outcome = "refused"
 	}
 	st.mu.Lock()
@@ -491,19 +459,18 @@ func (st *state) ready() error {
 	return nil
 }
 
-func (st *state) status(cfg *config.Sidecar, ms quicmux.Stats, socksAddr netip.AddrPort) admin.Status {
+// status is the sidecar's status: its own parts from st and cfg, the
+// peers and counters from the mux (Mux.UpdateStatus).
+func (st *state) status(cfg *config.Sidecar, mux *quicmux.Mux, socksAddr netip.AddrPort) status.Status {
 	st.mu.Lock()
-	s := admin.Status{
+	s := status.Status{
 		Study: cfg.Study, PID: cfg.PID, VirtualAddr: cfg.VirtualAddr(cfg.PID).String(), SOCKS: socksAddr.String(),
 		NAT:      st.mapping.NAT,
-		Registry: admin.RegistryStatus{URL: cfg.Registry.Redacted(), Reachable: st.regOK, Published: st.published, LastError: st.regErr},
-		STUN: admin.STUNStatus{Done: st.stunDone, LastError: st.stunErr, Refreshes: st.stunOK, Failures: st.stunFailed,
+		Registry: status.Registry{URL: cfg.Registry.Redacted(), Reachable: st.regOK, Published: st.published, LastError: st.regErr},
+		STUN: status.STUN{Done: st.stunDone, LastError: st.stunErr, Refreshes: st.stunOK, Failures: st.stunFailed,
 			MappingChanges: st.mappingChanges},
-		Counters: admin.Counters{DialsOK: ms.DialsOK, DialsFailed: ms.DialsFailed, AcceptsOK: ms.AcceptsOK,
-			AcceptsRejected: ms.AcceptsRejected, ChecksSent: ms.ChecksSent, ChecksAnswered: ms.ChecksAnswered,
-			SOCKS: make(map[string]uint64, len(st.socks)), FlowsResumed: ms.FlowsResumed, FlowsReset: ms.FlowsReset,
-			FlowsMoved: ms.FlowsMoved, PoolConnsOpened: ms.PoolConnsOpened},
-		Peers: []admin.Peer{},
+		Counters: status.Counters{SOCKS: make(map[string]uint64, len(st.socks))},
+		Peers:    []status.Peer{}, // [] in JSON, not null, with no peer yet
 	}
 	if st.mapping.Addr.IsValid() {
 		s.ExternalAddr = st.mapping.Addr.String()
@@ -515,26 +482,7 @@ func (st *state) status(cfg *config.Sidecar, ms quicmux.Stats, socksAddr netip.A
 		s.Counters.SOCKS[k] = v
 	}
 	st.mu.Unlock()
-	for _, p := range ms.Peers {
-		ap := admin.Peer{PID: p.PID, State: p.State, Path: p.Path, Via: p.Via, RTTMillis: float64(p.RTT.Microseconds()) / 1000,
-			OpenConns: p.OpenConns, QUICConns: p.QUICConns, WaitingConns: p.Waiting, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv, LastError: p.LastError,
-			Rate: admin.Rates{CurrentSent: p.RateSent, CurrentReceived: p.RateRecv, AverageSent: p.AvgSent,
-				AverageReceived: p.AvgRecv, MaxSent: p.MaxSent, MaxReceived: p.MaxRecv}}
-		if !p.StateSince.IsZero() {
-			since := p.StateSince
-			ap.StateSince = &since
-		}
-		ap.Repairs, ap.LastRepairSeconds = p.Repairs, p.LastRepair.Seconds()
-		if p.RemoteAddr.IsValid() {
-			ap.RemoteAddr = p.RemoteAddr.String()
-			since := p.Since
-			ap.ConnectedSince = &since
-		}
-		for _, t := range p.Traffic {
-			ap.Traffic = append(ap.Traffic, admin.PathTraffic{Path: t.Path, Conns: t.Conns, BytesSent: t.BytesSent, BytesReceived: t.BytesRecv})
-		}
-		s.Peers = append(s.Peers, ap)
-	}
+	mux.UpdateStatus(&s)
 	return s
 }
 

@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+
+	"sfkit-proxy/splice"
 )
 
 // BenchmarkConnect is a SOCKS5 greeting and CONNECT to a local server that
@@ -35,7 +37,7 @@ func BenchmarkConnect(b *testing.B) {
 	done := make(chan struct{})
 	go func() {
 		New(Options{Peers: netip.MustParsePrefix("10.0.0.0/24"), Direct: true,
-			DialPeer: func(context.Context, int, uint16) (Conn, error) { return nil, errors.New("unused") }}).Serve(ctx, ln)
+			DialPeer: func(context.Context, int, uint16) (splice.Conn, error) { return nil, errors.New("unused") }}).Serve(ctx, ln)
 		close(done)
 	}()
 	defer func() { cancel(); <-done }()

@@ -19,17 +19,8 @@ import (
 	socks5 "github.com/armon/go-socks5"
 
 	"sfkit-proxy/config"
+	"sfkit-proxy/splice"
 )
-
-// Conn is what a peer dial returns: a connection that can half-close, and
-// reset.
-type Conn interface {
-	net.Conn
-	CloseWrite() error
-	// Reset ends both directions abruptly: the far end sees a reset, not
-	// an end of stream.
-	Reset() error
-}
 
 // Options configure a Server. Zero values are documented per field.
 type Options struct {
@@ -43,7 +34,10 @@ type Options struct {
 	// virtual range is asked (the MPC config's peers' listening ports).
 	Route func(host string, port uint16) (pid int, ok bool)
 	// DialPeer opens a tunnelled connection to port at party pid (required).
-	DialPeer func(ctx context.Context, pid int, port uint16) (Conn, error)
+	// An error that is, by errors.Is, syscall.ECONNREFUSED is answered
+	// "connection refused"; syscall.ENETUNREACH "network unreachable";
+	// any other "host unreachable".
+	DialPeer func(ctx context.Context, pid int, port uint16) (splice.Conn, error)
 	// PeerAllows reports whether party pid publishes port as reachable; nil
 	// means every port (the peer still enforces its own policy).
 	PeerAllows func(pid int, port uint16) bool
@@ -51,9 +45,10 @@ type Options struct {
 	Direct bool
 	// HandshakeTimeout bounds a client's greeting and request; zero means 10 s.
 	HandshakeTimeout time.Duration
-	// DialTimeout bounds reaching a destination, a peer's tunnel included:
-	// a CONNECT to a peer not connected yet waits that long; zero means 20 s.
-	DialTimeout time.Duration
+	// ConnectTimeout bounds reaching a destination, a peer's tunnel
+	// included: a CONNECT to a peer not connected yet waits that long, and
+	// so does a forwarded connection; zero means 20 s.
+	ConnectTimeout time.Duration
 	// OnConnect, if set, is told the outcome of every CONNECT.
 	OnConnect func(dest string, pid int, err error)
 }
@@ -75,8 +70,8 @@ func New(opts Options) *Server {
 	if opts.HandshakeTimeout == 0 {
 		opts.HandshakeTimeout = 10 * time.Second
 	}
-	if opts.DialTimeout == 0 {
-		opts.DialTimeout = 20 * time.Second
+	if opts.ConnectTimeout == 0 {
+		opts.ConnectTimeout = 20 * time.Second
 	}
 	return &Server{opts: opts, log: opts.Logger.With("component", "socks"), conns: make(map[net.Conn]struct{})}
 }
@@ -142,7 +137,11 @@ func (s *Server) serveConn(c net.Conn) {
 		Resolver: keepNames{},
 		Rules:    rules{s: s, c: c},
 		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return s.dial(ctx, c, network, addr)
+			target, err := s.dial(ctx, c, network, addr)
+			if err != nil {
+				return nil, replyError(err)
+			}
+			return target, nil
 		},
 		Logger: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	})
@@ -209,6 +208,42 @@ func (r rules) Allow(ctx context.Context, req *socks5.Request) (context.Context,
 	return ctx, true
 }
 
+// The replies go-socks5 sends for a failed dial. It picks one by looking
+// for "refused", then "network is unreachable", in the dial error's text;
+// replyError picks by the error's value and hands go-socks5 a text that
+// says the same.
+const (
+	replyRefused         = "connection refused"
+	replyNetUnreachable  = "network is unreachable"
+	replyHostUnreachable = "host unreachable"
+)
+
+// replyError is err as the dial handed to go-socks5 returns it: refused
+// when err is syscall.ECONNREFUSED (by errors.Is), network unreachable when
+// it is syscall.ENETUNREACH, host unreachable otherwise, whatever its text
+// says. It wraps err: errors.Is and errors.As still see it.
+func replyError(err error) error {
+	reply := replyHostUnreachable
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		reply = replyRefused
+	case errors.Is(err, syscall.ENETUNREACH):
+		reply = replyNetUnreachable
+	}
+	return &dialError{reply: reply, err: err}
+}
+
+// dialError is a failed dial with the reply it gets. Its text is the
+// reply's alone: the cause's text could name another reply. The cause is
+// logged where the dial failed.
+type dialError struct {
+	reply string
+	err   error
+}
+
+func (e *dialError) Error() string { return e.reply }
+func (e *dialError) Unwrap() error { return e.err }
+
 // Errors reported to OnConnect for requests refused by policy.
 var (
 	ErrNotAllowed   = errors.New("port not allowed by peer")
@@ -240,7 +275,7 @@ func (s *Server) peerOf(host string, port uint16) (int, bool) {
 // dial reaches addr for client: through the tunnel for a peer, directly
 // otherwise. What it returns is what go-socks5 copies to and from.
 func (s *Server) dial(ctx context.Context, client net.Conn, network, addr string) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.opts.DialTimeout)
+	ctx, cancel := context.WithTimeout(ctx, s.opts.ConnectTimeout)
 	defer cancel()
 	host, portStr, err := net.SplitHostPort(addr)
 	if err != nil {
@@ -283,10 +318,10 @@ func (s *Server) dial(ctx context.Context, client net.Conn, network, addr string
 
 // Forward carries every connection accepted on ln to port at party pid,
 // until ctx ends: a listener for programs that ignore ALL_PROXY. A
-// connection that cannot reach the peer within DialTimeout is reset.
+// connection that cannot reach the peer within ConnectTimeout is reset.
 func (s *Server) Forward(ctx context.Context, ln net.Listener, pid int, port uint16) error {
 	return s.serve(ctx, ln, func(c net.Conn) {
-		dctx, cancel := context.WithTimeout(ctx, s.opts.DialTimeout)
+		dctx, cancel := context.WithTimeout(ctx, s.opts.ConnectTimeout)
 		target, err := s.opts.DialPeer(dctx, pid, port)
 		cancel()
 		s.report(ln.Addr().String(), pid, err)
@@ -295,36 +330,18 @@ func (s *Server) Forward(ctx context.Context, ln net.Listener, pid int, port uin
 			resetTCP(c)
 			return
 		}
-		splice(c.(*net.TCPConn), target)
+		splice.Splice(c.(*net.TCPConn), target)
 	})
-}
-
-// splice copies between a client and a target until both directions end:
-// an end of stream is passed on as a half-close, an error resets the
-// other side.
-func splice(client *net.TCPConn, target Conn) {
-	p := &pipeConn{Conn: target, client: client}
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		if _, err := p.ReadFrom(client); err == nil {
-			target.CloseWrite()
-		}
-	})
-	if _, err := io.Copy(client, p); err == nil {
-		client.CloseWrite()
-	}
-	wg.Wait()
-	client.Close()
-	target.Close()
 }
 
 // pipeConn is the target as go-socks5 copies to and from it, with the
 // client beside it. go-socks5 half-closes whichever side a copy ended on,
 // error or not; here an error on one side resets the other first, so that
-// a cut connection never looks complete. It also gives go-socks5 the
+// a cut connection never looks complete (as splice.Splice does where this
+// package does the copy itself). It also gives go-socks5 the
 // *net.TCPAddr it insists on (it panics on any other LocalAddr type).
 type pipeConn struct {
-	Conn
+	splice.Conn
 	client        net.Conn
 	local, remote *net.TCPAddr
 }
@@ -374,7 +391,7 @@ func (c *pipeConn) ReadFrom(r io.Reader) (int64, error) {
 	return n, err
 }
 
-// tcpConn is a direct target as a Conn.
+// tcpConn is a direct target as a splice.Conn.
 type tcpConn struct{ *net.TCPConn }
 
 func (c tcpConn) Reset() error { return resetTCP(c.TCPConn) }

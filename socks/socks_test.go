@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"syscall"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"sfkit-proxy/internal/testkit"
+	"sfkit-proxy/splice"
 )
 
 // echoServer answers each connection with what it reads.
@@ -25,6 +27,17 @@ func echoServer(t *testing.T) *net.TCPListener {
 	}
 	testkit.Serve(t, ln, func(c net.Conn) { defer c.Close(); io.Copy(c, c) })
 	return ln
+}
+
+// closedPort is a loopback port nothing listens on.
+func closedPort(t *testing.T) uint16 {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return uint16(ln.Addr().(*net.TCPAddr).Port)
 }
 
 type dialRecord struct {
@@ -88,12 +101,12 @@ func TestRouting(t *testing.T) {
 	proxy := startServer(t, Options{
 		Peers: netip.MustParsePrefix("10.0.0.0/24"), Self: 0, Direct: true,
 		PeerAllows: func(pid int, port uint16) bool { return port != 22 },
-		DialPeer: func(ctx context.Context, pid int, port uint16) (Conn, error) {
+		DialPeer: func(ctx context.Context, pid int, port uint16) (splice.Conn, error) {
 			rec.mu.Lock()
 			rec.calls = append(rec.calls, fmt.Sprintf("%d:%d", pid, port))
 			rec.mu.Unlock()
 			if pid == 9 {
-				return nil, errors.New("party 9: connection refused by peer's local port")
+				return nil, fmt.Errorf("party 9 port %d: %w", port, syscall.ECONNREFUSED)
 			}
 			c, err := net.Dial("tcp", echo.Addr().String()) // stands for the tunnel
 			if err != nil {
@@ -117,6 +130,7 @@ func TestRouting(t *testing.T) {
 		{"peer port not published", 1, "10.0.0.2", 22, 2, ""},
 		{"peer refuses", 1, "10.0.0.9", 80, 5, "9:80"},
 		{"empty name", 3, "", 80, 2, ""},
+		{"direct to a closed port", 1, "127.0.0.1", closedPort(t), 5, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -146,10 +160,77 @@ func TestRouting(t *testing.T) {
 	}
 }
 
+// refusedError stands for quicmux's refusals (a port refused, a budget
+// spent): no errno in it, yet it is syscall.ECONNREFUSED by errors.Is.
+type refusedError struct{}
+
+func (refusedError) Error() string        { return "too many open tunnelled connections" }
+func (refusedError) Is(target error) bool { return target == syscall.ECONNREFUSED }
+
+// TestDialErrorReplies: the reply to a CONNECT whose dial fails is chosen
+// by the error's value (errors.Is), never by its text.
+func TestDialErrorReplies(t *testing.T) {
+	const (
+		netUnreachable  = 3
+		hostUnreachable = 4
+		refused         = 5
+	)
+	tests := []struct {
+		name string
+		err  error
+		want byte
+	}{
+		{"ECONNREFUSED wrapped", fmt.Errorf("party 1 port 80: %w", syscall.ECONNREFUSED), refused},
+		{"the kernel's refusal", &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}, refused},
+		{"an error that is ECONNREFUSED", refusedError{}, refused},
+		{"an error that is ECONNREFUSED, wrapped", fmt.Errorf("party 1 port 80: %w", refusedError{}), refused},
+		{"ENETUNREACH wrapped", fmt.Errorf("dial: %w", os.NewSyscallError("connect", syscall.ENETUNREACH)), netUnreachable},
+		{"ENETUNREACH whose text says refused", fmt.Errorf("refused: %w", syscall.ENETUNREACH), netUnreachable},
+		{"refused in the text only", errors.New("connection refused by peer's local port"), hostUnreachable},
+		{"unreachable network in the text only", errors.New("network is unreachable"), hostUnreachable},
+		{"no path yet", fmt.Errorf("party 1: %w", context.DeadlineExceeded), hostUnreachable},
+	}
+	var dialErr error // what DialPeer fails with
+	var reported error
+	var mu sync.Mutex
+	proxy := startServer(t, Options{
+		Peers: netip.MustParsePrefix("10.0.0.0/24"), Self: 0,
+		DialPeer: func(context.Context, int, uint16) (splice.Conn, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			return nil, dialErr
+		},
+		OnConnect: func(_ string, _ int, err error) {
+			mu.Lock()
+			defer mu.Unlock()
+			reported = err
+		},
+	})
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			mu.Lock()
+			dialErr, reported = tt.err, nil
+			mu.Unlock()
+			if code, _ := connect(t, proxy, 1, "10.0.0.1", 80); code != tt.want {
+				t.Errorf("CONNECT failing with %q = reply %d; want %d", tt.err, code, tt.want)
+			}
+			mu.Lock()
+			got := reported
+			mu.Unlock()
+			if !errors.Is(got, tt.err) {
+				t.Errorf("OnConnect told %v; want %v", got, tt.err)
+			}
+			if err := replyError(tt.err); !errors.Is(err, tt.err) {
+				t.Errorf("replyError(%q) = %v; want it to wrap the cause", tt.err, err)
+			}
+		})
+	}
+}
+
 func TestDirectDenied(t *testing.T) {
 	echo := echoServer(t)
 	proxy := startServer(t, Options{Peers: netip.MustParsePrefix("10.0.0.0/24"), Direct: false,
-		DialPeer: func(context.Context, int, uint16) (Conn, error) { return nil, errors.New("unused") }})
+		DialPeer: func(context.Context, int, uint16) (splice.Conn, error) { return nil, errors.New("unused") }})
 	if code, _ := connect(t, proxy, 1, "127.0.0.1", uint16(echo.Addr().(*net.TCPAddr).Port)); code != 2 {
 		t.Errorf("direct CONNECT with --direct deny = %d; want 2 (not allowed)", code)
 	}
@@ -159,7 +240,7 @@ func TestStalledClientTimesOutWithoutBlockingOthers(t *testing.T) {
 	echo := echoServer(t)
 	proxy := startServer(t, Options{Peers: netip.MustParsePrefix("10.0.0.0/24"), Direct: true,
 		HandshakeTimeout: 300 * time.Millisecond,
-		DialPeer:         func(context.Context, int, uint16) (Conn, error) { return nil, errors.New("unused") }})
+		DialPeer:         func(context.Context, int, uint16) (splice.Conn, error) { return nil, errors.New("unused") }})
 	stalled, err := net.Dial("tcp", proxy)
 	if err != nil {
 		t.Fatal(err)
@@ -212,7 +293,7 @@ func TestResetsStayResets(t *testing.T) {
 	var target string // where the fake tunnel goes
 	proxy := startServer(t, Options{
 		Peers: netip.MustParsePrefix("10.0.0.0/24"), Self: 0, Direct: true,
-		DialPeer: func(ctx context.Context, pid int, port uint16) (Conn, error) {
+		DialPeer: func(ctx context.Context, pid int, port uint16) (splice.Conn, error) {
 			c, err := net.Dial("tcp", target)
 			if err != nil {
 				return nil, err
@@ -259,5 +340,66 @@ func TestResetsStayResets(t *testing.T) {
 				t.Fatal("target never saw the client's end")
 			}
 		})
+	}
+}
+
+// TestForward: a forward's connections reach the peer's port through the
+// tunnel (splice.Splice carries them), and one whose tunnel dial fails is
+// reset, never closed as if the peer had sent nothing.
+func TestForward(t *testing.T) {
+	echo := echoServer(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := New(Options{Peers: netip.MustParsePrefix("10.0.0.0/24"),
+		DialPeer: func(ctx context.Context, pid int, port uint16) (splice.Conn, error) {
+			if port != 7 {
+				return nil, fmt.Errorf("party %d port %d: %w", pid, port, syscall.ECONNREFUSED)
+			}
+			c, err := net.Dial("tcp", echo.Addr().String()) // stands for the tunnel
+			if err != nil {
+				return nil, err
+			}
+			return tcpConn{c.(*net.TCPConn)}, nil
+		}})
+	bad, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for _, f := range []struct {
+		ln   net.Listener
+		port uint16
+	}{{ln, 7}, {bad, 8}} {
+		wg.Go(func() {
+			if err := srv.Forward(ctx, f.ln, 1, f.port); !errors.Is(err, context.Canceled) {
+				t.Errorf("Forward = %v; want context.Canceled", err)
+			}
+		})
+	}
+	t.Cleanup(func() { cancel(); wg.Wait() })
+
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Write([]byte("hello"))
+	c.(*net.TCPConn).CloseWrite()
+	if got, err := io.ReadAll(c); err != nil || string(got) != "hello" {
+		t.Errorf("through the forward: %q, %v; want %q, then the end of stream", got, err, "hello")
+	}
+
+	c2, err := net.Dial("tcp", bad.Addr().String())
+	if err == nil {
+		defer c2.Close()
+		c2.SetDeadline(time.Now().Add(10 * time.Second))
+		_, err = io.ReadAll(c2)
+	} // else the reset came before the dial had returned
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("a forward whose tunnel is refused: read %v; want ECONNRESET", err)
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"sfkit-proxy/identity"
 	"slices"
 	"strconv"
 	"strings"
@@ -29,7 +30,6 @@ import (
 
 	"sfkit-proxy/backoff"
 	"sfkit-proxy/config"
-	"sfkit-proxy/quicmux"
 	"sfkit-proxy/registry"
 )
 
@@ -330,7 +330,7 @@ func (c *Client) handle(m Message, peers *peerSet, view func([]registry.Entry)) 
 			log.Warn("ignoring a bad credential from a peer", "err", err)
 			return false, nil
 		}
-		if _, err := quicmux.ParseCheckPublic(cr.Pwd); err != nil {
+		if _, err := identity.ParseCheckPublic(cr.Pwd); err != nil {
 			log.Warn("ignoring a bad credential from a peer", "err", err)
 			return false, nil
 		}
@@ -355,7 +355,7 @@ func (c *Client) handle(m Message, peers *peerSet, view func([]registry.Entry)) 
 			log.Warn("ignoring a bad certificate from a peer", "err", err)
 			return false, nil
 		}
-		p.pin = quicmux.PinOf(cert)
+		p.pin = identity.PinOf(cert)
 		p.addrs = p.addrs[:0]
 		for _, a := range ce.Addrs[:min(len(ce.Addrs), config.MaxCandidates)] {
 			if ap, err := netip.ParseAddrPort(a); err == nil {

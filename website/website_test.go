@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"net/url"
+	"sfkit-proxy/identity"
 	"slices"
 	"strings"
 	"sync"
@@ -17,7 +18,6 @@ import (
 	"github.com/coder/websocket/wsjson"
 
 	"sfkit-proxy/internal/testkit"
-	"sfkit-proxy/quicmux"
 	"sfkit-proxy/registry"
 	"sfkit-proxy/website"
 	"sfkit-proxy/website/websitetest"
@@ -59,12 +59,12 @@ func (p *party) seen() []registry.Entry {
 
 func (r *relay) start(t *testing.T, pid int, key string) *party {
 	t.Helper()
-	id, err := quicmux.LoadIdentity(t.TempDir())
+	id, err := identity.Load(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	p := &party{pid: pid, changed: make(chan struct{}, 1), ended: make(chan struct{}), entry: registry.Entry{PID: pid, Pin: id.Pin,
-		CheckKey: quicmux.CheckKeyOf(id).Public(), Instance: quicmux.NewInstance(),
+		CheckKey: identity.CheckKeyOf(id).Public(), Instance: identity.NewInstance(),
 		Candidates: []registry.Candidate{
 			{Kind: registry.KindHost, Addr: netip.AddrPortFrom(netip.MustParseAddr("192.168.1.2"), uint16(4000+pid))},
 			{Kind: registry.KindSrflx, Addr: netip.AddrPortFrom(netip.MustParseAddr("203.0.113.9"), uint16(5000+pid))},

@@ -26,6 +26,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sfkit-proxy/identity"
 	"slices"
 	"strconv"
 	"strings"
@@ -631,7 +632,7 @@ func child(mode string) error {
 			go countAndAnswer(c, c)
 		}
 	case "quic-sink":
-		id, err := quicmux.NewIdentity(newKey())
+		id, err := identity.New(newKey())
 		if err != nil {
 			return err
 		}

@@ -1,4 +1,4 @@
-package quicmux
+package identity
 
 import (
 	"crypto/ecdh"
@@ -61,9 +61,9 @@ func ParseCheckPublic(s string) (*ecdh.PublicKey, error) {
 	return pub, nil
 }
 
-// pairKey is the integrity key of checks between parties a and b in study,
+// PairKey is the integrity key of checks between parties a and b in study,
 // both ways, given the other party's public check key.
-func (k *CheckKey) pairKey(study string, a, b int, peerPublic string) (string, error) {
+func (k *CheckKey) PairKey(study string, a, b int, peerPublic string) (string, error) {
 	pub, err := ParseCheckPublic(peerPublic)
 	if err != nil {
 		return "", err

@@ -1,4 +1,8 @@
-package main
+// Package demo is `sfkit-proxy demo`: in one process on loopback, a
+// registry, a STUN server and several sidecars, with a file served on each
+// party's 127.0.0.1 and fetched through every other party's SOCKS port,
+// every byte checked.
+package demo
 
 import (
 	"bytes"
@@ -9,6 +13,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -21,15 +26,16 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"sfkit-proxy/config"
+	"sfkit-proxy/httpserve"
 	"sfkit-proxy/registry"
 	"sfkit-proxy/sidecar"
 	"sfkit-proxy/stun"
 )
 
-// runDemo runs, in one process on loopback, a registry, a STUN server and
-// three sidecars; serves a file on each party's 127.0.0.1; and fetches it
-// through every other party's SOCKS port, checking every byte.
-func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+// Run runs the demo with its command line args (after "demo"): a table of
+// the transfers on stdout, the sidecars' logs on stderr. It fails when a
+// check fails.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("sfkit-proxy demo", flag.ContinueOnError)
 	parties := fs.Int("parties", 3, "number of parties")
 	sizeMB := fs.Int("size-mb", 32, "size of each party's file in MiB")
@@ -45,7 +51,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if *parties < 2 || *parties > 16 || *sizeMB < 1 || *sizeMB > 1024 {
 		return errors.New("demo: want 2-16 --parties and 1-1024 --size-mb")
 	}
-	log := newLogger(stderr, lvl)
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
 	dir, err := os.MkdirTemp("", "sfkit-proxy-demo-")
 	if err != nil {
 		return err
@@ -86,7 +92,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	g.Go(func() error {
-		return sidecar.ServeHTTP(gctx, &http.Server{Handler: rs, BaseContext: func(net.Listener) context.Context { return gctx }}, rln, "", "")
+		return httpserve.Serve(gctx, &http.Server{Handler: rs, BaseContext: func(net.Listener) context.Context { return gctx }}, rln, "", "")
 	})
 
 	// The STUN server.
@@ -117,7 +123,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			http.ServeContent(w, r, "data", time.Time{}, bytes.NewReader(file))
 		})
-		g.Go(func() error { return sidecar.ServeHTTP(gctx, &http.Server{Handler: h}, fln, "", "") })
+		g.Go(func() error { return httpserve.Serve(gctx, &http.Server{Handler: h}, fln, "", "") })
 		keyPath := filepath.Join(dir, "key"+strconv.Itoa(i))
 		if err := os.WriteFile(keyPath, []byte(tokens[i]+"\n"), 0o600); err != nil {
 			return err

@@ -1,4 +1,4 @@
-package main
+package registry
 
 import (
 	"context"
@@ -10,26 +10,28 @@ import (
 	"time"
 
 	"sfkit-proxy/config"
-	"sfkit-proxy/registry"
-	"sfkit-proxy/sidecar"
+	"sfkit-proxy/httpserve"
 )
 
-// runRegistry serves the reference registry until ctx ends.
-func runRegistry(ctx context.Context, cfg *config.Registry, log *slog.Logger) error {
-	grants := map[string]registry.Grant{}
+// Run serves the reference registry that cfg describes (`sfkit-proxy
+// registry`) until ctx ends: its grants from the tokens file, cloud
+// identity tokens when an issuer is set, on cfg.Listen, over HTTPS with a
+// certificate.
+func Run(ctx context.Context, cfg *config.Registry, log *slog.Logger) error {
+	grants := map[string]Grant{}
 	if cfg.Tokens != "" {
 		var err error
-		if grants, err = registry.LoadTokens(cfg.Tokens); err != nil {
+		if grants, err = LoadTokens(cfg.Tokens); err != nil {
 			return err
 		}
 	}
-	var verifier *registry.OIDC
+	var verifier *OIDC
 	if cfg.OIDCIssuer != "" {
-		members, err := registry.LoadMembers(cfg.Members)
+		members, err := LoadMembers(cfg.Members)
 		if err != nil {
 			return err
 		}
-		if verifier, err = registry.NewOIDC(ctx, cfg.OIDCIssuer, cfg.OIDCAudience, cfg.OIDCJWKS, members); err != nil {
+		if verifier, err = NewOIDC(ctx, cfg.OIDCIssuer, cfg.OIDCAudience, cfg.OIDCJWKS, members); err != nil {
 			return err
 		}
 		log.Info("accepting cloud identity tokens", "issuer", cfg.OIDCIssuer, "audience", cfg.OIDCAudience, "members", len(members))
@@ -37,8 +39,8 @@ func runRegistry(ctx context.Context, cfg *config.Registry, log *slog.Logger) er
 	// A registry on loopback serves parties on this machine only (the
 	// demo, tests): their loopback addresses are real candidates there.
 	host, _, _ := net.SplitHostPort(cfg.Listen)
-	addrs := config.AddrPolicy{Loopback: sidecar.IsLoopbackHost(host), Virtual: netip.MustParsePrefix(config.DefaultPeersCIDR)}
-	srv, err := registry.NewServer(registry.ServerOptions{Grants: grants, DataDir: cfg.Data, OIDC: verifier,
+	addrs := config.AddrPolicy{Loopback: config.IsLoopbackHost(host), Virtual: netip.MustParsePrefix(config.DefaultPeersCIDR)}
+	srv, err := NewServer(ServerOptions{Grants: grants, DataDir: cfg.Data, OIDC: verifier,
 		Logger: log.With("component", "registry"), Addrs: addrs, EntryTTL: cfg.EntryTTL})
 	if err != nil {
 		return err
@@ -51,5 +53,5 @@ func runRegistry(ctx context.Context, cfg *config.Registry, log *slog.Logger) er
 	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second,
 		// Long polls end when ctx does.
 		BaseContext: func(net.Listener) context.Context { return ctx }}
-	return sidecar.ServeHTTP(ctx, hs, ln, cfg.TLSCert, cfg.TLSKey)
+	return httpserve.Serve(ctx, hs, ln, cfg.TLSCert, cfg.TLSKey)
 }

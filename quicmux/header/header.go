@@ -1,10 +1,15 @@
-package quicmux
+// Package header is the wire format of quicmux's streams: the request
+// the opener of a stream writes, and the reply the acceptor answers with.
+// It is pure: no sockets, no goroutines; every field is checked before it
+// is used (a version, a kind this version knows, whole lengths).
+package header
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"syscall"
 )
 
 // The stream protocol. The opener of a stream writes a request, the
@@ -19,8 +24,9 @@ import (
 // acceptor's boot id in a hello's reply.
 const (
 	headerVersion = 2
-	requestLen    = 20
-	replyLen      = 10
+	// RequestLen and ReplyLen are the encoded sizes.
+	RequestLen = 20
+	ReplyLen   = 10
 )
 
 // Kind is what a stream is for.
@@ -95,13 +101,12 @@ type Reply struct {
 // Errors of the stream protocol.
 var (
 	ErrVersion = errors.New("unsupported stream header version")
-	// ErrRefused carries "refused" in its text: armon/go-socks5 maps dial
-	// errors to reply codes by their text.
-	ErrRefused     = errors.New("connection refused by peer's local port")
-	ErrNotAllowed  = errors.New("port not allowed by peer")
-	ErrUnreachable = errors.New("peer could not reach its local port")
-	// ErrOverBudget carries "refused" in its text too.
-	ErrOverBudget = errors.New("connection refused: this party has spent its budget at the peer (too many tunnelled connections open or waiting there)")
+	// ErrRefused and ErrOverBudget are refusals: they match
+	// syscall.ECONNREFUSED with errors.Is, as a refused local dial does.
+	ErrRefused     error = Refusal("connection refused by peer's local port")
+	ErrNotAllowed        = errors.New("port not allowed by peer")
+	ErrUnreachable       = errors.New("peer could not reach its local port")
+	ErrOverBudget  error = Refusal("this party has spent its budget at the peer (too many tunnelled connections open or waiting there); new ones are refused until some close")
 	// ErrKind is returned for a request kind this version does not know.
 	ErrKind = errors.New("unknown stream kind")
 )
@@ -120,7 +125,7 @@ func ParseRequest(b []byte) (Request, error) {
 	if b[0] != headerVersion {
 		return Request{}, fmt.Errorf("%w %d", ErrVersion, b[0])
 	}
-	if len(b) < requestLen {
+	if len(b) < RequestLen {
 		return Request{}, io.ErrUnexpectedEOF
 	}
 	r := Request{Kind: Kind(b[1]), Port: binary.BigEndian.Uint16(b[2:4]),
@@ -144,7 +149,7 @@ func ParseReply(b []byte) (Reply, error) {
 	if b[0] != headerVersion {
 		return Reply{}, fmt.Errorf("%w %d", ErrVersion, b[0])
 	}
-	if len(b) < replyLen {
+	if len(b) < ReplyLen {
 		return Reply{}, io.ErrUnexpectedEOF
 	}
 	return Reply{Status: Status(b[1]), Rcvd: binary.BigEndian.Uint64(b[2:10])}, nil
@@ -166,3 +171,12 @@ func (r Reply) Err() error {
 	}
 	return fmt.Errorf("peer answered %v", r.Status)
 }
+
+// Refusal is an error that means a connection was refused: it matches
+// syscall.ECONNREFUSED with errors.Is, so that whoever reports it (a SOCKS
+// front) answers "connection refused" at once, as for a refused local
+// dial.
+type Refusal string
+
+func (r Refusal) Error() string        { return string(r) }
+func (r Refusal) Is(target error) bool { return target == syscall.ECONNREFUSED }

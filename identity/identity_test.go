@@ -1,4 +1,4 @@
-package quicmux
+package identity
 
 import (
 	"os"
@@ -9,7 +9,7 @@ import (
 
 func TestIdentityPersists(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "state")
-	a, err := LoadIdentity(dir)
+	a, err := Load(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -20,14 +20,14 @@ func TestIdentityPersists(t *testing.T) {
 	if fi.Mode().Perm() != 0o600 {
 		t.Errorf("key mode = %v; want 0600", fi.Mode().Perm())
 	}
-	b, err := LoadIdentity(dir)
+	b, err := Load(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if a.Pin != b.Pin || len(a.Pin) != 43 {
 		t.Errorf("pins %q, %q; want the same 43-character pin twice", a.Pin, b.Pin)
 	}
-	c, err := LoadIdentity(t.TempDir())
+	c, err := Load(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,15 +50,15 @@ func TestIdentityRefusesBadKeys(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
 			if tt.content == "" {
-				if _, err := LoadIdentity(dir); err != nil {
+				if _, err := Load(dir); err != nil {
 					t.Fatal(err)
 				}
 			} else if err := os.WriteFile(filepath.Join(dir, keyFile), []byte(tt.content), tt.mode); err != nil {
 				t.Fatal(err)
 			}
 			os.Chmod(filepath.Join(dir, keyFile), tt.mode)
-			if _, err := LoadIdentity(dir); err == nil || !strings.Contains(err.Error(), tt.want) {
-				t.Errorf("LoadIdentity = %v; want error containing %q", err, tt.want)
+			if _, err := Load(dir); err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("Load = %v; want error containing %q", err, tt.want)
 			}
 		})
 	}

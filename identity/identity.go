@@ -1,4 +1,8 @@
-package quicmux
+// Package identity is a party's identity: its persistent Ed25519 key, the
+// self-signed certificate made from it and the pin peers check it by; the
+// X25519 check key derived from it that authenticates connectivity checks
+// between two parties; and the instance id that tells a restart apart.
+package identity
 
 import (
 	"crypto/ed25519"
@@ -27,10 +31,10 @@ type Identity struct {
 
 const keyFile = "identity.key"
 
-// LoadIdentity reads the Ed25519 key in dir, creating dir (0700) and the key
+// Load reads the Ed25519 key in dir, creating dir (0700) and the key
 // (0600) on first use, and makes a self-signed certificate for it. A key file
 // that others can read is refused.
-func LoadIdentity(dir string) (*Identity, error) {
+func Load(dir string) (*Identity, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
@@ -74,11 +78,11 @@ func LoadIdentity(dir string) (*Identity, error) {
 			return nil, fmt.Errorf("identity key %s is not Ed25519", path)
 		}
 	}
-	return NewIdentity(key)
+	return New(key)
 }
 
-// NewIdentity makes a certificate for key.
-func NewIdentity(key ed25519.PrivateKey) (*Identity, error) {
+// New makes a certificate for key.
+func New(key ed25519.PrivateKey) (*Identity, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(1),
 		Subject:      pkix.Name{CommonName: "sfkit-proxy"},

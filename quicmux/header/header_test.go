@@ -1,4 +1,4 @@
-package quicmux
+package header
 
 import (
 	"errors"

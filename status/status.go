@@ -1,0 +1,115 @@
+// Package status is the sidecar's status as its management API serves it
+// (GET /v1/status, POST /v1/ping) and its client reads it: plain JSON
+// types, no behaviour. Each part is filled by the component it describes
+// (the sidecar its own fields, quicmux its peers and counters), not copied
+// field by field by someone else.
+package status
+
+import "time"
+
+// Status is what GET /v1/status returns.
+type Status struct {
+	Study        string   `json:"study"`
+	PID          int      `json:"pid"`
+	VirtualAddr  string   `json:"virtual_addr"`
+	SOCKS        string   `json:"socks"`
+	ExternalAddr string   `json:"external_addr,omitempty"`
+	NAT          string   `json:"nat"`
+	Registry     Registry `json:"registry"`
+	STUN         STUN     `json:"stun"`
+	Peers        []Peer   `json:"peers"`
+	Counters     Counters `json:"counters"`
+}
+
+// Registry says whether the registry is reachable.
+type Registry struct {
+	URL       string `json:"url"`
+	Reachable bool   `json:"reachable"`
+	Published bool   `json:"published"`
+	LastError string `json:"last_error,omitempty"`
+}
+
+// STUN says what STUN learned and how often it worked.
+type STUN struct {
+	Done           bool   `json:"done"`
+	LastError      string `json:"last_error,omitempty"`
+	Refreshes      uint64 `json:"refreshes"`
+	Failures       uint64 `json:"failures"`
+	MappingChanges uint64 `json:"mapping_changes"`
+}
+
+// Peer is one other party as this sidecar sees it. Rates are bytes per
+// second: current (the last few seconds), average (since the first
+// connection) and the largest one-second sample.
+type Peer struct {
+	PID            int        `json:"pid"`
+	State          string     `json:"state"`
+	Path           string     `json:"path,omitempty"`
+	Via            string     `json:"via,omitempty"` // the relay, when relayed
+	RemoteAddr     string     `json:"remote_addr,omitempty"`
+	RTTMillis      float64    `json:"rtt_ms"`
+	ConnectedSince *time.Time `json:"connected_since,omitempty"`
+	OpenConns      int64      `json:"open_conns"`
+	QUICConns      int        `json:"quic_conns"` // the pool that carries them
+	// WaitingConns are the peer's connections waiting here for a local
+	// program to listen on their port.
+	WaitingConns  int           `json:"waiting_conns"`
+	BytesSent     uint64        `json:"bytes_sent"`
+	BytesReceived uint64        `json:"bytes_received"`
+	Rate          Rates         `json:"rate"`
+	LastError     string        `json:"last_error,omitempty"`
+	Traffic       []PathTraffic `json:"traffic,omitempty"`
+	// StateSince is when the state began: for repairing, when the path died.
+	StateSince *time.Time `json:"state_since,omitempty"`
+	// Repairs counts paths repaired; LastRepairSeconds is how long the last took.
+	Repairs           uint64  `json:"repairs"`
+	LastRepairSeconds float64 `json:"last_repair_seconds,omitempty"`
+}
+
+// Rates in bytes per second.
+type Rates struct {
+	CurrentSent     float64 `json:"current_sent"`
+	CurrentReceived float64 `json:"current_received"`
+	AverageSent     float64 `json:"average_sent"`
+	AverageReceived float64 `json:"average_received"`
+	MaxSent         float64 `json:"max_sent"`
+	MaxReceived     float64 `json:"max_received"`
+}
+
+// PathTraffic is a peer's traffic over one kind of path.
+type PathTraffic struct {
+	Path          string `json:"path"`
+	Conns         uint64 `json:"conns"`
+	BytesSent     uint64 `json:"bytes_sent"`
+	BytesReceived uint64 `json:"bytes_received"`
+}
+
+// Counters are event counts since start.
+type Counters struct {
+	DialsOK         uint64 `json:"dials_ok"`
+	DialsFailed     uint64 `json:"dials_failed"`
+	AcceptsOK       uint64 `json:"accepts_ok"`
+	AcceptsRejected uint64 `json:"accepts_rejected"`
+	ChecksSent      uint64 `json:"checks_sent"`
+	ChecksAnswered  uint64 `json:"checks_answered"`
+	// SOCKS counts CONNECT requests by "target/outcome", e.g. "peer/ok",
+	// "direct/refused".
+	SOCKS map[string]uint64 `json:"socks"`
+	// FlowsResumed counts tunnelled connections carried on over a new
+	// connection; FlowsReset counts resets by reason.
+	FlowsResumed uint64            `json:"flows_resumed"`
+	FlowsReset   map[string]uint64 `json:"flows_reset"`
+	// FlowsMoved counts tunnelled connections moved between the QUIC
+	// connections of a peer's pool; PoolConnsOpened counts the pool's
+	// connections opened (dialer) or accepted.
+	FlowsMoved      uint64 `json:"flows_moved"`
+	PoolConnsOpened uint64 `json:"pool_conns_opened"`
+}
+
+// PingResult is what POST /v1/ping returns.
+type PingResult struct {
+	PID        int       `json:"pid"`
+	Path       string    `json:"path"`
+	RemoteAddr string    `json:"remote_addr"`
+	RTTMillis  []float64 `json:"rtt_ms"`
+}
