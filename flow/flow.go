@@ -59,6 +59,9 @@ type Options struct {
 	// Buffers hands out the buffers received data waits in, shared by the
 	// flows of one owner; nil means a pool of the flow's own.
 	Buffers *Buffers
+	// Budget, if set, is the memory this flow shares with the other flows
+	// of its peer (see Budget); nil bounds it by MaxSend and MaxRecv only.
+	Budget *Budget
 }
 
 // DefaultResumeTimeout is how long a flow waits, detached, for a path to its
@@ -166,6 +169,7 @@ type Conn struct {
 	sq       [][]byte
 	sskip    int
 	slen     int
+	smem     int // the capacity of sq's chunks
 	sbase    uint64
 	sent     uint64
 	wclosed  bool // CloseWrite: an end of stream follows sbuf
@@ -178,6 +182,8 @@ type Conn struct {
 	rq      []chunk // received, not yet read
 	rlen    int     // bytes in rq
 	rmem    int     // memory rq holds
+	rpend   int     // memory of received data being read in, not yet in rq
+	held    int     // what the flow holds of its budget (budget.go)
 	filling bool    // a readLoop reads into the room of rq's last chunk
 	lent    *[]byte // the buffer WriteTo is writing from, not to be pooled yet
 	rcvd    uint64
@@ -300,12 +306,14 @@ func (c *Conn) ackLocked(off uint64) {
 		c.sskip += int(n)
 		for len(c.sq) > 0 && c.sskip >= len(c.sq[0]) && (len(c.sq) > 1 || c.sskip == len(c.sq[0])) {
 			c.sskip -= len(c.sq[0])
+			c.smem -= cap(c.sq[0])
 			c.sq[0] = nil
 			c.sq = c.sq[1:]
 		}
 		if len(c.sq) == 0 {
 			c.sq = nil // an idle flow holds no buffer
 		}
+		c.settleLocked()
 		if off > c.sbase && c.wclosed {
 			c.finAcked = true
 		}
@@ -371,8 +379,8 @@ func (c *Conn) endLocked(s Status, how End) {
 	}
 	c.state = s
 	if s == Reset {
+		c.sq, c.sskip, c.slen, c.smem = nil, 0, 0, 0
 		c.dropRecvLocked()
-		c.sq, c.sskip, c.slen = nil, 0, 0
 	}
 	if c.timer != nil {
 		c.timer.Stop()
@@ -546,57 +554,113 @@ func (c *Conn) readLoop(s Stream, g uint64) {
 }
 
 // recvData takes in a data frame of n bytes from s, its header read, and
-// reports whether to go on reading s. While received data fills MaxRecv it
-// waits, before it reads the bytes.
+// reports whether to go on reading s. While received data fills MaxRecv,
+// or the flow's budget is spent, it waits before it reads more bytes: a
+// frame may be taken in in pieces (landWithinLocked).
 func (c *Conn) recvData(s Stream, g uint64, n int) bool {
-	c.mu.Lock()
-	for c.rmem >= c.opts.MaxRecv && c.gen == g && c.state == Live && !c.appClosed && !c.rfin {
-		c.cond.Wait()
-	}
-	switch {
-	case c.gen != g:
-		c.unlock()
-		return false
-	case c.state == Live && c.rfin:
-		c.peerBrokeLocked() // data after the end
-		c.unlock()
-		drain(s)
-		return false
-	case c.state != Live || c.appClosed:
-		if c.state == Live {
-			c.resetting = true // data for a closed connection: as TCP, reset
-			c.cond.Broadcast()
+	for n > 0 {
+		c.mu.Lock()
+		var l landing
+		for {
+			live := c.gen == g && c.state == Live && !c.appClosed && !c.rfin
+			if !live {
+				break
+			}
+			if c.rmem < c.opts.MaxRecv {
+				var ok bool
+				if l, ok = c.landWithinLocked(n); ok {
+					break
+				}
+			}
+			c.cond.Wait()
+		}
+		switch {
+		case c.gen != g:
+			c.unlock()
+			return false
+		case c.state == Live && c.rfin:
+			c.peerBrokeLocked() // data after the end
+			c.unlock()
+			drain(s)
+			return false
+		case c.state != Live || c.appClosed:
+			if c.state == Live {
+				c.resetting = true // data for a closed connection: as TCP, reset
+				c.cond.Broadcast()
+			}
+			c.unlock()
+			if _, err := io.CopyN(io.Discard, s, int64(n)); err != nil {
+				c.lost(g)
+				return false
+			}
+			return true
 		}
 		c.unlock()
-		if _, err := io.CopyN(io.Discard, s, int64(n)); err != nil {
+		_, err := io.ReadFull(s, l.data)
+		c.mu.Lock()
+		if l.room {
+			c.filling = false
+		}
+		c.rpend -= l.grow()
+		keep := err == nil && c.gen == g
+		switch {
+		case !keep || c.state != Live:
+			c.opts.Buffers.put(l.buf)
+		case c.appClosed:
+			c.opts.Buffers.put(l.buf)
+			c.resetting = true // closed while the bytes came in
+		default:
+			c.pushLocked(l)
+		}
+		c.settleLocked()
+		c.cond.Broadcast()
+		c.unlock()
+		if err != nil {
 			c.lost(g)
+		}
+		if !keep {
 			return false
 		}
-		return true
+		n -= len(l.data)
 	}
-	l := c.landLocked(n)
-	c.unlock()
-	_, err := io.ReadFull(s, l.data)
-	c.mu.Lock()
+	return true
+}
+
+// freePiece is the most of a frame a flow takes in at once while its
+// budget is spent: it fits in the flow's FreeBytes with a chunk's cost.
+const freePiece = 8 << 10
+
+// landWithinLocked is where the next bytes of a frame with n left are to
+// be read, within the flow's budget: all n if the budget has room, else a
+// piece of at most freePiece (which fits in the flow's own FreeBytes while
+// its queue is short), else nothing yet (ok false: the budget wakes the
+// flow when it has room). The landing's memory is counted as pending
+// until it is queued.
+func (c *Conn) landWithinLocked(n int) (l landing, ok bool) {
+	for _, k := range []int{n, min(n, freePiece)} {
+		l = c.landLocked(k)
+		if c.growLocked(l.grow(), 0) {
+			c.rpend += l.grow()
+			return l, true
+		}
+		if l.room {
+			c.filling = false
+		} else {
+			c.opts.Buffers.put(l.buf)
+		}
+		if k == freePiece || k == n && n <= freePiece {
+			break
+		}
+	}
+	return landing{}, false
+}
+
+// grow is the memory queueing l adds: none in the room of the last chunk.
+func (l landing) grow() int {
 	if l.room {
-		c.filling = false
+		return 0
 	}
-	keep := err == nil && c.gen == g
-	switch {
-	case !keep || c.state != Live:
-		c.opts.Buffers.put(l.buf)
-	case c.appClosed:
-		c.opts.Buffers.put(l.buf)
-		c.resetting = true // closed while the bytes came in
-	default:
-		c.pushLocked(l)
-	}
-	c.cond.Broadcast()
-	c.unlock()
-	if err != nil {
-		c.lost(g)
-	}
-	return keep
+	return l.size + chunkCost
 }
 
 // landLocked is where the n bytes of a data frame are to be read: a large
@@ -651,6 +715,7 @@ func (c *Conn) popLocked() {
 	if len(c.rq) == 0 {
 		c.rq = nil // an idle flow holds no queue
 	}
+	c.settleLocked()
 }
 
 // drain reads s to its end, unlooked at: a peer that broke the protocol
@@ -801,11 +866,25 @@ func (c *Conn) Write(b []byte) (int, error) {
 		if len(c.sq) == 0 || len(c.sq[len(c.sq)-1]) == cap(c.sq[len(c.sq)-1]) {
 			// Chunks grow from the size of the write to MaxData, so that
 			// a busy flow sends large frames and an idle one holds little.
-			size := max(k, 4<<10)
+			size := max(k, minChunk)
 			if len(c.sq) > 0 {
 				size = max(size, 2*cap(c.sq[len(c.sq)-1]))
 			}
-			c.sq = append(c.sq, make([]byte, 0, min(MaxData, size)))
+			size = min(MaxData, size)
+			if !c.growLocked(0, size) {
+				// The budget is spent: a small chunk, if the flow's own
+				// free bytes hold it, else wait for acknowledgements (or
+				// another flow's) to give some back.
+				if size == minChunk || !c.growLocked(0, minChunk) {
+					if err := c.waitLocked(1); err != nil {
+						return n, err
+					}
+					continue
+				}
+				size = minChunk
+			}
+			c.smem += size
+			c.sq = append(c.sq, make([]byte, 0, size))
 		}
 		tail := &c.sq[len(c.sq)-1]
 		k = min(k, cap(*tail)-len(*tail))
@@ -816,6 +895,9 @@ func (c *Conn) Write(b []byte) (int, error) {
 	}
 	return n, nil
 }
+
+// minChunk is the smallest chunk of data to send.
+const minChunk = 4 << 10
 
 // waitLocked waits for a change, or for deadline i (0 read, 1 write).
 func (c *Conn) waitLocked(i int) error {
@@ -920,6 +1002,7 @@ func (c *Conn) dropRecvLocked() {
 		}
 	}
 	c.rq, c.rlen, c.rmem = nil, 0, 0
+	c.settleLocked()
 }
 
 // Counts are the bytes written to the flow and received from the peer.

@@ -450,6 +450,8 @@ func FuzzFlow(f *testing.F) {
 	seed(0, fin, fin)
 	seed(0, fin, data("late"))
 	seed(0x22, data(string(make([]byte, 40000))), reset)
+	seed(0x41, data(string(make([]byte, 40000))), ack(1000), fin)
+	seed(0x92, data(string(make([]byte, 100000))), data("x"), fin)
 	seed(2, data("a"), []byte{0x09})
 	seed(0, []byte{frameData, 0, 0, 0, 0})
 	seed(0, appendData(nil, MaxData+1))
@@ -467,13 +469,26 @@ func FuzzFlow(f *testing.F) {
 		var calls atomic.Int32
 		ended := make(chan End, 4)
 		detached := make(chan struct{}, 4)
+		var budget *Budget // shared memory: none beyond the free bytes, or a little
+		switch cfg & 0xc0 {
+		case 0x40:
+			budget = NewBudget(0)
+		case 0x80:
+			budget = NewBudget(64 << 10)
+		}
 		c := New(Options{
 			MaxRecv:  8 << 10,
 			OnDone:   func(how End) { calls.Add(1); ended <- how },
 			OnDetach: func() { detached <- struct{}{} },
+			Budget:   budget,
 		}, nil, nil)
 		local, remote := streamPair()
 		c.Attach(local, 0)
+		defer func() {
+			if budget != nil && budget.Used() != 0 {
+				t.Errorf("the flow ended holding %d bytes of its budget; want 0", budget.Used())
+			}
+		}()
 		var wg sync.WaitGroup
 		defer wg.Wait()
 		defer remote.Abort()

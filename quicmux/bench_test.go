@@ -4,9 +4,10 @@ import (
 	"context"
 	"io"
 	"net"
-	"sfkit-proxy/quicmux/header"
 	"testing"
 	"time"
+
+	"sfkit-proxy/quicmux/header"
 )
 
 func BenchmarkRequestHeader(b *testing.B) {

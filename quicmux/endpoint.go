@@ -7,13 +7,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"sfkit-proxy/identity"
 	"strconv"
 	"strings"
 
 	"github.com/quic-go/quic-go"
 
-	"sfkit-proxy/config"
+	"sfkit-proxy/identity"
 	"sfkit-proxy/stun"
 )
 
@@ -182,7 +181,7 @@ func parseHandshakeName(s string) (from, to int, member, ok bool) {
 // claimed finds the peer that a handshake's server name claims dialled us,
 // and checks that it dials (a lower pid) and holds that peer's pinned key.
 // A member is refused when the peer has no connection for it to join, or
-// already has config.MaxConnsPerPeer.
+// already has as many as its pool holds.
 func (m *Mux) claimed(serverName, pin string) (p *peer, member bool, err error) {
 	from, to, member, ok := parseHandshakeName(serverName)
 	if !ok || to != m.opts.PID {
@@ -201,8 +200,8 @@ func (m *Mux) claimed(serverName, pin string) (p *peer, member bool, err error) 
 		return nil, false, fmt.Errorf("party %d presented key %s, but pinned is %s", from, pin, p.info.Pin)
 	case member && p.pool.primary == nil:
 		return nil, false, fmt.Errorf("party %d opened a pool connection with no connection to pool with", from)
-	case member && len(p.pool.members) >= config.MaxConnsPerPeer-1:
-		return nil, false, fmt.Errorf("party %d opened more than %d connections", from, config.MaxConnsPerPeer)
+	case member && len(p.pool.members) >= p.pool.limit-1:
+		return nil, false, fmt.Errorf("party %d opened more than %d connections", from, p.pool.limit)
 	}
 	return p, member, nil
 }

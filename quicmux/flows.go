@@ -4,7 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"math/rand/v2"
-	"sfkit-proxy/quicmux/header"
+	"net"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -14,6 +14,7 @@ import (
 
 	"sfkit-proxy/backoff"
 	"sfkit-proxy/flow"
+	"sfkit-proxy/quicmux/header"
 )
 
 // flowKey names a flow: the peer, which side opened it, and its id.
@@ -54,6 +55,11 @@ type flowEntry struct {
 	// (a move) may arrive on another connection before that.
 	ready     chan struct{}
 	readyOnce sync.Once
+	// local is the local connection of a flow the peer opened: a reset
+	// closes it at once, though the local program reads nothing (a write
+	// to it may wait for ever), so that its file descriptor is let go of
+	// with the flow.
+	local atomic.Pointer[net.TCPConn]
 }
 
 // attached marks e attached for the first time (or never to be).
@@ -73,12 +79,16 @@ func (e *flowEntry) abandon(why ResetReason) {
 // lock. Lock order: Mux.mu, then peer.mu, then flowTable.mu, then
 // peerFlows.mu; nothing is closed or written under either.
 type flowTable struct {
+	memory int // each peer's flow.Budget
+
 	mu     sync.Mutex // guards byPeer
 	byPeer map[int]*peerFlows
 }
 
 // peerFlows are one peer's flows.
 type peerFlows struct {
+	budget *flow.Budget // the memory its flows' buffers share
+
 	mu   sync.Mutex // guards the fields below
 	live map[flowKey]*flowEntry
 	// tombs remember the ended flows the peer opened, for its late resumes.
@@ -101,7 +111,7 @@ func (t *flowTable) of(pid int) *peerFlows {
 	}
 	pf := t.byPeer[pid]
 	if pf == nil {
-		pf = &peerFlows{live: make(map[flowKey]*flowEntry), tombs: graveyard{byKey: make(map[flowKey]tomb)}}
+		pf = &peerFlows{budget: flow.NewBudget(t.memory), live: make(map[flowKey]*flowEntry), tombs: graveyard{byKey: make(map[flowKey]tomb)}}
 		t.byPeer[pid] = pf
 	}
 	return pf
@@ -247,6 +257,7 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flow
 	e.c = flow.New(flow.Options{
 		ResumeTimeout: m.opts.ResumeTimeout,
 		Buffers:       &m.fbufs,
+		Budget:        pf.budget,
 		OnDetach: func() {
 			if !m.goUnlessQuit(func() {
 				if key.mine {
@@ -275,6 +286,10 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flow
 					}
 				}
 				m.count.reset(why)
+				if tc := e.local.Load(); tc != nil {
+					tc.SetLinger(0)
+					tc.Close()
+				}
 			}
 			now := time.Now()
 			pf.ended(key, e, tomb{status: st, rcvd: rcvd, until: now.Add(m.opts.ResumeTimeout)}, now)

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"sfkit-proxy/identity"
 	"slices"
 	"strings"
 	"sync"
@@ -18,6 +17,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"sfkit-proxy/flow"
+	"sfkit-proxy/identity"
 	"sfkit-proxy/internal/testkit"
 )
 

@@ -11,16 +11,21 @@ import (
 	mrand "math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
-	"sfkit-proxy/identity"
-	"sfkit-proxy/quicmux/header"
+	"slices"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/quic-go/quic-go"
 
 	"sfkit-proxy/config"
+	"sfkit-proxy/flow"
+	"sfkit-proxy/identity"
 	"sfkit-proxy/internal/testkit"
+	"sfkit-proxy/quicmux/header"
 )
 
 // hostilePeer is a study member with its own valid key that speaks the
@@ -153,7 +158,7 @@ func honestTransfer(a *Mux, pid int, port uint16, size int) (wait func() error) 
 // streams it drops at once (each left waiting for a resume, with a local
 // connection open), an honest peer's transfer to the same sidecar goes on
 // and completes intact. The member keeps no more than
-// config.MaxConnsPerPeer connections, a replaced connection takes no new
+// its pool's limit of connections, a replaced connection takes no new
 // flow, and past its budget of flows it is refused at once.
 func TestHostileMemberIsBudgeted(t *testing.T) {
 	const maxFlows = 60
@@ -173,7 +178,8 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 	// a flow open.
 	var conns []*quic.Conn
 	var held []*quic.Stream
-	for i := range config.MaxConnsPerPeer + 8 {
+	limit := poolLimit(config.DefaultConnsPerPeer)
+	for i := range limit + 8 {
 		qc := h.dial()
 		conns = append(conns, qc)
 		str, st := h.connect(qc, echo)
@@ -196,8 +202,8 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 		}
 		return n
 	}
-	testkit.Eventually(t, fmt.Sprintf("at most %d of the member's connections live", config.MaxConnsPerPeer),
-		func() bool { return live() <= config.MaxConnsPerPeer })
+	testkit.Eventually(t, fmt.Sprintf("at most %d of the member's connections live", limit),
+		func() bool { return live() <= limit })
 
 	// A frame that breaks the protocol: an ack far past what the target
 	// sent, while its writer is stuck in a stream write (the member reads
@@ -344,5 +350,130 @@ func TestTombsAreBoundedPerPeer(t *testing.T) {
 	}
 	if !has(2, 1) {
 		t.Error("party 1's flood cost party 2 its tomb")
+	}
+}
+
+// TestHostileMemberIsBoundedInBytes: a member opens many flows to a
+// program that reads nothing and sends each as much as it can. What the
+// target holds for it stays within the member's budget: its flows' shared
+// memory (FlowMemory) and free bytes, and the QUIC windows of its
+// connection; an honest peer's transfer to the same sidecar goes on and
+// completes intact meanwhile.
+func TestHostileMemberIsBoundedInBytes(t *testing.T) {
+	const (
+		flows  = 40
+		budget = 4 << 20
+	)
+	echo := halfCloseEcho(t)
+	sink, accepted := stingySink(t)
+	x := startPartyWith(t, 5, nil, allowAll, func(o *Options) { o.FlowMemory = budget })
+	y := startParty(t, 6, nil, allowAll)
+	h := newHostilePeer(t, 4, x)
+	x.m.SetPeers([]PeerInfo{x.info, y.info, h.info})
+	y.m.SetPeers([]PeerInfo{x.info, y.info})
+	testkit.Eventually(t, "party 4 known", func() bool { return peerOf(x.m, 4) != nil })
+	roundTrip(t, y.m, 5, echo, 1000)
+
+	before, files := heapInUse(), openFiles(t)
+	honest := honestTransfer(y.m, 5, echo, 8<<20)
+	qc := h.dial()
+	frame := append(binary.BigEndian.AppendUint32([]byte{0x01}, 64<<10), make([]byte, 64<<10)...)
+	var strs []*quic.Stream
+	for range flows {
+		str, st := h.connect(qc, sink)
+		if st != header.StatusOK {
+			t.Fatalf("flow to the sink: %v", st)
+		}
+		strs = append(strs, str)
+	}
+	var wg sync.WaitGroup
+	for _, str := range strs {
+		wg.Go(func() {
+			str.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			for range 32 { // 2 MiB each, twice what one flow may hold unread
+				if _, err := str.Write(frame); err != nil {
+					return
+				}
+			}
+		})
+	}
+	wg.Wait() // every writer stopped: the target takes no more
+	pf := x.m.flows.of(4)
+	if used := pf.budget.Used(); used > budget {
+		t.Errorf("the member's flows hold %d bytes of their budget; want at most %d", used, budget)
+	}
+	// Its flows' memory (the budget and each flow's free bytes both
+	// ways), the QUIC windows of its connection, and the honest transfer's
+	// own buffers: well under what 40 flows of 1 MiB each would hold.
+	limit := int64(budget + flows*2*flow.FreeBytes + 2*connWindow + 8<<20)
+	if grew := heapInUse() - before; grew > limit {
+		t.Errorf("the member's flows grew the heap by %d bytes; want at most %d", grew, limit)
+	}
+	if err := honest(); err != nil {
+		t.Errorf("the honest transfer during the attack: %v", err)
+	}
+
+	// The member shuts down, so its flows are reset: their local
+	// connections are let go of at once (reset), though the program reads
+	// nothing and the target's writes to them wait.
+	qc.CloseWithError(codeShutdown, "shutdown")
+	testkit.Eventually(t, "the member's flows ended", func() bool {
+		pf.mu.Lock()
+		defer pf.mu.Unlock()
+		return pf.opened == 0
+	})
+	// The sink's ends stay open (it never closes them); the target's are
+	// closed.
+	if n := len(accepted()); n != flows {
+		t.Fatalf("the sink accepted %d connections; want %d", n, flows)
+	}
+	testkit.Eventually(t, "the target's local connections closed", func() bool { return openFiles(t) <= files+flows+8 })
+}
+
+// openFiles counts this process's open file descriptors.
+func openFiles(t *testing.T) int {
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd:", err)
+	}
+	return len(fds)
+}
+
+// stingySink is a local port whose program takes connections and reads
+// nothing, with a receive buffer so small that what is sent to it waits
+// in the sidecar, not in the kernel. accepted lists its connections.
+func stingySink(t *testing.T) (port uint16, accepted func() []net.Conn) {
+	t.Helper()
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	testkit.Serve(t, ln, func(c net.Conn) {
+		mu.Lock()
+		defer mu.Unlock()
+		conns = append(conns, c)
+	})
+	return uint16(ln.Addr().(*net.TCPAddr).Port), func() []net.Conn {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(conns)
 	}
 }

@@ -36,7 +36,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"sfkit-proxy/identity"
 	"slices"
 	"strconv"
 	"sync"
@@ -46,6 +45,7 @@ import (
 
 	"sfkit-proxy/config"
 	"sfkit-proxy/flow"
+	"sfkit-proxy/identity"
 	"sfkit-proxy/stun"
 )
 
@@ -131,8 +131,14 @@ type Options struct {
 	// MaxFlows bounds the tunnelled connections a peer may have opened
 	// here at once, attached to a stream or waiting for a resume, and
 	// those waiting for a local listener: each holds a local file
-	// descriptor. Zero means 4096. Past it new ones are refused at once.
+	// descriptor. Zero means 2048. Past it new ones are refused at once.
 	MaxFlows int
+	// FlowMemory bounds the memory the buffers of one peer's flows share
+	// beyond each flow's own flow.FreeBytes each way (see flow.Budget):
+	// data received and not yet read, and data sent and not yet
+	// acknowledged. Zero means 64 MiB. Past it the peer's flows slow down
+	// (their writers wait, their streams are not read), they do not fail.
+	FlowMemory int
 	// LocalHost is where accepted streams are dialled; zero means 127.0.0.1.
 	LocalHost netip.Addr
 	// CheckInterval is the period of connectivity checks; zero means 200 ms.
@@ -172,7 +178,10 @@ func (o *Options) populate() error {
 		o.MaxWaiting = 1024
 	}
 	if o.MaxFlows == 0 {
-		o.MaxFlows = 4096
+		o.MaxFlows = 2048
+	}
+	if o.FlowMemory == 0 {
+		o.FlowMemory = 64 << 20
 	}
 	if !o.LocalHost.IsValid() {
 		o.LocalHost = netip.AddrFrom4([4]byte{127, 0, 0, 1})
@@ -274,6 +283,13 @@ func (s *signal) broadcast() {
 	}
 }
 
+// connWindow bounds what a peer may send on one QUIC connection before it
+// is read (a stream's window, and all streams' together): with
+// config.MaxConnsPerPeer connections, it bounds what QUIC holds for one
+// peer (the README's per-peer budget). It is twice the bandwidth-delay
+// product of 300 Mbit/s over 50 ms, and a pool of connections adds up.
+const connWindow = 4 << 20
+
 // QUICConfig is the QUIC configuration of peer connections (exported for
 // benchmarks that compare with raw quic-go).
 func QUICConfig(handshakeTimeout time.Duration) *quic.Config {
@@ -285,9 +301,9 @@ func QUICConfig(handshakeTimeout time.Duration) *quic.Config {
 		KeepAlivePeriod:                2 * time.Second,
 		MaxIncomingStreams:             4096,
 		InitialStreamReceiveWindow:     1 << 20,
-		MaxStreamReceiveWindow:         16 << 20,
+		MaxStreamReceiveWindow:         connWindow,
 		InitialConnectionReceiveWindow: 2 << 20,
-		MaxConnectionReceiveWindow:     64 << 20,
+		MaxConnectionReceiveWindow:     connWindow,
 	}
 }
 
@@ -345,6 +361,7 @@ func newMux(pc net.PacketConn, relay *Relay, opts Options, tune tuning) (m *Mux,
 		done:    make(chan struct{}),
 	}
 	m.qc.MaxIncomingStreams = int64(opts.MaxStreams)
+	m.flows.memory = opts.FlowMemory
 	if m.main, err = m.newEndpoint(pc, false, ""); err != nil {
 		return nil, err
 	}

@@ -9,13 +9,13 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
-	"sfkit-proxy/identity"
-	"sfkit-proxy/quicmux/header"
 	"slices"
 	"testing"
 	"time"
 
+	"sfkit-proxy/identity"
 	"sfkit-proxy/internal/testkit"
+	"sfkit-proxy/quicmux/header"
 	"sfkit-proxy/stun"
 )
 

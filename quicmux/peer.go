@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"sfkit-proxy/identity"
-	"sfkit-proxy/quicmux/header"
 	"slices"
 	"strconv"
 	"sync"
@@ -17,6 +15,8 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"sfkit-proxy/identity"
+	"sfkit-proxy/quicmux/header"
 	"sfkit-proxy/stun"
 )
 
@@ -96,6 +96,7 @@ func (m *Mux) newPeer(cancel context.CancelFunc, in PeerInfo) *peer {
 		path:       pathState{state: StateConnecting, since: now},
 		rates:      rates{start: now, last: now},
 		cands:      newCandidates(m.local.Addr().Is4()),
+		pool:       pool{limit: poolLimit(m.opts.ConnsPerPeer)},
 	}
 	p.setInfoLocked(in)
 	return p
@@ -119,7 +120,7 @@ func (p *peer) setInfoLocked(in PeerInfo) {
 func (p *peer) stopLocked() []*link {
 	p.cancel()
 	ls := p.pool.all()
-	p.pool = pool{}
+	p.pool = pool{limit: p.pool.limit}
 	return ls
 }
 

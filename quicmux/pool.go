@@ -21,7 +21,8 @@ import (
 //
 // Only the dialer (the lower pid) opens and closes members: it keeps as
 // many connections as the peer has flows, both directions counted, up to
-// ConnsPerPeer (config.MaxConnsPerPeer at most; an acceptor refuses more),
+// ConnsPerPeer (config.MaxConnsPerPeer at most; an acceptor refuses more
+// than its own ConnsPerPeer and two replaced ones, see pool.limit),
 // and closes a member that has carried nothing for a while (30 s). Each
 // side spreads the flows it opened over the connections: a new flow goes
 // to the one carrying fewest of them, and when the pool changes, flows
@@ -34,12 +35,19 @@ const memberName = ".pool"
 
 // pool is a peer's QUIC connections. Guarded by its peer's mu.
 type pool struct {
+	// limit bounds the connections, draining ones included: what QUIC may
+	// hold for the peer is limit connection windows.
+	limit   int
 	primary *link   // the connection in use; nil when none
 	members []*link // the primary's members
 	// draining are replaced primaries still carrying flows, oldest first:
-	// with primary and members, never more than config.MaxConnsPerPeer.
+	// with primary and members, never more than limit.
 	draining []*link
 }
+
+// poolLimit is the most connections a pool holds: ConnsPerPeer, and two
+// replaced ones while their flows move.
+func poolLimit(connsPerPeer int) int { return min(connsPerPeer+2, config.MaxConnsPerPeer) }
 
 // live are the pool's live connections, the primary first.
 func (pl *pool) live() []*link {
@@ -65,7 +73,7 @@ func (pl *pool) takeMembers() []*link {
 
 // replace makes l the primary; the old primary drains. It returns the
 // connections to close: the old members, and the oldest draining ones
-// past config.MaxConnsPerPeer (a peer that keeps replacing its connection
+// past its limit (a peer that keeps replacing its connection
 // while holding a flow on each cannot keep them all).
 func (pl *pool) replace(l *link) (old *link, closing []*link) {
 	old = pl.primary
@@ -79,9 +87,9 @@ func (pl *pool) replace(l *link) (old *link, closing []*link) {
 }
 
 // evict takes the oldest draining connections off the list, as many as
-// keep the pool within config.MaxConnsPerPeer, and returns them.
+// keep the pool within its limit, and returns them.
 func (pl *pool) evict() []*link {
-	n := len(pl.draining) + len(pl.members) + 1 - config.MaxConnsPerPeer
+	n := len(pl.draining) + len(pl.members) + 1 - pl.limit
 	if n <= 0 {
 		return nil
 	}
@@ -274,7 +282,7 @@ func (p *peer) installMember(ctx context.Context, primary *link, conn *quic.Conn
 	l := &link{conn: conn, ep: ep, since: time.Now(), local: addrPortOf(conn.LocalAddr()),
 		remote: addrPortOf(conn.RemoteAddr()), primary: primary}
 	p.mu.Lock()
-	if primary == nil || p.pool.primary != primary || len(p.pool.members) >= config.MaxConnsPerPeer-1 {
+	if primary == nil || p.pool.primary != primary || len(p.pool.members) >= p.pool.limit-1 {
 		p.mu.Unlock()
 		m.closeLater(codeRejected, "not a member of the current pool", conn)
 		return false

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"sfkit-proxy/identity"
 	"slices"
 	"sync"
 	"testing"
@@ -18,6 +17,7 @@ import (
 
 	"sfkit-proxy/config"
 	"sfkit-proxy/flow"
+	"sfkit-proxy/identity"
 	"sfkit-proxy/internal/testkit"
 )
 
@@ -140,7 +140,8 @@ func TestPoolFlowsSurviveTheirConnection(t *testing.T) {
 
 // TestPoolMembersNeedTheirPrimary: a member handshake is refused unless
 // the party it claims holds that party's pinned key, has a primary
-// connection to join, and keeps within config.MaxConnsPerPeer.
+// connection to join, and keeps within the pool's limit (ConnsPerPeer and
+// two replaced connections).
 func TestPoolMembersNeedTheirPrimary(t *testing.T) {
 	x := startParty(t, 5, nil, allowAll)
 	id, err := identity.Load(t.TempDir())
@@ -189,14 +190,15 @@ func TestPoolMembersNeedTheirPrimary(t *testing.T) {
 	if dial(member, stranger.Cert) == nil {
 		t.Fatal("a member with another key than party 4's was accepted")
 	}
-	for i := range config.MaxConnsPerPeer - 1 {
+	limit := poolLimit(config.DefaultConnsPerPeer)
+	for i := range limit - 1 {
 		if err := dial(member, id.Cert); err != nil {
 			t.Fatalf("member %d refused: %v", i+1, err)
 		}
 	}
-	testkit.Eventually(t, "a full pool", func() bool { return peerStats(x.m, 4).QUICConns == config.MaxConnsPerPeer })
+	testkit.Eventually(t, "a full pool", func() bool { return peerStats(x.m, 4).QUICConns == limit })
 	if dial(member, id.Cert) == nil {
-		t.Fatalf("member %d accepted; the limit is %d connections", config.MaxConnsPerPeer, config.MaxConnsPerPeer)
+		t.Fatalf("member %d accepted; the limit is %d connections", limit, limit)
 	}
 }
 

@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
-	"sfkit-proxy/quicmux/header"
 	"slices"
 	"strconv"
 	"syscall"
@@ -19,6 +18,7 @@ import (
 
 	"sfkit-proxy/backoff"
 	"sfkit-proxy/flow"
+	"sfkit-proxy/quicmux/header"
 	"sfkit-proxy/splice"
 )
 
@@ -348,6 +348,7 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 	if p := m.peer(pid); p != nil {
 		p.poolChanged()
 	}
+	e.local.Store(tcp) // reset before this, Splice resets it at once
 	splice.Splice(tcp, e.c)
 }
 
@@ -356,8 +357,11 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 // backoff, until something listens, LocalWait passes, or the peer gives up
 // on str; a peer has at most MaxWaiting such waits at once.
 func (m *Mux) dialLocal(ctx context.Context, pid int, pf *peerFlows, str *quic.Stream, port uint16, log *slog.Logger) (*net.TCPConn, error) {
-	// Loopback needs no TCP keepalive: skipping it saves syscalls per connection.
-	d := net.Dialer{Timeout: 5 * time.Second, KeepAlive: -1}
+	// Loopback needs no TCP keepalive: skipping it saves syscalls per
+	// connection. Its buffers are fixed, not grown by the kernel: what a
+	// peer sends that the local program does not read waits in the flow,
+	// within the peer's budget, not in kernel memory beyond it.
+	d := net.Dialer{Timeout: 5 * time.Second, KeepAlive: -1, Control: localBuffers}
 	addr := netip.AddrPortFrom(m.opts.LocalHost, port).String()
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err == nil {
@@ -404,4 +408,19 @@ func logClosed(log *slog.Logger, start time.Time, sent, recv uint64, reset bool)
 		outcome = "reset"
 	}
 	log.Info("tunnel closed", "sent", sent, "received", recv, "duration", time.Since(start).Round(time.Millisecond), "outcome", outcome)
+}
+
+// localSocketBuffer is the kernel's buffer each way of a local connection
+// a peer opened (the kernel doubles it): ample on loopback, where the
+// round trip is tens of microseconds.
+const localSocketBuffer = 32 << 10
+
+// localBuffers fixes a local connection's socket buffers.
+func localBuffers(_, _ string, rc syscall.RawConn) error {
+	var serr error
+	err := rc.Control(func(fd uintptr) {
+		serr = errors.Join(syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, localSocketBuffer),
+			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, localSocketBuffer))
+	})
+	return errors.Join(err, serr)
 }

@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"net"
-	"sfkit-proxy/quicmux/header"
 	"strconv"
 	"testing"
 	"time"
 
 	"sfkit-proxy/internal/testkit"
+	"sfkit-proxy/quicmux/header"
 )
 
 // freePort is a loopback port nothing listens on (for a moment).

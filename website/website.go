@@ -19,7 +19,6 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
-	"sfkit-proxy/identity"
 	"slices"
 	"strconv"
 	"strings"
@@ -30,6 +29,7 @@ import (
 
 	"sfkit-proxy/backoff"
 	"sfkit-proxy/config"
+	"sfkit-proxy/identity"
 	"sfkit-proxy/registry"
 )
 

@@ -7,7 +7,6 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"net/url"
-	"sfkit-proxy/identity"
 	"slices"
 	"strings"
 	"sync"
@@ -17,6 +16,7 @@ import (
 	"github.com/coder/websocket"
 	"github.com/coder/websocket/wsjson"
 
+	"sfkit-proxy/identity"
 	"sfkit-proxy/internal/testkit"
 	"sfkit-proxy/registry"
 	"sfkit-proxy/website"

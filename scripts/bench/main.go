@@ -26,7 +26,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sfkit-proxy/identity"
 	"slices"
 	"strconv"
 	"strings"
@@ -36,6 +35,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"sfkit-proxy/identity"
 	"sfkit-proxy/quicmux"
 )
 
@@ -459,7 +459,9 @@ func (l *lab) startSidecar(pid int) error {
 	s.cmd = exec.Command(l.bin, "--study", "bench", "--pid", strconv.Itoa(pid), "--registry", l.regURL,
 		"--auth-key-file", filepath.Join(l.dir, fmt.Sprintf("key%d", pid)), "--socks-listen", s.socks,
 		"--admin-listen", s.admin, "--udp-listen", "127.0.0.1:0", "--stun", "127.0.0.1:9",
-		"--state-dir", filepath.Join(l.dir, fmt.Sprintf("state%d", pid)), "--log-level", "warn")
+		"--state-dir", filepath.Join(l.dir, fmt.Sprintf("state%d", pid)), "--log-level", "warn",
+		// The sinks listen on ports picked at run time.
+		"--allow-ports", "all")
 	s.cmd.Stderr = logf
 	if err := s.cmd.Start(); err != nil {
 		return err
