@@ -28,6 +28,7 @@ var (
 	descRegistryUp  = prometheus.NewDesc("sfkit_proxy_registry_up", "1 if the last registry request succeeded.", nil, nil)
 	descResumed     = prometheus.NewDesc("sfkit_proxy_flows_resumed_total", "Tunnelled TCP connections carried on over a new QUIC connection after their path died.", nil, nil)
 	descMoved       = prometheus.NewDesc("sfkit_proxy_flows_moved_total", "Tunnelled TCP connections moved between the QUIC connections of a peer's pool.", nil, nil)
+	descStalls      = prometheus.NewDesc("sfkit_proxy_path_stalls_total", "Paths dropped because they carried nothing though packets arrived, and a full-size probe got no answer (a path MTU that shrank).", nil, nil)
 	descPoolOpened  = prometheus.NewDesc("sfkit_proxy_pool_conns_opened_total", "QUIC connections added to peers' pools.", nil, nil)
 	descPeerQUIC    = prometheus.NewDesc("sfkit_proxy_peer_quic_conns", "QUIC connections to the peer (its pool).", []string{"peer"}, nil)
 	descPeerWaiting = prometheus.NewDesc("sfkit_proxy_peer_waiting_connections", "The peer's tunnelled connections waiting for a local program to listen on their port.", []string{"peer"}, nil)
@@ -92,6 +93,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descResumed, k.FlowsResumed)
 	counter(descMoved, k.FlowsMoved)
 	counter(descPoolOpened, k.PoolConnsOpened)
+	counter(descStalls, k.PathStalls)
 	for _, why := range slices.Sorted(maps.Keys(k.FlowsReset)) {
 		counter(descFlowResets, k.FlowsReset[why], why)
 	}

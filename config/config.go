@@ -99,6 +99,10 @@ type Sidecar struct {
 	// tunnelled connections get one each, so each its own congestion
 	// control, as parallel TCP connections would.
 	ConnsPerPeer int
+	// MaxPacketSize, when not zero, fixes QUIC's packets at this many
+	// bytes of UDP payload instead of discovering the path's MTU: for
+	// networks known to carry less than they say.
+	MaxPacketSize int
 	// Forwards are local listeners carried to peers (--forward, and with
 	// --mpc-forward the peers' listening ports of the MPC config).
 	Forwards []Forward
@@ -201,6 +205,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		parties  = fs.String("parties", "", "the study's party ids for the website relay, e.g. 0,1,2 (default: those of -mpc)")
 		dialTO   = fs.Duration("dial-timeout", DefaultTunnelWait, "how long a connection to a peer waits for its tunnel, and a peer's connection to a waiting port (-mpc's, --wait-ports) for its local listener")
 		resumeTO = fs.Duration("resume-timeout", flow.DefaultResumeTimeout, "how long a tunnelled connection waits for its path to come back before it is reset")
+		maxPkt   = fs.Int("max-packet-size", 0, "fix QUIC packets at this many bytes of UDP payload (1200 to 1452; MTU minus 28 on IPv4, minus 48 on IPv6) instead of discovering what the path carries: for VPNs, tunnels and paths that drop large UDP packets; 0 discovers")
 		connsPer = fs.Int("conns-per-peer", DefaultConnsPerPeer, fmt.Sprintf("at most this many QUIC connections to each peer (1 to %d): parallel tunnelled connections get their own, so their own congestion control", MaxConnsPerPeer))
 		mpcFwd   = fs.Bool("mpc-forward", false, "with -mpc, also listen on the peers' listening ports (127.0.0.1:port+t), for programs that ignore ALL_PROXY")
 		verbose  countFlag
@@ -353,6 +358,9 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	}
 	if c.ResumeTimeout = *resumeTO; c.ResumeTimeout <= 0 {
 		bad("--resume-timeout %v: want a positive duration such as 10m", c.ResumeTimeout)
+	}
+	if c.MaxPacketSize = *maxPkt; c.MaxPacketSize != 0 && (c.MaxPacketSize < 1200 || c.MaxPacketSize > 1452) {
+		bad("--max-packet-size %d: want 1200 to 1452 bytes (QUIC's minimum to what a 1500-byte MTU carries), or 0 to discover", c.MaxPacketSize)
 	}
 	if c.ConnsPerPeer = *connsPer; c.ConnsPerPeer < 1 || c.ConnsPerPeer > MaxConnsPerPeer {
 		bad("--conns-per-peer %d: want 1 to %d (1 carries every tunnelled connection to a peer on one QUIC connection)", c.ConnsPerPeer, MaxConnsPerPeer)

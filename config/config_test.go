@@ -113,6 +113,8 @@ func TestParseSidecarErrors(t *testing.T) {
 		{"stray argument", append(required, "extra"), "unexpected argument"},
 		{"no connections per peer", append(required, "--conns-per-peer", "0"), "--conns-per-peer 0: want 1 to 32"},
 		{"too many connections per peer", append(required, "--conns-per-peer", "33"), "--conns-per-peer 33: want 1 to 32"},
+		{"a packet size below QUIC's minimum", append(required, "--max-packet-size", "1100"), "--max-packet-size 1100: want 1200 to 1452"},
+		{"a packet size past what Ethernet carries", append(required, "--max-packet-size", "1500"), "--max-packet-size 1500: want 1200 to 1452"},
 		{"unknown flag", append(required, "--nope"), "flag provided but not defined: -nope (sfkit-proxy -h lists the flags)"},
 	}
 	for _, tt := range tests {

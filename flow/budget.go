@@ -16,8 +16,20 @@ type Budget struct {
 
 	mu      sync.Mutex // guards used, waiting
 	used    int
-	waiting map[*Conn]struct{} // flows to wake when some is given back
+	waiting []waiter // flows to wake when some is given back, oldest first
 }
+
+// waiter is a flow waiting for need bytes of its budget.
+type waiter struct {
+	c    *Conn
+	need int
+}
+
+// maxWakes bounds the flows one give wakes: a give costs little however
+// many wait. A flow's own events wake it too (its program reads, its peer
+// acknowledges, either of which frees what it holds); the budget's wake
+// only hurries it.
+const maxWakes = 8
 
 // FreeBytes is what a flow holds each way without taking from its budget.
 const FreeBytes = 16 << 10
@@ -44,27 +56,40 @@ func (b *Budget) take(c *Conn, n int) bool {
 		b.used += n
 		return true
 	}
-	if b.waiting == nil {
-		b.waiting = make(map[*Conn]struct{})
+	for i := range b.waiting {
+		if b.waiting[i].c == c {
+			b.waiting[i].need = n
+			return false
+		}
 	}
-	b.waiting[c] = struct{}{}
+	b.waiting = append(b.waiting, waiter{c, n})
 	return false
 }
 
-// give gives back n bytes and wakes the flows that waited for some. It is
-// called with a flow's lock held: each waiter is woken on a goroutine of
-// its own, which takes that flow's lock once this one is let go of (a
-// waiter is in its Wait by then: it registered under its own lock).
+// give gives back n bytes and wakes the oldest waiters whose need the
+// room now covers, at most maxWakes. It is called with a flow's lock
+// held: each waiter is woken on a goroutine of its own, which takes that
+// flow's lock once this one is let go of (a waiter is in its Wait by then:
+// it registered under its own lock).
 func (b *Budget) give(n int) {
 	if n <= 0 {
 		return
 	}
 	b.mu.Lock()
 	b.used -= n
-	w := b.waiting
-	b.waiting = nil
+	room := b.limit - b.used
+	var wake []*Conn
+	for len(b.waiting) > 0 && len(wake) < maxWakes && b.waiting[0].need <= room {
+		room -= b.waiting[0].need
+		wake = append(wake, b.waiting[0].c)
+		b.waiting[0] = waiter{}
+		b.waiting = b.waiting[1:]
+	}
+	if len(b.waiting) == 0 {
+		b.waiting = nil
+	}
 	b.mu.Unlock()
-	for c := range w {
+	for _, c := range wake {
 		go c.wake()
 	}
 }
@@ -77,9 +102,43 @@ func (c *Conn) wake() {
 }
 
 // wantLocked is what c should hold of its budget: its buffers beyond its
-// free bytes each way, with pend bytes of received data landing.
+// free bytes each way, with rpend bytes of received data landing and
+// bmem of ReadFrom's large buffer.
 func (c *Conn) wantLocked() int {
-	return max(0, c.rmem+c.rpend-FreeBytes) + max(0, c.smem-FreeBytes)
+	return max(0, c.rmem+c.rpend-FreeBytes) + max(0, c.smem+c.bmem-FreeBytes)
+}
+
+// borrow counts a large buffer of n bytes that ReadFrom reads into, if the
+// budget has room for it; lend gives it back.
+func (c *Conn) borrow(n int) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.opts.Budget != nil && !c.growLocked(0, n) {
+		c.dequeueLocked()
+		return false
+	}
+	c.bmem += n
+	return true
+}
+
+func (c *Conn) lend(n int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.bmem -= n
+	c.settleLocked()
+}
+
+// dequeueLocked takes c off its budget's waiters: it did not wait after all.
+func (c *Conn) dequeueLocked() {
+	b := c.opts.Budget
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i := range b.waiting {
+		if b.waiting[i].c == c {
+			b.waiting = append(b.waiting[:i], b.waiting[i+1:]...)
+			return
+		}
+	}
 }
 
 // growLocked takes what c's buffers growing by recv (received data) and

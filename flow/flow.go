@@ -183,6 +183,7 @@ type Conn struct {
 	rlen    int     // bytes in rq
 	rmem    int     // memory rq holds
 	rpend   int     // memory of received data being read in, not yet in rq
+	bmem    int     // ReadFrom's large buffer, while it holds one
 	held    int     // what the flow holds of its budget (budget.go)
 	filling bool    // a readLoop reads into the room of rq's last chunk
 	lent    *[]byte // the buffer WriteTo is writing from, not to be pooled yet
@@ -813,8 +814,13 @@ const smallRead = 2 << 10
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	small := make([]byte, smallRead)
 	buf := small
-	var big *[]byte
-	defer func() { c.opts.Buffers.put(big) }()
+	var big *[]byte // counted against the budget while held (borrow)
+	defer func() {
+		if big != nil {
+			c.opts.Buffers.put(big)
+			c.lend(MaxData)
+		}
+	}()
 	var total int64
 	for {
 		n, err := r.Read(buf)
@@ -832,11 +838,12 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			return total, err
 		}
 		switch {
-		case big == nil && n == len(buf):
+		case big == nil && n == len(buf) && c.borrow(MaxData):
 			big = c.opts.Buffers.get(MaxData)
 			buf = *big
 		case big != nil && n < smallRead:
 			c.opts.Buffers.put(big)
+			c.lend(MaxData)
 			big, buf = nil, small
 		}
 	}
@@ -1003,6 +1010,14 @@ func (c *Conn) dropRecvLocked() {
 	}
 	c.rq, c.rlen, c.rmem = nil, 0, 0
 	c.settleLocked()
+}
+
+// Owes reports whether the flow gave its stream bytes (or its end) that
+// the peer has not acknowledged yet: something should come back.
+func (c *Conn) Owes() bool {
+	c.mu.Lock()
+	defer c.unlock()
+	return c.state == Live && c.stream != nil && (c.sent > c.sbase || c.finSent && !c.finAcked)
 }
 
 // Counts are the bytes written to the flow and received from the peer.

@@ -485,6 +485,7 @@ func (s *flowStream) release() {
 func (s *flowStream) Read(b []byte) (int, error) {
 	n, err := s.str.Read(b)
 	s.l.tr.recv.Add(uint64(n))
+	s.l.read.Add(uint64(n))
 	return n, err
 }
 

@@ -60,6 +60,7 @@ const (
 	codeRejected quic.ApplicationErrorCode = 0x103
 	codePathDead quic.ApplicationErrorCode = 0x104 // nothing heard for pathDeadAfter
 	codeIdle     quic.ApplicationErrorCode = 0x105 // a pool member carried nothing for a while
+	codeStalled  quic.ApplicationErrorCode = 0x106 // the path carries no full-size packet (stall.go)
 
 	codeStreamAbort quic.StreamErrorCode = 0x1
 )
@@ -136,7 +137,7 @@ type Options struct {
 	// FlowMemory bounds the memory the buffers of one peer's flows share
 	// beyond each flow's own flow.FreeBytes each way (see flow.Budget):
 	// data received and not yet read, and data sent and not yet
-	// acknowledged. Zero means 64 MiB. Past it the peer's flows slow down
+	// acknowledged. Zero means 32 MiB. Past it the peer's flows slow down
 	// (their writers wait, their streams are not read), they do not fail.
 	FlowMemory int
 	// LocalHost is where accepted streams are dialled; zero means 127.0.0.1.
@@ -152,6 +153,9 @@ type Options struct {
 	// ConnsPerPeer bounds the QUIC connections to one peer (see pool.go):
 	// zero means config.DefaultConnsPerPeer, 1 carries every flow on one.
 	ConnsPerPeer int
+	// MaxPacketSize, when not zero, fixes QUIC packets at this many bytes
+	// of UDP payload (1200 to 1452) instead of discovering the path's MTU.
+	MaxPacketSize int
 }
 
 // populate fills in the documented defaults: the one place they live.
@@ -181,7 +185,7 @@ func (o *Options) populate() error {
 		o.MaxFlows = 2048
 	}
 	if o.FlowMemory == 0 {
-		o.FlowMemory = 64 << 20
+		o.FlowMemory = 32 << 20
 	}
 	if !o.LocalHost.IsValid() {
 		o.LocalHost = netip.AddrFrom4([4]byte{127, 0, 0, 1})
@@ -283,12 +287,17 @@ func (s *signal) broadcast() {
 	}
 }
 
-// connWindow bounds what a peer may send on one QUIC connection before it
-// is read (a stream's window, and all streams' together): with
-// config.MaxConnsPerPeer connections, it bounds what QUIC holds for one
-// peer (the README's per-peer budget). It is twice the bandwidth-delay
-// product of 300 Mbit/s over 50 ms, and a pool of connections adds up.
-const connWindow = 4 << 20
+// Receive windows: what a peer may send on one QUIC stream, and on one
+// connection (all its streams), before it is read. With a pool's limit of
+// connections they bound what QUIC holds for one peer (the README's
+// per-peer budget). A stream's fills 300 Mbit/s over 50 ms (a pool of
+// connections adds up); a connection's is eight streams', so that streams
+// whose programs do not read hold up the others on their connection only
+// when there are more than eight.
+const (
+	streamWindow = 2 << 20
+	connWindow   = 8 * streamWindow
+)
 
 // QUICConfig is the QUIC configuration of peer connections (exported for
 // benchmarks that compare with raw quic-go).
@@ -301,9 +310,16 @@ func QUICConfig(handshakeTimeout time.Duration) *quic.Config {
 		KeepAlivePeriod:                2 * time.Second,
 		MaxIncomingStreams:             4096,
 		InitialStreamReceiveWindow:     1 << 20,
-		MaxStreamReceiveWindow:         connWindow,
+		MaxStreamReceiveWindow:         streamWindow,
 		InitialConnectionReceiveWindow: 2 << 20,
 		MaxConnectionReceiveWindow:     connWindow,
+		// Probes of stalled paths (stall.go) are datagrams. Packets start
+		// at QUIC's minimum, and path MTU discovery raises them as far as
+		// the path allows: a new connection works on a path whose MTU
+		// shrank to 1280, where quic-go's default start (1280 bytes of
+		// UDP) would not.
+		EnableDatagrams:   true,
+		InitialPacketSize: 1200,
 	}
 }
 
@@ -361,6 +377,10 @@ func newMux(pc net.PacketConn, relay *Relay, opts Options, tune tuning) (m *Mux,
 		done:    make(chan struct{}),
 	}
 	m.qc.MaxIncomingStreams = int64(opts.MaxStreams)
+	if opts.MaxPacketSize != 0 {
+		m.qc.InitialPacketSize = uint16(min(max(opts.MaxPacketSize, 1200), 1452))
+		m.qc.DisablePathMTUDiscovery = true
+	}
 	m.flows.memory = opts.FlowMemory
 	if m.main, err = m.newEndpoint(pc, false, ""); err != nil {
 		return nil, err
@@ -638,11 +658,14 @@ func (m *Mux) closeLater(code quic.ApplicationErrorCode, why string, conns ...*q
 	if len(conns) == 0 {
 		return
 	}
-	m.wg.Go(func() {
+	closeAll := func() {
 		for _, c := range conns {
 			c.CloseWithError(code, why)
 		}
-	})
+	}
+	if !m.goUnlessQuit(closeAll) {
+		go closeAll() // Run is closing everything: nobody waits for these
+	}
 }
 
 // screen drops the candidates of in that no peer should send to (see

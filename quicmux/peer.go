@@ -15,6 +15,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"sfkit-proxy/config"
 	"sfkit-proxy/identity"
 	"sfkit-proxy/quicmux/header"
 	"sfkit-proxy/stun"
@@ -39,6 +40,11 @@ type peer struct {
 	answerCh     chan struct{} // one of our checks was answered
 	relaySending atomic.Bool   // checks through the relay are being sent
 	growing      atomic.Bool   // members are being opened
+	// poolCap, when not zero, is as many connections as the peer took
+	// before it refused one (its --conns-per-peer may be smaller than
+	// ours): the pool grows no further until the primary changes, so
+	// that refused handshakes do not eat the peer's handshake rate.
+	poolCap atomic.Int32
 	// answersOut are answers to the peer's checks, for sendAnswers.
 	answersOut chan checkAnswer
 
@@ -51,15 +57,21 @@ type peer struct {
 	// the connection is kept until it ends.
 	gone bool
 	// boot is the peer's boot id from its last hello, 0 before one.
-	boot       uint64
+	boot uint64
+	// stopped: it left the registry or Run ends; no connection is
+	// installed any more.
+	stopped    bool
 	cands      candidates
 	pool       pool
 	path       pathState
 	lastErr    error
 	repairs    uint64        // paths repaired
 	lastRepair time.Duration // how long the last repair took
-	traffic    map[PathKind]*traffic
-	rates      rates
+	// lostWhy is why the path was last lost (stall, dead, lost), for the
+	// repair that follows; repairWhy is the last repair's.
+	lostWhy, repairWhy string
+	traffic            map[PathKind]*traffic
+	rates              rates
 }
 
 // link is a QUIC connection to a peer and what it runs over.
@@ -85,6 +97,16 @@ type link struct {
 	// idleSince is when a member last carried nothing (dialer; guarded
 	// by its peer's mu).
 	idleSince time.Time
+	// read counts the bytes read on its streams, for the stall watch;
+	// echoes are the nonces of the peer's answers to its probes (stall.go).
+	read   atomic.Uint64
+	echoes chan uint64
+}
+
+// newLink is conn as a link made on ep.
+func newLink(conn *quic.Conn, ep *endpoint, primary *link) *link {
+	return &link{conn: conn, ep: ep, since: time.Now(), local: addrPortOf(conn.LocalAddr()), remote: addrPortOf(conn.RemoteAddr()),
+		primary: primary, echoes: make(chan uint64, 4)}
 }
 
 func (m *Mux) newPeer(cancel context.CancelFunc, in PeerInfo) *peer {
@@ -119,6 +141,7 @@ func (p *peer) setInfoLocked(in PeerInfo) {
 // caller to close once it has let go of the locks.
 func (p *peer) stopLocked() []*link {
 	p.cancel()
+	p.stopped = true
 	ls := p.pool.all()
 	p.pool = pool{limit: p.pool.limit}
 	return ls
@@ -189,15 +212,41 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 	// spread again and the dialer opens what the flows need.
 	dialer := m.opts.PID < p.pid
 	var settle <-chan time.Time
+	// The stall watch (stall.go), per connection of the pool.
+	watches := make(map[*link]*stallWatch)
+	probes := make(chan probeResult, config.MaxConnsPerPeer)
 	for {
 		select {
+		case r := <-probes:
+			w := watches[r.l]
+			if w != nil {
+				w.probing = false
+			}
+			if w == nil || r.echoed || r.l.conn.Context().Err() != nil {
+				continue
+			}
+			err := fmt.Errorf("%w: no progress for %v, and no full-size probe (%d bytes) answered: the path's MTU may have shrunk",
+				errPathStalled, time.Since(w.since).Round(time.Second), r.size)
+			p.log.Warn("path stalled: no progress, and full-size packets unanswered; reconnecting", "err", err, "addr", l.remote,
+				"packet_size", r.size)
+			m.count.pathStalls.Add(1)
+			p.mu.Lock()
+			all := p.pool.live()
+			p.mu.Unlock()
+			p.dropLink(l, err, evLost)
+			m.closeLater(codeStalled, "path stalled", conns(all)...)
+			if m.opts.OnPathLost != nil {
+				m.opts.OnPathLost()
+			}
+			return
 		case now := <-live.C:
+			p.watchStalls(ctx, now, watches, probes)
 			if n := l.conn.ConnectionStats().PacketsReceived; n != lastPackets {
 				lastPackets, lastHeard = n, now
 			} else if now.Sub(lastHeard) >= m.tune.pathDeadAfter {
 				// The close itself may wait on the dead path: the repair
 				// begins first.
-				err := fmt.Errorf("path dead: nothing heard for %v", now.Sub(lastHeard).Round(time.Second))
+				err := fmt.Errorf("%w: nothing heard for %v", errPathDead, now.Sub(lastHeard).Round(time.Second))
 				p.log.Warn("path lost; tunnelled connections wait for a new one", "err", err)
 				p.dropLink(l, err, evLost)
 				m.closeLater(codePathDead, "path dead", l.conn)
@@ -568,18 +617,25 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 // and then closes.
 func (p *peer) installConn(ctx context.Context, conn *quic.Conn, ep *endpoint) {
 	m := p.m
-	l := &link{conn: conn, ep: ep, since: time.Now(), local: addrPortOf(conn.LocalAddr()), remote: addrPortOf(conn.RemoteAddr())}
+	l := newLink(conn, ep, nil)
 	p.mu.Lock()
+	if p.stopped {
+		p.mu.Unlock()
+		m.closeLater(codeShutdown, "peer left the registry", conn)
+		return
+	}
 	kind := p.kindLocked(l)
 	via := p.viaLocked(l)
 	l.tr = p.trafficLocked(kind)
 	var repaired time.Duration
 	p.path, repaired = p.path.next(evConnected, kind, time.Now())
 	old, closing := p.pool.replace(l)
+	p.poolCap.Store(0)
 	p.lastErr = nil
 	if repaired > 0 {
 		p.repairs++
 		p.lastRepair = repaired
+		p.repairWhy = p.lostWhy
 	}
 	p.mu.Unlock()
 	m.closeLater(codeReplaced, "replaced by a newer connection", conns(closing)...)
@@ -588,11 +644,13 @@ func (p *peer) installConn(ctx context.Context, conn *quic.Conn, ep *endpoint) {
 		m.wg.Go(func() { p.drain(ctx, old) })
 	}
 	if repaired > 0 {
-		p.log.Info("path repaired", "after", repaired.Round(time.Millisecond), "via", kind, "addr", l.remote, "flows", m.flows.of(p.pid).count())
+		p.log.Info("path repaired", "after", repaired.Round(time.Millisecond), "via", kind, "addr", l.remote, "flows", m.flows.of(p.pid).count(),
+			"reason", p.repairWhy)
 	} else {
 		p.log.Info("peer connected", "path", kind, "addr", l.remote, "via", via, "rtt", conn.ConnectionStats().SmoothedRTT)
 	}
 	m.wg.Go(func() { m.serveStreams(ctx, p.pid, l) })
+	m.wg.Go(func() { serveDatagrams(ctx, l) })
 	if m.opts.PID < p.pid {
 		m.wg.Go(func() { m.sayHello(ctx, p, l) })
 	}
@@ -635,6 +693,15 @@ func (p *peer) dropLink(l *link, err error, ev pathEvent) {
 	closing := p.pool.takeMembers()
 	p.path, _ = p.path.next(ev, PathNone, time.Now())
 	p.lastErr = err
+	var app *quic.ApplicationError
+	switch {
+	case errors.Is(err, errPathStalled), errors.As(err, &app) && app.Remote && app.ErrorCode == codeStalled:
+		p.lostWhy = "stall"
+	case errors.Is(err, errPathDead):
+		p.lostWhy = "dead"
+	default:
+		p.lostWhy = "lost"
+	}
 	p.mu.Unlock()
 	p.m.closeLater(codeReplaced, "path lost", conns(closing)...)
 	p.m.changed.broadcast()

@@ -2,6 +2,7 @@ package quicmux
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -238,7 +239,11 @@ func (p *peer) grow(ctx context.Context, primary *link) {
 	for range config.MaxConnsPerPeer {
 		flows := m.flows.of(p.pid).count()
 		p.mu.Lock()
-		want := min(m.opts.ConnsPerPeer, max(flows, 1)) - len(p.pool.live())
+		have := len(p.pool.live())
+		want := min(m.opts.ConnsPerPeer, max(flows, 1)) - have
+		if c := int(p.poolCap.Load()); c > 0 {
+			want = min(want, c-have)
+		}
 		pin, current := p.info.Pin, p.pool.primary == primary
 		p.mu.Unlock()
 		if want <= 0 || !current || ctx.Err() != nil {
@@ -249,7 +254,7 @@ func (p *peer) grow(ctx context.Context, primary *link) {
 			ep = m.main // it migrated off our relay
 		}
 		var wg sync.WaitGroup
-		var failed atomic.Bool
+		var failed, refused atomic.Bool
 		for range want {
 			wg.Go(func() {
 				dctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
@@ -261,6 +266,8 @@ func (p *peer) grow(ctx context.Context, primary *link) {
 				if err != nil {
 					p.log.Debug("pool connection not opened", "err", err)
 					failed.Store(true)
+					var te *quic.TransportError
+					refused.Store(errors.As(err, &te) && te.Remote) // the peer's handshake said no
 					return
 				}
 				p.log.Debug("pool connection opened", "handshake", time.Since(start).Round(time.Microsecond))
@@ -271,7 +278,14 @@ func (p *peer) grow(ctx context.Context, primary *link) {
 		}
 		wg.Wait()
 		if failed.Load() {
-			return // the next flow tries again
+			// The next flow tries again, unless the peer refused: then
+			// no more than it took, until the primary changes.
+			if refused.Load() {
+				p.mu.Lock()
+				p.poolCap.Store(int32(len(p.pool.live())))
+				p.mu.Unlock()
+			}
+			return
 		}
 	}
 }
@@ -279,8 +293,7 @@ func (p *peer) grow(ctx context.Context, primary *link) {
 // installMember adds conn to p's pool, if primary is still p's connection.
 func (p *peer) installMember(ctx context.Context, primary *link, conn *quic.Conn, ep *endpoint) bool {
 	m := p.m
-	l := &link{conn: conn, ep: ep, since: time.Now(), local: addrPortOf(conn.LocalAddr()),
-		remote: addrPortOf(conn.RemoteAddr()), primary: primary}
+	l := newLink(conn, ep, primary)
 	p.mu.Lock()
 	if primary == nil || p.pool.primary != primary || len(p.pool.members) >= p.pool.limit-1 {
 		p.mu.Unlock()
@@ -296,6 +309,7 @@ func (p *peer) installMember(ctx context.Context, primary *link, conn *quic.Conn
 	m.closeLater(codeReplaced, "too many replaced connections still open", conns(evicted)...)
 	m.changed.broadcast()
 	m.wg.Go(func() { m.serveStreams(ctx, p.pid, l) })
+	m.wg.Go(func() { serveDatagrams(ctx, l) })
 	m.wg.Go(func() {
 		select {
 		case <-conn.Context().Done():
@@ -327,9 +341,7 @@ func (p *peer) shrink(now time.Time) {
 		}
 	}
 	p.mu.Unlock()
-	for _, l := range idle {
-		l.conn.CloseWithError(codeIdle, "idle pool connection")
-	}
+	p.m.closeLater(codeIdle, "idle pool connection", conns(idle)...)
 }
 
 // poolChanged tells p's loop that a flow was attached or the pool changed.

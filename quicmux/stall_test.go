@@ -55,3 +55,63 @@ func TestNoStallAcrossPeers(t *testing.T) {
 	let()
 	checkY()
 }
+
+// TestStalledPathIsReplaced: the path's MTU shrinks under the packet size
+// the connection found (every larger packet lost both ways, small ones
+// passing, no ICMP). The stall watch notices, a full-size probe goes
+// unanswered, the connection is dropped, and the transfer that was
+// running completes on a new one whose packets fit.
+func TestStalledPathIsReplaced(t *testing.T) {
+	udp, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	network := testkit.NewFilterConn(udp)
+	x := startPartyConf(t, 0, partyConf{allow: allowAll, pc: network})
+	y := startParty(t, 1, nil, allowAll)
+	introduce(x, y)
+	echo := testkit.Echo(t)
+	roundTrip(t, x.m, 1, echo, 1<<20) // the packet size grows to what loopback carries
+	wait := honestTransfer(x.m, 1, echo, 32<<20)
+	time.Sleep(100 * time.Millisecond)
+	network.MaxSize(y.m.LocalAddr(), 1250) // an IPv4 MTU of 1278
+	if err := wait(); err != nil {
+		t.Fatalf("the transfer across the shrinking MTU: %v", err)
+	}
+	stalls := x.m.Stats().PathStalls + y.m.Stats().PathStalls
+	if stalls == 0 {
+		t.Error("the transfer completed, but no stalled path was noticed")
+	}
+	for _, ps := range []PeerStats{peerStats(x.m, 1), peerStats(y.m, 0)} {
+		if ps.LastRepairReason != "stall" {
+			t.Errorf("party %d's last repair: reason %q; want stall", ps.PID, ps.LastRepairReason)
+		}
+	}
+	roundTrip(t, x.m, 1, echo, 1<<20) // and a new one, on the shrunk path
+}
+
+// TestMaxPacketSize: with MaxPacketSize set, no packet is larger, though
+// the path would carry more (on loopback path MTU discovery reaches 1452
+// bytes). The packets are seen at the far end, behind a filtering socket
+// (on which quic-go itself discovers nothing and stays at 1200).
+func TestMaxPacketSize(t *testing.T) {
+	for _, tt := range []struct {
+		max, wantMore, wantAtMost int
+	}{{1300, 1200, 1300}, {0, 1300, 1452}} {
+		udp, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		network := testkit.NewFilterConn(udp)
+		x := startPartyConf(t, 0, partyConf{allow: allowAll, pc: network})
+		y := startPartyWith(t, 1, nil, allowAll, func(o *Options) { o.MaxPacketSize = tt.max })
+		introduce(x, y)
+		echo := testkit.Echo(t)
+		for range 20 {
+			roundTrip(t, x.m, 1, echo, 256<<10)
+		}
+		if n := network.Largest(); n > tt.wantAtMost || n <= tt.wantMore {
+			t.Errorf("MaxPacketSize %d: largest packet %d bytes; want more than %d, at most %d", tt.max, n, tt.wantMore, tt.wantAtMost)
+		}
+	}
+}

@@ -64,9 +64,13 @@ type PeerStats struct {
 	Traffic            []PathTraffic
 	// StateSince is when the state began (repairing: when the path died).
 	StateSince time.Time
-	// Repairs counts paths repaired; LastRepair is how long the last took.
-	Repairs    uint64
-	LastRepair time.Duration
+	// Repairs counts paths repaired; LastRepair is how long the last took,
+	// LastRepairReason why its path was lost: stall (no progress while
+	// packets came, stall.go), dead (nothing heard) or lost (the
+	// connection's own error).
+	Repairs          uint64
+	LastRepair       time.Duration
+	LastRepairReason string
 }
 
 // Stats is a snapshot of the mux.
@@ -79,7 +83,9 @@ type Stats struct {
 	// FlowsMoved counts flows moved between a peer's connections (pool.go);
 	// PoolConnsOpened counts pool members opened or accepted.
 	FlowsMoved, PoolConnsOpened uint64
-	FlowsReset                  map[string]uint64 // by reason (ResetReason's String)
+	// PathStalls counts paths dropped as stalled (stall.go).
+	PathStalls uint64
+	FlowsReset map[string]uint64 // by reason (ResetReason's String)
 }
 
 // counters are the mux-wide event counts.
@@ -89,6 +95,7 @@ type counters struct {
 	checksSent, checksAnswered atomic.Uint64
 	flowsResumed, flowsMoved   atomic.Uint64
 	poolOpened                 atomic.Uint64
+	pathStalls                 atomic.Uint64
 	flowResets                 [numResetReasons]atomic.Uint64
 }
 
@@ -153,6 +160,7 @@ func (m *Mux) Stats() Stats {
 		ChecksSent: m.count.checksSent.Load(), ChecksAnswered: m.count.checksAnswered.Load(),
 		FlowsResumed: m.count.flowsResumed.Load(), FlowsReset: map[string]uint64{},
 		FlowsMoved: m.count.flowsMoved.Load(), PoolConnsOpened: m.count.poolOpened.Load(),
+		PathStalls: m.count.pathStalls.Load(),
 	}
 	for why := ResetByPeer; why < numResetReasons; why++ {
 		if n := m.count.flowResets[why].Load(); n > 0 {
@@ -175,7 +183,7 @@ func (p *peer) stats(now time.Time) PeerStats {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ps := PeerStats{PID: p.pid, State: p.path.state, StateSince: p.path.since,
-		Repairs: p.repairs, LastRepair: p.lastRepair, Waiting: waiting}
+		Repairs: p.repairs, LastRepair: p.lastRepair, LastRepairReason: p.repairWhy, Waiting: waiting}
 	if p.lastErr != nil {
 		ps.LastError = p.lastErr.Error()
 	}
@@ -212,10 +220,11 @@ func (m *Mux) UpdateStatus(s *status.Status) {
 	c.ChecksSent, c.ChecksAnswered = st.ChecksSent, st.ChecksAnswered
 	c.FlowsResumed, c.FlowsReset = st.FlowsResumed, st.FlowsReset
 	c.FlowsMoved, c.PoolConnsOpened = st.FlowsMoved, st.PoolConnsOpened
+	c.PathStalls = st.PathStalls
 	for _, p := range st.Peers {
 		sp := status.Peer{PID: p.PID, State: p.State.String(), Via: p.Via, RTTMillis: float64(p.RTT.Microseconds()) / 1000,
 			OpenConns: p.OpenConns, QUICConns: p.QUICConns, WaitingConns: p.Waiting, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv,
-			LastError: p.LastError, Repairs: p.Repairs, LastRepairSeconds: p.LastRepair.Seconds(),
+			LastError: p.LastError, Repairs: p.Repairs, LastRepairSeconds: p.LastRepair.Seconds(), LastRepairReason: p.LastRepairReason,
 			Rate: status.Rates{CurrentSent: p.RateSent, CurrentReceived: p.RateRecv, AverageSent: p.AvgSent,
 				AverageReceived: p.AvgRecv, MaxSent: p.MaxSent, MaxReceived: p.MaxRecv}}
 		if p.Path != PathNone {

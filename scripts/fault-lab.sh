@@ -14,6 +14,8 @@
 #   the dialing party's router gets a new WAN address
 #   all UDP dropped for 10 s, then for 30 s (60 s with FAULT_LONG=1)
 #   the registry down for 20 s
+#   the path's MTU shrinks to 1280 under a live transfer (a black hole for
+#   full-size packets), then a new transfer on the shrunk path
 #   an idle connection across NAT mappings that time out after 10 s
 #   the peer's sidecar stopped: the application sees a reset (ECONNRESET),
 #   not a hang and not an end of stream; new connections work once it is back
@@ -109,6 +111,20 @@ run "all UDP dropped for $LONG_DROP s" \
 	"ip netns exec $r0 iptables -I FORWARD 1 -p udp -j DROP" "$LONG_DROP" "ip netns exec $r0 iptables -D FORWARD -p udp -j DROP"
 run "the registry down for 20 s" \
 	"pkill -f -- '--listen 203.0.113.10:8080' || true" 20 "start_registry"
+
+# The path's MTU shrinks under the packet size QUIC found (a VPN comes up,
+# a route changes): every full-size packet is lost, in both directions,
+# while keepalives and acknowledgements, small, still pass. The side whose
+# writes go unanswered probes with a full-size datagram, gets no echo,
+# and drops the connection; the flows resume on a new one, whose packets
+# grow only as far as the path now allows.
+mtu() { ip -n "$r0" link set wan mtu "$1" && ip -n "$r1" link set wan mtu "$1"; }
+stalls() { cat "$DIR/p0.log" "$DIR/p1.log" | grep -c 'msg="path stalled' || true; }
+STALLS=$(stalls)
+run "the path's MTU shrinks to 1280" "mtu 1280"
+if [ "$(stalls)" -gt "$STALLS" ]; then pass; else fail "no stalled path was noticed when the MTU shrank"; fi
+run "a new transfer on the shrunk path" true
+mtu 1500
 
 # An idle connection across NAT mappings that time out after 10 s: the
 # keepalives hold them (and a lost one is repaired).

@@ -116,7 +116,7 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		AllowPort: cfg.Allows, OwnPort: config.PortsOf(own...).Contains,
 		WaitPort: cfg.Waits, LocalWait: cfg.TunnelWait,
 		Virtual: cfg.PeersCIDR, ResumeTimeout: cfg.ResumeTimeout,
-		ConnsPerPeer: cfg.ConnsPerPeer,
+		ConnsPerPeer: cfg.ConnsPerPeer, MaxPacketSize: cfg.MaxPacketSize,
 		// A dead path may be a new NAT mapping: ask STUN now, so that a
 		// change is published at once.
 		OnPathLost: func() {

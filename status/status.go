@@ -64,6 +64,10 @@ type Peer struct {
 	// Repairs counts paths repaired; LastRepairSeconds is how long the last took.
 	Repairs           uint64  `json:"repairs"`
 	LastRepairSeconds float64 `json:"last_repair_seconds,omitempty"`
+	// LastRepairReason is why the path was lost before the last repair:
+	// stall (no progress while packets came: a shrunk MTU), dead (nothing
+	// heard for 5 s) or lost (the connection ended with an error).
+	LastRepairReason string `json:"last_repair_reason,omitempty"`
 }
 
 // Rates in bytes per second.
@@ -104,6 +108,10 @@ type Counters struct {
 	// connections opened (dialer) or accepted.
 	FlowsMoved      uint64 `json:"flows_moved"`
 	PoolConnsOpened uint64 `json:"pool_conns_opened"`
+	// PathStalls counts paths dropped because they carried nothing though
+	// packets arrived, and a full-size probe got no answer (the path's MTU
+	// shrank under QUIC's packet size).
+	PathStalls uint64 `json:"path_stalls"`
 }
 
 // PingResult is what POST /v1/ping returns.

@@ -18,10 +18,10 @@ func TestJSONNames(t *testing.T) {
 			ConnectedSince: &at, OpenConns: 1, QUICConns: 2, WaitingConns: 3, BytesSent: 4, BytesReceived: 5,
 			Rate:      Rates{CurrentSent: 1, CurrentReceived: 2, AverageSent: 3, AverageReceived: 4, MaxSent: 5, MaxReceived: 6},
 			LastError: "e", Traffic: []PathTraffic{{Path: "direct", Conns: 1, BytesSent: 2, BytesReceived: 3}},
-			StateSince: &at, Repairs: 1, LastRepairSeconds: 0.5}},
+			StateSince: &at, Repairs: 1, LastRepairSeconds: 0.5, LastRepairReason: "stall"}},
 		Counters: Counters{DialsOK: 1, DialsFailed: 2, AcceptsOK: 3, AcceptsRejected: 4, ChecksSent: 5, ChecksAnswered: 6,
 			SOCKS: map[string]uint64{"peer/ok": 7}, FlowsResumed: 8, FlowsReset: map[string]uint64{"timeout": 9},
-			FlowsMoved: 10, PoolConnsOpened: 11},
+			FlowsMoved: 10, PoolConnsOpened: 11, PathStalls: 12},
 	}
 	const want = `{"study":"s","pid":1,"virtual_addr":"10.0.0.1","socks":"127.0.0.1:7080","external_addr":"192.0.2.1:4000","nat":"cone",` +
 		`"registry":{"url":"https://r","reachable":true,"published":true,"last_error":"e"},` +
@@ -30,9 +30,9 @@ func TestJSONNames(t *testing.T) {
 		`"connected_since":"2025-01-02T03:04:05Z","open_conns":1,"quic_conns":2,"waiting_conns":3,"bytes_sent":4,"bytes_received":5,` +
 		`"rate":{"current_sent":1,"current_received":2,"average_sent":3,"average_received":4,"max_sent":5,"max_received":6},` +
 		`"last_error":"e","traffic":[{"path":"direct","conns":1,"bytes_sent":2,"bytes_received":3}],` +
-		`"state_since":"2025-01-02T03:04:05Z","repairs":1,"last_repair_seconds":0.5}],` +
+		`"state_since":"2025-01-02T03:04:05Z","repairs":1,"last_repair_seconds":0.5,"last_repair_reason":"stall"}],` +
 		`"counters":{"dials_ok":1,"dials_failed":2,"accepts_ok":3,"accepts_rejected":4,"checks_sent":5,"checks_answered":6,` +
-		`"socks":{"peer/ok":7},"flows_resumed":8,"flows_reset":{"timeout":9},"flows_moved":10,"pool_conns_opened":11}}`
+		`"socks":{"peer/ok":7},"flows_resumed":8,"flows_reset":{"timeout":9},"flows_moved":10,"pool_conns_opened":11,"path_stalls":12}}`
 	b, err := json.Marshal(s)
 	if err != nil {
 		t.Fatal(err)

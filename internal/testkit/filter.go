@@ -8,21 +8,53 @@ import (
 
 // FilterConn is a UDP socket as a test double of the network beyond it,
 // in the manner of wireguard-go's bindtest: per remote address it drops
-// packets both ways (a firewall that blocks UDP), or holds every write
-// until released (a stalled network, or a kernel queue that never drains).
+// packets both ways (a firewall that blocks UDP), drops those larger than
+// a size both ways (a path whose MTU shrank, with no ICMP), or holds every
+// write until released (a stalled network, or a kernel queue that never
+// drains).
 // Everything else passes. The code under test gets it where it takes a
 // net.PacketConn; no production struct carries a knob for it.
 type FilterConn struct {
 	net.PacketConn
 
-	mu      sync.Mutex // guards dropped, stalled
+	mu      sync.Mutex // guards dropped, stalled, maxSize, largest
+	largest int        // the largest packet written or read
 	dropped map[netip.AddrPort]bool
 	stalled map[netip.AddrPort]<-chan struct{}
+	maxSize map[netip.AddrPort]int
 }
 
 // NewFilterConn wraps pc; it passes everything until told otherwise.
 func NewFilterConn(pc net.PacketConn) *FilterConn {
-	return &FilterConn{PacketConn: pc, dropped: make(map[netip.AddrPort]bool), stalled: make(map[netip.AddrPort]<-chan struct{})}
+	return &FilterConn{PacketConn: pc, dropped: make(map[netip.AddrPort]bool), stalled: make(map[netip.AddrPort]<-chan struct{}),
+		maxSize: make(map[netip.AddrPort]int)}
+}
+
+// MaxSize drops every packet to and from ap larger than n bytes of UDP
+// payload; zero lifts it.
+func (f *FilterConn) MaxSize(ap netip.AddrPort, n int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if n == 0 {
+		delete(f.maxSize, ap)
+	} else {
+		f.maxSize[ap] = n
+	}
+}
+
+// Largest is the size of the largest packet written or read so far.
+func (f *FilterConn) Largest() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.largest
+}
+
+// passes reports whether a packet of n bytes to or from ap goes through.
+func (f *FilterConn) passes(ap netip.AddrPort, n int) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	max := f.maxSize[ap]
+	return !f.dropped[ap] && (max == 0 || n <= max)
 }
 
 // Drop drops every packet to and from ap while on.
@@ -52,23 +84,24 @@ func addrPort(a net.Addr) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-// WriteTo sends b to addr unless addr is dropped; it waits first while
+// WriteTo sends b to addr unless the filter drops it; it waits first while
 // addr is stalled.
 func (f *FilterConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	ap := addrPort(addr)
 	f.mu.Lock()
-	drop, release := f.dropped[ap], f.stalled[ap]
+	release := f.stalled[ap]
+	f.largest = max(f.largest, len(b))
 	f.mu.Unlock()
 	if release != nil {
 		<-release
 	}
-	if drop {
+	if !f.passes(ap, len(b)) {
 		return len(b), nil
 	}
 	return f.PacketConn.WriteTo(b, addr)
 }
 
-// ReadFrom returns the next packet that is not from a dropped address.
+// ReadFrom returns the next packet the filter lets through.
 func (f *FilterConn) ReadFrom(b []byte) (int, net.Addr, error) {
 	for {
 		n, addr, err := f.PacketConn.ReadFrom(b)
@@ -76,9 +109,9 @@ func (f *FilterConn) ReadFrom(b []byte) (int, net.Addr, error) {
 			return n, addr, err
 		}
 		f.mu.Lock()
-		drop := f.dropped[addrPort(addr)]
+		f.largest = max(f.largest, n)
 		f.mu.Unlock()
-		if !drop {
+		if f.passes(addrPort(addr), n) {
 			return n, addr, nil
 		}
 	}
