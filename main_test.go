@@ -14,7 +14,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -29,6 +28,7 @@ import (
 
 	"sfkit-proxy/admin"
 	"sfkit-proxy/config"
+	"sfkit-proxy/demo"
 	"sfkit-proxy/internal/testkit"
 	"sfkit-proxy/metadata"
 	"sfkit-proxy/metadata/metadatatest"
@@ -252,38 +252,10 @@ func fetchVia(t *testing.T, socksAddr netip.AddrPort, u string) (int64, string, 
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	c := socksClient(socksAddr)
+	c := demo.SOCKSClient(socksAddr)
 	defer c.CloseIdleConnections()
-	n, sum, err := fetch(ctx, c, u)
+	n, sum, err := demo.Fetch(ctx, c, u)
 	return n, hex.EncodeToString(sum[:]), err
-}
-
-// socksClient is an HTTP client whose connections go through the SOCKS
-// proxy at socksAddr, names resolved there (socks5h).
-func socksClient(socksAddr netip.AddrPort) *http.Client {
-	proxy := &url.URL{Scheme: "socks5h", Host: socksAddr.String()}
-	return &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(proxy)}, Timeout: time.Minute}
-}
-
-// fetch GETs u and returns its length and SHA-256.
-func fetch(ctx context.Context, c *http.Client, u string) (int64, [32]byte, error) {
-	var sum [32]byte
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return 0, sum, err
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		return 0, sum, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return 0, sum, fmt.Errorf("http %s", resp.Status)
-	}
-	h := sha256.New()
-	n, err := io.Copy(h, resp.Body)
-	copy(sum[:], h.Sum(nil))
-	return n, sum, err
 }
 
 func TestRegistryOutageKeepsTunnels(t *testing.T) {

@@ -160,14 +160,14 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var total int64
 	var totalTime time.Duration
 	for a := range ps {
-		client := socksClient(socksAddrs[a])
+		client := SOCKSClient(socksAddrs[a])
 		for b, pb := range ps {
 			if a == b {
 				continue
 			}
 			u := fmt.Sprintf("http://%s:%d/data", config.VirtualAddr(netip.MustParsePrefix("10.0.0.0/24"), b), pb.port)
 			start := time.Now()
-			n, sum, err := fetch(gctx, client, u)
+			n, sum, err := Fetch(gctx, client, u)
 			el := time.Since(start)
 			status := "ok"
 			switch {
@@ -186,7 +186,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		client.CloseIdleConnections()
 	}
 	// A port that party 1 does not allow must be refused before any data.
-	_, _, err = fetch(gctx, socksClient(socksAddrs[0]), "http://10.0.0.1:1/")
+	_, _, err = Fetch(gctx, SOCKSClient(socksAddrs[0]), "http://10.0.0.1:1/")
 	refused := err != nil
 	fmt.Fprintf(stdout, "party 0 -> 10.0.0.1:1 (not in party 1's --allow-ports): refused=%v\n", refused)
 	if !refused {
@@ -200,13 +200,15 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
-func socksClient(socksAddr netip.AddrPort) *http.Client {
+// SOCKSClient is an HTTP client whose connections go through the SOCKS
+// proxy at socksAddr, names resolved there (socks5h).
+func SOCKSClient(socksAddr netip.AddrPort) *http.Client {
 	proxy := &url.URL{Scheme: "socks5h", Host: socksAddr.String()}
 	return &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(proxy)}, Timeout: time.Minute}
 }
 
-// fetch GETs u and returns its length and SHA-256.
-func fetch(ctx context.Context, c *http.Client, u string) (int64, [32]byte, error) {
+// Fetch GETs u and returns its length and SHA-256.
+func Fetch(ctx context.Context, c *http.Client, u string) (int64, [32]byte, error) {
 	var sum [32]byte
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {

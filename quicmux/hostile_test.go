@@ -165,13 +165,7 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 	echo := halfCloseEcho(t)
 	source := localServer(t, func(c net.Conn) { c.Write(make([]byte, 8<<20)) })
 	sink := localServer(t, func(c net.Conn) { time.Sleep(time.Minute) })
-	x := startPartyWith(t, 5, nil, allowAll, func(o *Options) { o.MaxFlows = maxFlows })
-	y := startParty(t, 6, nil, allowAll)
-	h := newHostilePeer(t, 4, x)
-	x.m.SetPeers([]PeerInfo{x.info, y.info, h.info})
-	y.m.SetPeers([]PeerInfo{x.info, y.info})
-	testkit.Eventually(t, "party 4 known", func() bool { return peerOf(x.m, 4) != nil })
-	roundTrip(t, y.m, 5, echo, 1000)
+	x, y, h := hostileScene(t, echo, func(o *Options) { o.MaxFlows = maxFlows })
 	honest := honestTransfer(y.m, 5, echo, 8<<20)
 
 	// Connection churn: each new connection replaces the last, which holds
@@ -240,15 +234,25 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 	held = append(held, str)
 	before, recvd := heapInUse(), peerStats(x.m, 4).BytesRecv
 	tiny := bytes.Repeat([]byte{0x01, 0, 0, 0, 1, 'x'}, 1<<20+1)
-	str.SetWriteDeadline(time.Now().Add(20 * time.Second))
-	if _, err := str.Write(tiny); err != nil {
+	wire := len(tiny)
+	// More than the stream's window: the write ends only as the target
+	// takes the frames in, a million of them (slow under the race
+	// detector, on a machine running other tests).
+	wrote := make(chan error, 1)
+	go func() {
+		str.SetWriteDeadline(time.Now().Add(2 * time.Minute))
+		_, err := str.Write(tiny)
+		wrote <- err
+	}()
+	for deadline := time.Now().Add(2 * time.Minute); peerStats(x.m, 4).BytesRecv-recvd < uint64(wire-256<<10); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the target took in %d of %d bytes of tiny frames in 2 minutes", peerStats(x.m, 4).BytesRecv-recvd, wire)
+		}
+	}
+	if err := <-wrote; err != nil {
 		t.Fatalf("tiny frames: %v", err)
 	}
-	wire := len(tiny)
 	tiny = nil
-	testkit.Eventually(t, "the target took in the tiny frames, up to its bound", func() bool {
-		return peerStats(x.m, 4).BytesRecv-recvd >= uint64(wire-256<<10)
-	})
 	if grew := heapInUse() - before; grew > 4*int64(wire) {
 		t.Errorf("%d bytes of tiny frames (%d on the wire) grew the heap by %d bytes; want at most %d",
 			1<<20+1, wire, grew, 4*wire)
@@ -297,6 +301,21 @@ func TestHostileMemberIsBudgeted(t *testing.T) {
 	if _, st := h.connect(qc, echo); st != header.StatusOK {
 		t.Errorf("after its flows ended: %v; want %v", st, header.StatusOK)
 	}
+}
+
+// hostileScene is a target x (party 5, with adjust), an honest peer y
+// (party 6) connected to it and echoing through it, and a hostile member
+// h (party 4) that x knows.
+func hostileScene(t *testing.T, echo uint16, adjust func(*Options)) (x, y *testParty, h *hostilePeer) {
+	t.Helper()
+	x = startPartyWith(t, 5, nil, allowAll, adjust)
+	y = startParty(t, 6, nil, allowAll)
+	h = newHostilePeer(t, 4, x)
+	x.m.SetPeers([]PeerInfo{x.info, y.info, h.info})
+	y.m.SetPeers([]PeerInfo{x.info, y.info})
+	testkit.Eventually(t, "party 4 known", func() bool { return peerOf(x.m, 4) != nil })
+	roundTrip(t, y.m, 5, echo, 1000)
+	return x, y, h
 }
 
 // heapInUse is the heap in use after a collection.
@@ -366,13 +385,7 @@ func TestHostileMemberIsBoundedInBytes(t *testing.T) {
 	)
 	echo := halfCloseEcho(t)
 	sink, accepted := stingySink(t)
-	x := startPartyWith(t, 5, nil, allowAll, func(o *Options) { o.FlowMemory = budget })
-	y := startParty(t, 6, nil, allowAll)
-	h := newHostilePeer(t, 4, x)
-	x.m.SetPeers([]PeerInfo{x.info, y.info, h.info})
-	y.m.SetPeers([]PeerInfo{x.info, y.info})
-	testkit.Eventually(t, "party 4 known", func() bool { return peerOf(x.m, 4) != nil })
-	roundTrip(t, y.m, 5, echo, 1000)
+	x, y, h := hostileScene(t, echo, func(o *Options) { o.FlowMemory = budget })
 
 	before, files := heapInUse(), openFiles(t)
 	honest := honestTransfer(y.m, 5, echo, 8<<20)
