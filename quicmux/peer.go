@@ -465,6 +465,11 @@ func (p *peer) dialBest(ctx context.Context, start time.Time) bool {
 			ep = m.relay
 		}
 		conn, err := p.dial(ctx, ep, pk.to)
+		if err != nil && ctx.Err() == nil && handshakeTimedOut(err) {
+			// The pair answered a check a moment ago: small packets pass.
+			err = fmt.Errorf("%w (connectivity checks are answered, but no QUIC handshake completes: "+
+				"packets of 1,200 bytes do not pass; a path MTU below 1,228, QUIC's minimum, is the likely cause)", err)
+		}
 		p.mu.Lock()
 		if err != nil {
 			p.cands.failed(pk.to, pk.via, time.Now())
@@ -483,6 +488,14 @@ func (p *peer) dialBest(ctx context.Context, start time.Time) bool {
 		return true
 	}
 	return false
+}
+
+// handshakeTimedOut reports whether a dial failed for want of an answer
+// to its handshake (not a refusal, not a bad key).
+func handshakeTimedOut(err error) bool {
+	var hto *quic.HandshakeTimeoutError
+	var idle *quic.IdleTimeoutError
+	return errors.As(err, &hto) || errors.As(err, &idle) || errors.Is(err, context.DeadlineExceeded)
 }
 
 // maxAnswers bounds the pairs one round dials: checks go to at most

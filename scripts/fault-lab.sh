@@ -15,7 +15,8 @@
 #   all UDP dropped for 10 s, then for 30 s (60 s with FAULT_LONG=1)
 #   the registry down for 20 s
 #   the path's MTU shrinks to 1280 under a live transfer (a black hole for
-#   full-size packets), then a new transfer on the shrunk path
+#   full-size packets), then a new transfer on the shrunk path, then an MTU
+#   below QUIC's minimum for 45 s (the log names it as the likely cause)
 #   an idle connection across NAT mappings that time out after 10 s
 #   the peer's sidecar stopped: the application sees a reset (ECONNRESET),
 #   not a hang and not an end of stream; new connections work once it is back
@@ -124,6 +125,12 @@ STALLS=$(stalls)
 run "the path's MTU shrinks to 1280" "mtu 1280"
 if [ "$(stalls)" -gt "$STALLS" ]; then pass; else fail "no stalled path was noticed when the MTU shrank"; fi
 run "a new transfer on the shrunk path" true
+# Below QUIC's minimum (1,200 bytes of UDP: an MTU of 1,228) no
+# connection can be made at all; the tunnels wait, and the log names the
+# MTU as the likely cause. Once the MTU is back, they resume.
+run "the path's MTU below QUIC's minimum for 45 s" "mtu 1100" 45 "mtu 1500"
+if cat "$DIR/p0.log" | grep 'no path to peer yet' | grep -q 'path MTU below 1,228'; then pass
+else fail "no log line named the MTU while it was below QUIC's minimum"; fi
 mtu 1500
 
 # An idle connection across NAT mappings that time out after 10 s: the
