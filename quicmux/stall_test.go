@@ -1,6 +1,8 @@
 package quicmux
 
 import (
+	"context"
+	"encoding/binary"
 	"net"
 	"sync"
 	"testing"
@@ -113,5 +115,42 @@ func TestMaxPacketSize(t *testing.T) {
 		if n := network.Largest(); n > tt.wantAtMost || n <= tt.wantMore {
 			t.Errorf("MaxPacketSize %d: largest packet %d bytes; want more than %d, at most %d", tt.max, n, tt.wantMore, tt.wantAtMost)
 		}
+	}
+}
+
+// TestProbesAreRateLimited: a member that floods the target with probes
+// (9-byte datagrams the target answers full-size) gets at most
+// echoesPerSec answers a second on a connection: its own connection is
+// all it can aim them at, and they cost the target little.
+func TestProbesAreRateLimited(t *testing.T) {
+	x := startParty(t, 5, nil, allowAll)
+	h := newHostilePeer(t, 4, x)
+	x.m.SetPeers([]PeerInfo{x.info, h.info})
+	testkit.Eventually(t, "party 4 known", func() bool { return peerOf(x.m, 4) != nil })
+	qc := h.dial()
+	start := time.Now()
+	for i := range 2000 {
+		qc.SendDatagram(binary.BigEndian.AppendUint64([]byte{dgProbe}, uint64(i)))
+		if i%100 == 99 {
+			time.Sleep(10 * time.Millisecond) // the sender's queue drains
+		}
+	}
+	echoes := 0
+	ctx := ctxTimeout(t, 3*time.Second)
+	for {
+		b, err := qc.ReceiveDatagram(ctx)
+		if err != nil {
+			break
+		}
+		if len(b) >= 9 && b[0] == dgEcho {
+			echoes++
+		}
+	}
+	secs := time.Since(start).Seconds()
+	if limit := int(echoesPerSec * (secs + 1)); echoes == 0 || echoes > limit {
+		t.Errorf("%d probes in %.1f s got %d echoes; want between 1 and %d", 2000, secs, echoes, limit)
+	}
+	if qc.Context().Err() != nil || peerStats(x.m, 4).State != StateDirect {
+		t.Errorf("after the flood the member's connection is %v, the target says %v; want it kept", context.Cause(qc.Context()), peerStats(x.m, 4).State)
 	}
 }
