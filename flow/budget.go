@@ -44,9 +44,6 @@ func (b *Budget) Used() int {
 	return b.used
 }
 
-// Limit is the budget's size.
-func (b *Budget) Limit() int { return b.limit }
-
 // take takes n bytes for c if the budget has them; if not, it remembers c,
 // to wake it once some are given back. It is called with c's lock held.
 func (b *Budget) take(c *Conn, n int) bool {

@@ -437,9 +437,7 @@ func (m *Mux) resumed(pid int, req header.Request, str *quic.Stream, l *link) {
 		e.log.Info("flow resumed by peer")
 	}
 	e.c.Attach(m.flowStream(str, l), req.Rcvd)
-	if p := m.peer(pid); p != nil {
-		p.poolChanged()
-	}
+	m.poolChanged(pid)
 }
 
 // resetFlows resets every flow with pid but those opened on keep (nil for

@@ -79,8 +79,12 @@ type link struct {
 	conn *quic.Conn
 	ep   *endpoint // the local endpoint it was made on
 	// local and remote are read once, when the link is made: quic-go's
-	// Conn.LocalAddr and RemoteAddr race with a path switch.
+	// Conn.LocalAddr, RemoteAddr and ConnectionState race with a path
+	// switch. pin is the peer's key pin; datagrams, whether both ends take
+	// datagrams (stall probes).
 	local, remote netip.AddrPort
+	pin           string
+	datagrams     bool
 	since         time.Time
 	tr            *traffic     // counters of its path kind when it was made
 	open          atomic.Int64 // tunnelled connections on it, to drain it gracefully
@@ -105,7 +109,9 @@ type link struct {
 
 // newLink is conn as a link made on ep.
 func newLink(conn *quic.Conn, ep *endpoint, primary *link) *link {
+	cs := conn.ConnectionState()
 	return &link{conn: conn, ep: ep, since: time.Now(), local: addrPortOf(conn.LocalAddr()), remote: addrPortOf(conn.RemoteAddr()),
+		pin: identity.PinOf(cs.TLS.PeerCertificates[0]), datagrams: cs.SupportsDatagrams.Local && cs.SupportsDatagrams.Remote,
 		primary: primary, echoes: make(chan uint64, 4)}
 }
 
@@ -230,11 +236,8 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 			p.log.Warn("path stalled: no progress, and full-size packets unanswered; reconnecting", "err", err, "addr", l.remote,
 				"packet_size", r.size)
 			m.count.pathStalls.Add(1)
-			p.mu.Lock()
-			all := p.pool.live()
-			p.mu.Unlock()
-			p.dropLink(l, err, evLost)
-			m.closeLater(codeStalled, "path stalled", conns(all)...)
+			p.dropLink(l, err, evLost) // and closes the members, r.l among them
+			m.closeLater(codeStalled, "path stalled", l.conn)
 			if m.opts.OnPathLost != nil {
 				m.opts.OnPathLost()
 			}
@@ -290,7 +293,7 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 			return
 		case <-p.infoCh:
 			p.mu.Lock()
-			restarted := p.info.Instance != inst || identity.PinOf(l.conn.ConnectionState().TLS.PeerCertificates[0]) != p.info.Pin
+			restarted := p.info.Instance != inst || l.pin != p.info.Pin
 			p.mu.Unlock()
 			if restarted {
 				p.log.Info("peer restarted; reconnecting")

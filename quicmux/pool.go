@@ -347,6 +347,13 @@ func (p *peer) shrink(now time.Time) {
 // poolChanged tells p's loop that a flow was attached or the pool changed.
 func (p *peer) poolChanged() { notify(p.poolCh) }
 
+// poolChanged tells party pid's loop, if it is registered.
+func (m *Mux) poolChanged(pid int) {
+	if p := m.peer(pid); p != nil {
+		p.poolChanged()
+	}
+}
+
 // conns are the QUIC connections of ls.
 func conns(ls []*link) []*quic.Conn {
 	out := make([]*quic.Conn, len(ls))

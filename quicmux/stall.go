@@ -88,7 +88,7 @@ func stallAfter(rtt time.Duration) time.Duration { return max(stallAfterMin, sta
 // in time, and how large they were. A connection without datagrams (an
 // older peer) counts as echoed: it cannot be told apart from backpressure.
 func probe(ctx context.Context, l *link) (echoed bool, size int) {
-	if !l.conn.ConnectionState().SupportsDatagrams.Remote {
+	if !l.datagrams {
 		return true, 0
 	}
 	nonce := rand.Uint64()
@@ -139,7 +139,7 @@ func sendFull(conn *quic.Conn, kind byte, nonce uint64) (int, error) {
 // serveDatagrams answers the peer's probes on l, at most echoesPerSec,
 // and hands echoes of ours to l's probe, until l closes.
 func serveDatagrams(ctx context.Context, l *link) {
-	if !l.conn.ConnectionState().SupportsDatagrams.Local {
+	if !l.datagrams {
 		return
 	}
 	var window time.Time

@@ -55,9 +55,7 @@ func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*flow.Conn, error
 	e.c.Attach(m.flowStream(str, l), 0)
 	e.attached()
 	log.Info("tunnel opened")
-	if p := m.peer(pid); p != nil {
-		p.poolChanged()
-	}
+	m.poolChanged(pid)
 	return e.c, nil
 }
 
@@ -345,9 +343,7 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 	e.c.Attach(m.flowStream(str, l), 0)
 	e.attached()
 	e.log.Info("tunnel opened")
-	if p := m.peer(pid); p != nil {
-		p.poolChanged()
-	}
+	m.poolChanged(pid)
 	e.local.Store(tcp) // reset before this, Splice resets it at once
 	splice.Splice(tcp, e.c)
 }
