@@ -24,12 +24,13 @@ unit:
 
 # Real NATs in network namespaces (skips, saying so, when not root): direct
 # paths through cone NATs, relayed ones through symmetric NATs and blocked
-# UDP, sfkit as it is (its command line, its website's relay), faults under
+# UDP (through TURN, and through a peer with no TURN server), sfkit as it is (its command line, its website's relay), faults under
 # live transfers (rebinding NATs, lost UDP, relays dying, peers stopping),
 # then parallel connections on a long lossy path (the WAN lab, lean).
 e2e: build
 	scripts/nat-lab.sh ./$(BIN)
 	scripts/relay-lab.sh ./$(BIN)
+	scripts/peer-relay-lab.sh ./$(BIN)
 	scripts/sfkit-lab.sh ./$(BIN)
 	scripts/fault-lab.sh ./$(BIN)
 	scripts/wan-lab.sh ./$(BIN)

@@ -118,7 +118,11 @@ func PrintStatus(w io.Writer, s status.Status) {
 		ext = "unknown (" + s.STUN.LastError + ")"
 	}
 	fmt.Fprintf(w, "party %d of study %s at %s; socks %s\n", s.PID, s.Study, s.VirtualAddr, s.SOCKS)
-	fmt.Fprintf(w, "external %s, NAT %s; registry %s\n\n", ext, s.NAT, reg)
+	relay := "peer relay off"
+	if s.PeerRelay.Enabled {
+		relay = fmt.Sprintf("peer relay on, relaying %d sessions (%s so far)", s.PeerRelay.Sessions, bytesText(float64(s.PeerRelay.BytesForwarded)))
+	}
+	fmt.Fprintf(w, "external %s, NAT %s; registry %s; %s\n\n", ext, s.NAT, reg, relay)
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "PEER\tSTATE\tREMOTE\tRTT\tCONNS\tQUIC\tWAITING\tSENT\tRECEIVED\tRATE OUT (now/avg/max)\tRATE IN (now/avg/max)\tLAST ERROR")
 	for _, p := range s.Peers {

@@ -29,6 +29,12 @@ var (
 	descResumed     = prometheus.NewDesc("sfkit_proxy_flows_resumed_total", "Tunnelled TCP connections carried on over a new QUIC connection after their path died.", nil, nil)
 	descMoved       = prometheus.NewDesc("sfkit_proxy_flows_moved_total", "Tunnelled TCP connections moved between the QUIC connections of a peer's pool.", nil, nil)
 	descStalls      = prometheus.NewDesc("sfkit_proxy_path_stalls_total", "Paths dropped because they carried nothing though packets arrived, and a full-size probe got no answer (a path MTU that shrank).", nil, nil)
+	descRaises      = prometheus.NewDesc("sfkit_proxy_packet_size_raises_total", "Connections replaced because the path carried larger packets again (its MTU grew back).", nil, nil)
+	descPeerPacket  = prometheus.NewDesc("sfkit_proxy_peer_packet_size_bytes", "The largest QUIC packet sent to the peer now, in bytes of UDP payload (path MTU discovery).", []string{"peer"}, nil)
+	descRelaySess   = prometheus.NewDesc("sfkit_proxy_peer_relay_sessions", "Sessions this party relays for other parties now.", nil, nil)
+	descRelayBytes  = prometheus.NewDesc("sfkit_proxy_peer_relay_bytes_total", "Bytes this party relayed for other parties.", nil, nil)
+	descRelayDrops  = prometheus.NewDesc("sfkit_proxy_peer_relay_dropped_total", "Relayed packets dropped: over the rate, a full queue, an unknown session or a sender that is not its end.", nil, nil)
+	descRelayRefuse = prometheus.NewDesc("sfkit_proxy_peer_relay_refused_total", "Relay sessions refused.", nil, nil)
 	descPoolOpened  = prometheus.NewDesc("sfkit_proxy_pool_conns_opened_total", "QUIC connections added to peers' pools.", nil, nil)
 	descPeerQUIC    = prometheus.NewDesc("sfkit_proxy_peer_quic_conns", "QUIC connections to the peer (its pool).", []string{"peer"}, nil)
 	descPeerWaiting = prometheus.NewDesc("sfkit_proxy_peer_waiting_connections", "The peer's tunnelled connections waiting for a local program to listen on their port.", []string{"peer"}, nil)
@@ -68,6 +74,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(descPeerState, v, pid, st)
 		}
 		gauge(descPeerRTT, p.RTTMillis/1000, pid)
+		if p.PacketSize > 0 {
+			gauge(descPeerPacket, float64(p.PacketSize), pid)
+		}
 		counter(descRepairs, p.Repairs, pid)
 		gauge(descLastRepair, p.LastRepairSeconds, pid)
 	}
@@ -94,6 +103,11 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descMoved, k.FlowsMoved)
 	counter(descPoolOpened, k.PoolConnsOpened)
 	counter(descStalls, k.PathStalls)
+	counter(descRaises, k.PacketSizeRaises)
+	gauge(descRelaySess, float64(s.PeerRelay.Sessions))
+	counter(descRelayBytes, s.PeerRelay.BytesForwarded)
+	counter(descRelayDrops, s.PeerRelay.Dropped)
+	counter(descRelayRefuse, s.PeerRelay.Refused)
 	for _, why := range slices.Sorted(maps.Keys(k.FlowsReset)) {
 		counter(descFlowResets, k.FlowsReset[why], why)
 	}

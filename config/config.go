@@ -103,6 +103,12 @@ type Sidecar struct {
 	// bytes of UDP payload instead of discovering the path's MTU: for
 	// networks known to carry less than they say.
 	MaxPacketSize int
+	// NoPeerRelay turns peer relays off (--peer-relay off): this party
+	// neither relays for the study's others nor is reached through them.
+	NoPeerRelay bool
+	// PeerRelayRate bounds the bytes per second this party relays for
+	// others, all together.
+	PeerRelayRate int
 	// Forwards are local listeners carried to peers (--forward, and with
 	// --mpc-forward the peers' listening ports of the MPC config).
 	Forwards []Forward
@@ -141,7 +147,10 @@ func (c *Sidecar) Website() bool { return c.Registry.Scheme == "ws" || c.Registr
 // choice), never more than MaxConnsPerPeer (an acceptor refuses more).
 const (
 	DefaultConnsPerPeer = 8
-	MaxConnsPerPeer     = 32
+	// DefaultPeerRelayRate is what a party relays for others by default,
+	// in bytes per second (32 MiB/s).
+	DefaultPeerRelayRate = 32 << 20
+	MaxConnsPerPeer      = 32
 )
 
 // DefaultTunnelWait is how long a CONNECT to a peer waits for its tunnel
@@ -206,6 +215,8 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		dialTO   = fs.Duration("dial-timeout", DefaultTunnelWait, "how long a connection to a peer waits for its tunnel, and a peer's connection to a waiting port (-mpc's, --wait-ports) for its local listener")
 		resumeTO = fs.Duration("resume-timeout", flow.DefaultResumeTimeout, "how long a tunnelled connection waits for its path to come back before it is reset")
 		maxPkt   = fs.Int("max-packet-size", 0, "fix QUIC packets at this many bytes of UDP payload (1200 to 1452; MTU minus 28 on IPv4, minus 48 on IPv6) instead of discovering what the path carries: for VPNs, tunnels and paths that drop large UDP packets; 0 discovers")
+		pRelay   = fs.String("peer-relay", "on", "on: parties of the study with no direct path between them reach each other through a party that reaches both (it sees only ciphertext), and this party relays for them; off: neither")
+		pRelayBW = fs.Int("peer-relay-max-bps", DefaultPeerRelayRate, "bytes per second this party relays for the others, all of them together (shared equally among them)")
 		connsPer = fs.Int("conns-per-peer", DefaultConnsPerPeer, fmt.Sprintf("at most this many QUIC connections to each peer (1 to %d): parallel tunnelled connections get their own, so their own congestion control", MaxConnsPerPeer))
 		mpcFwd   = fs.Bool("mpc-forward", false, "with -mpc, also listen on the peers' listening ports (127.0.0.1:port+t), for programs that ignore ALL_PROXY")
 		verbose  countFlag
@@ -361,6 +372,16 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	}
 	if c.MaxPacketSize = *maxPkt; c.MaxPacketSize != 0 && (c.MaxPacketSize < 1200 || c.MaxPacketSize > 1452) {
 		bad("--max-packet-size %d: want 1200 to 1452 bytes (QUIC's minimum to what a 1500-byte MTU carries), or 0 to discover", c.MaxPacketSize)
+	}
+	switch *pRelay {
+	case "on":
+	case "off":
+		c.NoPeerRelay = true
+	default:
+		bad("--peer-relay %q: want on or off", *pRelay)
+	}
+	if c.PeerRelayRate = *pRelayBW; c.PeerRelayRate < 64<<10 {
+		bad("--peer-relay-max-bps %d: want at least 65536 (64 KiB/s); turn relaying off with --peer-relay off", c.PeerRelayRate)
 	}
 	if c.ConnsPerPeer = *connsPer; c.ConnsPerPeer < 1 || c.ConnsPerPeer > MaxConnsPerPeer {
 		bad("--conns-per-peer %d: want 1 to %d (1 carries every tunnelled connection to a peer on one QUIC connection)", c.ConnsPerPeer, MaxConnsPerPeer)

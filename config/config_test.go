@@ -115,6 +115,8 @@ func TestParseSidecarErrors(t *testing.T) {
 		{"too many connections per peer", append(required, "--conns-per-peer", "33"), "--conns-per-peer 33: want 1 to 32"},
 		{"a packet size below QUIC's minimum", append(required, "--max-packet-size", "1100"), "--max-packet-size 1100: want 1200 to 1452"},
 		{"a packet size past what Ethernet carries", append(required, "--max-packet-size", "1500"), "--max-packet-size 1500: want 1200 to 1452"},
+		{"peer relay neither on nor off", append(required, "--peer-relay", "yes"), `--peer-relay "yes": want on or off`},
+		{"a peer relay rate of nothing", append(required, "--peer-relay-max-bps", "0"), "--peer-relay-max-bps 0: want at least 65536"},
 		{"unknown flag", append(required, "--nope"), "flag provided but not defined: -nope (sfkit-proxy -h lists the flags)"},
 	}
 	for _, tt := range tests {

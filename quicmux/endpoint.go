@@ -26,7 +26,10 @@ type endpoint struct {
 	conn   net.PacketConn
 	tr     *quic.Transport
 	ln     *quic.Listener
-	stun   *stun.Client
+	stun   *stun.Client // nil on a session
+	// session, when not nil, is the peer relay session the endpoint runs
+	// on (peerrelay.go): its connections are with session.peer only.
+	session *sessionEnd
 }
 
 // newEndpoint runs a QUIC transport and listener on conn. It does not
@@ -136,6 +139,9 @@ func (m *Mux) acceptLoop(ctx context.Context, ep *endpoint) error {
 		}
 		cs := conn.ConnectionState().TLS
 		p, member, err := m.claimed(cs.ServerName, identity.PinOf(cs.PeerCertificates[0]))
+		if err == nil && ep.session != nil && p.pid != ep.session.peer {
+			err = fmt.Errorf("party %d dialled through a session with party %d", p.pid, ep.session.peer)
+		}
 		if err != nil {
 			m.count.acceptsRejected.Add(1)
 			m.closeLater(codeRejected, "unknown peer", conn)

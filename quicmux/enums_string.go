@@ -33,11 +33,12 @@ func _() {
 	_ = x[PathNone-0]
 	_ = x[PathDirect-1]
 	_ = x[PathRelayed-2]
+	_ = x[PathPeerRelayed-3]
 }
 
-const _PathKind_name = "nonedirectrelayed"
+const _PathKind_name = "nonedirectrelayedpeer-relayed"
 
-var _PathKind_index = [...]uint8{0, 4, 10, 17}
+var _PathKind_index = [...]uint8{0, 4, 10, 17, 29}
 
 func (i PathKind) String() string {
 	idx := int(i) - 0

@@ -156,6 +156,13 @@ type Options struct {
 	// MaxPacketSize, when not zero, fixes QUIC packets at this many bytes
 	// of UDP payload (1200 to 1452) instead of discovering the path's MTU.
 	MaxPacketSize int
+	// NoPeerRelay turns peer relays off (peerrelay.go): this party neither
+	// relays for others nor is reached through one.
+	NoPeerRelay bool
+	// PeerRelayRate bounds the bytes per second this party relays for
+	// others, shared equally among the peers with sessions; zero means
+	// config.DefaultPeerRelayRate.
+	PeerRelayRate int
 }
 
 // populate fills in the documented defaults: the one place they live.
@@ -205,6 +212,9 @@ func (o *Options) populate() error {
 	if o.ResumeTimeout == 0 {
 		o.ResumeTimeout = flow.DefaultResumeTimeout
 	}
+	if o.PeerRelayRate == 0 {
+		o.PeerRelayRate = config.DefaultPeerRelayRate
+	}
 	if o.ConnsPerPeer == 0 {
 		o.ConnsPerPeer = config.DefaultConnsPerPeer
 	}
@@ -238,9 +248,13 @@ type Mux struct {
 	main  *endpoint
 	relay *endpoint // nil without a relay
 	qc    *quic.Config
-	quiet *quietLog // warnings that strangers can provoke
-	guard *handshakeGuard
-	boot  uint64 // this run's id, told to peers in hellos
+	// qcRelayed is qc for connections through a peer relay: packets fixed
+	// at QUIC's minimum.
+	qcRelayed *quic.Config
+	prelay    peerRelays
+	quiet     *quietLog // warnings that strangers can provoke
+	guard     *handshakeGuard
+	boot      uint64 // this run's id, told to peers in hellos
 
 	updates chan []PeerInfo  // latest registry view, for Run
 	relayQ  chan relayChecks // rounds of checks for relaySender
@@ -382,6 +396,10 @@ func newMux(pc net.PacketConn, relay *Relay, opts Options, tune tuning) (m *Mux,
 		m.qc.DisablePathMTUDiscovery = true
 	}
 	m.flows.memory = opts.FlowMemory
+	qr := *m.qc
+	qr.InitialPacketSize, qr.DisablePathMTUDiscovery = 1200, true
+	m.qcRelayed = &qr
+	m.prelay = peerRelays{relayed: map[sessionID]*relaySession{}, ends: map[sessionID]*sessionEnd{}, limiters: map[int]*source{}}
 	if m.main, err = m.newEndpoint(pc, false, ""); err != nil {
 		return nil, err
 	}
@@ -497,6 +515,7 @@ loop:
 		select {
 		case now := <-tick.C:
 			m.sample(now)
+			m.reshare(now)
 		case <-ctx.Done():
 			break loop
 		case <-m.closing:

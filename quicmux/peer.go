@@ -72,6 +72,9 @@ type peer struct {
 	lostWhy, repairWhy string
 	traffic            map[PathKind]*traffic
 	rates              rates
+	// nextViaPeer: no session through a peer relay is asked for before
+	// this (dialer).
+	nextViaPeer time.Time
 }
 
 // link is a QUIC connection to a peer and what it runs over.
@@ -202,7 +205,7 @@ func (p *peer) run(ctx context.Context) {
 func (p *peer) keep(ctx context.Context, l *link, inst string) {
 	m := p.m
 	var directChecks <-chan time.Time
-	if p.kindOf(l) == PathRelayed {
+	if p.kindOf(l) != PathDirect {
 		t := time.NewTicker(time.Second)
 		defer t.Stop()
 		directChecks = t.C
@@ -221,8 +224,22 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 	// The stall watch (stall.go), per connection of the pool.
 	watches := make(map[*link]*stallWatch)
 	probes := make(chan probeResult, config.MaxConnsPerPeer)
+	// Trials of larger packets (stall.go), by the dialer, unless packets
+	// are fixed.
+	rg := newRegrow(l.since)
+	regrowOn := dialer && m.opts.MaxPacketSize == 0 && l.ep.session == nil
+	trials := make(chan trialResult, 1)
 	for {
 		select {
+		case r := <-trials:
+			rg.done(time.Now())
+			if r.err != nil || r.got < r.size+packetGain {
+				p.log.Debug("no larger packets on the path", "packet_size", r.size, "trial", r.got, "err", r.err, "next_in", rg.wait)
+				continue
+			}
+			if p.raisePackets(ctx, l, r) {
+				return
+			}
 		case r := <-probes:
 			w := watches[r.l]
 			if w != nil {
@@ -244,6 +261,11 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 			return
 		case now := <-live.C:
 			p.watchStalls(ctx, now, watches, probes)
+			if regrowOn {
+				if size := packetSize(l.conn); rg.due(now, size) {
+					m.wg.Go(func() { trials <- p.packetTrial(ctx, l, size) })
+				}
+			}
 			if n := l.conn.ConnectionStats().PacketsReceived; n != lastPackets {
 				lastPackets, lastHeard = n, now
 			} else if now.Sub(lastHeard) >= m.tune.pathDeadAfter {
@@ -354,6 +376,26 @@ func (p *peer) upgrade(ctx context.Context, l *link, to netip.AddrPort) {
 	p.installConn(ctx, conn, m.main)
 }
 
+// raisePackets replaces l, p's link, by a new connection on its path,
+// which a trial found to carry larger packets than l (r), and reports
+// whether it did.
+func (p *peer) raisePackets(ctx context.Context, l *link, r trialResult) bool {
+	m := p.m
+	ep := l.ep
+	if l.direct.Load() {
+		ep = m.main
+	}
+	conn, err := p.dial(ctx, ep, l.remote)
+	if err != nil {
+		p.log.Debug("no new connection for larger packets", "err", err)
+		return false
+	}
+	p.log.Info("path carries larger packets again; moving to a new connection", "packet_size", r.size, "found", r.got, "addr", l.remote)
+	m.count.packetRaises.Add(1)
+	p.installConn(ctx, conn, ep)
+	return true
+}
+
 // migrate switches l, p's connection, from the relay socket to the main one.
 func (p *peer) migrate(ctx context.Context, l *link) error {
 	path, err := l.conn.AddPath(p.m.main.tr)
@@ -448,6 +490,9 @@ func (p *peer) connect(ctx context.Context) {
 		if dialer && p.dialBest(ctx, start) {
 			return
 		}
+		if dialer && p.peerRelayDue(start) && p.dialViaPeers(ctx) {
+			return
+		}
 	}
 }
 
@@ -491,6 +536,25 @@ func (p *peer) dialBest(ctx context.Context, start time.Time) bool {
 		return true
 	}
 	return false
+}
+
+// peerRelayDue reports whether the dialer's search for a path that began
+// at start may try peer relays now: after RelayDelay when neither side has
+// a TURN relay, else once TURN has had its chance too (two handshake
+// timeouts more). Direct paths, then TURN, come first.
+func (p *peer) peerRelayDue(start time.Time) bool {
+	m := p.m
+	if m.opts.NoPeerRelay {
+		return false
+	}
+	p.mu.Lock()
+	turn := m.relay != nil || len(p.cands.relays()) > 0
+	p.mu.Unlock()
+	wait := m.opts.RelayDelay
+	if turn {
+		wait += 2 * m.opts.HandshakeTimeout
+	}
+	return time.Since(start) >= wait
 }
 
 // handshakeTimedOut reports whether a dial failed for want of an answer
@@ -597,6 +661,9 @@ func (p *peer) kindOf(l *link) PathKind {
 }
 
 func (p *peer) kindLocked(l *link) PathKind {
+	if l.ep.session != nil {
+		return PathPeerRelayed
+	}
 	if p.viaLocked(l) != "" {
 		return PathRelayed
 	}
@@ -608,6 +675,8 @@ func (p *peer) viaLocked(l *link) string {
 	switch {
 	case l.direct.Load():
 		return ""
+	case l.ep.session != nil:
+		return "peer " + strconv.Itoa(l.ep.session.via)
 	case l.ep.relay:
 		return l.ep.server
 	case p.cands.isRelay(l.remote):
@@ -666,7 +735,7 @@ func (p *peer) installConn(ctx context.Context, conn *quic.Conn, ep *endpoint) {
 		p.log.Info("peer connected", "path", kind, "addr", l.remote, "via", via, "rtt", conn.ConnectionStats().SmoothedRTT)
 	}
 	m.wg.Go(func() { m.serveStreams(ctx, p.pid, l) })
-	m.wg.Go(func() { serveDatagrams(ctx, l) })
+	m.wg.Go(func() { m.serveDatagrams(ctx, p.pid, l) })
 	if m.opts.PID < p.pid {
 		m.wg.Go(func() { m.sayHello(ctx, p, l) })
 	}

@@ -244,25 +244,17 @@ func (p *peer) grow(ctx context.Context, primary *link) {
 		if c := int(p.poolCap.Load()); c > 0 {
 			want = min(want, c-have)
 		}
-		pin, current := p.info.Pin, p.pool.primary == primary
+		current := p.pool.primary == primary
 		p.mu.Unlock()
 		if want <= 0 || !current || ctx.Err() != nil {
 			return
-		}
-		ep := primary.ep
-		if primary.direct.Load() {
-			ep = m.main // it migrated off our relay
 		}
 		var wg sync.WaitGroup
 		var failed, refused atomic.Bool
 		for range want {
 			wg.Go(func() {
-				dctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
-				defer cancel()
-				tc := m.clientTLS(p.pid, pin)
-				tc.ServerName = handshakeName(m.opts.PID, p.pid) + memberName
 				start := time.Now()
-				conn, err := ep.tr.Dial(dctx, addrOf(primary.remote), tc, m.qc)
+				conn, ep, err := p.dialMember(ctx, primary)
 				if err != nil {
 					p.log.Debug("pool connection not opened", "err", err)
 					failed.Store(true)
@@ -290,6 +282,25 @@ func (p *peer) grow(ctx context.Context, primary *link) {
 	}
 }
 
+// dialMember opens a pool member of primary, on the endpoint primary
+// runs on now.
+func (p *peer) dialMember(ctx context.Context, primary *link) (*quic.Conn, *endpoint, error) {
+	m := p.m
+	ep := primary.ep
+	if primary.direct.Load() {
+		ep = m.main // it migrated off our relay
+	}
+	p.mu.Lock()
+	pin := p.info.Pin
+	p.mu.Unlock()
+	dctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
+	defer cancel()
+	tc := m.clientTLS(p.pid, pin)
+	tc.ServerName = handshakeName(m.opts.PID, p.pid) + memberName
+	conn, err := ep.tr.Dial(dctx, addrOf(primary.remote), tc, m.qc)
+	return conn, ep, err
+}
+
 // installMember adds conn to p's pool, if primary is still p's connection.
 func (p *peer) installMember(ctx context.Context, primary *link, conn *quic.Conn, ep *endpoint) bool {
 	m := p.m
@@ -309,7 +320,7 @@ func (p *peer) installMember(ctx context.Context, primary *link, conn *quic.Conn
 	m.closeLater(codeReplaced, "too many replaced connections still open", conns(evicted)...)
 	m.changed.broadcast()
 	m.wg.Go(func() { m.serveStreams(ctx, p.pid, l) })
-	m.wg.Go(func() { serveDatagrams(ctx, l) })
+	m.wg.Go(func() { m.serveDatagrams(ctx, p.pid, l) })
 	m.wg.Go(func() {
 		select {
 		case <-conn.Context().Done():

@@ -136,9 +136,10 @@ func sendFull(conn *quic.Conn, kind byte, nonce uint64) (int, error) {
 	return len(b), conn.SendDatagram(b)
 }
 
-// serveDatagrams answers the peer's probes on l, at most echoesPerSec,
-// and hands echoes of ours to l's probe, until l closes.
-func serveDatagrams(ctx context.Context, l *link) {
+// serveDatagrams answers the probes of peer pid on l, at most
+// echoesPerSec, hands echoes of ours to l's probe, and relayed packets
+// to the peer relay (peerrelay.go), until l closes.
+func (m *Mux) serveDatagrams(ctx context.Context, pid int, l *link) {
 	if !l.datagrams {
 		return
 	}
@@ -167,6 +168,8 @@ func serveDatagrams(ctx context.Context, l *link) {
 			case l.echoes <- nonce:
 			default:
 			}
+		case dgRelay:
+			m.relayDatagram(pid, b)
 		}
 	}
 }
@@ -216,4 +219,126 @@ func (p *peer) watchStalls(ctx context.Context, now time.Time, watches map[*link
 			delete(watches, l)
 		}
 	}
+}
+
+// Packets that grow back. quic-go's path MTU discovery searches upward
+// once per connection and stops: a connection made while the path was
+// small (after a stall, on a VPN) keeps small packets after the path
+// grows again, each carrying up to a sixth less. So the dialer of a
+// direct link whose packets are short of full size tries, now and then, a
+// pool member on the same path, which discovers afresh (packetTrial).
+// When it finds packets larger by more than quic-go's own search step,
+// the path carries more again: the link is replaced by a new one, and its
+// flows move (a resume: nothing lost). Trials come 30 s after the link
+// was made, then doubling to 15 min apart; each costs one handshake and a
+// few probes.
+
+// Packet sizes, in bytes of UDP payload.
+const (
+	// fullPacket: quic-go searches up to 1,452 (a 1,500-byte MTU) and
+	// stops within 21 bytes of it.
+	fullPacket = 1452 - 21
+	// packetGain: a trial's packets must be this much larger to replace a
+	// link (more than quic-go's own search step, 20).
+	packetGain = 24
+	// datagramOverhead is what a packet holds beside the largest datagram
+	// quic-go takes (a type byte, a connection ID of up to 20 bytes, the
+	// 16-byte tag).
+	datagramOverhead = 37
+)
+
+// Trial timings.
+const (
+	regrowFirst = 30 * time.Second
+	regrowMax   = 15 * time.Minute
+	// trialSettle bounds how long a trial's discovery may take, at least
+	// trialSettleMin or trialSettleRTTs round trips (quic-go waits five
+	// round trips between its probes, and needs about four).
+	trialSettleMin  = 3 * time.Second
+	trialSettleRTTs = 40
+	trialSettleMax  = 30 * time.Second
+)
+
+// packetSize is the largest QUIC packet conn sends now, in bytes of UDP
+// payload, as its path MTU discovery has found it (QUIC's minimum until
+// it found more), or 0 when conn takes no datagrams. It asks quic-go for
+// the largest datagram it would take (a refusal sends nothing).
+func packetSize(conn *quic.Conn) int {
+	var big *quic.DatagramTooLargeError
+	if !errors.As(conn.SendDatagram(oversize[:]), &big) {
+		return 0
+	}
+	return int(big.MaxDatagramPayloadSize) + datagramOverhead
+}
+
+// oversize is larger than any datagram a packet holds (read only).
+var oversize [1500]byte
+
+// regrow schedules one link's packet-size trials.
+type regrow struct {
+	next   time.Time     // no trial before this
+	wait   time.Duration // between trials, doubling
+	trying bool          // one is out
+}
+
+func newRegrow(since time.Time) regrow {
+	return regrow{next: since.Add(regrowFirst), wait: regrowFirst}
+}
+
+// due reports whether to try larger packets now, for a link whose
+// packets are size bytes (0: unknown). Pure: the caller tries.
+func (r *regrow) due(now time.Time, size int) bool {
+	if r.trying || now.Before(r.next) || size == 0 || size >= fullPacket {
+		return false
+	}
+	r.trying = true
+	return true
+}
+
+// done takes a trial's end at now: the next is twice as far off.
+func (r *regrow) done(now time.Time) {
+	r.trying = false
+	r.wait = min(2*r.wait, regrowMax)
+	r.next = now.Add(r.wait)
+}
+
+// trialResult is how a trial of larger packets on l went.
+type trialResult struct {
+	l         *link
+	size, got int // l's packets, the trial's
+	err       error
+}
+
+// packetTrial opens a pool member beside primary, lets its path MTU
+// discovery run, and reports the packet size it found; the member closes
+// after, unless its packets are larger (then primary is replaced, and the
+// member with it).
+func (p *peer) packetTrial(ctx context.Context, primary *link, size int) trialResult {
+	r := trialResult{l: primary, size: size}
+	conn, ep, err := p.dialMember(ctx, primary)
+	if err != nil {
+		r.err = err
+		return r
+	}
+	if !p.installMember(ctx, primary, conn, ep) {
+		r.err = errors.New("the pool took no trial connection")
+		return r
+	}
+	settle := min(max(trialSettleMin, trialSettleRTTs*conn.ConnectionStats().SmoothedRTT), trialSettleMax)
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for end := time.Now().Add(settle); time.Now().Before(end) && r.got < fullPacket; {
+		select {
+		case <-ctx.Done():
+			return r
+		case <-conn.Context().Done():
+			return r
+		case <-t.C:
+			r.got = packetSize(conn)
+		}
+	}
+	if r.got < size+packetGain {
+		p.m.closeLater(codeIdle, "packet-size trial over", conn)
+	}
+	return r
 }

@@ -115,6 +115,16 @@ func TestMaxPacketSize(t *testing.T) {
 		if n := network.Largest(); n > tt.wantAtMost || n <= tt.wantMore {
 			t.Errorf("MaxPacketSize %d: largest packet %d bytes; want more than %d, at most %d", tt.max, n, tt.wantMore, tt.wantAtMost)
 		}
+		// What party 1 sends on its own UDP socket, as its stats say:
+		// fixed, or discovered up to a 1,500-byte MTU's worth.
+		want := func(n int) bool { return n == tt.max }
+		if tt.max == 0 {
+			want = func(n int) bool { return n >= fullPacket && n <= 1452 }
+		}
+		testkit.Eventually(t, "packet size in party 1's stats", func() bool {
+			st := y.m.Stats()
+			return len(st.Peers) == 1 && want(st.Peers[0].PacketSize)
+		})
 	}
 }
 

@@ -38,3 +38,39 @@ func TestStallWatch(t *testing.T) {
 		})
 	}
 }
+
+// TestRegrow: trials of larger packets begin regrowFirst after the link,
+// one at a time, then twice as far apart each time up to regrowMax; none
+// while packets are full size or of unknown size.
+func TestRegrow(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	r := newRegrow(t0)
+	if r.due(t0.Add(regrowFirst-time.Second), 1252) {
+		t.Fatal("a trial before regrowFirst")
+	}
+	now := t0.Add(regrowFirst)
+	if r.due(now, fullPacket) || r.due(now, 0) {
+		t.Fatal("a trial with full-size packets, or packets of unknown size")
+	}
+	if !r.due(now, 1252) {
+		t.Fatal("no trial at regrowFirst with small packets")
+	}
+	if r.due(now.Add(time.Hour), 1252) {
+		t.Fatal("a second trial while one is out")
+	}
+	wait := regrowFirst
+	for range 10 {
+		r.done(now)
+		wait = min(2*wait, regrowMax)
+		if r.due(now.Add(wait-time.Second), 1252) {
+			t.Fatalf("a trial %v after the last; want %v", wait-time.Second, wait)
+		}
+		now = now.Add(wait)
+		if !r.due(now, 1252) {
+			t.Fatalf("no trial %v after the last", wait)
+		}
+	}
+	if wait != regrowMax {
+		t.Fatalf("trials %v apart at last; want %v", wait, regrowMax)
+	}
+}

@@ -25,11 +25,13 @@ const (
 	PathNone    PathKind = iota // none
 	PathDirect                  // direct
 	PathRelayed                 // relayed
+	// PathPeerRelayed: through another party of the study (peerrelay.go).
+	PathPeerRelayed // peer-relayed
 )
 
 // connected is the state of a peer connected over a path of kind k.
 func (k PathKind) connected() State {
-	if k == PathRelayed {
+	if k == PathRelayed || k == PathPeerRelayed {
 		return StateRelayed
 	}
 	return StateDirect

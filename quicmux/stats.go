@@ -47,6 +47,9 @@ type PeerStats struct {
 	Via        string   // the relay, when relayed
 	RemoteAddr netip.AddrPort
 	RTT        time.Duration
+	// PacketSize is the largest QUIC packet its connection sends now, in
+	// bytes of UDP payload (0: unknown).
+	PacketSize int
 	Since      time.Time // connected since
 	OpenConns  int64
 	// Waiting counts its connections waiting for a local listener here.
@@ -83,8 +86,12 @@ type Stats struct {
 	// FlowsMoved counts flows moved between a peer's connections (pool.go);
 	// PoolConnsOpened counts pool members opened or accepted.
 	FlowsMoved, PoolConnsOpened uint64
-	// PathStalls counts paths dropped as stalled (stall.go).
-	PathStalls uint64
+	// PathStalls counts paths dropped as stalled (stall.go);
+	// PacketRaises, links replaced for larger packets once a path's MTU
+	// grew back.
+	PathStalls, PacketRaises uint64
+	// PeerRelay is what this party relays for others (peerrelay.go).
+	PeerRelay  status.PeerRelay
 	FlowsReset map[string]uint64 // by reason (ResetReason's String)
 }
 
@@ -95,7 +102,7 @@ type counters struct {
 	checksSent, checksAnswered atomic.Uint64
 	flowsResumed, flowsMoved   atomic.Uint64
 	poolOpened                 atomic.Uint64
-	pathStalls                 atomic.Uint64
+	pathStalls, packetRaises   atomic.Uint64
 	flowResets                 [numResetReasons]atomic.Uint64
 }
 
@@ -160,8 +167,14 @@ func (m *Mux) Stats() Stats {
 		ChecksSent: m.count.checksSent.Load(), ChecksAnswered: m.count.checksAnswered.Load(),
 		FlowsResumed: m.count.flowsResumed.Load(), FlowsReset: map[string]uint64{},
 		FlowsMoved: m.count.flowsMoved.Load(), PoolConnsOpened: m.count.poolOpened.Load(),
-		PathStalls: m.count.pathStalls.Load(),
+		PathStalls: m.count.pathStalls.Load(), PacketRaises: m.count.packetRaises.Load(),
 	}
+	r := &m.prelay
+	r.mu.Lock()
+	st.PeerRelay = status.PeerRelay{Enabled: !m.opts.NoPeerRelay, Sessions: len(r.relayed), Ends: len(r.ends),
+		RateLimit: m.opts.PeerRelayRate}
+	r.mu.Unlock()
+	st.PeerRelay.BytesForwarded, st.PeerRelay.Dropped, st.PeerRelay.Refused = r.forwarded.Load(), r.dropped.Load(), r.refused.Load()
 	for why := ResetByPeer; why < numResetReasons; why++ {
 		if n := m.count.flowResets[why].Load(); n > 0 {
 			st.FlowsReset[why.String()] = n
@@ -191,6 +204,7 @@ func (p *peer) stats(now time.Time) PeerStats {
 		ps.Path, ps.Via = p.kindLocked(l), p.viaLocked(l)
 		ps.RemoteAddr, ps.Since = l.remote, l.since
 		ps.RTT = l.conn.ConnectionStats().SmoothedRTT
+		ps.PacketSize = packetSize(l.conn)
 		ps.QUICConns = len(p.pool.live())
 	}
 	ps.BytesSent, ps.BytesRecv, ps.OpenConns = p.totalsLocked()
@@ -220,9 +234,10 @@ func (m *Mux) UpdateStatus(s *status.Status) {
 	c.ChecksSent, c.ChecksAnswered = st.ChecksSent, st.ChecksAnswered
 	c.FlowsResumed, c.FlowsReset = st.FlowsResumed, st.FlowsReset
 	c.FlowsMoved, c.PoolConnsOpened = st.FlowsMoved, st.PoolConnsOpened
-	c.PathStalls = st.PathStalls
+	c.PathStalls, c.PacketSizeRaises = st.PathStalls, st.PacketRaises
+	s.PeerRelay = st.PeerRelay
 	for _, p := range st.Peers {
-		sp := status.Peer{PID: p.PID, State: p.State.String(), Via: p.Via, RTTMillis: float64(p.RTT.Microseconds()) / 1000,
+		sp := status.Peer{PID: p.PID, State: p.State.String(), Via: p.Via, RTTMillis: float64(p.RTT.Microseconds()) / 1000, PacketSize: p.PacketSize,
 			OpenConns: p.OpenConns, QUICConns: p.QUICConns, WaitingConns: p.Waiting, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv,
 			LastError: p.LastError, Repairs: p.Repairs, LastRepairSeconds: p.LastRepair.Seconds(), LastRepairReason: p.LastRepairReason,
 			Rate: status.Rates{CurrentSent: p.RateSent, CurrentReceived: p.RateRecv, AverageSent: p.AvgSent,

@@ -281,6 +281,14 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 	case req.Kind == header.KindResume:
 		m.resumed(pid, req, str, l)
 		return
+	case req.Kind == header.KindRelay:
+		reply(header.Reply{Status: m.relayRequest(ctx, pid, int(req.Port), sessionOf(req))})
+		endStream(str)
+		return
+	case req.Kind == header.KindRelayOffer:
+		reply(header.Reply{Status: m.relayOffer(pid, int(req.Port), sessionOf(req))})
+		endStream(str)
+		return
 	case m.opts.OwnPort(req.Port):
 		m.quiet.warn("own:"+strconv.Itoa(pid), "peer asked for one of this sidecar's own ports (SOCKS, management API or a forward): refused",
 			"peer", pid, "port", req.Port)

@@ -15,8 +15,10 @@
 #   all UDP dropped for 10 s, then for 30 s (60 s with FAULT_LONG=1)
 #   the registry down for 20 s
 #   the path's MTU shrinks to 1280 under a live transfer (a black hole for
-#   full-size packets), then a new transfer on the shrunk path, then an MTU
-#   below QUIC's minimum for 45 s (the log names it as the likely cause)
+#   full-size packets; the transfer stands still 12 s at most), then a new
+#   transfer on the shrunk path, then the MTU back at 1500 (the packets grow
+#   back), then an MTU below QUIC's minimum for 45 s (the log names it as
+#   the likely cause)
 #   an idle connection across NAT mappings that time out after 10 s
 #   the peer's sidecar stopped: the application sees a reset (ECONNRESET),
 #   not a hang and not an end of stream; new connections work once it is back
@@ -52,7 +54,7 @@ for i in 0 1; do
 	router "$i" "$(ns "p$i")" cone
 	sidecar "$i"
 done
-spawn p1 "$DIR/source.log" "$DIR/faultpeer" -mode serve -bytes $((3 << 20)) -rate $((256 << 10))
+spawn p1 "$DIR/source.log" "$DIR/faultpeer" -mode serve -bytes $((12 << 20)) -rate $((256 << 10))
 wait_registered 2
 r0=$(ns r0)
 r1=$(ns r1)
@@ -60,13 +62,14 @@ r1=$(ns r1)
 # repairs: how many "path repaired" lines party 0 has logged so far.
 repairs() { grep -c 'msg="path repaired"' "$DIR/p0.log" || true; }
 
-# run NAME SETUP_AT_3S [UNDO_AFTER_SECONDS UNDO]: the paced pull and the
-# echo conversation, with SETUP (a shell command) 3 s in and UNDO after more.
+# run NAME SETUP_AT_3S [UNDO_AFTER_SECONDS UNDO]: the paced pull (3 MiB, or
+# $BYTES) and the echo conversation, with SETUP (a shell command) 3 s in
+# and UNDO after more.
 run() {
 	local name=$1 setup=$2 undo_after=${3:-} undo=${4:-} before out
 	before=$(repairs)
 	log "fault: $name"
-	ip netns exec "$(ns p0)" env ALL_PROXY=socks5://127.0.0.1:1080 "$DIR/faultpeer" -mode client -bytes $((3 << 20)) \
+	ip netns exec "$(ns p0)" env ALL_PROXY=socks5://127.0.0.1:1080 "$DIR/faultpeer" -mode client -bytes "${BYTES:-$((3 << 20))}" \
 		>"$DIR/client.out" 2>"$DIR/client.err" &
 	local client=$!
 	PIDS+=($client)
@@ -121,10 +124,32 @@ run "the registry down for 20 s" \
 # grow only as far as the path now allows.
 mtu() { ip -n "$r0" link set wan mtu "$1" && ip -n "$r1" link set wan mtu "$1"; }
 stalls() { cat "$DIR/p0.log" "$DIR/p1.log" | grep -c 'msg="path stalled' || true; }
+raises() { grep -c 'msg="path carries larger packets' "$DIR/p0.log" || true; }
 STALLS=$(stalls)
 run "the path's MTU shrinks to 1280" "mtu 1280"
 if [ "$(stalls)" -gt "$STALLS" ]; then pass; else fail "no stalled path was noticed when the MTU shrank"; fi
+# The bound (README): noticing takes 3 s without progress (8 round trips
+# on a long path) and the probes' 2.9 s; then a handshake and the resume.
+GAP=$(grep -o 'longest_gap=[0-9.]*' "$DIR/client.out" | cut -d= -f2)
+if awk -v g="${GAP:-99}" 'BEGIN { exit !(g <= 12) }'; then log "  the transfer stood still for ${GAP}s at most"; pass
+else fail "the transfer stood still for ${GAP:-?}s; the bound is 12 s"; fi
 run "a new transfer on the shrunk path" true
+# The MTU grows back: quic-go's discovery ran once on the connection made
+# while it was small, so a trial connection (30 s after the link, then
+# doubling) finds the larger packets and the link moves to a new one.
+# A longer transfer (12 MiB, 48 s) is under way when the link moves.
+RAISES=$(raises)
+wait_raise() {
+	local at
+	at=$(date +%s)
+	for _ in $(seq 120); do [ "$(raises)" -gt "$RAISES" ] && break; sleep 1; done
+	log "  packets checked $(($(date +%s) - at)) s after the MTU grew back: $(grep 'msg="path carries larger packets' "$DIR/p0.log" |
+		tail -1 | grep -o 'packet_size=[0-9]* found=[0-9]*' || echo none larger)"
+}
+BYTES=$((12 << 20)) run "the path's MTU back at 1500" "mtu 1500" 0 wait_raise
+if [ "$(raises)" -gt "$RAISES" ]; then pass; else fail "the packets did not grow back within 120 s of the MTU"; fi
+SIZE=$(inns p0 "$BIN" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["peers"][0].get("packet_size", 0))')
+if [ "$SIZE" -ge 1431 ]; then log "  status: packet_size $SIZE"; pass; else fail "status says packet_size $SIZE after the MTU grew back"; fi
 # Below QUIC's minimum (1,200 bytes of UDP: an MTU of 1,228) no
 # connection can be made at all; the tunnels wait, and the log names the
 # MTU as the likely cause. Once the MTU is back, they resume.

@@ -153,6 +153,16 @@ router() {
 	ip -n "$party" route add default via "192.168.$((10 + i)).1"
 }
 
+# public I PARTY_NS: party i on the internet itself, at 203.0.113.(20+i),
+# with no NAT and no firewall (a cloud VM with a public address).
+public() {
+	local i=$1 party=$2
+	veth "$(ns inet)" "$party" "p$i" eth0 "u$i"
+	inns inet ip link set "p$i" master br0 up
+	ip -n "$party" addr add "203.0.113.$((20 + i))/24" dev eth0
+	ip -n "$party" link set eth0 up
+}
+
 # services I: party i's file server and line echo on its loopback. FILE_GEN,
 # if set, is a command that writes the file to stdout instead of random bytes.
 services() {

@@ -117,6 +117,7 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		WaitPort: cfg.Waits, LocalWait: cfg.TunnelWait,
 		Virtual: cfg.PeersCIDR, ResumeTimeout: cfg.ResumeTimeout,
 		ConnsPerPeer: cfg.ConnsPerPeer, MaxPacketSize: cfg.MaxPacketSize,
+		NoPeerRelay: cfg.NoPeerRelay, PeerRelayRate: cfg.PeerRelayRate,
 		// A dead path may be a new NAT mapping: ask STUN now, so that a
 		// change is published at once.
 		OnPathLost: func() {

@@ -19,6 +19,8 @@ type Status struct {
 	STUN         STUN     `json:"stun"`
 	Peers        []Peer   `json:"peers"`
 	Counters     Counters `json:"counters"`
+	// PeerRelay is what it relays for the other parties.
+	PeerRelay PeerRelay `json:"peer_relay"`
 }
 
 // Registry says whether the registry is reachable.
@@ -42,12 +44,16 @@ type STUN struct {
 // second: current (the last few seconds), average (since the first
 // connection) and the largest one-second sample.
 type Peer struct {
-	PID            int        `json:"pid"`
-	State          string     `json:"state"`
-	Path           string     `json:"path,omitempty"`
-	Via            string     `json:"via,omitempty"` // the relay, when relayed
-	RemoteAddr     string     `json:"remote_addr,omitempty"`
-	RTTMillis      float64    `json:"rtt_ms"`
+	PID        int     `json:"pid"`
+	State      string  `json:"state"`
+	Path       string  `json:"path,omitempty"`
+	Via        string  `json:"via,omitempty"` // the relay, when relayed
+	RemoteAddr string  `json:"remote_addr,omitempty"`
+	RTTMillis  float64 `json:"rtt_ms"`
+	// PacketSize is the largest QUIC packet the connection sends now, in
+	// bytes of UDP payload: what path MTU discovery found (1,200 at
+	// first; up to 1,452 on a 1,500-byte MTU).
+	PacketSize     int        `json:"packet_size,omitempty"`
 	ConnectedSince *time.Time `json:"connected_since,omitempty"`
 	OpenConns      int64      `json:"open_conns"`
 	QUICConns      int        `json:"quic_conns"` // the pool that carries them
@@ -112,6 +118,27 @@ type Counters struct {
 	// packets arrived, and a full-size probe got no answer (the path's MTU
 	// shrank under QUIC's packet size).
 	PathStalls uint64 `json:"path_stalls"`
+	// PacketSizeRaises counts connections replaced because a trial found
+	// the path carrying larger packets again (its MTU grew back).
+	PacketSizeRaises uint64 `json:"packet_size_raises"`
+}
+
+// PeerRelay is what a party relays for the others of its study, and
+// the sessions it is an end of.
+type PeerRelay struct {
+	Enabled bool `json:"enabled"`
+	// Sessions are those it relays now; Ends, those it is an end of.
+	Sessions int `json:"sessions"`
+	Ends     int `json:"ends"`
+	// RateLimit is the bytes per second it relays at most, all peers.
+	RateLimit      int    `json:"rate_limit"`
+	BytesForwarded uint64 `json:"bytes_forwarded"`
+	// Dropped counts relayed packets dropped: over the rate, a full
+	// queue, an unknown session, or a sender that is not its end.
+	Dropped uint64 `json:"dropped"`
+	// Refused counts sessions refused (off, no connection to both, over
+	// the limit, a bad request).
+	Refused uint64 `json:"refused"`
 }
 
 // PingResult is what POST /v1/ping returns.

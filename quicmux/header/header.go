@@ -21,7 +21,8 @@ import (
 //
 // flow is the flow's id (connect, resume) or the sender's boot id (hello);
 // rcvd is how much of the flow the sender has received (resume), or the
-// acceptor's boot id in a hello's reply.
+// acceptor's boot id in a hello's reply. A relay or offer request holds a
+// party id in port and a session id in flow and rcvd.
 const (
 	headerVersion = 2
 	// RequestLen and ReplyLen are the encoded sizes.
@@ -39,6 +40,11 @@ const (
 	KindPathNotice Kind = 2 // the dialer moved the connection to the direct path
 	KindResume     Kind = 3 // a flow goes on over this stream
 	KindHello      Kind = 4 // the first stream of a connection: who is here (boot ids)
+	// KindRelay asks the acceptor to relay a session (flow and rcvd: its
+	// id) to party port; KindRelayOffer offers the acceptor a session with
+	// party port, relayed by the opener (quicmux's peerrelay.go).
+	KindRelay      Kind = 5
+	KindRelayOffer Kind = 6
 )
 
 // Request is a stream's header.
@@ -130,7 +136,7 @@ func ParseRequest(b []byte) (Request, error) {
 	}
 	r := Request{Kind: Kind(b[1]), Port: binary.BigEndian.Uint16(b[2:4]),
 		Flow: binary.BigEndian.Uint64(b[4:12]), Rcvd: binary.BigEndian.Uint64(b[12:20])}
-	if r.Kind > KindHello {
+	if r.Kind > KindRelayOffer {
 		return Request{}, fmt.Errorf("%w %d", ErrKind, b[1])
 	}
 	return r, nil

@@ -156,10 +156,17 @@ func client(target string, size int, seed uint64) error {
 	exp := make([]byte, 64<<10)
 	total := 0
 	start := time.Now()
+	last := start
+	var gap time.Duration // the longest the source stood still: what a fault cost the transfer
 	for total < size {
 		c.SetReadDeadline(time.Now().Add(5 * time.Minute))
 		n, err := c.Read(buf)
 		if n > 0 {
+			now := time.Now()
+			if total > 0 {
+				gap = max(gap, now.Sub(last))
+			}
+			last = now
 			want.Read(exp[:n])
 			for i := range n {
 				if buf[i] != exp[i] {
@@ -176,8 +183,8 @@ func client(target string, size int, seed uint64) error {
 	if err := <-echoErr; err != nil {
 		return err
 	}
-	fmt.Printf("ok: %d bytes in %v, every byte right; %d echo lines, none lost, longest echo wait %v\n",
-		total, time.Since(start).Round(time.Millisecond), lines, longest.Round(10*time.Millisecond))
+	fmt.Printf("ok: %d bytes in %v, every byte right, longest_gap=%.2fs; %d echo lines, none lost, longest echo wait %v\n",
+		total, time.Since(start).Round(time.Millisecond), gap.Seconds(), lines, longest.Round(10*time.Millisecond))
 	return nil
 }
 

@@ -1,0 +1,671 @@
+package quicmux
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"golang.org/x/time/rate"
+
+	"sfkit-proxy/quicmux/header"
+)
+
+// Peer relays. Where no direct path joins two parties A and B (a
+// symmetric NAT on either side) and no TURN server is configured, a third
+// member of the study, R, with a connection to each, carries A–B: A's
+// QUIC connection to B, with pinned mutual TLS end to end, runs as QUIC
+// datagrams (RFC 9221) on the authenticated A–R and R–B connections that
+// already exist. No new socket, port or punching: R sees the inner
+// connection's ciphertext inside its own connections' encryption, and
+// cannot read it, change it undetected, or speak as A or B (B's handshake
+// checks A's pin, and that the session is A's).
+//
+// A session is brokered. The dialer A (the lower pid) asks R over a stream
+// for a session to B, with a random 128-bit id; R offers it to B over
+// another stream; B takes it only for another member of its study with a
+// lower pid (the one that dials), within its own limits;
+// then R binds the id to A's and B's connections (and so to their pins)
+// and answers A. From then on R forwards a datagram with that id only
+// from A's connections to B's primary and back; any other is dropped.
+// A session that carries nothing for relayIdle ends, at R and at both
+// ends. R limits sessions per peer, and the bytes per second it forwards
+// (opts.PeerRelayRate, shared out equally among the peers that have
+// sessions): its own study's flows, on the same connections, come first.
+//
+// On A and B a session is a net.PacketConn (sessionEnd) under a QUIC
+// transport of its own (an endpoint with session set): the inner link is
+// an ordinary peer link whose path kind is PathPeerRelayed, so flows, the
+// pool, resume and the stall watch work on it unchanged, and the direct
+// path is checked for while it runs (keep). Inner packets are 1,200 bytes
+// (QUIC's minimum; no path MTU discovery on a virtual socket); one that
+// does not fit in a datagram of the outer connection, whose packets may
+// still be small, goes as two pieces, joined again at the far end.
+
+// dgRelay is a relayed packet: kind | session (16) | piece (1) | seq (2) | bytes.
+const dgRelay = 0x03
+
+const relayHeaderLen = 20
+
+// Pieces of a packet.
+const (
+	pieceWhole  = 0
+	pieceFirst  = 1
+	pieceSecond = 2
+)
+
+// Peer relay limits and timings.
+const (
+	// relaySessions bounds the sessions one peer may hold at a relay
+	// (either end), and at an end with one peer; an end takes at most
+	// viaSessions through one relay.
+	relaySessions = 8
+	viaSessions   = 64
+	// relayIdle ends a session that carried nothing this long (an inner
+	// connection sends a keepalive every 2 s).
+	relayIdle = 30 * time.Second
+	// relayQueue bounds the packets a relay holds for one direction of a
+	// session, and an end for its inner transport; more are dropped, as
+	// a full router queue would.
+	relayQueue = 256
+	// relayRetry spaces a dialer's attempts at a session.
+	relayRetry = 5 * time.Second
+	relayBurst = 256 << 10
+	// maxPartials bounds an end's packets waiting for their other piece.
+	maxPartials = 64
+)
+
+// sessionID names a session; random, 128 bits.
+type sessionID [16]byte
+
+func newSessionID() sessionID {
+	var id sessionID
+	rand.Read(id[:])
+	return id
+}
+
+// sessionOf reads a session id from a relay or offer request (flow and
+// rcvd hold its two halves).
+func sessionOf(r header.Request) sessionID {
+	var id sessionID
+	binary.BigEndian.PutUint64(id[:8], r.Flow)
+	binary.BigEndian.PutUint64(id[8:], r.Rcvd)
+	return id
+}
+
+// request is a relay or offer request for session id naming pid.
+func (id sessionID) request(kind header.Kind, pid int) header.Request {
+	return header.Request{Kind: kind, Port: uint16(pid), Flow: binary.BigEndian.Uint64(id[:8]), Rcvd: binary.BigEndian.Uint64(id[8:])}
+}
+
+// peerRelays are the sessions this party relays and those it is an end of.
+type peerRelays struct {
+	mu       sync.Mutex
+	relayed  map[sessionID]*relaySession
+	ends     map[sessionID]*sessionEnd
+	limiters map[int]*source // per source peer of relayed packets
+	// Counters.
+	forwarded, dropped, refused atomic.Uint64
+}
+
+// relaySession is a session this party relays, between peers a and b.
+type relaySession struct {
+	id       sessionID
+	a, b     int
+	last     atomic.Int64 // unix nanoseconds of its last packet
+	toA, toB chan []byte
+	seq      atomic.Uint32
+}
+
+// countLocked is how many sessions pid has at this relay.
+func (r *peerRelays) countLocked(pid int) int {
+	n := 0
+	for _, s := range r.relayed {
+		if s.a == pid || s.b == pid {
+			n++
+		}
+	}
+	return n
+}
+
+// source is a peer that sends packets for the relay to forward.
+type source struct {
+	lim  *rate.Limiter
+	seen atomic.Int64 // unix nanoseconds of its last packet
+}
+
+// A source that sent a bulk packet (data, not an acknowledgement or a
+// keepalive) within sourceActive is active.
+const (
+	sourceActive = 2 * time.Second
+	bulkPacket   = 1000
+)
+
+// shareLocked gives every peer with a session an equal share of total,
+// the rate a relay forwards, among those that sent lately: an idle one
+// leaves its share to the others until it sends again (then the shares
+// are reset within a second, at the next sample).
+func (r *peerRelays) shareLocked(total int, now time.Time) {
+	srcs := map[int]bool{}
+	for _, s := range r.relayed {
+		srcs[s.a], srcs[s.b] = true, true
+	}
+	for pid := range r.limiters {
+		if !srcs[pid] {
+			delete(r.limiters, pid)
+		}
+	}
+	active := 0
+	for pid := range srcs {
+		src := r.limiters[pid]
+		if src == nil {
+			// New: it is about to send.
+			src = &source{lim: rate.NewLimiter(rate.Limit(total), relayBurst)}
+			src.seen.Store(now.UnixNano())
+			r.limiters[pid] = src
+		}
+		if now.Sub(time.Unix(0, src.seen.Load())) < sourceActive {
+			active++
+		}
+	}
+	share := rate.Limit(float64(total) / float64(max(1, active)))
+	for _, src := range r.limiters {
+		src.lim.SetLimitAt(now, share)
+	}
+}
+
+// reshare shares the relay's rate out again (every second).
+func (m *Mux) reshare(now time.Time) {
+	r := &m.prelay
+	r.mu.Lock()
+	r.shareLocked(m.opts.PeerRelayRate, now)
+	r.mu.Unlock()
+}
+
+// relayable is p's primary, when it can carry sessions: a connection of
+// its own (direct or through TURN), not itself relayed by a peer.
+func (m *Mux) relayable(pid int) *link {
+	p := m.peer(pid)
+	if p == nil {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	l := p.pool.primary
+	if l == nil || l.ep.session != nil || !p.path.state.Connected() {
+		return nil
+	}
+	return l
+}
+
+// relayRequest is R's side of a request from peer from for a session to
+// peer to: it offers it to `to`, and binds it when taken.
+func (m *Mux) relayRequest(ctx context.Context, from, to int, id sessionID) header.Status {
+	r := &m.prelay
+	refuse := func(st header.Status, why string) header.Status {
+		r.refused.Add(1)
+		m.log.Debug("peer relay session refused", "peer", from, "to", to, "why", why)
+		return st
+	}
+	if m.opts.NoPeerRelay {
+		return refuse(header.StatusNotAllowed, "peer relay is off here")
+	}
+	if to == from || to == m.opts.PID {
+		return refuse(header.StatusBadRequest, "a session to itself or to the relay")
+	}
+	lb := m.relayable(to)
+	if lb == nil || m.relayable(from) == nil {
+		return refuse(header.StatusUnreachable, "no connection of ours to both")
+	}
+	r.mu.Lock()
+	n, nt, taken := r.countLocked(from), r.countLocked(to), r.relayed[id] != nil
+	r.mu.Unlock()
+	if n >= relaySessions || nt >= relaySessions {
+		return refuse(header.StatusOverBudget, "too many sessions")
+	}
+	if taken {
+		return refuse(header.StatusBadRequest, "session id in use")
+	}
+	octx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
+	defer cancel()
+	str, rep, err := openStream(octx, lb.conn, id.request(header.KindRelayOffer, from))
+	if err != nil {
+		return refuse(header.StatusUnreachable, "offer failed: "+err.Error())
+	}
+	if rep.Status != header.StatusOK {
+		return refuse(header.StatusRefused, "the peer refused: "+rep.Status.String())
+	}
+	endStream(str)
+	s := &relaySession{id: id, a: from, b: to, toA: make(chan []byte, relayQueue), toB: make(chan []byte, relayQueue)}
+	s.last.Store(time.Now().UnixNano())
+	r.mu.Lock()
+	if r.countLocked(from) >= relaySessions || r.countLocked(to) >= relaySessions || r.relayed[id] != nil {
+		r.mu.Unlock()
+		return refuse(header.StatusOverBudget, "too many sessions")
+	}
+	r.relayed[id] = s
+	r.shareLocked(m.opts.PeerRelayRate, time.Now())
+	r.mu.Unlock()
+	m.log.Info("relaying for peers", "peer", from, "to", to)
+	m.goUnlessQuit(func() { m.runRelaySession(s) })
+	return header.StatusOK
+}
+
+// runRelaySession forwards s's packets until it is idle for relayIdle.
+func (m *Mux) runRelaySession(s *relaySession) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-m.quit:
+		case <-ctx.Done():
+		}
+		cancel()
+	}()
+	var wg sync.WaitGroup
+	wg.Go(func() { m.forward(ctx, s, s.a, s.toA) })
+	wg.Go(func() { m.forward(ctx, s, s.b, s.toB) })
+	t := time.NewTicker(relayIdle / 6)
+	defer t.Stop()
+	for ctx.Err() == nil {
+		select {
+		case <-ctx.Done():
+		case now := <-t.C:
+			if now.Sub(time.Unix(0, s.last.Load())) < relayIdle {
+				continue
+			}
+			cancel()
+		}
+	}
+	wg.Wait()
+	r := &m.prelay
+	r.mu.Lock()
+	delete(r.relayed, s.id)
+	r.shareLocked(m.opts.PeerRelayRate, time.Now())
+	r.mu.Unlock()
+	m.log.Info("relay session ended", "peer", s.a, "to", s.b)
+}
+
+// forward sends the packets of q to peer pid's primary until ctx ends.
+func (m *Mux) forward(ctx context.Context, s *relaySession, pid int, q <-chan []byte) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case b := <-q:
+			l := m.relayable(pid)
+			if l == nil {
+				m.prelay.dropped.Add(1)
+				continue
+			}
+			if sendRelayed(l.conn, b, func() uint16 { return uint16(s.seq.Add(1)) | 0x8000 }) != nil {
+				m.prelay.dropped.Add(1)
+				continue
+			}
+			m.prelay.forwarded.Add(uint64(len(b) - relayHeaderLen))
+		}
+	}
+}
+
+// sendRelayed sends the relayed packet b (header included) on conn: whole
+// when it fits in a datagram, else as two pieces numbered by seq.
+func sendRelayed(conn *quic.Conn, b []byte, seq func() uint16) error {
+	err := conn.SendDatagram(b)
+	var big *quic.DatagramTooLargeError
+	if !errors.As(err, &big) || b[17] != pieceWhole {
+		return err
+	}
+	n := seq()
+	body := b[relayHeaderLen:]
+	half := (len(body) + 1) / 2
+	for i, part := range [][]byte{body[:half], body[half:]} {
+		d := append(slices.Clone(b[:17]), byte(pieceFirst+i), byte(n>>8), byte(n))
+		if err := conn.SendDatagram(append(d, part...)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// relayDatagram takes a relayed packet b from peer from: a relay forwards
+// it, an end delivers it; anything else is dropped.
+func (m *Mux) relayDatagram(from int, b []byte) {
+	r := &m.prelay
+	if len(b) < relayHeaderLen || b[17] > pieceSecond {
+		r.dropped.Add(1)
+		return
+	}
+	id := sessionID(b[1:17])
+	r.mu.Lock()
+	s, e := r.relayed[id], r.ends[id]
+	var src *source
+	if s != nil {
+		src = r.limiters[from]
+	}
+	r.mu.Unlock()
+	switch {
+	case s != nil && (from == s.a || from == s.b):
+		now := time.Now()
+		if len(b) >= bulkPacket {
+			src.seen.Store(now.UnixNano())
+		}
+		if !src.lim.AllowN(now, len(b)) {
+			r.dropped.Add(1)
+			return
+		}
+		s.last.Store(now.UnixNano())
+		q := s.toB
+		if from == s.b {
+			q = s.toA
+		}
+		select {
+		case q <- b:
+		default:
+			r.dropped.Add(1)
+		}
+	case e != nil && from == e.via:
+		e.take(b)
+	default:
+		r.dropped.Add(1)
+	}
+}
+
+// sessionEnd is this party's end of a session with peer, through via: a
+// net.PacketConn for the inner connection's QUIC transport.
+type sessionEnd struct {
+	m         *Mux
+	id        sessionID
+	via, peer int
+	ep        *endpoint
+	in        chan []byte
+	last      atomic.Int64 // unix nanoseconds of its last packet either way
+	seq       atomic.Uint32
+	closed    chan struct{}
+	closeOnce sync.Once
+
+	mu       sync.Mutex // guards the fields below
+	partials map[uint16]*[2][]byte
+	deadline time.Time
+	dlCh     chan struct{} // closed when the deadline changes
+}
+
+// newSessionEnd makes this party's end of session id with peer through
+// via, with its QUIC transport and listener, or refuses it (at most
+// relaySessions with one peer).
+func (m *Mux) newSessionEnd(id sessionID, via, peer int) (*sessionEnd, error) {
+	e := &sessionEnd{m: m, id: id, via: via, peer: peer, in: make(chan []byte, relayQueue), closed: make(chan struct{}),
+		partials: map[uint16]*[2][]byte{}, dlCh: make(chan struct{})}
+	e.last.Store(time.Now().UnixNano())
+	r := &m.prelay
+	r.mu.Lock()
+	n, nv := 0, 0
+	for _, x := range r.ends {
+		if x.peer == peer {
+			n++
+		}
+		if x.via == via {
+			nv++
+		}
+	}
+	if n >= relaySessions || nv >= viaSessions || r.ends[id] != nil {
+		r.mu.Unlock()
+		return nil, fmt.Errorf("too many relayed sessions with party %d, or through party %d", peer, via)
+	}
+	r.ends[id] = e
+	r.mu.Unlock()
+	ep := &endpoint{session: e, conn: e, tr: &quic.Transport{Conn: e}}
+	var err error
+	if ep.ln, err = ep.tr.Listen(m.serverTLS(), m.qcRelayed); err != nil {
+		ep.tr.Close()
+		e.Close()
+		return nil, fmt.Errorf("quic listen: %w", err)
+	}
+	e.ep = ep
+	m.goUnlessQuit(func() { e.run() })
+	return e, nil
+}
+
+// run accepts the inner connections of e until it is idle for relayIdle,
+// or the Mux ends; then it closes e's transport.
+func (e *sessionEnd) run() {
+	m := e.m
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		m.acceptLoop(ctx, e.ep)
+	}()
+	t := time.NewTicker(relayIdle / 6)
+	defer t.Stop()
+	for idle := false; !idle; {
+		select {
+		case <-m.quit:
+			idle = true
+		case <-e.closed:
+			idle = true
+		case now := <-t.C:
+			idle = now.Sub(time.Unix(0, e.last.Load())) >= relayIdle
+		}
+	}
+	cancel()
+	e.ep.close()
+	<-done
+}
+
+// take delivers a packet (or a piece of one) of the session from its relay.
+func (e *sessionEnd) take(b []byte) {
+	e.last.Store(time.Now().UnixNano())
+	body := b[relayHeaderLen:]
+	if b[17] != pieceWhole {
+		seq := binary.BigEndian.Uint16(b[18:20])
+		e.mu.Lock()
+		pp := e.partials[seq]
+		if pp == nil {
+			if len(e.partials) >= maxPartials {
+				clear(e.partials) // old pieces whose others were lost
+			}
+			pp = new([2][]byte)
+			e.partials[seq] = pp
+		}
+		pp[b[17]-pieceFirst] = body
+		whole := pp[0] != nil && pp[1] != nil
+		if whole {
+			delete(e.partials, seq)
+			body = append(slices.Clip(pp[0]), pp[1]...)
+		}
+		e.mu.Unlock()
+		if !whole {
+			return
+		}
+	}
+	select {
+	case e.in <- body:
+	default:
+		e.m.prelay.dropped.Add(1)
+	}
+}
+
+// ReadFrom returns the next inner packet.
+func (e *sessionEnd) ReadFrom(b []byte) (int, net.Addr, error) {
+	for {
+		e.mu.Lock()
+		dl, changed := e.deadline, e.dlCh
+		e.mu.Unlock()
+		var expired <-chan time.Time
+		if !dl.IsZero() {
+			wait := time.Until(dl)
+			if wait <= 0 {
+				return 0, nil, os.ErrDeadlineExceeded
+			}
+			t := time.NewTimer(wait)
+			defer t.Stop()
+			expired = t.C
+		}
+		select {
+		case p := <-e.in:
+			return copy(b, p), e.remote(), nil
+		case <-e.closed:
+			return 0, nil, net.ErrClosed
+		case <-changed:
+		case <-expired:
+		}
+	}
+}
+
+// WriteTo sends an inner packet to the relay; with no connection to it,
+// the packet is lost, as on a path that went away.
+func (e *sessionEnd) WriteTo(b []byte, _ net.Addr) (int, error) {
+	select {
+	case <-e.closed:
+		return 0, net.ErrClosed
+	default:
+	}
+	l := e.m.relayable(e.via)
+	if l == nil {
+		return len(b), nil
+	}
+	d := make([]byte, 0, relayHeaderLen+len(b))
+	d = append(append(append(d, dgRelay), e.id[:]...), pieceWhole, 0, 0)
+	if err := sendRelayed(l.conn, append(d, b...), func() uint16 { return uint16(e.seq.Add(1)) &^ 0x8000 }); err == nil {
+		e.last.Store(time.Now().UnixNano())
+	}
+	return len(b), nil
+}
+
+// Close ends the session here.
+func (e *sessionEnd) Close() error {
+	e.closeOnce.Do(func() {
+		close(e.closed)
+		r := &e.m.prelay
+		r.mu.Lock()
+		if r.ends[e.id] == e {
+			delete(r.ends, e.id)
+		}
+		r.mu.Unlock()
+	})
+	return nil
+}
+
+func (e *sessionEnd) LocalAddr() net.Addr { return relayAddr{via: e.via, peer: e.m.opts.PID} }
+
+func (e *sessionEnd) remote() net.Addr { return relayAddr{via: e.via, peer: e.peer} }
+
+func (e *sessionEnd) SetDeadline(t time.Time) error { return e.SetReadDeadline(t) }
+
+func (e *sessionEnd) SetReadDeadline(t time.Time) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.deadline = t
+	close(e.dlCh)
+	e.dlCh = make(chan struct{})
+	return nil
+}
+
+func (e *sessionEnd) SetWriteDeadline(time.Time) error { return nil }
+
+// SetReadBuffer and SetWriteBuffer tell quic-go that the buffers are
+// fine: they are the session's queues (relayQueue packets).
+func (e *sessionEnd) SetReadBuffer(int) error  { return nil }
+func (e *sessionEnd) SetWriteBuffer(int) error { return nil }
+
+// relayAddr is the address of a party reached through a session.
+type relayAddr struct{ via, peer int }
+
+func (relayAddr) Network() string  { return "peer-relay" }
+func (a relayAddr) String() string { return fmt.Sprintf("party %d via party %d", a.peer, a.via) }
+
+// relayOffer is B's side of an offer from relay `via` of a session with
+// peer: taken only when peer relay is on, peer is another member with a
+// lower pid (the dialer), and the limits allow.
+func (m *Mux) relayOffer(via, peer int, id sessionID) header.Status {
+	if m.opts.NoPeerRelay {
+		m.prelay.refused.Add(1)
+		return header.StatusNotAllowed
+	}
+	if peer == via || peer >= m.opts.PID || m.peer(peer) == nil {
+		m.prelay.refused.Add(1)
+		m.log.Warn("peer offered a relayed session for a party that does not dial us", "peer", via, "for", peer)
+		return header.StatusBadRequest
+	}
+	if _, err := m.newSessionEnd(id, via, peer); err != nil {
+		m.prelay.refused.Add(1)
+		m.log.Debug("relayed session refused", "peer", via, "for", peer, "err", err)
+		return header.StatusOverBudget
+	}
+	m.log.Info("relayed session offered and taken", "peer", peer, "via", via)
+	return header.StatusOK
+}
+
+// dialViaPeers asks each peer that p's dialer reaches by its own path, the
+// nearest first, for a session to p, and dials p through the first that
+// gives one. It reports whether a connection is up.
+func (p *peer) dialViaPeers(ctx context.Context) bool {
+	m := p.m
+	now := time.Now()
+	p.mu.Lock()
+	if now.Before(p.nextViaPeer) {
+		p.mu.Unlock()
+		return false
+	}
+	p.nextViaPeer = now.Add(relayRetry)
+	pin := p.info.Pin
+	p.mu.Unlock()
+	type hop struct {
+		pid int
+		l   *link
+		rtt time.Duration
+	}
+	var hops []hop
+	for _, r := range m.peerList() {
+		if r.pid == p.pid {
+			continue
+		}
+		if l := m.relayable(r.pid); l != nil {
+			hops = append(hops, hop{r.pid, l, l.conn.ConnectionStats().SmoothedRTT})
+		}
+	}
+	slices.SortFunc(hops, func(a, b hop) int { return int(a.rtt - b.rtt) })
+	for _, h := range hops {
+		if ctx.Err() != nil {
+			return false
+		}
+		id := newSessionID()
+		rctx, cancel := context.WithTimeout(ctx, 2*m.opts.HandshakeTimeout)
+		str, rep, err := openStream(rctx, h.l.conn, id.request(header.KindRelay, p.pid))
+		cancel()
+		if err == nil && rep.Status != header.StatusOK {
+			err = errors.New(rep.Status.String())
+		}
+		if err != nil {
+			p.log.Debug("no relayed session", "via", h.pid, "err", err)
+			continue
+		}
+		endStream(str)
+		e, err := m.newSessionEnd(id, h.pid, p.pid)
+		if err != nil {
+			p.log.Debug("no relayed session", "via", h.pid, "err", err)
+			continue
+		}
+		dctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
+		conn, err := e.ep.tr.Dial(dctx, e.remote(), m.clientTLS(p.pid, pin), m.qcRelayed)
+		cancel()
+		if err != nil {
+			p.log.Debug("dial through a peer relay failed", "via", h.pid, "err", err)
+			e.Close()
+			continue
+		}
+		m.count.dialsOK.Add(1)
+		p.installConn(ctx, conn, e.ep)
+		return true
+	}
+	return false
+}

@@ -1,0 +1,371 @@
+package quicmux
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/binary"
+	"io"
+	"net"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"sfkit-proxy/internal/testkit"
+	"sfkit-proxy/quicmux/header"
+)
+
+// relayScene is parties 0 and 1 with no direct path between them (party
+// 0's firewall drops party 1), and relays: parties 2 onward, which reach
+// both. No TURN server.
+type relayScene struct {
+	a, b     *testParty
+	firewall *testkit.FilterConn
+	relays   []*testParty
+}
+
+func newRelayScene(t *testing.T, relays int, adjust func(*Options)) *relayScene {
+	t.Helper()
+	short := func(o *Options) {
+		o.RelayDelay = 300 * time.Millisecond
+		if adjust != nil {
+			adjust(o)
+		}
+	}
+	s := &relayScene{}
+	var fc *testkit.FilterConn
+	s.a = startPartyConf(t, 0, partyConf{allow: allowAll, adjust: short, pc: func() *testkit.FilterConn {
+		fc = testkit.NewFilterConn(listenLoopback(t))
+		return fc
+	}()})
+	s.firewall = fc
+	s.b = startPartyWith(t, 1, nil, allowAll, short)
+	s.firewall.Drop(s.b.m.LocalAddr(), true)
+	all := []*testParty{s.a, s.b}
+	for i := range relays {
+		r := startPartyWith(t, 2+i, nil, allowAll, short)
+		s.relays = append(s.relays, r)
+		all = append(all, r)
+	}
+	introduce(all...)
+	return s
+}
+
+func listenLoopback(t *testing.T) net.PacketConn {
+	t.Helper()
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pc
+}
+
+// TestPeerRelay: with no direct path and no TURN server, parties 0 and 1
+// reach each other through party 2, both ways, every byte right; the
+// relay counts what it carried; the pool grows through it; and when the
+// direct path opens mid-transfer, the same connection completes on it.
+func TestPeerRelay(t *testing.T) {
+	s := newRelayScene(t, 1, nil)
+	echo := halfCloseEcho(t)
+	roundTrip(t, s.a.m, 1, echo, 1<<20)
+	roundTrip(t, s.b.m, 0, echo, 1<<20)
+	if ps := waitPath(t, s.a.m, 1, PathPeerRelayed); ps.State != StateRelayed || ps.Via != "peer 2" {
+		t.Errorf("dialer's stats = %+v; want relayed via peer 2", ps)
+	}
+	if ps := waitPath(t, s.b.m, 0, PathPeerRelayed); ps.Via != "peer 2" {
+		t.Errorf("acceptor's stats = %+v; want relayed via peer 2", ps)
+	}
+	rs := s.relays[0].m.Stats().PeerRelay
+	if rs.Sessions != 1 || rs.BytesForwarded < 4<<20 {
+		t.Errorf("relay's stats = %+v; want 1 session and at least 4 MiB forwarded", rs)
+	}
+	// The pool grows through the relay.
+	check := echoFlows(t, s.a.m, 1, testkit.Echo(t), 3, 256<<10)
+	testkit.Eventually(t, "a peer-relayed pool of 3", func() bool {
+		ps := peerStats(s.a.m, 1)
+		return ps.QUICConns == 3 && ps.Path == PathPeerRelayed
+	})
+	check()
+
+	// The direct path opens mid-transfer.
+	conn, err := s.a.m.Dial(ctxTimeout(t, 10*time.Second), 1, echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	want := make([]byte, 4<<20)
+	rand.Read(want)
+	half := len(want) / 2
+	go func() {
+		conn.Write(want[:half])
+		s.firewall.Drop(s.b.m.LocalAddr(), false)
+		waitPath(t, s.a.m, 1, PathDirect)
+		conn.Write(want[half:])
+		conn.CloseWrite()
+	}()
+	conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	got, err := io.ReadAll(conn)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("the same connection across the move to direct: got %d of %d bytes, %v", len(got), len(want), err)
+	}
+}
+
+// TestPeerRelayGoesAway: the relay carrying a live transfer stops; the
+// connection moves to the other relay within the path-loss time, and the
+// transfer completes with every byte right.
+func TestPeerRelayGoesAway(t *testing.T) {
+	s := newRelayScene(t, 2, nil)
+	echo := halfCloseEcho(t)
+	roundTrip(t, s.a.m, 1, echo, 64<<10)
+	first := waitPath(t, s.a.m, 1, PathPeerRelayed).Via
+	conn, err := s.a.m.Dial(ctxTimeout(t, 10*time.Second), 1, echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	want := make([]byte, 4<<20)
+	rand.Read(want)
+	half := len(want) / 2
+	go func() {
+		conn.Write(want[:half])
+		for _, r := range s.relays {
+			if "peer "+strconv.Itoa(r.info.PID) == first {
+				r.stop()
+			}
+		}
+		conn.Write(want[half:])
+		conn.CloseWrite()
+	}()
+	conn.SetReadDeadline(time.Now().Add(60 * time.Second))
+	got, err := io.ReadAll(conn)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("the transfer across the relay's end: got %d of %d bytes, %v", len(got), len(want), err)
+	}
+	if ps := peerStats(s.a.m, 1); ps.Path != PathPeerRelayed || ps.Via == first {
+		t.Errorf("after %s stopped: stats %+v; want relayed via the other", first, ps)
+	}
+}
+
+// TestPeerRelayOff: a relay started with peer relay off refuses sessions,
+// and the pair stays unconnected.
+func TestPeerRelayOff(t *testing.T) {
+	s := newRelayScene(t, 0, nil)
+	r := startPartyWith(t, 2, nil, allowAll, func(o *Options) { o.NoPeerRelay = true })
+	introduce(s.a, s.b, r)
+	testkit.Eventually(t, "a refused session", func() bool { return r.m.Stats().PeerRelay.Refused > 0 })
+	if ps := peerStats(s.a.m, 1); ps.State.Connected() {
+		t.Errorf("stats %+v; want no connection with the relay off", ps)
+	}
+}
+
+// TestHostileRelayMember: a member with a valid key, connected to the
+// relay, cannot use it against others: datagrams with a session id that
+// is not its own (even a live one) are dropped and reach nobody; it
+// cannot ask for a session to itself or to the relay, nor one its target
+// would not dial; its offers of sessions are taken at most relaySessions
+// times, and never for itself or a stranger.
+func TestHostileRelayMember(t *testing.T) {
+	s := newRelayScene(t, 0, nil)
+	// The relay is party 5; the hostile member, party 4, dials it.
+	r := startPartyWith(t, 5, nil, allowAll, func(o *Options) { o.RelayDelay = 300 * time.Millisecond })
+	introduce(s.a, s.b, r)
+	echo := halfCloseEcho(t)
+	roundTrip(t, s.a.m, 1, echo, 64<<10)
+	waitPath(t, s.a.m, 1, PathPeerRelayed)
+	h := newHostilePeer(t, 4, r)
+	infos := []PeerInfo{s.a.info, s.b.info, r.info, h.info}
+	for _, p := range []*testParty{s.a, s.b, r} {
+		p.m.SetPeers(infos)
+	}
+	testkit.Eventually(t, "party 4 known", func() bool { return peerOf(r.m, 4) != nil && peerOf(s.b.m, 4) != nil })
+	qc := h.dial()
+	testkit.Eventually(t, "party 4 connected to the relay", func() bool { return r.m.relayable(4) != nil })
+
+	// A live session's id, as if it had leaked.
+	r.m.prelay.mu.Lock()
+	var live sessionID
+	for id := range r.m.prelay.relayed {
+		live = id
+	}
+	r.m.prelay.mu.Unlock()
+	before := r.m.Stats().PeerRelay
+	for i := range 200 {
+		id := live
+		if i%2 == 0 {
+			id = newSessionID()
+		}
+		d := append(append([]byte{dgRelay}, id[:]...), pieceWhole, 0, 0)
+		qc.SendDatagram(append(d, bytes.Repeat([]byte{0xee}, 1000)...))
+	}
+	testkit.Eventually(t, "the forged datagrams dropped", func() bool {
+		return r.m.Stats().PeerRelay.Dropped >= before.Dropped+150
+	})
+	roundTrip(t, s.a.m, 1, echo, 256<<10) // the live session is unharmed
+
+	ask := func(kind header.Kind, pid int) header.Status {
+		ctx := ctxTimeout(t, 15*time.Second)
+		str, rep, err := openStream(ctx, qc, newSessionID().request(kind, pid))
+		if err != nil {
+			t.Fatalf("hostile request: %v", err)
+		}
+		if str != nil {
+			endStream(str)
+		}
+		return rep.Status
+	}
+	if st := ask(header.KindRelay, 4); st != header.StatusBadRequest {
+		t.Errorf("a session to itself: %v; want bad request", st)
+	}
+	if st := ask(header.KindRelay, 5); st != header.StatusBadRequest {
+		t.Errorf("a session to the relay: %v; want bad request", st)
+	}
+	// Party 4 asks the relay for a session to party 1, which refuses it:
+	// party 4 does not dial party 1 (a higher pid).
+	if st := ask(header.KindRelay, 1); st != header.StatusRefused {
+		t.Errorf("a session to a party it does not dial: %v; want refused", st)
+	}
+	// Offers from party 4 to the relay (as if party 4 relayed) of sessions
+	// with party 0: taken, up to relaySessions.
+	ok := 0
+	for range relaySessions + 3 {
+		if ask(header.KindRelayOffer, 0) == header.StatusOK {
+			ok++
+		}
+	}
+	if ok != relaySessions {
+		t.Errorf("%d offers taken; want at most %d", ok, relaySessions)
+	}
+	// Offers for itself, or for a party not in the study.
+	for _, pid := range []int{4, 9} {
+		if st := ask(header.KindRelayOffer, pid); st != header.StatusBadRequest {
+			t.Errorf("an offer for party %d: %v; want bad request", pid, st)
+		}
+	}
+	roundTrip(t, s.a.m, 1, echo, 256<<10)
+}
+
+// TestRelayedPieces: a packet too large for the outer connection's
+// datagrams goes as two pieces, joined again at the far end; pieces of
+// other packets, and lone pieces, do not join.
+func TestRelayedPieces(t *testing.T) {
+	e := &sessionEnd{m: &Mux{}, in: make(chan []byte, 4), partials: map[uint16]*[2][]byte{}, closed: make(chan struct{})}
+	hdr := func(piece byte, seq uint16) []byte {
+		return append(append([]byte{dgRelay}, make([]byte, 16)...), piece, byte(seq>>8), byte(seq))
+	}
+	e.take(append(hdr(pieceSecond, 7), "world"...))
+	e.take(append(hdr(pieceFirst, 8), "other"...))
+	e.take(append(hdr(pieceFirst, 7), "hello "...))
+	e.take(append(hdr(pieceWhole, 0), "whole"...))
+	for _, want := range []string{"hello world", "whole"} {
+		select {
+		case got := <-e.in:
+			if string(got) != want {
+				t.Errorf("got %q; want %q", got, want)
+			}
+		default:
+			t.Fatalf("no packet; want %q", want)
+		}
+	}
+	if len(e.in) != 0 {
+		t.Errorf("%d packets more; want none", len(e.in))
+	}
+}
+
+// datagramConn is a hostile relay's end of a session it offered: inner
+// packets as relayed datagrams on its own connection qc.
+type datagramConn struct {
+	qc       *quic.Conn
+	id       sessionID
+	ctx      context.Context
+	cancel   context.CancelFunc
+	seq      uint16
+	partials map[uint16][]byte // first pieces (the relay sends them in order)
+}
+
+func (d *datagramConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	for {
+		p, err := d.qc.ReceiveDatagram(d.ctx)
+		if err != nil {
+			return 0, nil, err
+		}
+		if len(p) < relayHeaderLen || p[0] != dgRelay || sessionID(p[1:17]) != d.id {
+			continue
+		}
+		if p[17] == pieceWhole {
+			return copy(b, p[relayHeaderLen:]), relayAddr{}, nil
+		}
+		seq := binary.BigEndian.Uint16(p[18:20])
+		if first, ok := d.partials[seq]; ok && p[17] == pieceSecond {
+			return copy(b, append(first, p[relayHeaderLen:]...)), relayAddr{}, nil
+		}
+		d.partials[seq] = p[relayHeaderLen:]
+	}
+}
+
+func (d *datagramConn) WriteTo(b []byte, _ net.Addr) (int, error) {
+	h := append(append([]byte{dgRelay}, d.id[:]...), pieceWhole, 0, 0)
+	d.seq++
+	return len(b), sendRelayed(d.qc, append(h, b...), func() uint16 { return d.seq })
+}
+
+func (d *datagramConn) Close() error                { d.cancel(); return nil }
+func (d *datagramConn) LocalAddr() net.Addr         { return relayAddr{} }
+func (d *datagramConn) SetDeadline(time.Time) error { return nil }
+func (d *datagramConn) SetReadDeadline(t time.Time) error {
+	if !t.IsZero() && !t.After(time.Now()) {
+		d.cancel() // the transport closes
+	}
+	return nil
+}
+func (d *datagramConn) SetWriteDeadline(time.Time) error { return nil }
+
+// TestHostileRelayCannotPivot: a member that offers the target a session
+// "with party 0" and then, as its relay, handshakes through it, gets no
+// connection: not as itself (the session is party 0's), not as party 0
+// (it does not hold party 0's key).
+func TestHostileRelayCannotPivot(t *testing.T) {
+	x := startParty(t, 0, nil, allowAll)
+	r := startParty(t, 5, nil, allowAll)
+	h := newHostilePeer(t, 4, r)
+	infos := []PeerInfo{x.info, r.info, h.info}
+	x.m.SetPeers(infos)
+	r.m.SetPeers(infos)
+	testkit.Eventually(t, "party 4 known", func() bool { return peerOf(r.m, 4) != nil })
+	qc := h.dial()
+	id := newSessionID()
+	str, rep, err := openStream(ctxTimeout(t, 10*time.Second), qc, id.request(header.KindRelayOffer, 0))
+	if err != nil || rep.Status != header.StatusOK {
+		t.Fatalf("offer: %v %v", rep.Status, err)
+	}
+	endStream(str)
+	dctx, dcancel := context.WithCancel(context.Background())
+	tr := &quic.Transport{Conn: &datagramConn{qc: qc, id: id, ctx: dctx, cancel: dcancel, partials: map[uint16][]byte{}}}
+	defer tr.Close()
+	rejected := r.m.Stats().AcceptsRejected
+	for _, as := range []int{4, 0} {
+		cfg := &tls.Config{Certificates: []tls.Certificate{h.id.Cert}, NextProtos: []string{ALPN}, MinVersion: tls.VersionTLS13,
+			InsecureSkipVerify: true, ServerName: handshakeName(as, 5)}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		inner, err := tr.Dial(ctx, relayAddr{}, cfg, QUICConfig(3*time.Second))
+		cancel()
+		t.Logf("as party %d: dial: %v", as, err)
+		if err == nil {
+			// The handshake may complete before the acceptor's check: then
+			// the acceptor closes it at once, and it carries nothing.
+			if _, _, err = openStream(ctxTimeout(t, 5*time.Second), inner, header.Request{Kind: header.KindPing}); err == nil {
+				t.Fatalf("party 4 got a working connection through its own session, as party %d", as)
+			}
+		}
+		for _, pid := range []int{0, 4} {
+			if ps := peerStats(r.m, pid); ps.Path == PathPeerRelayed {
+				t.Fatalf("as party %d: the target took the session's connection as party %d's: %+v", as, pid, ps)
+			}
+		}
+	}
+	if r.m.Stats().AcceptsRejected == rejected {
+		t.Error("no handshake was rejected")
+	}
+}
