@@ -139,6 +139,16 @@ func PrintStatus(w io.Writer, s status.Status) {
 			rates(p.Rate.CurrentReceived, p.Rate.AverageReceived, p.Rate.MaxReceived), dash(p.LastError))
 	}
 	tw.Flush()
+	if len(s.PeerRelay.Relaying) > 0 {
+		fmt.Fprintln(w, "\nrelaying for the others:")
+		tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "BETWEEN\tSINCE\tA→B\tB→A\tRATE A→B / B→A (avg)")
+		for _, r := range s.PeerRelay.Relaying {
+			fmt.Fprintf(tw, "%d and %d\t%s\t%s\t%s\t%s / %s\n", r.A, r.B, time.Since(r.Since).Round(time.Second),
+				bytesText(float64(r.BytesAB)), bytesText(float64(r.BytesBA)), bytesText(r.RateAB)+"/s", bytesText(r.RateBA)+"/s")
+		}
+		tw.Flush()
+	}
 }
 
 func dash(s string) string {

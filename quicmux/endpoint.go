@@ -139,8 +139,11 @@ func (m *Mux) acceptLoop(ctx context.Context, ep *endpoint) error {
 		}
 		cs := conn.ConnectionState().TLS
 		p, member, err := m.claimed(cs.ServerName, identity.PinOf(cs.PeerCertificates[0]))
-		if err == nil && ep.session != nil && p.pid != ep.session.peer {
+		switch {
+		case err == nil && ep.session != nil && p.pid != ep.session.peer:
 			err = fmt.Errorf("party %d dialled through a session with party %d", p.pid, ep.session.peer)
+		case err == nil && ep.session != nil && member:
+			err = fmt.Errorf("party %d opened a pool connection through a peer relay", p.pid)
 		}
 		if err != nil {
 			m.count.acceptsRejected.Add(1)

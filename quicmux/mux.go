@@ -399,7 +399,7 @@ func newMux(pc net.PacketConn, relay *Relay, opts Options, tune tuning) (m *Mux,
 	qr := *m.qc
 	qr.InitialPacketSize, qr.DisablePathMTUDiscovery = 1200, true
 	m.qcRelayed = &qr
-	m.prelay = peerRelays{relayed: map[sessionID]*relaySession{}, ends: map[sessionID]*sessionEnd{}, limiters: map[int]*source{}}
+	m.prelay.init(opts.PeerRelayRate)
 	if m.main, err = m.newEndpoint(pc, false, ""); err != nil {
 		return nil, err
 	}

@@ -108,14 +108,19 @@ type link struct {
 	// echoes are the nonces of the peer's answers to its probes (stall.go).
 	read   atomic.Uint64
 	echoes chan uint64
+	// regrow schedules the trials of larger packets on the link, and
+	// trials takes their result (stall.go; its dialer's keep only).
+	regrow regrow
+	trials chan trialResult
 }
 
 // newLink is conn as a link made on ep.
 func newLink(conn *quic.Conn, ep *endpoint, primary *link) *link {
 	cs := conn.ConnectionState()
-	return &link{conn: conn, ep: ep, since: time.Now(), local: addrPortOf(conn.LocalAddr()), remote: addrPortOf(conn.RemoteAddr()),
+	now := time.Now()
+	return &link{conn: conn, ep: ep, since: now, local: addrPortOf(conn.LocalAddr()), remote: addrPortOf(conn.RemoteAddr()),
 		pin: identity.PinOf(cs.TLS.PeerCertificates[0]), datagrams: cs.SupportsDatagrams.Local && cs.SupportsDatagrams.Remote,
-		primary: primary, echoes: make(chan uint64, 4)}
+		primary: primary, echoes: make(chan uint64, 4), regrow: newRegrow(now), trials: make(chan trialResult, 1)}
 }
 
 func (m *Mux) newPeer(cancel context.CancelFunc, in PeerInfo) *peer {
@@ -225,13 +230,12 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 	watches := make(map[*link]*stallWatch)
 	probes := make(chan probeResult, config.MaxConnsPerPeer)
 	// Trials of larger packets (stall.go), by the dialer, unless packets
-	// are fixed.
-	rg := newRegrow(l.since)
+	// are fixed; their schedule is the link's, across calls of keep.
+	rg := &l.regrow
 	regrowOn := dialer && m.opts.MaxPacketSize == 0 && l.ep.session == nil
-	trials := make(chan trialResult, 1)
 	for {
 		select {
-		case r := <-trials:
+		case r := <-l.trials:
 			rg.done(time.Now())
 			if r.err != nil || r.got < r.size+packetGain {
 				p.log.Debug("no larger packets on the path", "packet_size", r.size, "trial", r.got, "err", r.err, "next_in", rg.wait)
@@ -263,7 +267,7 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 			p.watchStalls(ctx, now, watches, probes)
 			if regrowOn {
 				if size := packetSize(l.conn); rg.due(now, size) {
-					m.wg.Go(func() { trials <- p.packetTrial(ctx, l, size) })
+					m.wg.Go(func() { l.trials <- p.packetTrial(ctx, l, size) })
 				}
 			}
 			if n := l.conn.ConnectionStats().PacketsReceived; n != lastPackets {

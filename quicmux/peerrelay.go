@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -36,10 +37,16 @@ import (
 // then R binds the id to A's and B's connections (and so to their pins)
 // and answers A. From then on R forwards a datagram with that id only
 // from A's connections to B's primary and back; any other is dropped.
-// A session that carries nothing for relayIdle ends, at R and at both
-// ends. R limits sessions per peer, and the bytes per second it forwards
-// (opts.PeerRelayRate, shared out equally among the peers that have
-// sessions): its own study's flows, on the same connections, come first.
+// A session ends at R when either end has sent nothing for relayIdle,
+// and at an end when it has sent nothing for as long (a live inner
+// connection sends keepalives both ways; junk from a relay keeps
+// nothing). R limits sessions per pair and per peer, and the bytes per
+// second it forwards (opts.PeerRelayRate, shared out equally among the
+// peers sending bulk data), dropping what is over: quic-go sends
+// datagrams before stream data, so that cap is what relaying may take
+// from R's own flows on the same connections. An end accepts a few inner
+// handshakes, then one a second, and no pool members: the relay's own
+// connections carry one inner connection.
 //
 // On A and B a session is a net.PacketConn (sessionEnd) under a QUIC
 // transport of its own (an endpoint with session set): the inner link is
@@ -64,11 +71,19 @@ const (
 
 // Peer relay limits and timings.
 const (
-	// relaySessions bounds the sessions one peer may hold at a relay
-	// (either end), and at an end with one peer; an end takes at most
-	// viaSessions through one relay.
-	relaySessions = 8
-	viaSessions   = 64
+	// pairSessions bounds the sessions of one pair at a relay, and of one
+	// peer through one relay at an end, so that no member can take the
+	// slots of another pair; a peer may hold at most peerSessions at a
+	// relay (as either end), and an end takes at most viaSessions through
+	// one relay.
+	pairSessions = 4
+	peerSessions = 32
+	viaSessions  = 64
+	// sessionHandshakes bounds the inner handshakes a session's end
+	// accepts: a few at first, then one a second (each costs a TLS
+	// signature before the claim is checked).
+	sessionHandshakes = 1
+	sessionBurst      = 3
 	// relayIdle ends a session that carried nothing this long (an inner
 	// connection sends a keepalive every 2 s).
 	relayIdle = 30 * time.Second
@@ -112,41 +127,63 @@ type peerRelays struct {
 	relayed  map[sessionID]*relaySession
 	ends     map[sessionID]*sessionEnd
 	limiters map[int]*source // per source peer of relayed packets
+	total    *rate.Limiter   // all sources together
 	// Counters.
 	forwarded, dropped, refused atomic.Uint64
 }
 
-// relaySession is a session this party relays, between peers a and b.
-type relaySession struct {
-	id       sessionID
-	a, b     int
-	last     atomic.Int64 // unix nanoseconds of its last packet
-	toA, toB chan []byte
-	seq      atomic.Uint32
+func (r *peerRelays) init(total int) {
+	r.relayed, r.ends, r.limiters = map[sessionID]*relaySession{}, map[sessionID]*sessionEnd{}, map[int]*source{}
+	r.total = rate.NewLimiter(rate.Limit(total), relayBurst)
 }
 
-// countLocked is how many sessions pid has at this relay.
-func (r *peerRelays) countLocked(pid int) int {
-	n := 0
+// relaySession is a session this party relays, between peers a and b.
+type relaySession struct {
+	id   sessionID
+	a, b int
+	// fromA, fromB are the unix nanoseconds of each end's last packet: a
+	// session ends when either falls silent (a live inner connection
+	// sends keepalives both ways).
+	fromA, fromB atomic.Int64
+	toA, toB     chan []byte
+	seq          atomic.Uint32
+	// Bytes forwarded each way.
+	bytesAB, bytesBA atomic.Uint64
+	since            time.Time
+	// links are the connections it forwards on, to a and to b (linkCache).
+	linkA, linkB linkCache
+}
+
+// fullLocked reports whether a session between a and b would pass a
+// relay's limits: per pair, and per peer.
+func (r *peerRelays) fullLocked(a, b int) bool {
+	pair, na, nb := 0, 0, 0
 	for _, s := range r.relayed {
-		if s.a == pid || s.b == pid {
-			n++
+		if (s.a == a && s.b == b) || (s.a == b && s.b == a) {
+			pair++
+		}
+		if s.a == a || s.b == a {
+			na++
+		}
+		if s.a == b || s.b == b {
+			nb++
 		}
 	}
-	return n
+	return pair >= pairSessions || na >= peerSessions || nb >= peerSessions
 }
 
 // source is a peer that sends packets for the relay to forward.
 type source struct {
-	lim  *rate.Limiter
-	seen atomic.Int64 // unix nanoseconds of its last packet
+	lim   *rate.Limiter
+	bytes atomic.Int64 // sent since the last sample
+	seen  atomic.Int64 // unix nanoseconds of when it was last active
 }
 
-// A source that sent a bulk packet (data, not an acknowledgement or a
-// keepalive) within sourceActive is active.
+// A source that sent activeBytes within a second (more than keepalives
+// and acknowledgements), no longer than sourceActive ago, is active.
 const (
 	sourceActive = 2 * time.Second
-	bulkPacket   = 1000
+	activeBytes  = 64 << 10
 )
 
 // shareLocked gives every peer with a session an equal share of total,
@@ -187,6 +224,9 @@ func (m *Mux) reshare(now time.Time) {
 	r := &m.prelay
 	r.mu.Lock()
 	r.shareLocked(m.opts.PeerRelayRate, now)
+	for _, src := range r.limiters {
+		src.bytes.Store(0)
+	}
 	r.mu.Unlock()
 }
 
@@ -200,7 +240,7 @@ func (m *Mux) relayable(pid int) *link {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	l := p.pool.primary
-	if l == nil || l.ep.session != nil || !p.path.state.Connected() {
+	if l == nil || l.ep.session != nil || !l.datagrams || !p.path.state.Connected() {
 		return nil
 	}
 	return l
@@ -226,9 +266,9 @@ func (m *Mux) relayRequest(ctx context.Context, from, to int, id sessionID) head
 		return refuse(header.StatusUnreachable, "no connection of ours to both")
 	}
 	r.mu.Lock()
-	n, nt, taken := r.countLocked(from), r.countLocked(to), r.relayed[id] != nil
+	full, taken := r.fullLocked(from, to), r.relayed[id] != nil
 	r.mu.Unlock()
-	if n >= relaySessions || nt >= relaySessions {
+	if full {
 		return refuse(header.StatusOverBudget, "too many sessions")
 	}
 	if taken {
@@ -244,10 +284,12 @@ func (m *Mux) relayRequest(ctx context.Context, from, to int, id sessionID) head
 		return refuse(header.StatusRefused, "the peer refused: "+rep.Status.String())
 	}
 	endStream(str)
-	s := &relaySession{id: id, a: from, b: to, toA: make(chan []byte, relayQueue), toB: make(chan []byte, relayQueue)}
-	s.last.Store(time.Now().UnixNano())
+	now := time.Now()
+	s := &relaySession{id: id, a: from, b: to, toA: make(chan []byte, relayQueue), toB: make(chan []byte, relayQueue), since: now}
+	s.fromA.Store(now.UnixNano())
+	s.fromB.Store(now.UnixNano())
 	r.mu.Lock()
-	if r.countLocked(from) >= relaySessions || r.countLocked(to) >= relaySessions || r.relayed[id] != nil {
+	if r.fullLocked(from, to) || r.relayed[id] != nil {
 		r.mu.Unlock()
 		return refuse(header.StatusOverBudget, "too many sessions")
 	}
@@ -271,18 +313,18 @@ func (m *Mux) runRelaySession(s *relaySession) {
 		cancel()
 	}()
 	var wg sync.WaitGroup
-	wg.Go(func() { m.forward(ctx, s, s.a, s.toA) })
-	wg.Go(func() { m.forward(ctx, s, s.b, s.toB) })
+	wg.Go(func() { m.forward(ctx, s, s.a, &s.linkA, s.toA, &s.bytesBA) })
+	wg.Go(func() { m.forward(ctx, s, s.b, &s.linkB, s.toB, &s.bytesAB) })
 	t := time.NewTicker(relayIdle / 6)
 	defer t.Stop()
 	for ctx.Err() == nil {
 		select {
 		case <-ctx.Done():
 		case now := <-t.C:
-			if now.Sub(time.Unix(0, s.last.Load())) < relayIdle {
-				continue
+			last := min(s.fromA.Load(), s.fromB.Load())
+			if now.Sub(time.Unix(0, last)) >= relayIdle {
+				cancel()
 			}
-			cancel()
 		}
 	}
 	wg.Wait()
@@ -294,14 +336,15 @@ func (m *Mux) runRelaySession(s *relaySession) {
 	m.log.Info("relay session ended", "peer", s.a, "to", s.b)
 }
 
-// forward sends the packets of q to peer pid's primary until ctx ends.
-func (m *Mux) forward(ctx context.Context, s *relaySession, pid int, q <-chan []byte) {
+// forward sends the packets of q to peer pid's primary until ctx ends,
+// counting their bytes in n.
+func (m *Mux) forward(ctx context.Context, s *relaySession, pid int, lc *linkCache, q <-chan []byte, n *atomic.Uint64) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case b := <-q:
-			l := m.relayable(pid)
+			l := lc.get(m, pid)
 			if l == nil {
 				m.prelay.dropped.Add(1)
 				continue
@@ -311,8 +354,23 @@ func (m *Mux) forward(ctx context.Context, s *relaySession, pid int, q <-chan []
 				continue
 			}
 			m.prelay.forwarded.Add(uint64(len(b) - relayHeaderLen))
+			n.Add(uint64(len(b) - relayHeaderLen))
 		}
 	}
+}
+
+// linkCache holds a peer's relayable link between packets, so that the
+// data path takes no lock of the Mux or the peer while the link lives
+// and is not replaced.
+type linkCache struct{ l atomic.Pointer[link] }
+
+func (c *linkCache) get(m *Mux, pid int) *link {
+	l := c.l.Load()
+	if l == nil || l.draining.Load() || l.conn.Context().Err() != nil {
+		l = m.relayable(pid)
+		c.l.Store(l)
+	}
+	return l
 }
 
 // sendRelayed sends the relayed packet b (header included) on conn: whole
@@ -354,17 +412,19 @@ func (m *Mux) relayDatagram(from int, b []byte) {
 	switch {
 	case s != nil && (from == s.a || from == s.b):
 		now := time.Now()
-		if len(b) >= bulkPacket {
+		if src.bytes.Add(int64(len(b))) >= activeBytes {
 			src.seen.Store(now.UnixNano())
 		}
-		if !src.lim.AllowN(now, len(b)) {
+		if !r.total.AllowN(now, len(b)) || !src.lim.AllowN(now, len(b)) {
 			r.dropped.Add(1)
 			return
 		}
-		s.last.Store(now.UnixNano())
 		q := s.toB
 		if from == s.b {
 			q = s.toA
+			s.fromB.Store(now.UnixNano())
+		} else {
+			s.fromA.Store(now.UnixNano())
 		}
 		select {
 		case q <- b:
@@ -386,42 +446,57 @@ type sessionEnd struct {
 	via, peer int
 	ep        *endpoint
 	in        chan []byte
-	last      atomic.Int64 // unix nanoseconds of its last packet either way
+	// last is the unix nanoseconds of its last packet sent: its inner
+	// transport sends only for a live connection or a handshake, so a
+	// relay that sends junk cannot keep it.
+	last      atomic.Int64
 	seq       atomic.Uint32
 	closed    chan struct{}
 	closeOnce sync.Once
+	link      linkCache // to the relay
+	// handshakes bounds the inner handshakes it accepts.
+	handshakes *rate.Limiter
 
 	mu       sync.Mutex // guards the fields below
-	partials map[uint16]*[2][]byte
+	partials map[uint16]*partial
 	deadline time.Time
 	dlCh     chan struct{} // closed when the deadline changes
 }
 
+// partial is a packet of which one piece came.
+type partial struct {
+	pieces [2][]byte
+	at     time.Time
+}
+
+// partialAge is how long a piece waits for the other.
+const partialAge = time.Second
+
 // newSessionEnd makes this party's end of session id with peer through
 // via, with its QUIC transport and listener, or refuses it (at most
-// relaySessions with one peer).
+// pairSessions with one peer through one relay, viaSessions through it).
 func (m *Mux) newSessionEnd(id sessionID, via, peer int) (*sessionEnd, error) {
 	e := &sessionEnd{m: m, id: id, via: via, peer: peer, in: make(chan []byte, relayQueue), closed: make(chan struct{}),
-		partials: map[uint16]*[2][]byte{}, dlCh: make(chan struct{})}
+		partials: map[uint16]*partial{}, dlCh: make(chan struct{}), handshakes: rate.NewLimiter(sessionHandshakes, sessionBurst)}
 	e.last.Store(time.Now().UnixNano())
 	r := &m.prelay
 	r.mu.Lock()
 	n, nv := 0, 0
 	for _, x := range r.ends {
-		if x.peer == peer {
-			n++
-		}
 		if x.via == via {
 			nv++
+			if x.peer == peer {
+				n++
+			}
 		}
 	}
-	if n >= relaySessions || nv >= viaSessions || r.ends[id] != nil {
+	if n >= pairSessions || nv >= viaSessions || r.ends[id] != nil {
 		r.mu.Unlock()
 		return nil, fmt.Errorf("too many relayed sessions with party %d, or through party %d", peer, via)
 	}
 	r.ends[id] = e
 	r.mu.Unlock()
-	ep := &endpoint{session: e, conn: e, tr: &quic.Transport{Conn: e}}
+	ep := &endpoint{session: e, conn: e, tr: &quic.Transport{Conn: e, ConnContext: e.admit}}
 	var err error
 	if ep.ln, err = ep.tr.Listen(m.serverTLS(), m.qcRelayed); err != nil {
 		ep.tr.Close()
@@ -429,8 +504,19 @@ func (m *Mux) newSessionEnd(id sessionID, via, peer int) (*sessionEnd, error) {
 		return nil, fmt.Errorf("quic listen: %w", err)
 	}
 	e.ep = ep
-	m.goUnlessQuit(func() { e.run() })
+	if !m.goUnlessQuit(func() { e.run() }) {
+		ep.close()
+		return nil, net.ErrClosed
+	}
 	return e, nil
+}
+
+// admit refuses an inner handshake past e's rate, before any TLS.
+func (e *sessionEnd) admit(ctx context.Context, _ *quic.ClientInfo) (context.Context, error) {
+	if !e.handshakes.Allow() {
+		return ctx, errHandshakeRate
+	}
+	return ctx, nil
 }
 
 // run accepts the inner connections of e until it is idle for relayIdle,
@@ -463,24 +549,33 @@ func (e *sessionEnd) run() {
 
 // take delivers a packet (or a piece of one) of the session from its relay.
 func (e *sessionEnd) take(b []byte) {
-	e.last.Store(time.Now().UnixNano())
 	body := b[relayHeaderLen:]
 	if b[17] != pieceWhole {
 		seq := binary.BigEndian.Uint16(b[18:20])
+		now := time.Now()
 		e.mu.Lock()
 		pp := e.partials[seq]
+		if pp != nil && now.Sub(pp.at) > partialAge {
+			pp = nil // a stale piece of an earlier packet with this number
+		}
 		if pp == nil {
 			if len(e.partials) >= maxPartials {
-				clear(e.partials) // old pieces whose others were lost
+				// Pieces whose others were lost.
+				maps.DeleteFunc(e.partials, func(_ uint16, p *partial) bool { return now.Sub(p.at) > partialAge })
 			}
-			pp = new([2][]byte)
+			if len(e.partials) >= maxPartials {
+				e.mu.Unlock()
+				e.m.prelay.dropped.Add(1)
+				return
+			}
+			pp = &partial{at: now}
 			e.partials[seq] = pp
 		}
-		pp[b[17]-pieceFirst] = body
-		whole := pp[0] != nil && pp[1] != nil
+		pp.pieces[b[17]-pieceFirst] = body
+		whole := pp.pieces[0] != nil && pp.pieces[1] != nil
 		if whole {
 			delete(e.partials, seq)
-			body = append(slices.Clip(pp[0]), pp[1]...)
+			body = append(slices.Clip(pp.pieces[0]), pp.pieces[1]...)
 		}
 		e.mu.Unlock()
 		if !whole {
@@ -501,22 +596,32 @@ func (e *sessionEnd) ReadFrom(b []byte) (int, net.Addr, error) {
 		dl, changed := e.deadline, e.dlCh
 		e.mu.Unlock()
 		var expired <-chan time.Time
+		var t *time.Timer
 		if !dl.IsZero() {
 			wait := time.Until(dl)
 			if wait <= 0 {
 				return 0, nil, os.ErrDeadlineExceeded
 			}
-			t := time.NewTimer(wait)
-			defer t.Stop()
+			t = time.NewTimer(wait)
 			expired = t.C
 		}
+		var p []byte
+		var closed bool
 		select {
-		case p := <-e.in:
-			return copy(b, p), e.remote(), nil
+		case p = <-e.in:
 		case <-e.closed:
-			return 0, nil, net.ErrClosed
+			closed = true
 		case <-changed:
 		case <-expired:
+		}
+		if t != nil {
+			t.Stop()
+		}
+		switch {
+		case p != nil:
+			return copy(b, p), e.remote(), nil
+		case closed:
+			return 0, nil, net.ErrClosed
 		}
 	}
 }
@@ -529,7 +634,7 @@ func (e *sessionEnd) WriteTo(b []byte, _ net.Addr) (int, error) {
 		return 0, net.ErrClosed
 	default:
 	}
-	l := e.m.relayable(e.via)
+	l := e.link.get(e.m, e.via)
 	if l == nil {
 		return len(b), nil
 	}

@@ -65,8 +65,9 @@ func listenLoopback(t *testing.T) net.PacketConn {
 
 // TestPeerRelay: with no direct path and no TURN server, parties 0 and 1
 // reach each other through party 2, both ways, every byte right; the
-// relay counts what it carried; the pool grows through it; and when the
-// direct path opens mid-transfer, the same connection completes on it.
+// relay counts what it carried; parallel flows share one connection
+// through it; and when the direct path opens mid-transfer, the same
+// connection completes on it.
 func TestPeerRelay(t *testing.T) {
 	s := newRelayScene(t, 1, nil)
 	echo := halfCloseEcho(t)
@@ -79,16 +80,17 @@ func TestPeerRelay(t *testing.T) {
 		t.Errorf("acceptor's stats = %+v; want relayed via peer 2", ps)
 	}
 	rs := s.relays[0].m.Stats().PeerRelay
-	if rs.Sessions != 1 || rs.BytesForwarded < 4<<20 {
-		t.Errorf("relay's stats = %+v; want 1 session and at least 4 MiB forwarded", rs)
+	if rs.Sessions != 1 || rs.BytesForwarded < 4<<20 || len(rs.Relaying) != 1 ||
+		rs.Relaying[0].A != 0 || rs.Relaying[0].B != 1 || rs.Relaying[0].BytesAB < 2<<20 || rs.Relaying[0].BytesBA < 2<<20 {
+		t.Errorf("relay's stats = %+v; want 1 session between 0 and 1, at least 2 MiB each way", rs)
 	}
-	// The pool grows through the relay.
+	// Parallel flows share the one connection through the relay (the
+	// relay's own connections carry it: no pool inside).
 	check := echoFlows(t, s.a.m, 1, testkit.Echo(t), 3, 256<<10)
-	testkit.Eventually(t, "a peer-relayed pool of 3", func() bool {
-		ps := peerStats(s.a.m, 1)
-		return ps.QUICConns == 3 && ps.Path == PathPeerRelayed
-	})
 	check()
+	if ps := peerStats(s.a.m, 1); ps.QUICConns != 1 || ps.Path != PathPeerRelayed {
+		t.Errorf("after 3 parallel flows: %+v; want one peer-relayed connection", ps)
+	}
 
 	// The direct path opens mid-transfer.
 	conn, err := s.a.m.Dial(ctxTimeout(t, 10*time.Second), 1, echo)
@@ -228,15 +230,19 @@ func TestHostileRelayMember(t *testing.T) {
 		t.Errorf("a session to a party it does not dial: %v; want refused", st)
 	}
 	// Offers from party 4 to the relay (as if party 4 relayed) of sessions
-	// with party 0: taken, up to relaySessions.
+	// with party 0: taken, up to pairSessions; and party 0's own sessions
+	// through an honest relay are still taken (the slots are per relay).
 	ok := 0
-	for range relaySessions + 3 {
+	for range pairSessions + 3 {
 		if ask(header.KindRelayOffer, 0) == header.StatusOK {
 			ok++
 		}
 	}
-	if ok != relaySessions {
-		t.Errorf("%d offers taken; want at most %d", ok, relaySessions)
+	if ok != pairSessions {
+		t.Errorf("%d offers taken; want at most %d", ok, pairSessions)
+	}
+	if _, err := r.m.newSessionEnd(newSessionID(), 1, 0); err != nil {
+		t.Errorf("a session with party 0 through party 1, after party 4's offers: %v", err)
 	}
 	// Offers for itself, or for a party not in the study.
 	for _, pid := range []int{4, 9} {
@@ -251,7 +257,7 @@ func TestHostileRelayMember(t *testing.T) {
 // datagrams goes as two pieces, joined again at the far end; pieces of
 // other packets, and lone pieces, do not join.
 func TestRelayedPieces(t *testing.T) {
-	e := &sessionEnd{m: &Mux{}, in: make(chan []byte, 4), partials: map[uint16]*[2][]byte{}, closed: make(chan struct{})}
+	e := &sessionEnd{m: &Mux{}, in: make(chan []byte, 4), partials: map[uint16]*partial{}, closed: make(chan struct{})}
 	hdr := func(piece byte, seq uint16) []byte {
 		return append(append([]byte{dgRelay}, make([]byte, 16)...), piece, byte(seq>>8), byte(seq))
 	}
@@ -367,5 +373,42 @@ func TestHostileRelayCannotPivot(t *testing.T) {
 	}
 	if r.m.Stats().AcceptsRejected == rejected {
 		t.Error("no handshake was rejected")
+	}
+}
+
+// TestRelayLimits: a relay holds at most pairSessions for one pair and
+// peerSessions for one peer, so that a member that fills its own pair's
+// slots leaves the other pairs theirs.
+func TestRelayLimits(t *testing.T) {
+	var r peerRelays
+	r.init(1 << 20)
+	add := func(a, b int) bool {
+		if r.fullLocked(a, b) {
+			return false
+		}
+		r.relayed[newSessionID()] = &relaySession{a: a, b: b}
+		return true
+	}
+	for i := range pairSessions {
+		if !add(4, 1) {
+			t.Fatalf("session %d of pair 4–1 refused", i)
+		}
+	}
+	if add(4, 1) || add(1, 4) {
+		t.Fatal("a session past pairSessions taken")
+	}
+	if !add(0, 1) {
+		t.Fatal("another pair's session with party 1 refused: party 4 took its slots")
+	}
+	n := pairSessions
+	for b := 10; n < peerSessions; b++ {
+		for range pairSessions {
+			if n < peerSessions && add(4, b) {
+				n++
+			}
+		}
+	}
+	if add(4, 99) {
+		t.Fatalf("party 4 holds more than %d sessions", peerSessions)
 	}
 }

@@ -231,6 +231,9 @@ func (p *peer) balance() {
 // grow opens members until p has a connection per flow, up to
 // ConnsPerPeer (dialer only).
 func (p *peer) grow(ctx context.Context, primary *link) {
+	if primary.ep.session != nil {
+		return // one connection through a peer relay: the relay's own connections carry it
+	}
 	if !p.growing.CompareAndSwap(false, true) {
 		return
 	}

@@ -173,7 +173,16 @@ func (m *Mux) Stats() Stats {
 	r.mu.Lock()
 	st.PeerRelay = status.PeerRelay{Enabled: !m.opts.NoPeerRelay, Sessions: len(r.relayed), Ends: len(r.ends),
 		RateLimit: m.opts.PeerRelayRate}
+	for _, s := range r.relayed {
+		ab, ba := s.bytesAB.Load(), s.bytesBA.Load()
+		rs := status.RelaySession{A: s.a, B: s.b, Since: s.since, BytesAB: ab, BytesBA: ba}
+		if el := time.Since(s.since).Seconds(); el > 0 {
+			rs.RateAB, rs.RateBA = float64(ab)/el, float64(ba)/el
+		}
+		st.PeerRelay.Relaying = append(st.PeerRelay.Relaying, rs)
+	}
 	r.mu.Unlock()
+	slices.SortFunc(st.PeerRelay.Relaying, func(a, b status.RelaySession) int { return a.Since.Compare(b.Since) })
 	st.PeerRelay.BytesForwarded, st.PeerRelay.Dropped, st.PeerRelay.Refused = r.forwarded.Load(), r.dropped.Load(), r.refused.Load()
 	for why := ResetByPeer; why < numResetReasons; why++ {
 		if n := m.count.flowResets[why].Load(); n > 0 {

@@ -5,17 +5,19 @@
 #   party 0: symmetric NAT (MASQUERADE --random-fully)
 #   party 1: symmetric NAT
 #   party 2: cone NAT (home-router firewall)
-#   party 3: a public address, no NAT (a cloud VM)
+#   parties 3 and 4: public addresses, no NAT (cloud VMs)
 #
-# No pair with a symmetric or a cone party has a direct path except to
-# party 3, which reaches everyone: the other pairs must connect through
-# party 3, with no flag given (peer relay is on by default, for sfkit's
-# fixed command line). Every ordered pair gets a sha256-checked curl
-# transfer and an ncat echo through ALL_PROXY; each party's status must
-# say direct for party 3 and relayed via peer 3 for the others; party 3's
-# status counts its sessions and the bytes it relayed; and a capture on
-# party 3 during a transfer of a text file from party 1 to party 0 must
-# show none of its text.
+# No pair of parties 0 to 2 has a direct path; parties 3 and 4 reach
+# everyone. So the pairs of parties 0 to 2 must connect through party 3 or
+# 4, with no flag given (peer relay is on by default, for sfkit's fixed
+# command line). Every ordered pair gets a sha256-checked curl transfer and
+# an ncat echo through ALL_PROXY; each party's status must say direct for
+# parties 3 and 4 and relayed via one of them for the others; the relays'
+# status counts their sessions and the bytes they relayed; a capture on the
+# relays during a transfer of a text file from party 1 to party 0 must show
+# none of its text. Last, the relay carrying a paced transfer from party 1
+# to party 0 is stopped mid-transfer: the same connection completes through
+# the other, sha256-checked.
 #
 # Usage: scripts/peer-relay-lab.sh [path/to/sfkit-proxy]   (env: SIZE_MB=10)
 set -euo pipefail
@@ -31,11 +33,13 @@ marker_file() { yes "$MARKER the quick brown fox jumps over the lazy dog" | head
 
 TURN_ARGS=(--stun-only --no-tls)
 internet
+tokens e2e 5
 REGISTRY_ARGS=()
 start_registry
 
-KINDS=(symmetric symmetric cone public)
-for i in 0 1 2 3; do
+KINDS=(symmetric symmetric cone public public)
+RELAY_PID=()
+for i in 0 1 2 3 4; do
 	addns "p$i"
 	if [ "${KINDS[$i]}" = public ]; then
 		public "$i" "$(ns "p$i")"
@@ -44,48 +48,89 @@ for i in 0 1 2 3; do
 	fi
 	services "$i"
 	spawn "p$i" "$DIR/p$i.log" "$BIN" --pid "$i" --study e2e --registry http://203.0.113.10:8080/ \
-		--stun 203.0.113.10:3478,203.0.113.11:3478 --allow-ports 8000,9000 --log-level debug \
+		--stun 203.0.113.10:3478,203.0.113.11:3478 --allow-ports 8000,9000,9100 --log-level debug \
 		--state-dir "$DIR/state$i" --auth-key-file "$DIR/token$i"
+	RELAY_PID[$i]=$!
 done
-wait_registered 4
+wait_registered 5
 
-matrix 4
-for a in 0 1 2 3; do check_status "$a" 4 "'direct' if 3 in (b, me) else 'relayed'"; done
+matrix 5
+for a in 0 1 2 3 4; do check_status "$a" 5 "'direct' if b >= 3 or me >= 3 else 'relayed'"; done
 inns p0 "$BIN" status | tee "$DIR/status-table.txt"
 
-# The relayed pairs name their relay; the relay counts what it carried.
+# via A B: the relay party A names for B ("peer 3").
+via() { inns "p$1" "$BIN" status --json | python3 -c 'import json, sys; print(next(p.get("via", "") for p in json.load(sys.stdin)["peers"] if p["pid"] == int(sys.argv[1])))' "$2"; }
+# The relayed pairs name their relay; the relays count what they carried.
 for a in 0 1 2; do
-	if inns "p$a" "$BIN" status --json | python3 -c '
-import json, sys
-s = json.load(sys.stdin)
-bad = [p for p in s["peers"] if p["pid"] != 3 and (p.get("path") != "peer-relayed" or p.get("via") != "peer 3")]
-sys.exit(1 if bad else 0)'; then pass; else fail "party $a: a relayed peer does not say peer-relayed via peer 3"; fi
+	for b in 0 1 2; do
+		[ "$a" = "$b" ] && continue
+		v=$(via "$a" "$b")
+		case "$v" in "peer 3" | "peer 4") pass ;; *) fail "party $a says peer $b is reached via '$v'; want peer 3 or peer 4" ;; esac
+	done
 done
-inns p3 "$BIN" status --json >"$DIR/status3.json"
-if python3 - "$DIR/status3.json" "$SIZE_MB" <<'PY'; then pass; else fail "party 3's status does not show three sessions and the bytes of six transfers"; fi
+for r in 3 4; do inns "p$r" "$BIN" status --json >"$DIR/status$r.json"; done
+if python3 - "$DIR/status3.json" "$DIR/status4.json" "$SIZE_MB" <<'PY'; then pass; else fail "the relays' status does not show three sessions and the bytes of six transfers"; fi
 import json, sys
-r = json.load(open(sys.argv[1]))["peer_relay"]
-print(f"party 3 relays {r['sessions']} sessions, {r['bytes_forwarded']} bytes forwarded, {r['dropped']} packets dropped")
-sys.exit(0 if r["enabled"] and r["sessions"] >= 3 and r["bytes_forwarded"] >= 6 * (1 << 20) * int(sys.argv[2]) else 1)
+n = fwd = 0
+for f in sys.argv[1:3]:
+    r = json.load(open(f))["peer_relay"]
+    print(f"{f.split('/')[-1]}: relaying {r['sessions']} sessions, {r['bytes_forwarded']} bytes forwarded, {r['dropped']} packets dropped")
+    n, fwd = n + r["sessions"], fwd + r["bytes_forwarded"]
+    assert r["enabled"]
+sys.exit(0 if n >= 3 and fwd >= 6 * (1 << 20) * int(sys.argv[3]) else 1)
 PY
 
-# The relay sees only ciphertext: capture on party 3 while party 0 fetches
-# party 1's text file (both behind symmetric NATs: through party 3).
-spawn p3 "$DIR/tcpdump.log" tcpdump -i eth0 -s 1600 -U -w "$DIR/relay.pcap" udp
-TCPDUMP=$!
+# The relay sees only ciphertext: capture on parties 3 and 4 while party 0
+# fetches party 1's text file (both behind symmetric NATs: through one).
+for r in 3 4; do
+	spawn "p$r" "$DIR/tcpdump$r.log" tcpdump -i eth0 -s 1600 -U -w "$DIR/relay$r.pcap" udp
+	TCPDUMP[$r]=$!
+done
 sleep 1
 fetch 0 1 >/dev/null
 sleep 1
-kill "$TCPDUMP"
-wait "$TCPDUMP" 2>/dev/null || true
-captured=$(stat -c %s "$DIR/relay.pcap")
+for r in 3 4; do
+	kill "${TCPDUMP[$r]}"
+	wait "${TCPDUMP[$r]}" 2>/dev/null || true
+done
+captured=$(cat "$DIR/relay3.pcap" "$DIR/relay4.pcap" | wc -c)
 if [ "$captured" -lt $((SIZE_MB << 20)) ]; then
-	fail "capture holds only $captured bytes; the transfer did not cross party 3"
-elif grep -c -a "$MARKER" "$DIR/relay.pcap" >/dev/null; then
-	fail "the relay's capture shows the file's text"
+	fail "the captures hold only $captured bytes; the transfer crossed no relay"
+elif cat "$DIR/relay3.pcap" "$DIR/relay4.pcap" | grep -c -a "$MARKER" >/dev/null; then
+	fail "a relay's capture shows the file's text"
 else
-	log "party 3's capture: $captured bytes, none of the file's text"
+	log "the relays' captures: $captured bytes, none of the file's text"
 	pass
 fi
 grep -q -a "$MARKER" "$DIR/www1/file" || fail "the marker check is vacuous: the file lacks the marker"
+
+# The relay goes away mid-transfer: a source that paces itself over 20 s
+# (20 chunks of 100 kB) at party 1, fetched by party 0; its relay is
+# stopped 5 s in; the same connection completes through the other.
+cat >"$DIR/slow.sh" <<'SLOW'
+#!/bin/sh
+for i in $(seq 1 20); do
+	yes "slow-chunk-$i" | head -c 100000
+	sleep 1
+done
+SLOW
+chmod +x "$DIR/slow.sh"
+sh -c 'for i in $(seq 1 20); do yes slow-chunk-$i | head -c 100000; done' | sha256sum | cut -d' ' -f1 >"$DIR/slow.sum"
+spawn p1 "$DIR/slow-server.log" ncat -l 127.0.0.1 9100 --sh-exec "$DIR/slow.sh"
+sleep 0.5
+first=$(via 0 1)
+log "a paced transfer 1 -> 0 (2 MB over 20 s) through $first; stopping it after 5 s"
+ip netns exec "$(ns p0)" timeout 120 ncat --recv-only --proxy 127.0.0.1:1080 --proxy-type socks5 10.0.0.1 9100 \
+	>"$DIR/slow.out" 2>"$DIR/slow.err" &
+LONG=$!
+PIDS+=($LONG)
+sleep 5
+kill "${RELAY_PID[${first#peer }]}"
+wait "$LONG" || true
+if [ "$(sha256sum <"$DIR/slow.out" | cut -d' ' -f1)" = "$(cat "$DIR/slow.sum")" ]; then
+	log "the same connection completed through $(via 0 1) after $first stopped: $(stat -c %s "$DIR/slow.out") bytes, sha256 ok"
+	pass
+else
+	fail "the transfer did not survive its relay stopping: $(stat -c %s "$DIR/slow.out") bytes, $(cat "$DIR/slow.err")"
+fi
 finish

@@ -139,6 +139,20 @@ type PeerRelay struct {
 	// Refused counts sessions refused (off, no connection to both, over
 	// the limit, a bad request).
 	Refused uint64 `json:"refused"`
+	// Relaying lists the sessions it relays now.
+	Relaying []RelaySession `json:"relaying,omitempty"`
+}
+
+// RelaySession is one session a party relays, between parties A and B:
+// bytes forwarded each way, and their average rates since it began.
+type RelaySession struct {
+	A       int       `json:"a"`
+	B       int       `json:"b"`
+	Since   time.Time `json:"since"`
+	BytesAB uint64    `json:"bytes_a_to_b"`
+	BytesBA uint64    `json:"bytes_b_to_a"`
+	RateAB  float64   `json:"rate_a_to_b"`
+	RateBA  float64   `json:"rate_b_to_a"`
 }
 
 // PingResult is what POST /v1/ping returns.
