@@ -51,6 +51,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				return err
 			}
 			return admin.RunClient(ctx, args[0], cfg, stdout)
+		case "netcheck":
+			cfg, err := config.ParseNetcheck(args[1:], stderr)
+			if err != nil {
+				return err
+			}
+			return sidecar.Netcheck(ctx, cfg, stdout)
 		case "demo":
 			return demo.Run(ctx, args[1:], stdout, stderr)
 		case "version":

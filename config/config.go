@@ -43,6 +43,65 @@ const (
 // DefaultAdminListen is where the management API listens unless told.
 const DefaultAdminListen = "127.0.0.1:1081"
 
+// RelayFlags are the TURN relay settings.
+type RelayFlags struct {
+	// Relays are TURN URLs (turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT).
+	Relays            []string
+	RelayUser         string
+	RelayPasswordFile string
+	RelaySecretFile   string
+	RelayCA           string
+}
+
+// addRelayFlags declares the relay flags on fs; the function it returns
+// reads them once fs is parsed, reporting what is wrong to bad.
+func addRelayFlags(fs *flag.FlagSet) func(bad func(string, ...any)) RelayFlags {
+	var relays listFlag
+	fs.Var(&relays, "relay", "TURN relay URL, repeatable or comma-separated: turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT")
+	relayU := fs.String("relay-user", "", "TURN username (long-term credentials), or the user part of REST credentials")
+	relayPF := fs.String("relay-password-file", "", "file holding the TURN password")
+	relaySF := fs.String("relay-secret-file", "", "file holding coturn's shared secret (--use-auth-secret REST scheme)")
+	relayCA := fs.String("relay-ca", "", "PEM file of CAs that sign turns: servers (default: the system's)")
+	return func(bad func(string, ...any)) RelayFlags {
+		r := RelayFlags{Relays: relays, RelayUser: *relayU, RelayPasswordFile: *relayPF, RelaySecretFile: *relaySF, RelayCA: *relayCA}
+		for _, u := range r.Relays {
+			if _, err := relay.ParseURL(u); err != nil {
+				bad("--relay: %v", err)
+			}
+		}
+		if len(r.Relays) > 0 && r.RelayPasswordFile == "" && r.RelaySecretFile == "" {
+			bad("--relay needs credentials: --relay-user with --relay-password-file, or --relay-secret-file")
+		}
+		if r.RelayPasswordFile != "" && r.RelayUser == "" {
+			bad("--relay-password-file needs --relay-user")
+		}
+		return r
+	}
+}
+
+// stunFlag declares --stun on fs; the function it returns reads it once fs
+// is parsed.
+func stunFlag(fs *flag.FlagSet) func(bad func(string, ...any)) []string {
+	list := fs.String("stun", DefaultSTUN, "STUN servers host:port or stun:host:port, comma-separated, tried in turn")
+	return func(bad func(string, ...any)) []string {
+		var out []string
+		for _, s := range strings.Split(*list, ",") {
+			if s = strings.TrimPrefix(strings.TrimSpace(s), "stun:"); s == "" {
+				continue
+			}
+			if _, _, err := splitHostPort(s); err != nil {
+				bad("--stun %q: want host:port entries", s)
+				continue
+			}
+			out = append(out, s)
+		}
+		if len(out) == 0 {
+			bad("--stun is empty: give at least one STUN server host:port")
+		}
+		return out
+	}
+}
+
 // DefaultSTUN are public STUN servers tried in turn when --stun is not given.
 const DefaultSTUN = "stun.l.google.com:19302,stun.cloudflare.com:3478,stun1.l.google.com:19302"
 
@@ -75,12 +134,7 @@ type Sidecar struct {
 	LogLevel              slog.Level
 	// AdminListen is the management API's address; invalid (zero) when off.
 	AdminListen netip.AddrPort
-	// Relays are TURN URLs (turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT).
-	Relays            []string
-	RelayUser         string
-	RelayPasswordFile string
-	RelaySecretFile   string
-	RelayCA           string
+	RelayFlags
 	// AdminDebug serves /debug/pprof on the management API.
 	AdminDebug bool
 	// MPC is the MPC program's config (-mpc), nil without one.
@@ -227,7 +281,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		anyHost  = fs.Bool("socks-any-host", false, "allow a non-loopback --socks-listen (anyone who reaches it can use your tunnels)")
 		fwdAny   = fs.Bool("forward-any-host", false, "allow a non-loopback --forward listen address (anyone who reaches it can use that tunnel)")
 		udp      = fs.String("udp-listen", "0.0.0.0:0", "UDP address of the one socket used for STUN and QUIC")
-		stunList = fs.String("stun", DefaultSTUN, "STUN servers host:port or stun:host:port, comma-separated, tried in turn")
+		stunList = stunFlag(fs)
 		cidr     = fs.String("peers-cidr", DefaultPeersCIDR, "virtual range: party N is the range's base + N")
 		allow    = fs.String("allow-ports", "", "more local ports peers may reach, besides -mpc's listening ports: e.g. 8000-8100,9443, or all (default: none but -mpc's)")
 		waitPort = fs.String("wait-ports", "", "allowed ports whose connections from peers wait, up to --dial-timeout, for a local program to listen (-mpc's listening ports always do): e.g. 9000-9010, or all")
@@ -235,19 +289,14 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		stateDir = fs.String("state-dir", "", "directory of the persistent identity key (default $XDG_STATE_HOME/sfkit-proxy/STUDY-PID)")
 		logLevel = fs.String("log-level", "info", "debug, info, warn or error")
 		admin    = fs.String("admin-listen", DefaultAdminListen, "management API (status, metrics) address, or off")
-		relays   listFlag
-		relayU   = fs.String("relay-user", "", "TURN username (long-term credentials), or the user part of REST credentials")
-		relayPF  = fs.String("relay-password-file", "", "file holding the TURN password")
-		relaySF  = fs.String("relay-secret-file", "", "file holding coturn's shared secret (--use-auth-secret REST scheme)")
-		relayCA  = fs.String("relay-ca", "", "PEM file of CAs that sign turns: servers (default: the system's)")
+		relayFl  = addRelayFlags(fs)
 		adminAny = fs.Bool("admin-any-host", false, "allow a non-loopback --admin-listen")
 		adminDbg = fs.Bool("admin-debug", false, "serve Go profiles (/debug/pprof) on the management API")
 		_        = fs.String("config", "", "config file of 'flag value' lines")
 	)
 	fs.Var(&verbose, "v", "more logs: -v debug, -v -v trace (sfkit's spelling of --log-level)")
 	fs.Var(&forwards, "forward", "LOCAL=PID:PORT, repeatable: listen on LOCAL ([IP:]PORT, 127.0.0.1 by default) and carry each connection to party PID's port")
-	fs.Var(&relays, "relay", "TURN relay URL, repeatable or comma-separated: turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT")
-	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, status, ping, demo, version.\nFlags take one dash or two: sfkit's command line (-v -api URL -study ID -pid N -mpc FILE -socks URI -auth-key KEY) works as it is.")
+	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, status, ping, netcheck, demo, version.\nFlags take one dash or two: sfkit's command line (-v -api URL -study ID -pid N -mpc FILE -socks URI -auth-key KEY) works as it is.")
 	if err := parse(fs, args, EnvPrefix); err != nil {
 		return nil, err
 	}
@@ -289,19 +338,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	if c.UDPListen, err = netip.ParseAddrPort(*udp); err != nil {
 		bad("--udp-listen %q: want IP:PORT, e.g. 0.0.0.0:0", *udp)
 	}
-	for _, s := range strings.Split(*stunList, ",") {
-		if s = strings.TrimPrefix(strings.TrimSpace(s), "stun:"); s == "" {
-			continue
-		}
-		if _, _, err := splitHostPort(s); err != nil {
-			bad("--stun %q: want host:port entries", s)
-			continue
-		}
-		c.STUN = append(c.STUN, s)
-	}
-	if len(c.STUN) == 0 {
-		bad("--stun is empty: give at least one STUN server host:port")
-	}
+	c.STUN = stunList(bad)
 	if c.PeersCIDR, err = netip.ParsePrefix(*cidr); err != nil {
 		bad("--peers-cidr %q: want a CIDR such as 10.0.0.0/24", *cidr)
 	} else {
@@ -413,18 +450,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 			bad("--admin-listen %v is not a loopback address: add --admin-any-host if you really mean to expose the API", c.AdminListen)
 		}
 	}
-	c.Relays, c.RelayUser, c.RelayPasswordFile, c.RelaySecretFile, c.RelayCA = relays, *relayU, *relayPF, *relaySF, *relayCA
-	for _, r := range c.Relays {
-		if _, err := relay.ParseURL(r); err != nil {
-			bad("--relay: %v", err)
-		}
-	}
-	if len(c.Relays) > 0 && c.RelayPasswordFile == "" && c.RelaySecretFile == "" {
-		bad("--relay needs credentials: --relay-user with --relay-password-file, or --relay-secret-file")
-	}
-	if c.RelayPasswordFile != "" && c.RelayUser == "" {
-		bad("--relay-password-file needs --relay-user")
-	}
+	c.RelayFlags = relayFl(bad)
 	c.StateDir = *stateDir
 	if c.StateDir == "" && c.Study != "" && *pid >= 0 {
 		c.StateDir = defaultStateDir(c.Study, *pid)
@@ -683,6 +709,42 @@ type AdminClient struct {
 }
 
 // ParseAdminClient parses the arguments of cmd ("status" or "ping"). ping
+// Netcheck is how `sfkit-proxy netcheck` runs.
+type Netcheck struct {
+	STUN      []string
+	UDPListen netip.AddrPort
+	RelayFlags
+	JSON bool
+}
+
+// ParseNetcheck reads netcheck's flags: the sidecar's STUN, UDP and relay
+// flags (from its environment variables and config file too, so that it
+// checks what the sidecar would use), and --json.
+func ParseNetcheck(args []string, out io.Writer) (*Netcheck, error) {
+	fs := flag.NewFlagSet("sfkit-proxy netcheck", flag.ContinueOnError)
+	stunList := stunFlag(fs)
+	udp := fs.String("udp-listen", "0.0.0.0:0", "UDP address to check from")
+	relayFl := addRelayFlags(fs)
+	jsonOut := fs.Bool("json", false, "print JSON")
+	_ = fs.String("config", "", "the sidecar's config file")
+	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy netcheck [flags]\n\nTells what this network lets the sidecar do: the NAT's mapping behaviour (from two STUN servers),\nwhether UDP gets out, whether the TURN relays answer, and what paths to expect to peers.")
+	if err := ParseFlags(fs, args, ff.WithEnvVarPrefix(EnvPrefix), ff.WithConfigFileFlag("config"),
+		ff.WithConfigFileParser(ff.PlainParser), ff.WithIgnoreUndefined(true)); err != nil {
+		return nil, err
+	}
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	c := &Netcheck{STUN: stunList(bad), RelayFlags: relayFl(bad), JSON: *jsonOut}
+	var err error
+	if c.UDPListen, err = netip.ParseAddrPort(*udp); err != nil {
+		bad("--udp-listen %q: want IP:PORT, e.g. 0.0.0.0:0", *udp)
+	}
+	if fs.NArg() > 0 {
+		bad("unexpected argument %q", fs.Arg(0))
+	}
+	return c, errors.Join(errs...)
+}
+
 // takes the party id as its one argument.
 func ParseAdminClient(cmd string, args []string, out io.Writer) (*AdminClient, error) {
 	fs := flag.NewFlagSet("sfkit-proxy "+cmd, flag.ContinueOnError)

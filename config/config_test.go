@@ -117,6 +117,8 @@ func TestParseSidecarErrors(t *testing.T) {
 		{"a packet size past what Ethernet carries", append(required, "--max-packet-size", "1500"), "--max-packet-size 1500: want 1200 to 1452"},
 		{"peer relay neither on nor off", append(required, "--peer-relay", "yes"), `--peer-relay "yes": want on or off`},
 		{"a peer relay rate of nothing", append(required, "--peer-relay-max-bps", "0"), "--peer-relay-max-bps 0: want at least 65536"},
+		{"a relay with no credentials", append(required, "--relay", "turn:203.0.113.10:3478?transport=udp"), "--relay needs credentials"},
+		{"a bad relay URL", append(required, "--relay", "http://x", "--relay-secret-file", "s"), "--relay:"},
 		{"unknown flag", append(required, "--nope"), "flag provided but not defined: -nope (sfkit-proxy -h lists the flags)"},
 	}
 	for _, tt := range tests {
@@ -272,5 +274,25 @@ func TestForwardNeedsAnyHostOffLoopback(t *testing.T) {
 				t.Errorf("ParseSidecar(%q).Forwards = %v; want one listening on %s to party 1 port 8000", tt.args, c.Forwards, tt.want)
 			}
 		})
+	}
+}
+
+// TestParseNetcheck: netcheck takes the sidecar's STUN and relay flags, its
+// environment and config file, ignores the sidecar's other flags there,
+// and checks what it takes as the sidecar does.
+func TestParseNetcheck(t *testing.T) {
+	t.Setenv("SFKIT_PROXY_STUN", "203.0.113.10:3478,203.0.113.11:3478")
+	t.Setenv("SFKIT_PROXY_STUDY", "s") // a sidecar flag: ignored
+	c, err := ParseNetcheck([]string{"--json", "--relay", "turns:203.0.113.10:5349", "--relay-user", "p", "--relay-secret-file", "f"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.JSON || len(c.STUN) != 2 || len(c.Relays) != 1 || c.RelayUser != "p" || c.RelaySecretFile != "f" || !c.UDPListen.IsValid() {
+		t.Errorf("ParseNetcheck = %+v", c)
+	}
+	for _, args := range [][]string{{"--relay", "turn:203.0.113.10:3478"}, {"--stun", ""}, {"extra"}} {
+		if _, err := ParseNetcheck(args, io.Discard); err == nil {
+			t.Errorf("ParseNetcheck(%q) = nil error; want one", args)
+		}
 	}
 }

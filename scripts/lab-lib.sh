@@ -265,6 +265,27 @@ if bad or not s["registry"]["reachable"]:
 PY
 }
 
+# netcheck_is I NAT UDP [ARGS...]: `sfkit-proxy netcheck --json` in party
+# i's namespace (with the lab's two STUN servers, and ARGS) must report
+# that mapping behaviour (endpoint-independent, endpoint-dependent, none
+# or unknown) and UDP (True or False), and an allocation from every relay
+# ARGS give; its one line of advice is printed.
+netcheck_is() {
+	local i=$1 nat=$2 udp=$3
+	shift 3
+	if ! inns "p$i" "$BIN" netcheck --json --stun 203.0.113.10:3478,203.0.113.11:3478 "$@" >"$DIR/netcheck$i.json" 2>&1; then
+		fail "party $i: netcheck failed: $(cat "$DIR/netcheck$i.json")"
+		return
+	fi
+	if python3 - "$DIR/netcheck$i.json" "$i" "$nat" "$udp" <<'PY'; then pass; else fail "party $i: netcheck: $(tr -d "\n" <"$DIR/netcheck$i.json")"; fi
+import json, sys
+r = json.load(open(sys.argv[1]))
+i, nat, udp = sys.argv[2], sys.argv[3], sys.argv[4] == "True"
+print(f"party {i} netcheck: NAT {r['nat']}, UDP {r['udp']}, relays {[(t['relay'], t.get('allocated') or t.get('error')) for t in r.get('relays', [])]}: {r['advice']}")
+sys.exit(0 if r["nat"] == nat and r["udp"] == udp and all(t.get("allocated") for t in r.get("relays", [])) else 1)
+PY
+}
+
 # finish: the closing line CI reads.
 finish() {
 	if [ "$FAILED" -ne 0 ]; then

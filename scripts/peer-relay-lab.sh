@@ -17,7 +17,8 @@
 # relays during a transfer of a text file from party 1 to party 0 must show
 # none of its text. Last, the relay carrying a paced transfer from party 1
 # to party 0 is stopped mid-transfer: the same connection completes through
-# the other, sha256-checked.
+# the other, sha256-checked. `sfkit-proxy netcheck` must tell the
+# symmetric, cone and public parties apart.
 #
 # Usage: scripts/peer-relay-lab.sh [path/to/sfkit-proxy]   (env: SIZE_MB=10)
 set -euo pipefail
@@ -53,6 +54,11 @@ for i in 0 1 2 3 4; do
 	RELAY_PID[$i]=$!
 done
 wait_registered 5
+
+# netcheck tells each kind of network.
+netcheck_is 0 endpoint-dependent True
+netcheck_is 2 endpoint-independent True
+netcheck_is 3 none True
 
 matrix 5
 for a in 0 1 2 3 4; do check_status "$a" 5 "'direct' if b >= 3 or me >= 3 else 'relayed'"; done

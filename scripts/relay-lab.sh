@@ -57,6 +57,11 @@ for i in 0 1 2; do
 	if grep -q 'msg="relay allocated"' "$DIR/p$i.log"; then pass; else fail "party $i allocated no relay"; fi
 done
 
+# netcheck: party 2's UDP is blocked, its TURN relay over TCP answers.
+netcheck_is 2 unknown False --relay "turn:203.0.113.10:3478?transport=tcp" --relay-user party2 \
+	--relay-secret-file "$DIR/turn-secret"
+netcheck_is 0 endpoint-dependent True
+
 matrix 4
 for a in 0 1 2 3; do check_status "$a" 4 "'relayed'"; done
 inns p3 "$BIN" status | tee "$DIR/status-table.txt"

@@ -259,11 +259,29 @@ func allocateRelay(ctx context.Context, cfg *config.Sidecar, log *slog.Logger) (
 	if len(cfg.Relays) == 0 {
 		return nil, nil
 	}
+	o, err := relayOptions(cfg.RelayFlags, log)
+	if err != nil {
+		return nil, err
+	}
+	actx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	a, err := relay.Allocate(actx, o)
+	if err != nil {
+		log.Warn("no relay allocated: parties that no direct path reaches stay unreachable", "err", err)
+		return nil, nil
+	}
+	log.Info("relay allocated", "relay", a.Server, "addr", a.Addr)
+	return &quicmux.Relay{Conn: a.Conn, Addr: a.Addr, Server: a.Server}, nil
+}
+
+// relayOptions are the relay package's options for cfg: its URLs, and
+// the credentials and CAs read from their files.
+func relayOptions(cfg config.RelayFlags, log *slog.Logger) (relay.Options, error) {
 	o := relay.Options{User: cfg.RelayUser, Logger: log}
 	for _, r := range cfg.Relays {
 		u, err := relay.ParseURL(r)
 		if err != nil {
-			return nil, err
+			return o, err
 		}
 		o.URLs = append(o.URLs, u)
 	}
@@ -280,30 +298,22 @@ func allocateRelay(ctx context.Context, cfg *config.Sidecar, log *slog.Logger) (
 	var err error
 	if cfg.RelaySecretFile != "" {
 		if o.Secret, err = readSecret("--relay-secret-file", cfg.RelaySecretFile); err != nil {
-			return nil, err
+			return o, err
 		}
 	} else if o.Password, err = readSecret("--relay-password-file", cfg.RelayPasswordFile); err != nil {
-		return nil, err
+		return o, err
 	}
 	if cfg.RelayCA != "" {
 		pem, err := os.ReadFile(cfg.RelayCA)
 		if err != nil {
-			return nil, fmt.Errorf("read --relay-ca: %w", err)
+			return o, fmt.Errorf("read --relay-ca: %w", err)
 		}
 		o.RootCAs = x509.NewCertPool()
 		if !o.RootCAs.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--relay-ca %s holds no PEM certificate", cfg.RelayCA)
+			return o, fmt.Errorf("--relay-ca %s holds no PEM certificate", cfg.RelayCA)
 		}
 	}
-	actx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	a, err := relay.Allocate(actx, o)
-	if err != nil {
-		log.Warn("no relay allocated: parties that no direct path reaches stay unreachable", "err", err)
-		return nil, nil
-	}
-	log.Info("relay allocated", "relay", a.Server, "addr", a.Addr)
-	return &quicmux.Relay{Conn: a.Conn, Addr: a.Addr, Server: a.Server}, nil
+	return o, nil
 }
 
 // credential returns where the registry token comes from: a key file or
