@@ -116,6 +116,7 @@ func TestStatusMetricsAndPing(t *testing.T) {
 		{"sfkit_proxy_holepunch_checks_total", map[string]string{"outcome": "answered"}, 1},
 		{"sfkit_proxy_stun_refreshes_total", map[string]string{"outcome": "ok"}, 1},
 		{"sfkit_proxy_registry_up", nil, 1},
+		{"sfkit_proxy_peer_packet_size_bytes", map[string]string{"peer": "1"}, 1200},
 		{"go_goroutines", nil, 1},
 	}
 	for _, c := range checks {

@@ -1,6 +1,7 @@
 package admin
 
 import (
+	"cmp"
 	"maps"
 	"slices"
 	"sort"
@@ -34,6 +35,7 @@ var (
 	descRelaySess   = prometheus.NewDesc("sfkit_proxy_peer_relay_sessions", "Sessions this party relays for other parties now.", nil, nil)
 	descRelayBytes  = prometheus.NewDesc("sfkit_proxy_peer_relay_bytes_total", "Bytes this party relayed for other parties.", nil, nil)
 	descRelayDrops  = prometheus.NewDesc("sfkit_proxy_peer_relay_dropped_total", "Relayed packets dropped: over the rate, a full queue, an unknown session or a sender that is not its end.", nil, nil)
+	descRelayPair   = prometheus.NewDesc("sfkit_proxy_peer_relay_session_bytes_total", "Bytes relayed in a live session, by its ends and direction (from, to).", []string{"from", "to"}, nil)
 	descRelayRefuse = prometheus.NewDesc("sfkit_proxy_peer_relay_refused_total", "Relay sessions refused.", nil, nil)
 	descPoolOpened  = prometheus.NewDesc("sfkit_proxy_pool_conns_opened_total", "QUIC connections added to peers' pools.", nil, nil)
 	descPeerQUIC    = prometheus.NewDesc("sfkit_proxy_peer_quic_conns", "QUIC connections to the peer (its pool).", []string{"peer"}, nil)
@@ -108,6 +110,14 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descRelayBytes, s.PeerRelay.BytesForwarded)
 	counter(descRelayDrops, s.PeerRelay.Dropped)
 	counter(descRelayRefuse, s.PeerRelay.Refused)
+	pairs := map[[2]int]uint64{} // sessions of one pair add up: one series each way
+	for _, r := range s.PeerRelay.Relaying {
+		pairs[[2]int{r.A, r.B}] += r.BytesAB
+		pairs[[2]int{r.B, r.A}] += r.BytesBA
+	}
+	for _, k := range slices.SortedFunc(maps.Keys(pairs), func(a, b [2]int) int { return cmp.Or(a[0]-b[0], a[1]-b[1]) }) {
+		counter(descRelayPair, pairs[k], strconv.Itoa(k[0]), strconv.Itoa(k[1]))
+	}
 	for _, why := range slices.Sorted(maps.Keys(k.FlowsReset)) {
 		counter(descFlowResets, k.FlowsReset[why], why)
 	}

@@ -769,6 +769,7 @@ func (p *peer) dialViaPeers(ctx context.Context) bool {
 			continue
 		}
 		m.count.dialsOK.Add(1)
+		p.log.Info("reached through a peer relay", "via", h.pid, "relay_rtt", h.rtt)
 		p.installConn(ctx, conn, e.ep)
 		return true
 	}

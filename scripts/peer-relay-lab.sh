@@ -86,6 +86,11 @@ for f in sys.argv[1:3]:
 sys.exit(0 if n >= 3 and fwd >= 6 * (1 << 20) * int(sys.argv[3]) else 1)
 PY
 
+# The relays' metrics name the pairs they carry.
+for r in 3 4; do inns "p$r" curl -s http://127.0.0.1:1081/metrics >"$DIR/metrics$r.txt" || true; done
+if cat "$DIR/metrics3.txt" "$DIR/metrics4.txt" | grep -q '^sfkit_proxy_peer_relay_session_bytes_total{from="[0-2]",to="[0-2]"} [1-9]'; then pass
+else fail "no relay's /metrics shows the bytes of a session: $(cat "$DIR/metrics3.txt" "$DIR/metrics4.txt" | grep peer_relay | tr '\n' ' ')"; fi
+
 # The relay sees only ciphertext: capture on parties 3 and 4 while party 0
 # fetches party 1's text file (both behind symmetric NATs: through one).
 for r in 3 4; do
