@@ -58,7 +58,7 @@ bench: build
 	scripts/wan-lab.sh --bench ./$(BIN)
 
 image: build
-	d=$$(mktemp -d) && cp $(BIN) Dockerfile $$d/ && docker build -t $(IMAGE) $$d; rc=$$?; rm -rf $$d; exit $$rc
+	d=$$(mktemp -d) && cp $(BIN) Dockerfile $$d/ && mkdir $$d/state && docker build -t $(IMAGE) $$d; rc=$$?; rm -rf $$d; exit $$rc
 
 clean:
 	rm -f $(BIN)

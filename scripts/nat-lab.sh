@@ -59,8 +59,7 @@ done
 # Party 3 in a Docker container, if Docker works here.
 if [ "$DOCKER" != 0 ] && command -v docker >/dev/null && docker info >/dev/null 2>&1; then
 	log "building the FROM-scratch image and starting party 3 in it (non-root, --cap-drop ALL)"
-	mkdir -p "$DIR/image" "$DIR/state3"
-	chown 65534:65534 "$DIR/state3"
+	mkdir -p "$DIR/image/state"
 	# The image holds the binary alone, so it must be static (make build is).
 	if go version -m "$BIN" 2>/dev/null | grep -q 'CGO_ENABLED=0'; then
 		cp "$BIN" "$DIR/image/sfkit-proxy"
@@ -70,9 +69,12 @@ if [ "$DOCKER" != 0 ] && command -v docker >/dev/null && docker info >/dev/null 
 	cp "$(dirname "$0")/../Dockerfile" "$DIR/image/Dockerfile"
 	docker build -q -t "$IMAGE" "$DIR/image" >"$DIR/docker-build.log" 2>&1
 	CONTAINER="sfkit-e2e-$ID"
-	CLEANUPS+=("docker logs $CONTAINER >$DIR/p3.log 2>&1; docker rm -f $CONTAINER >/dev/null 2>&1; docker rmi -f $IMAGE >/dev/null 2>&1")
+	VOLUME="sfkit-e2e-state-$ID"
+	CLEANUPS+=("docker logs $CONTAINER >$DIR/p3.log 2>&1; docker rm -f $CONTAINER >/dev/null 2>&1; docker rmi -f $IMAGE >/dev/null 2>&1; docker volume rm -f $VOLUME >/dev/null 2>&1")
+	# A named volume, as the README's docker run has it: the image's /state
+	# (owned by the sidecar's user) seeds it.
 	docker run -d --name "$CONTAINER" --network none --cap-drop ALL --security-opt no-new-privileges \
-		-v "$DIR/state3:/state" -v "$DIR/token3:/run/token:ro" "$IMAGE" \
+		-v "$VOLUME:/state" -v "$DIR/token3:/run/token:ro" "$IMAGE" \
 		--pid 3 "${SIDECAR_ARGS[@]}" --state-dir /state --auth-key-file /run/token >/dev/null
 	user=$(docker inspect -f '{{.Config.User}}' "$CONTAINER")
 	[ "$user" = "65534:65534" ] || { echo "container user is '$user', want 65534:65534" >&2; exit 1; }
