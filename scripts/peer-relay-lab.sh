@@ -48,17 +48,20 @@ for i in 0 1 2 3 4; do
 		router "$i" "$(ns "p$i")" "${KINDS[$i]}"
 	fi
 	services "$i"
+done
+
+# netcheck tells each kind of network (run before the sidecars start).
+netcheck_is 0 endpoint-dependent True
+netcheck_is 2 endpoint-independent True
+netcheck_is 3 none True
+
+for i in 0 1 2 3 4; do
 	spawn "p$i" "$DIR/p$i.log" "$BIN" --pid "$i" --study e2e --registry http://203.0.113.10:8080/ \
 		--stun 203.0.113.10:3478,203.0.113.11:3478 --allow-ports 8000,9000,9100 --log-level debug \
 		--state-dir "$DIR/state$i" --auth-key-file "$DIR/token$i"
 	RELAY_PID[$i]=$!
 done
 wait_registered 5
-
-# netcheck tells each kind of network.
-netcheck_is 0 endpoint-dependent True
-netcheck_is 2 endpoint-independent True
-netcheck_is 3 none True
 
 matrix 5
 for a in 0 1 2 3 4; do check_status "$a" 5 "'direct' if b >= 3 or me >= 3 else 'relayed'"; done
