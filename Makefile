@@ -56,6 +56,7 @@ bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./quicmux ./socks
 	$(GO) run ./scripts/bench --bin ./$(BIN) --json bench.json
 	scripts/wan-lab.sh --bench ./$(BIN)
+	scripts/peer-relay-bench.sh ./$(BIN)
 
 image: build
 	d=$$(mktemp -d) && cp $(BIN) Dockerfile $$d/ && mkdir $$d/state && docker build -t $(IMAGE) $$d; rc=$$?; rm -rf $$d; exit $$rc

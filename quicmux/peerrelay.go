@@ -93,7 +93,11 @@ const (
 	relayQueue = 256
 	// relayRetry spaces a dialer's attempts at a session.
 	relayRetry = 5 * time.Second
-	relayBurst = 256 << 10
+	// A relay's limiters hold a quarter second of its rate (at least
+	// 256 KiB): a policer with a shallow bucket drops the bursts that
+	// congestion control sends, and a flow through it gets far less than
+	// the rate.
+	relayBurstMin = 256 << 10
 	// maxPartials bounds an end's packets waiting for their other piece.
 	maxPartials = 64
 )
@@ -134,7 +138,7 @@ type peerRelays struct {
 
 func (r *peerRelays) init(total int) {
 	r.relayed, r.ends, r.limiters = map[sessionID]*relaySession{}, map[sessionID]*sessionEnd{}, map[int]*source{}
-	r.total = rate.NewLimiter(rate.Limit(total), relayBurst)
+	r.total = rate.NewLimiter(rate.Limit(total), relayBurst(total))
 }
 
 // relaySession is a session this party relays, between peers a and b.
@@ -172,6 +176,9 @@ func (r *peerRelays) fullLocked(a, b int) bool {
 	return pair >= pairSessions || na >= peerSessions || nb >= peerSessions
 }
 
+// relayBurst is the bucket of a relay whose rate is total.
+func relayBurst(total int) int { return max(relayBurstMin, total/4) }
+
 // source is a peer that sends packets for the relay to forward.
 type source struct {
 	lim   *rate.Limiter
@@ -179,11 +186,13 @@ type source struct {
 	seen  atomic.Int64 // unix nanoseconds of when it was last active
 }
 
-// A source that sent activeBytes within a second (more than keepalives
-// and acknowledgements), no longer than sourceActive ago, is active.
+// A source that sent activeBytes, and a sixteenth of the relay's rate,
+// within a second (more than keepalives and the acknowledgements of a
+// transfer the other way), no longer than sourceActive ago, is active.
 const (
 	sourceActive = 2 * time.Second
 	activeBytes  = 64 << 10
+	activeShare  = 16
 )
 
 // shareLocked gives every peer with a session an equal share of total,
@@ -204,10 +213,11 @@ func (r *peerRelays) shareLocked(total int, now time.Time) {
 	for pid := range srcs {
 		src := r.limiters[pid]
 		if src == nil {
-			// New: it is about to send.
-			src = &source{lim: rate.NewLimiter(rate.Limit(total), relayBurst)}
-			src.seen.Store(now.UnixNano())
+			// New: the whole rate until the next sample says what it
+			// sends (the limiter of all sources bounds it meanwhile).
+			src = &source{lim: rate.NewLimiter(rate.Limit(total), relayBurst(total))}
 			r.limiters[pid] = src
+			continue
 		}
 		if now.Sub(time.Unix(0, src.seen.Load())) < sourceActive {
 			active++
@@ -215,7 +225,9 @@ func (r *peerRelays) shareLocked(total int, now time.Time) {
 	}
 	share := rate.Limit(float64(total) / float64(max(1, active)))
 	for _, src := range r.limiters {
-		src.lim.SetLimitAt(now, share)
+		if src.seen.Load() != 0 {
+			src.lim.SetLimitAt(now, share)
+		}
 	}
 }
 
@@ -412,7 +424,7 @@ func (m *Mux) relayDatagram(from int, b []byte) {
 	switch {
 	case s != nil && (from == s.a || from == s.b):
 		now := time.Now()
-		if src.bytes.Add(int64(len(b))) >= activeBytes {
+		if src.bytes.Add(int64(len(b))) >= max(activeBytes, int64(m.opts.PeerRelayRate/activeShare)) {
 			src.seen.Store(now.UnixNano())
 		}
 		if !r.total.AllowN(now, len(b)) || !src.lim.AllowN(now, len(b)) {
