@@ -201,11 +201,12 @@ func (c *Sidecar) Website() bool { return c.Registry.Scheme == "ws" || c.Registr
 // choice), never more than MaxConnsPerPeer (an acceptor refuses more).
 const (
 	DefaultConnsPerPeer = 8
-	// DefaultPeerRelayRate is what a party relays for others by default,
-	// in bytes per second (32 MiB/s).
-	DefaultPeerRelayRate = 32 << 20
-	MaxConnsPerPeer      = 32
+	MaxConnsPerPeer     = 32
 )
+
+// DefaultPeerRelayRate is what a party relays for others by default, in
+// bytes per second (32 MiB/s).
+const DefaultPeerRelayRate = 32 << 20
 
 // DefaultTunnelWait is how long a CONNECT to a peer waits for its tunnel
 // (--dial-timeout): long enough for every party of a study to start, and

@@ -64,6 +64,11 @@ done
 wait_registered 5
 
 matrix 5
+# The symmetric parties, with no TURN relay, were told what that means.
+for i in 0 1; do
+	if grep -q 'behind an endpoint-dependent (\\"symmetric\\") NAT, with no TURN relay: peers with public addresses' "$DIR/p$i.log"; then pass
+	else fail "party $i logged no warning about its endpoint-dependent NAT"; fi
+done
 for a in 0 1 2 3 4; do check_status "$a" 5 "'direct' if b >= 3 or me >= 3 else 'relayed'"; done
 inns p0 "$BIN" status | tee "$DIR/status-table.txt"
 

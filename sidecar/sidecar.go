@@ -15,6 +15,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -139,10 +140,14 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		self.entry.Candidates = []registry.Candidate{{Kind: registry.KindRelay, Addr: rl.Addr}}
 	}
 	policy := &peerPolicy{ports: make(map[int]config.PortSet)}
+	var symmetricWarned atomic.Bool // once a run
 	ka := &stun.Keepalive{Client: mux.STUN(), Servers: cfg.STUN, Network: mux.Network(), Now: stunNow,
 		OnMapping: func(m stun.Mapping) {
 			st.setMapping(m)
 			self.setMapping(m)
+			if m.NAT == stun.NATEndpointDependent && rl == nil && symmetricWarned.CompareAndSwap(false, true) {
+				warnSymmetric(log, cfg.NoPeerRelay)
+			}
 		},
 		OnRound: func(err error) {
 			if st.stunRound(err) && err != nil {
@@ -252,6 +257,18 @@ func listenForwards(fs []config.Forward, log *slog.Logger) []forward {
 
 // listenPort is the port ln listens on.
 func listenPort(ln net.Listener) uint16 { return uint16(ln.Addr().(*net.TCPAddr).Port) }
+
+// warnSymmetric says what an endpoint-dependent ("symmetric") NAT with no
+// TURN relay means for this party's paths.
+func warnSymmetric(log *slog.Logger, noPeerRelay bool) {
+	if noPeerRelay {
+		log.Warn("behind an endpoint-dependent (\"symmetric\") NAT, with no TURN relay and --peer-relay off: " +
+			"only peers with public addresses can be reached; give --relay, or turn peer relays on (sfkit-proxy netcheck tells more)")
+		return
+	}
+	log.Warn("behind an endpoint-dependent (\"symmetric\") NAT, with no TURN relay: peers with public addresses are reached directly, " +
+		"the others only through a party of the study that reaches both (a peer relay); sfkit-proxy netcheck tells more")
+}
 
 // allocateRelay gets a relayed address from the first --relay that gives
 // one. Without one the sidecar still runs (direct paths only), and says so.
