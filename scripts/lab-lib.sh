@@ -286,6 +286,42 @@ sys.exit(0 if r["nat"] == nat and r["udp"] == udp and all(t.get("allocated") for
 PY
 }
 
+# paced_source I CHUNKS: a source on party i's 127.0.0.1:9100 that paces
+# itself, CHUNKS chunks of 100 kB a second apart, to one connection at a
+# time; its sha256 is in $DIR/slow.sum.
+paced_source() {
+	local i=$1 n=$2
+	cat >"$DIR/slow.sh" <<SLOW
+#!/bin/sh
+for i in \$(seq 1 $n); do
+	yes "slow-chunk-\$i" | head -c 100000
+	sleep 1
+done
+SLOW
+	chmod +x "$DIR/slow.sh"
+	sh -c "for i in \$(seq 1 $n); do yes slow-chunk-\$i | head -c 100000; done" | sha256sum | cut -d' ' -f1 >"$DIR/slow.sum"
+	spawn "p$i" "$DIR/slow-server.log" ncat -l 127.0.0.1 9100 --sh-exec "$DIR/slow.sh"
+	sleep 0.5
+}
+
+# no_plaintext MIN FILE...: the captures in FILE... hold at least MIN
+# bytes (the transfer crossed them) and none of $MARKER, the text of
+# party 1's file.
+no_plaintext() {
+	local min=$1 captured
+	shift
+	captured=$(cat "$@" | wc -c)
+	if [ "$captured" -lt "$min" ]; then
+		fail "the captures hold only $captured bytes; the transfer did not cross the relay"
+	elif cat "$@" | grep -c -a "$MARKER" >/dev/null; then
+		fail "a relay-side capture shows the file's text"
+	else
+		log "relay-side capture: $captured bytes, none of the file's text"
+		pass
+	fi
+	grep -q -a "$MARKER" "$DIR/www1/file" || fail "the marker check is vacuous: the file lacks the marker"
+}
+
 # finish: the closing line CI reads.
 finish() {
 	if [ "$FAILED" -ne 0 ]; then

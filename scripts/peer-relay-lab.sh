@@ -112,31 +112,12 @@ for r in 3 4; do
 	kill "${TCPDUMP[$r]}"
 	wait "${TCPDUMP[$r]}" 2>/dev/null || true
 done
-captured=$(cat "$DIR/relay3.pcap" "$DIR/relay4.pcap" | wc -c)
-if [ "$captured" -lt $((SIZE_MB << 20)) ]; then
-	fail "the captures hold only $captured bytes; the transfer crossed no relay"
-elif cat "$DIR/relay3.pcap" "$DIR/relay4.pcap" | grep -c -a "$MARKER" >/dev/null; then
-	fail "a relay's capture shows the file's text"
-else
-	log "the relays' captures: $captured bytes, none of the file's text"
-	pass
-fi
-grep -q -a "$MARKER" "$DIR/www1/file" || fail "the marker check is vacuous: the file lacks the marker"
+no_plaintext $((SIZE_MB << 20)) "$DIR/relay3.pcap" "$DIR/relay4.pcap"
 
 # The relay goes away mid-transfer: a source that paces itself over 20 s
 # (20 chunks of 100 kB) at party 1, fetched by party 0; its relay is
 # stopped 5 s in; the same connection completes through the other.
-cat >"$DIR/slow.sh" <<'SLOW'
-#!/bin/sh
-for i in $(seq 1 20); do
-	yes "slow-chunk-$i" | head -c 100000
-	sleep 1
-done
-SLOW
-chmod +x "$DIR/slow.sh"
-sh -c 'for i in $(seq 1 20); do yes slow-chunk-$i | head -c 100000; done' | sha256sum | cut -d' ' -f1 >"$DIR/slow.sum"
-spawn p1 "$DIR/slow-server.log" ncat -l 127.0.0.1 9100 --sh-exec "$DIR/slow.sh"
-sleep 0.5
+paced_source 1 20
 first=$(via 0 1)
 log "a paced transfer 1 -> 0 (2 MB over 20 s) through $first; stopping it after 5 s"
 ip netns exec "$(ns p0)" timeout 120 ncat --recv-only --proxy 127.0.0.1:1080 --proxy-type socks5 10.0.0.1 9100 \
