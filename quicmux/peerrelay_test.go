@@ -93,7 +93,18 @@ func TestPeerRelay(t *testing.T) {
 	}
 
 	// The direct path opens mid-transfer.
-	conn, err := s.a.m.Dial(ctxTimeout(t, 10*time.Second), 1, echo)
+	echoAcross(t, s.a.m, 1, echo, 30*time.Second, "the move to direct", func() {
+		s.firewall.Drop(s.b.m.LocalAddr(), false)
+		waitPath(t, s.a.m, 1, PathDirect)
+	})
+}
+
+// echoAcross writes 4 MiB to pid's echo on one connection from m, with
+// event between the halves, and checks that every byte comes back within
+// wait.
+func echoAcross(t *testing.T, m *Mux, pid int, echo uint16, wait time.Duration, what string, event func()) {
+	t.Helper()
+	conn, err := m.Dial(ctxTimeout(t, 10*time.Second), pid, echo)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,15 +114,14 @@ func TestPeerRelay(t *testing.T) {
 	half := len(want) / 2
 	go func() {
 		conn.Write(want[:half])
-		s.firewall.Drop(s.b.m.LocalAddr(), false)
-		waitPath(t, s.a.m, 1, PathDirect)
+		event()
 		conn.Write(want[half:])
 		conn.CloseWrite()
 	}()
-	conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	conn.SetReadDeadline(time.Now().Add(wait))
 	got, err := io.ReadAll(conn)
 	if err != nil || !bytes.Equal(got, want) {
-		t.Fatalf("the same connection across the move to direct: got %d of %d bytes, %v", len(got), len(want), err)
+		t.Fatalf("the same connection across %s: got %d of %d bytes, %v", what, len(got), len(want), err)
 	}
 }
 
@@ -123,29 +133,13 @@ func TestPeerRelayGoesAway(t *testing.T) {
 	echo := halfCloseEcho(t)
 	roundTrip(t, s.a.m, 1, echo, 64<<10)
 	first := waitPath(t, s.a.m, 1, PathPeerRelayed).Via
-	conn, err := s.a.m.Dial(ctxTimeout(t, 10*time.Second), 1, echo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	want := make([]byte, 4<<20)
-	rand.Read(want)
-	half := len(want) / 2
-	go func() {
-		conn.Write(want[:half])
+	echoAcross(t, s.a.m, 1, echo, 60*time.Second, "the relay's end", func() {
 		for _, r := range s.relays {
 			if "peer "+strconv.Itoa(r.info.PID) == first {
 				r.stop()
 			}
 		}
-		conn.Write(want[half:])
-		conn.CloseWrite()
-	}()
-	conn.SetReadDeadline(time.Now().Add(60 * time.Second))
-	got, err := io.ReadAll(conn)
-	if err != nil || !bytes.Equal(got, want) {
-		t.Fatalf("the transfer across the relay's end: got %d of %d bytes, %v", len(got), len(want), err)
-	}
+	})
 	if ps := peerStats(s.a.m, 1); ps.Path != PathPeerRelayed || ps.Via == first {
 		t.Errorf("after %s stopped: stats %+v; want relayed via the other", first, ps)
 	}
