@@ -415,9 +415,11 @@ func logClosed(log *slog.Logger, start time.Time, sent, recv uint64, reset bool)
 }
 
 // localSocketBuffer is the kernel's buffer each way of a local connection
-// a peer opened (the kernel doubles it): ample on loopback, where the
-// round trip is tens of microseconds.
-const localSocketBuffer = 32 << 10
+// a peer opened (the kernel doubles it, to 256 KiB). It must hold several
+// of loopback's segments (its MTU is 64 KiB): at 32 KiB the send buffer
+// held one, the local program's kernel delayed its ack of each lone
+// segment by 40 ms, and what a peer sent reached a local port at 2 MB/s.
+const localSocketBuffer = 128 << 10
 
 // localBuffers fixes a local connection's socket buffers.
 func localBuffers(_, _ string, rc syscall.RawConn) error {
