@@ -35,6 +35,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"sfkit-proxy/admin"
 	"sfkit-proxy/identity"
 	"sfkit-proxy/quicmux"
 )
@@ -53,8 +54,9 @@ func main() {
 	peers := flag.Int("peers", 10, "peers of the sidecar whose idle RSS is measured")
 	idle := flag.Int("idle-conns", 500, "idle tunnelled connections opened to measure RSS per connection")
 	jsonOut := flag.String("json", "bench.json", "where to write the results")
+	profile := flag.String("profile", "", "a directory for CPU profiles of both sidecars during a bulk transfer (none without)")
 	flag.Parse()
-	if err := run(*bin, *runs, int64(*sizeMB)<<20, *peers, *idle, *jsonOut); err != nil {
+	if err := run(*bin, *runs, int64(*sizeMB)<<20, *peers, *idle, *jsonOut, *profile); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -86,7 +88,7 @@ type sidecar struct {
 	socks, admin string
 }
 
-func run(bin string, runs int, size int64, npeers, nidle int, jsonOut string) error {
+func run(bin string, runs int, size int64, npeers, nidle int, jsonOut, profileDir string) error {
 	bin, err := filepath.Abs(bin)
 	if err != nil {
 		return err
@@ -166,9 +168,11 @@ func run(bin string, runs int, size int64, npeers, nidle int, jsonOut string) er
 	add("warm connect to first byte (median of 300)", warm, "ms", "<= 0.5", met(warm <= 0.5))
 	add("warm connect to first byte (p90)", percentile(lat, 0.9), "ms", "", nil)
 	add("raw TCP connect to first byte (median of 300)", median(tcpConnectLatency(l.helloPt, 300)), "ms", "", nil)
-	if p, err := pingMedian(l.sidecars[0].admin, 1); err == nil {
-		add("stream round trip through the tunnel (sfkit-proxy ping, median)", p, "ms", "", nil)
+	p, err := pingMedian(l.sidecars[0].admin, 1)
+	if err != nil {
+		return err
 	}
+	add("stream round trip through the tunnel (sfkit-proxy ping, median)", p, "ms", "", nil)
 
 	// Throughput and CPU.
 	qc, err := l.dialQUIC()
@@ -195,7 +199,9 @@ func run(bin string, runs int, size int64, npeers, nidle int, jsonOut string) er
 	for _, c := range cases {
 		var rates, perCPU []float64
 		for range runs {
-			r, bpc, err := transfer(c.n, size, c.pids, c.open)
+			cpu0 := cpuSeconds(c.pids, true)
+			r, err := transfer(c.n, size, c.open)
+			bpc := float64(size/int64(c.n)*int64(c.n)) / (cpuSeconds(c.pids, true) - cpu0)
 			if err != nil {
 				return fmt.Errorf("%s x%d: %w", c.name, c.n, err)
 			}
@@ -214,10 +220,14 @@ func run(bin string, runs int, size int64, npeers, nidle int, jsonOut string) er
 	add("bytes per CPU-second: tunnel (1 connection)", cpu["tunnel x1"]/1e6, "MB/cpu-s", "", nil)
 	add("bytes per CPU-second: raw quic-go (1 connection)", cpu["raw quic-go x1"]/1e6, "MB/cpu-s", "", nil)
 	rc := cpu["tunnel x1"] / cpu["raw quic-go x1"]
-	add("ratio of bytes per CPU-second, tunnel / raw quic-go", rc, "x", ">= 0.8", met(rc >= 0.8))
+	add("ratio of bytes per CPU-second, tunnel / raw quic-go", rc, "x", ">= 0.9", met(rc >= 0.9))
 	for pid := range 2 {
 		hwm, _ := statusKiB(l.sidecars[pid].cmd.Process.Pid, "VmHWM:")
 		add(fmt.Sprintf("peak RSS of sidecar %d after the transfers", pid), float64(hwm)/1024, "MiB", "", nil)
+	}
+
+	if err := l.freshPair(runs, size, profileDir, add); err != nil {
+		return err
 	}
 
 	// Cold start: two new sidecars, from launch to the first byte.
@@ -282,9 +292,97 @@ func percentile(v []float64, p float64) float64 {
 	return s[int(p*float64(len(s)-1)+0.5)]
 }
 
+// freshPair starts two new sidecars (30 sends, 31 receives) and runs four
+// parallel bulk transfers of size bytes each between them, runs times:
+// the CPU per GB each sidecar spends and its peak RSS. With profileDir, it
+// then takes a CPU profile of both during a longer transfer on 1 and on 4
+// connections.
+func (l *lab) freshPair(runs int, size int64, profileDir string, add func(string, float64, string, string, *bool)) error {
+	const a, b = 30, 31
+	for _, pid := range []int{a, b} {
+		if err := l.startSidecar(pid); err != nil {
+			return err
+		}
+	}
+	defer l.stopSidecar(a)
+	defer l.stopSidecar(b)
+	if err := l.waitPeer(a, b); err != nil {
+		return err
+	}
+	open := func() (io.WriteCloser, io.Reader, error) {
+		c, err := socksConnect(l.sidecars[a].socks, b, l.sinkPort)
+		return c, c, err
+	}
+	pa, pb := l.sidecars[a].cmd.Process.Pid, l.sidecars[b].cmd.Process.Pid
+	var perGB [2][]float64
+	var rates []float64
+	for range runs {
+		ca, cb := cpuSeconds([]int{pa}, false), cpuSeconds([]int{pb}, false)
+		r, err := transfer(4, 4*size, open)
+		if err != nil {
+			return fmt.Errorf("fresh pair x4: %w", err)
+		}
+		gb := float64(4*size) / 1e9
+		rates = append(rates, r)
+		perGB[0] = append(perGB[0], (cpuSeconds([]int{pa}, false)-ca)/gb)
+		perGB[1] = append(perGB[1], (cpuSeconds([]int{pb}, false)-cb)/gb)
+	}
+	add("throughput, 4 connections, fresh pair: tunnel", median(rates), "MB/s", "", nil)
+	add("CPU per GB carried, sending sidecar, 4 connections", median(perGB[0]), "cpu-s/GB", "", nil)
+	add("CPU per GB carried, receiving sidecar, 4 connections", median(perGB[1]), "cpu-s/GB", "", nil)
+	for i, pid := range []int{pa, pb} {
+		hwm, _ := statusKiB(pid, "VmHWM:")
+		add(fmt.Sprintf("peak RSS after 4 parallel bulk transfers, %s sidecar", [2]string{"sending", "receiving"}[i]),
+			float64(hwm)/1024, "MiB", "<= 40", met(float64(hwm)/1024 <= 40))
+	}
+	if profileDir == "" {
+		return nil
+	}
+	// About 10 s of transfer at the rate just measured; the profiles take
+	// 5 s of it, from its second second.
+	long := int64(median(rates)*10e6) &^ 0xfffff
+	for _, n := range []int{1, 4} {
+		done := make(chan error, 1)
+		go func() { _, err := transfer(n, long, open); done <- err }()
+		time.Sleep(time.Second)
+		var wg sync.WaitGroup
+		for i, pid := range []int{a, b} {
+			wg.Go(func() {
+				out := filepath.Join(profileDir, fmt.Sprintf("%s-%dconn.pprof", [2]string{"send", "recv"}[i], n))
+				if err := fetchProfile(l.sidecars[pid].admin, out); err != nil {
+					fmt.Fprintln(os.Stderr, "bench: profile:", err)
+				}
+			})
+		}
+		wg.Wait()
+		if err := <-done; err != nil {
+			return fmt.Errorf("profile run x%d: %w", n, err)
+		}
+	}
+	fmt.Printf("  (CPU profiles of both sidecars, 1 and 4 connections, in %s)\n", profileDir)
+	return nil
+}
+
+// fetchProfile saves a 5-second CPU profile from a sidecar's admin API.
+func fetchProfile(admin, out string) error {
+	resp, err := http.Get("http://" + admin + "/debug/pprof/profile?seconds=5")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", admin, resp.Status)
+	}
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(out, b, 0o644)
+}
+
 // transfer moves size bytes over n connections in parallel and returns the
-// rate (MB/s) and the bytes per CPU-second of this process and pids.
-func transfer(n int, size int64, pids []int, open func() (io.WriteCloser, io.Reader, error)) (float64, float64, error) {
+// rate (MB/s).
+func transfer(n int, size int64, open func() (io.WriteCloser, io.Reader, error)) (float64, error) {
 	type conn struct {
 		w io.WriteCloser
 		r io.Reader
@@ -293,12 +391,11 @@ func transfer(n int, size int64, pids []int, open func() (io.WriteCloser, io.Rea
 	for i := range cs {
 		w, r, err := open()
 		if err != nil {
-			return 0, 0, err
+			return 0, err
 		}
 		cs[i] = conn{w, r}
 	}
 	per := size / int64(n)
-	cpu0 := cpuSeconds(pids)
 	t0 := time.Now()
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
@@ -331,24 +428,25 @@ func transfer(n int, size int64, pids []int, open func() (io.WriteCloser, io.Rea
 	}
 	wg.Wait()
 	el := time.Since(t0).Seconds()
-	cpu := cpuSeconds(pids) - cpu0
 	for _, c := range cs {
 		c.w.Close()
 	}
 	select {
 	case err := <-errs:
-		return 0, 0, err
+		return 0, err
 	default:
 	}
-	total := float64(per * int64(n))
-	return total / 1e6 / el, total / cpu, nil
+	return float64(per*int64(n)) / 1e6 / el, nil
 }
 
-// cpuSeconds is the CPU time of this process and pids so far.
-func cpuSeconds(pids []int) float64 {
-	var ru syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	s := float64(ru.Utime.Sec+ru.Stime.Sec) + float64(ru.Utime.Usec+ru.Stime.Usec)/1e6
+// cpuSeconds is the CPU time of pids so far, and of this process with self.
+func cpuSeconds(pids []int, self bool) float64 {
+	var s float64
+	if self {
+		var ru syscall.Rusage
+		syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+		s = float64(ru.Utime.Sec+ru.Stime.Sec) + float64(ru.Utime.Usec+ru.Stime.Usec)/1e6
+	}
 	tick := 100.0 // USER_HZ on Linux
 	for _, pid := range pids {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
@@ -459,7 +557,7 @@ func (l *lab) startSidecar(pid int) error {
 	s.cmd = exec.Command(l.bin, "--study", "bench", "--pid", strconv.Itoa(pid), "--registry", l.regURL,
 		"--auth-key-file", filepath.Join(l.dir, fmt.Sprintf("key%d", pid)), "--socks-listen", s.socks,
 		"--admin-listen", s.admin, "--udp-listen", "127.0.0.1:0", "--stun", "127.0.0.1:9",
-		"--state-dir", filepath.Join(l.dir, fmt.Sprintf("state%d", pid)), "--log-level", "warn",
+		"--state-dir", filepath.Join(l.dir, fmt.Sprintf("state%d", pid)), "--log-level", "warn", "--admin-debug",
 		// The sinks listen on ports picked at run time.
 		"--allow-ports", "all")
 	s.cmd.Stderr = logf
@@ -486,6 +584,30 @@ func (l *lab) stopAll() {
 		p.Process.Kill()
 		p.Wait()
 	}
+}
+
+// waitPeer waits until sidecar pid reports peer direct.
+func (l *lab) waitPeer(pid, peer int) error {
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		resp, err := http.Get("http://" + l.sidecars[pid].admin + "/v1/status")
+		if err != nil {
+			continue
+		}
+		var s struct {
+			Peers []struct {
+				PID   int
+				State string
+			}
+		}
+		json.NewDecoder(resp.Body).Decode(&s)
+		resp.Body.Close()
+		for _, p := range s.Peers {
+			if p.PID == peer && p.State == "direct" {
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("sidecar %d did not reach peer %d", pid, peer)
 }
 
 // waitPeers waits until sidecar pid reports n peers direct.
@@ -547,8 +669,13 @@ func (l *lab) tcpConn() (io.WriteCloser, io.Reader, error) {
 }
 
 // pingMedian asks the sidecar's API for 50 pings through the tunnel.
-func pingMedian(admin string, pid int) (float64, error) {
-	resp, err := http.Get(fmt.Sprintf("http://%s/v1/ping?pid=%d&count=50", admin, pid))
+func pingMedian(api string, pid int) (float64, error) {
+	req, err := http.NewRequest(http.MethodPost, fmt.Sprintf("http://%s/v1/ping?pid=%d&count=50", api, pid), nil)
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set(admin.ActionHeader, "bench")
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return 0, err
 	}
