@@ -99,43 +99,9 @@ func (c *Conn) wake() {
 }
 
 // wantLocked is what c should hold of its budget: its buffers beyond its
-// free bytes each way, with rpend bytes of received data landing and
-// bmem of ReadFrom's large buffer.
+// free bytes each way, with rpend bytes of received data landing.
 func (c *Conn) wantLocked() int {
-	return max(0, c.rmem+c.rpend-FreeBytes) + max(0, c.smem+c.bmem-FreeBytes)
-}
-
-// borrow counts a large buffer of n bytes that ReadFrom reads into, if the
-// budget has room for it; lend gives it back.
-func (c *Conn) borrow(n int) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.opts.Budget != nil && !c.growLocked(0, n) {
-		c.dequeueLocked()
-		return false
-	}
-	c.bmem += n
-	return true
-}
-
-func (c *Conn) lend(n int) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.bmem -= n
-	c.settleLocked()
-}
-
-// dequeueLocked takes c off its budget's waiters: it did not wait after all.
-func (c *Conn) dequeueLocked() {
-	b := c.opts.Budget
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for i := range b.waiting {
-		if b.waiting[i].c == c {
-			b.waiting = append(b.waiting[:i], b.waiting[i+1:]...)
-			return
-		}
-	}
+	return max(0, c.rmem+c.rpend-FreeBytes) + max(0, c.smem-FreeBytes)
 }
 
 // growLocked takes what c's buffers growing by recv (received data) and

@@ -17,6 +17,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"time"
 )
@@ -39,7 +40,8 @@ var ErrReset = errors.New("connection reset by the far end of the tunnel")
 // Options configure a Conn. Zero values are documented per field.
 type Options struct {
 	// MaxSend bounds the bytes kept until the peer acknowledges them; a
-	// Write waits while it is full. Zero means 4 MiB.
+	// Write waits while it is full. Zero means 4 MiB. On a PathStream the
+	// flow keeps less when its path needs less (window.go).
 	MaxSend int
 	// MaxRecv bounds the memory that received, unread data holds (its
 	// buffers, not only its bytes, so that tiny frames cannot pin more);
@@ -164,12 +166,19 @@ type Conn struct {
 	// Send side: the bytes of [sbase, sbase+slen) are written and not yet
 	// acknowledged, in chunks (the first one's first sskip bytes are
 	// acknowledged already); sent is how far the current stream was given
-	// them. A chunk is never written to again once it is full, and never
-	// reused: a writer may still read one the peer acknowledged meanwhile.
+	// them. A chunk is never written to again once it is full. Chunks of
+	// smallFrame or more come from Buffers and go back once acknowledged,
+	// unless a writeLoop is still sending from one (sbusy): then when it
+	// is done (sfreed). sfill is ReadFrom reading into the last chunk's
+	// room: that chunk stays the last, and Write waits.
 	sq       [][]byte
 	sskip    int
 	slen     int
 	smem     int // the capacity of sq's chunks
+	sbusy    []*byte
+	sfreed   [][]byte
+	sfill    bool
+	win      window
 	sbase    uint64
 	sent     uint64
 	wclosed  bool // CloseWrite: an end of stream follows sbuf
@@ -183,7 +192,6 @@ type Conn struct {
 	rlen    int     // bytes in rq
 	rmem    int     // memory rq holds
 	rpend   int     // memory of received data being read in, not yet in rq
-	bmem    int     // ReadFrom's large buffer, while it holds one
 	held    int     // what the flow holds of its budget (budget.go)
 	filling bool    // a readLoop reads into the room of rq's last chunk
 	lent    *[]byte // the buffer WriteTo is writing from, not to be pooled yet
@@ -216,6 +224,7 @@ func New(opts Options, local, remote net.Addr) *Conn {
 		opts.Buffers = new(Buffers)
 	}
 	c := &Conn{opts: opts, local: local, remote: remote}
+	c.win.limit = opts.MaxSend
 	c.cond = sync.NewCond(&c.mu)
 	return c
 }
@@ -267,6 +276,7 @@ func (c *Conn) Attach(s Stream, peerRcvd uint64) {
 		c.ackLocked(peerRcvd)
 	}
 	c.stream, c.sent, c.finSent, c.acked = s, c.sbase, c.finAcked, c.rcvd
+	c.win.attach(s, c.opts.MaxSend)
 	if bad {
 		c.peerBrokeLocked()
 	}
@@ -302,12 +312,14 @@ func (c *Conn) ackOKLocked(off uint64) bool {
 func (c *Conn) ackLocked(off uint64) {
 	if off > c.sbase {
 		n := min(off-c.sbase, uint64(c.slen))
+		c.win.onAck(int(n), time.Now(), c.opts.MaxSend)
 		c.sbase += n
 		c.slen -= int(n)
 		c.sskip += int(n)
-		for len(c.sq) > 0 && c.sskip >= len(c.sq[0]) && (len(c.sq) > 1 || c.sskip == len(c.sq[0])) {
+		for len(c.sq) > 0 && c.sskip >= len(c.sq[0]) && (len(c.sq) > 1 || c.sskip == len(c.sq[0]) && !c.sfill) {
 			c.sskip -= len(c.sq[0])
 			c.smem -= cap(c.sq[0])
+			c.recycleLocked(c.sq[0])
 			c.sq[0] = nil
 			c.sq = c.sq[1:]
 		}
@@ -414,6 +426,7 @@ func (c *Conn) writeLoop(s Stream, g uint64) {
 	for {
 		c.mu.Lock()
 		var data []byte
+		var base *byte // of the chunk data is in
 		hdr = hdr[:0]
 		closeAfter, resetAfter := false, false
 		for {
@@ -436,9 +449,10 @@ func (c *Conn) writeLoop(s Stream, g uint64) {
 				c.acked = c.rcvd
 			}
 			if end := c.sbase + uint64(c.slen); c.sent < end {
-				data = c.unsentLocked()
+				data, base = c.unsentLocked()
 				hdr = appendData(hdr, len(data))
 				c.sent += uint64(len(data))
+				c.sbusy = append(c.sbusy, base)
 				break
 			}
 			if c.wclosed && !c.finSent {
@@ -461,8 +475,13 @@ func (c *Conn) writeLoop(s Stream, g uint64) {
 		if len(hdr) > 0 {
 			_, err = s.Write(hdr)
 		}
-		if err == nil && len(data) > 0 {
-			_, err = s.Write(data)
+		if len(data) > 0 {
+			if err == nil {
+				_, err = s.Write(data)
+			}
+			c.mu.Lock()
+			c.releaseLocked(base)
+			c.mu.Unlock()
 		}
 		switch {
 		case err != nil:
@@ -809,26 +828,34 @@ const smallRead = 2 << 10
 
 // ReadFrom writes what r reads until its end (nil) or an error (io.Copy
 // uses it). It waits for data with a small buffer, so that an idle
-// connection holds little, and reads with a pooled MaxData one while data
-// keeps coming, so that a busy one is read in large pieces.
+// connection holds little; while data keeps coming it reads straight into
+// the room of the send buffer's last chunk (chunks grow to MaxData), so
+// that a busy one is read in large pieces with no copy in between.
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	small := make([]byte, smallRead)
-	buf := small
-	var big *[]byte // counted against the budget while held (borrow)
-	defer func() {
-		if big != nil {
-			c.opts.Buffers.put(big)
-			c.lend(MaxData)
-		}
-	}()
+	busy := false
 	var total int64
 	for {
-		n, err := r.Read(buf)
-		if n > 0 {
-			w, werr := c.Write(buf[:n])
-			total += int64(w)
-			if werr != nil {
+		var n int
+		var err error
+		if busy {
+			dst, base, rerr := c.room()
+			if rerr != nil {
+				return total, rerr
+			}
+			n, err = r.Read(dst)
+			if werr := c.filled(base, n); werr != nil {
 				return total, werr
+			}
+			total += int64(n)
+		} else {
+			n, err = r.Read(small)
+			if n > 0 {
+				w, werr := c.Write(small[:n])
+				total += int64(w)
+				if werr != nil {
+					return total, werr
+				}
 			}
 		}
 		if err != nil {
@@ -837,14 +864,120 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			}
 			return total, err
 		}
+		busy = n >= smallRead
+	}
+}
+
+// room waits for room in the send buffer and returns it: the free end of
+// its last chunk (and that chunk's first byte), where ReadFrom reads, and
+// filled then keeps.
+func (c *Conn) room() ([]byte, *byte, error) {
+	c.mu.Lock()
+	defer c.unlock()
+	for {
 		switch {
-		case big == nil && n == len(buf) && c.borrow(MaxData):
-			big = c.opts.Buffers.get(MaxData)
-			buf = *big
-		case big != nil && n < smallRead:
-			c.opts.Buffers.put(big)
-			c.lend(MaxData)
-			big, buf = nil, small
+		case c.state == Reset:
+			return nil, nil, ErrReset
+		case c.wclosed:
+			return nil, nil, net.ErrClosed
+		}
+		room := c.win.limit - c.slen
+		if room > 0 && !c.sfill && c.tailLocked(MaxData) {
+			t := c.sq[len(c.sq)-1]
+			base := &t[:1][0]
+			c.sfill = true
+			c.sbusy = append(c.sbusy, base)
+			return t[len(t):min(cap(t), len(t)+room)], base, nil
+		}
+		if err := c.waitLocked(1); err != nil {
+			return nil, nil, err
+		}
+	}
+}
+
+// filled keeps n bytes read into the room that room returned, in the
+// chunk whose first byte is base.
+func (c *Conn) filled(base *byte, n int) error {
+	c.mu.Lock()
+	defer c.unlock()
+	c.sfill = false
+	c.releaseLocked(base)
+	c.cond.Broadcast()
+	switch {
+	case c.state == Reset:
+		return ErrReset
+	case c.wclosed:
+		return net.ErrClosed
+	}
+	t := &c.sq[len(c.sq)-1] // the chunk room returned: it stays the last
+	*t = (*t)[:len(*t)+n]
+	c.slen += n
+	return nil
+}
+
+// tailLocked makes sure that the send buffer's last chunk has room, for a
+// write of k bytes: a new chunk grows from k's size (or twice the last
+// one's) to MaxData. It reports false when the budget is spent: the
+// caller waits for acknowledgements (or another flow's) to give some back.
+func (c *Conn) tailLocked(k int) bool {
+	if n := len(c.sq); n > 0 && len(c.sq[n-1]) < cap(c.sq[n-1]) {
+		return true
+	}
+	size := max(k, minChunk)
+	if n := len(c.sq); n > 0 {
+		size = max(size, 2*cap(c.sq[n-1]))
+	}
+	size = min(MaxData, size)
+	if size >= smallFrame {
+		size = smallFrame << class(size) // a pooled buffer's size
+	}
+	if !c.growLocked(0, size) {
+		// The budget is spent: a small chunk, if the flow's own free
+		// bytes hold it.
+		if size == minChunk || !c.growLocked(0, minChunk) {
+			return false
+		}
+		size = minChunk
+	}
+	c.smem += size
+	ch := make([]byte, 0, size)
+	if size >= smallFrame {
+		ch = (*c.opts.Buffers.get(size))[:0]
+	}
+	c.sq = append(c.sq, ch)
+	return true
+}
+
+// recycleLocked gives an acknowledged chunk back to Buffers: now, or when
+// the writeLoop sending from it is done.
+func (c *Conn) recycleLocked(ch []byte) {
+	if cap(ch) < smallFrame {
+		return
+	}
+	base := &ch[:1][0]
+	if slices.Contains(c.sbusy, base) {
+		c.sfreed = append(c.sfreed, ch)
+		return
+	}
+	ch = ch[:cap(ch)]
+	c.opts.Buffers.put(&ch)
+}
+
+// releaseLocked ends one use of the chunk whose first byte is at p,
+// giving it back if it was acknowledged meanwhile and is used no more.
+func (c *Conn) releaseLocked(p *byte) {
+	for i, b := range c.sbusy {
+		if b == p {
+			c.sbusy = slices.Delete(c.sbusy, i, i+1)
+			break
+		}
+	}
+	for i, ch := range c.sfreed {
+		if &ch[:1][0] == p && !slices.Contains(c.sbusy, p) {
+			c.sfreed = slices.Delete(c.sfreed, i, i+1)
+			ch = ch[:cap(ch)]
+			c.opts.Buffers.put(&ch)
+			return
 		}
 	}
 }
@@ -862,37 +995,16 @@ func (c *Conn) Write(b []byte) (int, error) {
 		case c.wclosed:
 			return n, net.ErrClosed
 		}
-		room := c.opts.MaxSend - c.slen
-		if room <= 0 {
+		room := c.win.limit - c.slen
+		// Chunks grow from the size of the write to MaxData, so that a
+		// busy flow sends large frames and an idle one holds little.
+		if room <= 0 || c.sfill || !c.tailLocked(min(room, len(b))) {
 			if err := c.waitLocked(1); err != nil {
 				return n, err
 			}
 			continue
 		}
 		k := min(room, len(b))
-		if len(c.sq) == 0 || len(c.sq[len(c.sq)-1]) == cap(c.sq[len(c.sq)-1]) {
-			// Chunks grow from the size of the write to MaxData, so that
-			// a busy flow sends large frames and an idle one holds little.
-			size := max(k, minChunk)
-			if len(c.sq) > 0 {
-				size = max(size, 2*cap(c.sq[len(c.sq)-1]))
-			}
-			size = min(MaxData, size)
-			if !c.growLocked(0, size) {
-				// The budget is spent: a small chunk, if the flow's own
-				// free bytes hold it, else wait for acknowledgements (or
-				// another flow's) to give some back.
-				if size == minChunk || !c.growLocked(0, minChunk) {
-					if err := c.waitLocked(1); err != nil {
-						return n, err
-					}
-					continue
-				}
-				size = minChunk
-			}
-			c.smem += size
-			c.sq = append(c.sq, make([]byte, 0, size))
-		}
 		tail := &c.sq[len(c.sq)-1]
 		k = min(k, cap(*tail)-len(*tail))
 		*tail = append(*tail, b[:k]...)
@@ -987,18 +1099,19 @@ func (c *Conn) SetWriteDeadline(t time.Time) error {
 	return nil
 }
 
-// unsentLocked is the next run of bytes to send, from offset sent: within
-// one chunk, and the slice stays valid after the lock is let go (a full
-// chunk's bytes never change; later appends go past its length).
-func (c *Conn) unsentLocked() []byte {
+// unsentLocked is the next run of bytes to send, from offset sent, and
+// the first byte of its chunk: within one chunk, and the slice stays valid
+// after the lock is let go (a full chunk's bytes never change; later
+// appends go past its length), while the chunk is marked busy.
+func (c *Conn) unsentLocked() ([]byte, *byte) {
 	rel := int(c.sent-c.sbase) + c.sskip
 	for _, ch := range c.sq {
 		if rel < len(ch) {
-			return ch[rel:min(len(ch), rel+MaxData)]
+			return ch[rel:min(len(ch), rel+MaxData)], &ch[0]
 		}
 		rel -= len(ch)
 	}
-	return nil
+	return nil, nil
 }
 
 // dropRecvLocked gives back what was received and not read.

@@ -69,6 +69,32 @@ func transfer(t *testing.T, c *Conn, data []byte, wg *sync.WaitGroup) {
 	})
 }
 
+// transferFrom sends data through c's ReadFrom, from a reader that returns
+// it in random sizes (small reads and large ones, as a local socket does),
+// then closes c's write side.
+func transferFrom(t *testing.T, c *Conn, data []byte, wg *sync.WaitGroup) {
+	wg.Go(func() {
+		if n, err := c.ReadFrom(&choppy{data}); err != nil || n != int64(len(data)) {
+			t.Errorf("ReadFrom: %d bytes, %v; want %d", n, err, len(data))
+		}
+		c.CloseWrite()
+	})
+}
+
+type choppy struct{ b []byte }
+
+func (r *choppy) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), 1+mrand.IntN(3*smallRead))], r.b)
+	if mrand.IntN(4) == 0 {
+		n = copy(p, r.b) // as much as fits
+	}
+	r.b = r.b[n:]
+	return n, nil
+}
+
 func readAll(t *testing.T, c *Conn, out *[]byte, wg *sync.WaitGroup) {
 	wg.Go(func() {
 		b, err := io.ReadAll(c)
@@ -79,7 +105,8 @@ func readAll(t *testing.T, c *Conn, out *[]byte, wg *sync.WaitGroup) {
 	})
 }
 
-// TestFlowSurvivesRandomCuts: both directions stream while the stream
+// TestFlowSurvivesRandomCuts: both directions stream (one through Write,
+// one through ReadFrom, which reads into the send buffer) while the stream
 // under them is cut again and again at random moments; the bytes arrive
 // complete, in order, once, and both ends finish cleanly.
 func TestFlowSurvivesRandomCuts(t *testing.T) {
@@ -94,7 +121,7 @@ func TestFlowSurvivesRandomCuts(t *testing.T) {
 			var wg sync.WaitGroup
 			var gotAB, gotBA []byte
 			transfer(t, a, ab, &wg)
-			transfer(t, b, ba, &wg)
+			transferFrom(t, b, ba, &wg)
 			readAll(t, b, &gotAB, &wg)
 			readAll(t, a, &gotBA, &wg)
 			stop := make(chan struct{})

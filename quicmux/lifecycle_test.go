@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"sfkit-proxy/identity"
+	"sfkit-proxy/internal/testkit"
+	"sfkit-proxy/status"
 )
 
 func udpLoopback(t *testing.T) *net.UDPConn {
@@ -89,4 +91,27 @@ func TestCloseEndsRun(t *testing.T) {
 		t.Error("the socket is open after Run ended")
 	}
 	m.Close()
+}
+
+// TestSocketInfo: status tells what the kernel gave the shared UDP socket
+// once quic-go asked for its buffers.
+func TestSocketInfo(t *testing.T) {
+	id, err := identity.Load(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(udpLoopback(t), nil, Options{Study: "s", PID: 0, Identity: id, CheckKey: identity.NewCheckKey()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	s := m.Stats().Socket
+	// quic-go asks for 7 MiB; the kernel grants at least its default.
+	if s.ReadBuffer < 64<<10 || s.WriteBuffer < 64<<10 {
+		t.Errorf("socket buffers read %d, write %d; want what the kernel granted (64 KiB or more)", s.ReadBuffer, s.WriteBuffer)
+	}
+	t.Logf("read buffer %d, write buffer %d, GSO %v", s.ReadBuffer, s.WriteBuffer, s.GSO)
+	if socketInfo(testkit.NewFilterConn(udpLoopback(t))) != (status.Socket{}) {
+		t.Error("a PacketConn that is not a socket reported socket buffers")
+	}
 }

@@ -1,9 +1,11 @@
 package quicmux
 
 import (
+	"net"
 	"net/netip"
 	"slices"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"sfkit-proxy/status"
@@ -93,7 +95,33 @@ type Stats struct {
 	// PeerRelay is what this party relays for others (peerrelay.go).
 	PeerRelay  status.PeerRelay
 	FlowsReset map[string]uint64 // by reason (ResetReason's String)
+	Socket     status.Socket     // the main socket's
 }
+
+// socketInfo reads what the kernel gave conn, a UDP socket; nothing for
+// another kind of PacketConn.
+func socketInfo(conn net.PacketConn) status.Socket {
+	var s status.Socket
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return s
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return s
+	}
+	rc.Control(func(fd uintptr) {
+		s.ReadBuffer, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF)
+		s.WriteBuffer, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF)
+		_, err := syscall.GetsockoptInt(int(fd), syscall.IPPROTO_UDP, udpSegment)
+		s.GSO = err == nil
+	})
+	return s
+}
+
+// udpSegment is Linux's UDP_SEGMENT socket option (GSO), as quic-go tests
+// for it.
+const udpSegment = 103
 
 // counters are the mux-wide event counts.
 type counters struct {
@@ -168,6 +196,7 @@ func (m *Mux) Stats() Stats {
 		FlowsResumed: m.count.flowsResumed.Load(), FlowsReset: map[string]uint64{},
 		FlowsMoved: m.count.flowsMoved.Load(), PoolConnsOpened: m.count.poolOpened.Load(),
 		PathStalls: m.count.pathStalls.Load(), PacketRaises: m.count.packetRaises.Load(),
+		Socket: socketInfo(m.main.conn),
 	}
 	r := &m.prelay
 	r.mu.Lock()
@@ -245,6 +274,7 @@ func (m *Mux) UpdateStatus(s *status.Status) {
 	c.FlowsMoved, c.PoolConnsOpened = st.FlowsMoved, st.PoolConnsOpened
 	c.PathStalls, c.PacketSizeRaises = st.PathStalls, st.PacketRaises
 	s.PeerRelay = st.PeerRelay
+	s.Socket = st.Socket
 	for _, p := range st.Peers {
 		sp := status.Peer{PID: p.PID, State: p.State.String(), Via: p.Via, RTTMillis: float64(p.RTT.Microseconds()) / 1000, PacketSize: p.PacketSize,
 			OpenConns: p.OpenConns, QUICConns: p.QUICConns, WaitingConns: p.Waiting, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv,

@@ -21,6 +21,18 @@ type Status struct {
 	Counters     Counters `json:"counters"`
 	// PeerRelay is what it relays for the other parties.
 	PeerRelay PeerRelay `json:"peer_relay"`
+	// Socket is what the kernel gave the UDP socket that carries QUIC.
+	Socket Socket `json:"udp_socket"`
+}
+
+// Socket is the shared UDP socket's kernel buffers as granted (the kernel
+// caps what quic-go asks for at net.core.rmem_max and wmem_max unless the
+// sidecar may force them), and whether the kernel offers segmentation
+// offload (GSO: one system call sends many packets).
+type Socket struct {
+	ReadBuffer  int  `json:"read_buffer"`
+	WriteBuffer int  `json:"write_buffer"`
+	GSO         bool `json:"gso"`
 }
 
 // Registry says whether the registry is reachable.
