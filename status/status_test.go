@@ -23,6 +23,7 @@ func TestJSONNames(t *testing.T) {
 			SOCKS: map[string]uint64{"peer/ok": 7}, FlowsResumed: 8, FlowsReset: map[string]uint64{"timeout": 9},
 			FlowsMoved: 10, PoolConnsOpened: 11, PathStalls: 12, PacketSizeRaises: 13},
 		PeerRelay: PeerRelay{Enabled: true, Sessions: 1, Ends: 2, RateLimit: 3, BytesForwarded: 4, Dropped: 5, Refused: 6},
+		Socket:    Socket{ReadBuffer: 1, WriteBuffer: 2, GSO: true},
 	}
 	const want = `{"study":"s","pid":1,"virtual_addr":"10.0.0.1","socks":"127.0.0.1:7080","external_addr":"192.0.2.1:4000","nat":"cone",` +
 		`"registry":{"url":"https://r","reachable":true,"published":true,"last_error":"e"},` +
@@ -34,7 +35,8 @@ func TestJSONNames(t *testing.T) {
 		`"state_since":"2025-01-02T03:04:05Z","repairs":1,"last_repair_seconds":0.5,"last_repair_reason":"stall"}],` +
 		`"counters":{"dials_ok":1,"dials_failed":2,"accepts_ok":3,"accepts_rejected":4,"checks_sent":5,"checks_answered":6,` +
 		`"socks":{"peer/ok":7},"flows_resumed":8,"flows_reset":{"timeout":9},"flows_moved":10,"pool_conns_opened":11,"path_stalls":12,"packet_size_raises":13},` +
-		`"peer_relay":{"enabled":true,"sessions":1,"ends":2,"rate_limit":3,"bytes_forwarded":4,"dropped":5,"refused":6}}`
+		`"peer_relay":{"enabled":true,"sessions":1,"ends":2,"rate_limit":3,"bytes_forwarded":4,"dropped":5,"refused":6},` +
+		`"udp_socket":{"read_buffer":1,"write_buffer":2,"gso":true}}`
 	b, err := json.Marshal(s)
 	if err != nil {
 		t.Fatal(err)
