@@ -48,13 +48,14 @@ fuzz:
 	done
 
 # Benchmarks: Go benchmarks of the hot paths, the tunnel against raw
-# quic-go and raw TCP between processes (table on stdout, bench.json), then
+# quic-go and raw TCP between processes (table on stdout, bench.json, CPU
+# profiles of both sidecars in bench-profiles/), then
 # the WAN table: plain TCP (CUBIC, BBR) against the tunnel on an emulated
 # 50 ms, 200 Mbit/s path with 0, 0.01% and 0.1% loss (wan.json; needs root,
 # about 15 minutes).
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./quicmux ./socks
-	$(GO) run ./scripts/bench --bin ./$(BIN) --json bench.json
+	$(GO) run ./scripts/bench --bin ./$(BIN) --json bench.json --profile bench-profiles
 	scripts/wan-lab.sh --bench ./$(BIN)
 	scripts/peer-relay-bench.sh ./$(BIN)
 

@@ -338,6 +338,9 @@ func (l *lab) freshPair(runs int, size int64, profileDir string, add func(string
 	if profileDir == "" {
 		return nil
 	}
+	if err := os.MkdirAll(profileDir, 0o755); err != nil {
+		return err
+	}
 	// About 10 s of transfer at the rate just measured; the profiles take
 	// 5 s of it, from its second second.
 	long := int64(median(rates)*10e6) &^ 0xfffff
