@@ -40,8 +40,7 @@ var ErrReset = errors.New("connection reset by the far end of the tunnel")
 // Options configure a Conn. Zero values are documented per field.
 type Options struct {
 	// MaxSend bounds the bytes kept until the peer acknowledges them; a
-	// Write waits while it is full. Zero means 4 MiB. On a PathStream the
-	// flow keeps less when its path needs less (window.go).
+	// Write waits while it is full. Zero means 4 MiB.
 	MaxSend int
 	// MaxRecv bounds the memory that received, unread data holds (its
 	// buffers, not only its bytes, so that tiny frames cannot pin more);
@@ -178,7 +177,6 @@ type Conn struct {
 	sbusy    []*byte
 	sfreed   [][]byte
 	sfill    bool
-	win      window
 	sbase    uint64
 	sent     uint64
 	wclosed  bool // CloseWrite: an end of stream follows sbuf
@@ -224,7 +222,6 @@ func New(opts Options, local, remote net.Addr) *Conn {
 		opts.Buffers = new(Buffers)
 	}
 	c := &Conn{opts: opts, local: local, remote: remote}
-	c.win.limit = opts.MaxSend
 	c.cond = sync.NewCond(&c.mu)
 	return c
 }
@@ -276,7 +273,6 @@ func (c *Conn) Attach(s Stream, peerRcvd uint64) {
 		c.ackLocked(peerRcvd)
 	}
 	c.stream, c.sent, c.finSent, c.acked = s, c.sbase, c.finAcked, c.rcvd
-	c.win.attach(s, c.opts.MaxSend)
 	if bad {
 		c.peerBrokeLocked()
 	}
@@ -312,7 +308,6 @@ func (c *Conn) ackOKLocked(off uint64) bool {
 func (c *Conn) ackLocked(off uint64) {
 	if off > c.sbase {
 		n := min(off-c.sbase, uint64(c.slen))
-		c.win.onAck(int(n), time.Now(), c.opts.MaxSend)
 		c.sbase += n
 		c.slen -= int(n)
 		c.sskip += int(n)
@@ -881,7 +876,7 @@ func (c *Conn) room() ([]byte, *byte, error) {
 		case c.wclosed:
 			return nil, nil, net.ErrClosed
 		}
-		room := c.win.limit - c.slen
+		room := c.opts.MaxSend - c.slen
 		if room > 0 && !c.sfill && c.tailLocked(MaxData) {
 			t := c.sq[len(c.sq)-1]
 			base := &t[:1][0]
@@ -995,7 +990,7 @@ func (c *Conn) Write(b []byte) (int, error) {
 		case c.wclosed:
 			return n, net.ErrClosed
 		}
-		room := c.win.limit - c.slen
+		room := c.opts.MaxSend - c.slen
 		// Chunks grow from the size of the write to MaxData, so that a
 		// busy flow sends large frames and an idle one holds little.
 		if room <= 0 || c.sfill || !c.tailLocked(min(room, len(b))) {

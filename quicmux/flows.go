@@ -480,10 +480,6 @@ func (s *flowStream) release() {
 	})
 }
 
-// MinRTT is the path's minimum round trip, which the flow sizes its send
-// window by (flow.PathStream).
-func (s *flowStream) MinRTT() time.Duration { return s.l.conn.ConnectionStats().MinRTT }
-
 func (s *flowStream) Read(b []byte) (int, error) {
 	n, err := s.str.Read(b)
 	s.l.tr.recv.Add(uint64(n))
