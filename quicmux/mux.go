@@ -46,6 +46,7 @@ import (
 	"sfkit-proxy/config"
 	"sfkit-proxy/flow"
 	"sfkit-proxy/identity"
+	"sfkit-proxy/status"
 	"sfkit-proxy/stun"
 )
 
@@ -241,13 +242,14 @@ func defaultTuning() tuning {
 
 // Mux is a sidecar's UDP socket, QUIC transport and peer connections.
 type Mux struct {
-	opts  Options
-	tune  tuning
-	log   *slog.Logger
-	local netip.AddrPort // the main socket's address
-	main  *endpoint
-	relay *endpoint // nil without a relay
-	qc    *quic.Config
+	opts   Options
+	tune   tuning
+	log    *slog.Logger
+	local  netip.AddrPort // the main socket's address
+	socket status.Socket  // what the kernel gave the main socket
+	main   *endpoint
+	relay  *endpoint // nil without a relay
+	qc     *quic.Config
 	// qcRelayed is qc for connections through a peer relay: packets fixed
 	// at QUIC's minimum.
 	qcRelayed *quic.Config
@@ -403,6 +405,7 @@ func newMux(pc net.PacketConn, relay *Relay, opts Options, tune tuning) (m *Mux,
 	if m.main, err = m.newEndpoint(pc, false, ""); err != nil {
 		return nil, err
 	}
+	m.socket = socketInfo(pc) // quic-go has set its buffers
 	if relay != nil {
 		if m.relay, err = m.newEndpoint(relay.Conn, true, relay.Server); err != nil {
 			m.main.ln.Close()

@@ -8,6 +8,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"sfkit-proxy/status"
 )
 
@@ -95,7 +97,7 @@ type Stats struct {
 	// PeerRelay is what this party relays for others (peerrelay.go).
 	PeerRelay  status.PeerRelay
 	FlowsReset map[string]uint64 // by reason (ResetReason's String)
-	Socket     status.Socket     // the main socket's
+	Socket     status.Socket     // the main socket's, read once at New
 }
 
 // socketInfo reads what the kernel gave conn, a UDP socket; nothing for
@@ -113,15 +115,11 @@ func socketInfo(conn net.PacketConn) status.Socket {
 	rc.Control(func(fd uintptr) {
 		s.ReadBuffer, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF)
 		s.WriteBuffer, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF)
-		_, err := syscall.GetsockoptInt(int(fd), syscall.IPPROTO_UDP, udpSegment)
+		_, err := unix.GetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_SEGMENT) // as quic-go tests for GSO
 		s.GSO = err == nil
 	})
 	return s
 }
-
-// udpSegment is Linux's UDP_SEGMENT socket option (GSO), as quic-go tests
-// for it.
-const udpSegment = 103
 
 // counters are the mux-wide event counts.
 type counters struct {
@@ -196,7 +194,7 @@ func (m *Mux) Stats() Stats {
 		FlowsResumed: m.count.flowsResumed.Load(), FlowsReset: map[string]uint64{},
 		FlowsMoved: m.count.flowsMoved.Load(), PoolConnsOpened: m.count.poolOpened.Load(),
 		PathStalls: m.count.pathStalls.Load(), PacketRaises: m.count.packetRaises.Load(),
-		Socket: socketInfo(m.main.conn),
+		Socket: m.socket,
 	}
 	r := &m.prelay
 	r.mu.Lock()

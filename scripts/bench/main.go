@@ -591,6 +591,17 @@ func (l *lab) stopAll() {
 
 // waitPeer waits until sidecar pid reports peer direct.
 func (l *lab) waitPeer(pid, peer int) error {
+	return l.waitDirect(pid, fmt.Sprintf("peer %d", peer), func(direct []int) bool { return slices.Contains(direct, peer) })
+}
+
+// waitPeers waits until sidecar pid reports n peers direct.
+func (l *lab) waitPeers(pid, n int) error {
+	return l.waitDirect(pid, fmt.Sprintf("%d peers", n), func(direct []int) bool { return len(direct) >= n })
+}
+
+// waitDirect polls sidecar pid's status, for up to a minute, until done
+// holds for the peers it reports direct.
+func (l *lab) waitDirect(pid int, what string, done func(direct []int) bool) error {
 	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
 		resp, err := http.Get("http://" + l.sidecars[pid].admin + "/v1/status")
 		if err != nil {
@@ -604,38 +615,17 @@ func (l *lab) waitPeer(pid, peer int) error {
 		}
 		json.NewDecoder(resp.Body).Decode(&s)
 		resp.Body.Close()
-		for _, p := range s.Peers {
-			if p.PID == peer && p.State == "direct" {
-				return nil
-			}
-		}
-	}
-	return fmt.Errorf("sidecar %d did not reach peer %d", pid, peer)
-}
-
-// waitPeers waits until sidecar pid reports n peers direct.
-func (l *lab) waitPeers(pid, n int) error {
-	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-		resp, err := http.Get("http://" + l.sidecars[pid].admin + "/v1/status")
-		if err != nil {
-			continue
-		}
-		var s struct {
-			Peers []struct{ State string }
-		}
-		json.NewDecoder(resp.Body).Decode(&s)
-		resp.Body.Close()
-		direct := 0
+		var direct []int
 		for _, p := range s.Peers {
 			if p.State == "direct" {
-				direct++
+				direct = append(direct, p.PID)
 			}
 		}
-		if direct >= n {
+		if done(direct) {
 			return nil
 		}
 	}
-	return fmt.Errorf("sidecar %d did not reach %d peers", pid, n)
+	return fmt.Errorf("sidecar %d did not reach %s", pid, what)
 }
 
 // socksConnect opens a SOCKS5 CONNECT to 10.0.0.pid:port.
