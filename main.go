@@ -77,6 +77,11 @@ func newLogger(w io.Writer, level slog.Level) *slog.Logger {
 
 func version() string {
 	if bi, ok := debug.ReadBuildInfo(); ok {
+		if bi.Main.Version != "(devel)" && bi.Main.Version != "" {
+			// A module version, or one Go made from the checkout's
+			// commit (v0.0.0-TIME-REVISION, +dirty with local changes).
+			return bi.Main.Version
+		}
 		for _, s := range bi.Settings {
 			if s.Key == "vcs.revision" {
 				return bi.Main.Version + " " + s.Value

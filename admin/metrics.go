@@ -19,7 +19,7 @@ var (
 	descPeerBytes   = prometheus.NewDesc("sfkit_proxy_peer_bytes_total", "Bytes of tunnelled TCP data exchanged with a peer.", []string{"peer", "path", "direction"}, nil)
 	descPeerConns   = prometheus.NewDesc("sfkit_proxy_peer_connections_total", "Tunnelled TCP connections opened with a peer, either direction.", []string{"peer", "path"}, nil)
 	descPeerOpen    = prometheus.NewDesc("sfkit_proxy_peer_open_connections", "Tunnelled TCP connections open now.", []string{"peer"}, nil)
-	descPeerState   = prometheus.NewDesc("sfkit_proxy_peer_state", "1 for the peer's current state (connecting, direct, relayed, unreachable).", []string{"peer", "state"}, nil)
+	descPeerState   = prometheus.NewDesc("sfkit_proxy_peer_state", "1 for the peer's current state (connecting, direct, relayed, repairing, unreachable).", []string{"peer", "state"}, nil)
 	descPeerRTT     = prometheus.NewDesc("sfkit_proxy_peer_rtt_seconds", "Smoothed round-trip time of the QUIC connection to the peer.", []string{"peer"}, nil)
 	descHandshakes  = prometheus.NewDesc("sfkit_proxy_handshakes_total", "QUIC handshakes with peers by role and outcome.", []string{"role", "outcome"}, nil)
 	descChecks      = prometheus.NewDesc("sfkit_proxy_holepunch_checks_total", "Connectivity checks (hole punching) sent and answered.", []string{"outcome"}, nil)

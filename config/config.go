@@ -522,7 +522,7 @@ func ParseRegistry(args []string, out io.Writer) (*Registry, error) {
 	fs := flag.NewFlagSet("sfkit-proxy registry", flag.ContinueOnError)
 	var (
 		listen   = fs.String("listen", "127.0.0.1:8080", "HTTP(S) listen address")
-		tokens   = fs.String("tokens", "", "tokens file: lines 'TOKEN STUDY PID', # comments (required)")
+		tokens   = fs.String("tokens", "", "tokens file: lines 'TOKEN STUDY PID', # comments (required unless --oidc-issuer is given)")
 		data     = fs.String("data", "", "directory where the registry keeps its state (required)")
 		cert     = fs.String("tls-cert", "", "TLS certificate file (serve HTTPS)")
 		key      = fs.String("tls-key", "", "TLS key file")

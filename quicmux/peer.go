@@ -376,7 +376,7 @@ func (p *peer) upgrade(ctx context.Context, l *link, to netip.AddrPort) {
 		}
 		return
 	}
-	p.log.Info("direct path found; new connections use it, relayed ones finish on the relay")
+	p.log.Info("direct path found; open connections move to it")
 	p.installConn(ctx, conn, m.main)
 }
 

@@ -79,6 +79,10 @@ func TestPeerRelay(t *testing.T) {
 	if ps := waitPath(t, s.b.m, 0, PathPeerRelayed); ps.Via != "peer 2" {
 		t.Errorf("acceptor's stats = %+v; want relayed via peer 2", ps)
 	}
+	// A ping names the relay: the inner connection has no address of its own.
+	if _, kind, where, err := s.a.m.Ping(ctxTimeout(t, 5*time.Second), 1); err != nil || kind != PathPeerRelayed || where != "peer 2" {
+		t.Errorf("Ping through the relay = %v, %q, %v; want %v, \"peer 2\"", kind, where, err, PathPeerRelayed)
+	}
 	rs := s.relays[0].m.Stats().PeerRelay
 	if rs.Sessions != 1 || rs.BytesForwarded < 4<<20 || len(rs.Relaying) != 1 ||
 		rs.Relaying[0].A != 0 || rs.Relaying[0].B != 1 || rs.Relaying[0].BytesAB < 2<<20 || rs.Relaying[0].BytesBA < 2<<20 {

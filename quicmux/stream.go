@@ -60,19 +60,25 @@ func (m *Mux) Dial(ctx context.Context, pid int, port uint16) (*flow.Conn, error
 }
 
 // Ping measures the round trip of a request through the tunnel to pid, and
-// names the path it took.
-func (m *Mux) Ping(ctx context.Context, pid int) (rtt time.Duration, path PathKind, addr netip.AddrPort, err error) {
+// names the path it took: its kind, and where it goes (the peer's address,
+// a TURN relay's, or "peer R" for a session through party R, whose inner
+// connection has no address of its own).
+func (m *Mux) Ping(ctx context.Context, pid int) (rtt time.Duration, path PathKind, where string, err error) {
 	start := time.Now()
 	str, l, kind, reply, err := m.open(ctx, pid, header.Request{Kind: header.KindPing})
 	if err != nil {
-		return 0, PathNone, netip.AddrPort{}, err
+		return 0, PathNone, "", err
 	}
 	rtt = time.Since(start)
 	if err := reply.Err(); err != nil {
-		return 0, PathNone, netip.AddrPort{}, err // no stream: it was refused
+		return 0, PathNone, "", err // no stream: it was refused
 	}
 	endStream(str)
-	return rtt, kind, l.remote, nil
+	where = l.remote.String()
+	if s := l.ep.session; s != nil {
+		where = "peer " + strconv.Itoa(s.via)
+	}
+	return rtt, kind, where, nil
 }
 
 // open opens a stream with request r to pid and reads the peer's reply. A

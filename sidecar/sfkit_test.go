@@ -401,7 +401,8 @@ func TestRelayRefusalsAreOneLine(t *testing.T) {
 // dials its peers at once, with no retry. A connection that reaches a
 // peer's -mpc port before the program there listens waits for it, so all
 // 20 rounds succeed, every byte checked; a port that never listens is
-// refused once the peer's --dial-timeout has passed.
+// refused once the peer's --dial-timeout has passed, though the asking
+// party's own --dial-timeout is the same (the default case).
 func TestStartOrderDoesNotMatter(t *testing.T) {
 	s := newStudy(t)
 	lns := s.mpcPorts(3)
@@ -410,14 +411,10 @@ func TestStartOrderDoesNotMatter(t *testing.T) {
 			ln.Close() // the programs have not started yet
 		}
 	}
-	const wait = 5 * time.Second // party 0's --dial-timeout: how long its ports wait
+	const wait = 8 * time.Second // every party's --dial-timeout: how long its ports wait, and its CONNECTs
 	var socks [3]string
 	for pid := range 3 {
-		extra := []string{"--dial-timeout", "30s"} // a round that goes wrong fails in 30 s
-		if pid == 0 {
-			extra = []string{"--dial-timeout", wait.String()}
-		}
-		l, _, _, err := s.start(s.sfkitArgs(pid, extra...))
+		l, _, _, err := s.start(s.sfkitArgs(pid, "--dial-timeout", wait.String()))
 		if err != nil {
 			t.Fatalf("party %d: %v", pid, err)
 		}

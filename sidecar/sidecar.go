@@ -44,6 +44,13 @@ type Listening struct {
 	SOCKS, Admin netip.AddrPort // Admin is zero when the API is off
 }
 
+// farWaitGrace is how much longer a CONNECT to a peer waits than
+// --dial-timeout: a peer's port that never listens is given up by the peer
+// after its own --dial-timeout (the same, by default), and its refusal must
+// reach the program as "connection refused", not be overtaken here by a
+// timeout ("host unreachable").
+const farWaitGrace = 10 * time.Second
+
 // Run builds the sidecar's parts in dependency order and runs them until
 // ctx ends or one fails. onReady, if set, is told where it listens once
 // everything is listening.
@@ -55,6 +62,11 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 	}
 	if (cfg.Registry.Scheme == "http" || cfg.Registry.Scheme == "ws") && !config.IsLoopbackHost(cfg.Registry.Hostname()) {
 		log.Warn("registry URL is not encrypted: credentials and addresses cross the network in the clear; use https:// or wss:// outside a lab", "registry", cfg.Registry.Redacted())
+	}
+	if what := needsCABundle(cfg); len(what) > 0 && !haveCABundle(os.Getenv, caFiles, caDirs) {
+		log.Warn("no CA certificates on this system: TLS servers cannot be verified, and connecting to them will fail; "+
+			"mount a CA bundle (docker run -v /etc/ssl/certs:/etc/ssl/certs:ro) or set SSL_CERT_FILE",
+			"needed_by", strings.Join(what, ", "), "looked_in", strings.Join(append(caFiles, caDirs...), ","))
 	}
 	st := &state{socks: make(map[string]uint64)}
 	disc, err := discovery(ctx, cfg, id, st, log)
@@ -159,7 +171,7 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 	}
 	opts := socks.Options{
 		Logger: log, Peers: cfg.PeersCIDR, Self: cfg.PID, Direct: cfg.Direct, PeerAllows: policy.allows,
-		DialPeer: dialPeer, ConnectTimeout: cfg.TunnelWait, OnConnect: st.socksRequest,
+		DialPeer: dialPeer, ConnectTimeout: cfg.TunnelWait + farWaitGrace, OnConnect: st.socksRequest,
 	}
 	if cfg.MPC != nil {
 		opts.Route = cfg.MPC.Route
@@ -185,8 +197,8 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 			Logger: log,
 			Status: func() status.Status { return st.status(cfg, mux, where.SOCKS) },
 			Ping: func(ctx context.Context, pid int) (time.Duration, string, string, error) {
-				rtt, path, addr, err := mux.Ping(ctx, pid)
-				return rtt, path.String(), addr.String(), err
+				rtt, path, where, err := mux.Ping(ctx, pid)
+				return rtt, path.String(), where, err
 			},
 			Ready: st.ready,
 			Debug: cfg.AdminDebug,
@@ -284,7 +296,7 @@ func allocateRelay(ctx context.Context, cfg *config.Sidecar, log *slog.Logger) (
 	defer cancel()
 	a, err := relay.Allocate(actx, o)
 	if err != nil {
-		log.Warn("no relay allocated: parties that no direct path reaches stay unreachable", "err", err)
+		log.Warn("no relay allocated: parties that no direct path reaches go through a peer relay, or stay unreachable", "err", err)
 		return nil, nil
 	}
 	log.Info("relay allocated", "relay", a.Server, "addr", a.Addr)
