@@ -5,13 +5,13 @@ BIN     ?= sfkit-proxy
 IMAGE   ?= sfkit-proxy:latest
 GOFLAGS ?= -trimpath
 
-.PHONY: all build demo test unit e2e soak fuzz image bench clean
+.PHONY: all build demo test unit e2e soak fuzz image bench docs clean
 
 all: build
 
 # A static binary: it runs in a FROM-scratch image as well as on a host.
 build:
-	CGO_ENABLED=0 $(GO) build $(GOFLAGS) -o $(BIN) .
+	CGO_ENABLED=0 $(GO) build $(GOFLAGS) -buildvcs=auto -o $(BIN) .
 
 demo: build
 	./$(BIN) demo
@@ -26,7 +26,8 @@ unit:
 # paths through cone NATs, relayed ones through symmetric NATs and blocked
 # UDP (through TURN, and through a peer with no TURN server), sfkit as it is (its command line, its website's relay), faults under
 # live transfers (rebinding NATs, lost UDP, relays dying, peers stopping),
-# then parallel connections on a long lossy path (the WAN lab, lean).
+# then parallel connections on a long lossy path (the WAN lab, lean), and
+# the README's and docs' commands as they are written (the docs lab).
 e2e: build
 	scripts/nat-lab.sh ./$(BIN)
 	scripts/relay-lab.sh ./$(BIN)
@@ -34,6 +35,7 @@ e2e: build
 	scripts/sfkit-lab.sh ./$(BIN)
 	scripts/fault-lab.sh ./$(BIN)
 	scripts/wan-lab.sh ./$(BIN)
+	scripts/docs-lab.sh ./$(BIN)
 
 # The fault lab with its long outage (60 s of lost UDP).
 soak: build
@@ -61,6 +63,10 @@ bench: build
 
 image: build
 	d=$$(mktemp -d) && cp $(BIN) Dockerfile $$d/ && mkdir $$d/state && docker build -t $(IMAGE) $$d; rc=$$?; rm -rf $$d; exit $$rc
+
+# docs/flags.md from each command's -h (TestFlagsDoc fails when they differ).
+docs:
+	$(GO) test -run '^TestFlagsDoc$$' -count=1 . -update
 
 clean:
 	rm -f $(BIN)

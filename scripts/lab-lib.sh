@@ -57,11 +57,20 @@ cleanup() {
 		done
 		log "FAILED (rc=$rc)"
 	fi
-	rm -rf "$DIR"
+	if [ "${KEEP:-0}" = 1 ]; then
+		log "kept its logs in $DIR (KEEP=1)"
+	else
+		rm -rf "$DIR"
+	fi
 	exit $rc
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# doc_block PAGE NAME: the code block of PAGE (docs/operations.md) that a
+# <!-- run: … NAME --> marker names, so that a lab runs what the page says.
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+doc_block() { (cd "$REPO" && go run ./scripts/docblock "$1" "$2"); }
 
 ns() { echo "sfk${ID}-$1"; }
 addns() { ip netns add "$(ns "$1")"; NETNS+=("$(ns "$1")"); ip -n "$(ns "$1")" link set lo up; }
@@ -83,15 +92,22 @@ veth() {
 }
 
 # internet: the bridge, coturn and the registry. Extra turnserver and
-# registry arguments come in TURN_ARGS and REGISTRY_ARGS (arrays).
+# registry arguments come in TURN_ARGS and REGISTRY_ARGS (arrays). With
+# TURN_CONF set, coturn reads that configuration file (its command line,
+# TURN_ARGS, overrides it) and logs to stdout, as the file says.
 internet() {
 	addns inet
 	inns inet ip link add br0 type bridge
 	inns inet ip addr add 203.0.113.10/24 dev br0
 	inns inet ip addr add 203.0.113.11/24 dev br0
 	inns inet ip link set br0 up
-	spawn inet /dev/null turnserver -n --no-cli --listening-ip=203.0.113.10 --listening-port=3478 \
-		--no-dtls --log-file="$DIR/coturn.log" --simple-log --pidfile="$DIR/turn.pid" "${TURN_ARGS[@]}"
+	if [ -n "${TURN_CONF:-}" ]; then
+		spawn inet "$DIR/coturn.log" turnserver -c "$TURN_CONF" --listening-ip=203.0.113.10 --listening-port=3478 \
+			--pidfile="$DIR/turn.pid" "${TURN_ARGS[@]}"
+	else
+		spawn inet /dev/null turnserver -n --no-cli --listening-ip=203.0.113.10 --listening-port=3478 \
+			--no-dtls --log-file="$DIR/coturn.log" --simple-log --pidfile="$DIR/turn.pid" "${TURN_ARGS[@]}"
+	fi
 	# A second STUN server, so that parties can tell their NAT's behaviour.
 	stun_server inet 203.0.113.11
 	tokens e2e 4

@@ -32,9 +32,15 @@ marker_file() { yes "$MARKER the quick brown fox jumps over the lazy dog" | head
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=203.0.113.10 \
 	-addext subjectAltName=IP:203.0.113.10 -keyout "$DIR/turn-key.pem" -out "$DIR/turn-cert.pem" 2>/dev/null
 head -c 24 /dev/urandom | base64 >"$DIR/turn-secret"
-TURN_ARGS=(--use-auth-secret "--static-auth-secret=$(cat "$DIR/turn-secret")" --realm=sfkit
-	--relay-ip=203.0.113.10 --tls-listening-port=5349 "--cert=$DIR/turn-cert.pem" "--pkey=$DIR/turn-key.pem"
-	--min-port=49152 --max-port=65535)
+# coturn runs with the operators' example configuration (docs/operations.md,
+# block turnserver); the command line gives only the lab's secret, address,
+# certificate and the documentation range the lab's parties live in, which
+# the example denies as it denies every reserved range.
+turn_block=$(doc_block docs/operations.md turnserver)
+[ "$turn_block" = "turnserver -c examples/turnserver.conf" ] || { echo "$LAB: docs/operations.md's turnserver block is not the command this lab runs: $turn_block" >&2; exit 1; }
+TURN_CONF="$REPO/examples/turnserver.conf"
+TURN_ARGS=("--static-auth-secret=$(cat "$DIR/turn-secret")" --relay-ip=203.0.113.10
+	"--cert=$DIR/turn-cert.pem" "--pkey=$DIR/turn-key.pem" --allowed-peer-ip=203.0.113.0-203.0.113.255)
 internet
 REGISTRY_ARGS=()
 start_registry

@@ -60,16 +60,24 @@ ipaddr = "127.0.0.1"
 ports  = {party0 = "8040", party1 = "8060"}
 TOML
 
+# sfkit's command line as docs/sfkit.md gives it (block sfkit-command),
+# with the lab's website, study, role and config path in its placeholders.
+sfkit_line=$(doc_block docs/sfkit.md sfkit-command)
+case "$sfkit_line" in
+sfkit-proxy\ *HOST*STUDY_ID*ROLE*PATH*) ;;
+*) echo "$LAB: docs/sfkit.md's sfkit-command block is not one sfkit-proxy command with HOST, STUDY_ID, ROLE and PATH: $sfkit_line" >&2; exit 1 ;;
+esac
 for i in $(seq 0 $((NPARTIES - 1))); do
 	addns "p$i"
 	router "$i" "$(ns "p$i")" cone
 	extra_env=()
 	[ "$i" = 2 ] && extra_env=(SFKIT_PROXY_MPC_FORWARD=true)
+	read -r -a sfkit_cmd <<<"$(printf '%s\n' "$sfkit_line" | sed -e "s|HOST|203.0.113.10:8443|; s|STUDY_ID|study-42|; s|ROLE|$i|; s|PATH|$DIR|")"
+	sfkit_cmd[0]=$BIN
 	# Exactly sfkit's command line; the environment carries the rest.
 	spawn "p$i" "$DIR/p$i.log" env SSL_CERT_FILE="$DIR/relay.pem" XDG_STATE_HOME="$DIR/state$i" \
 		SFKIT_PROXY_STUN=stun:203.0.113.10:3478,stun:203.0.113.11:3478 "${extra_env[@]}" \
-		"$BIN" -v -api wss://203.0.113.10:8443/api/ice -study study-42 -pid "$i" -mpc "$DIR/configGlobal.toml" \
-		-socks socks5://localhost:7080 -auth-key "$(cat "$DIR/key$i")"
+		"${sfkit_cmd[@]}" -auth-key "$(cat "$DIR/key$i")"
 done
 
 # sfkit waits a second, then starts the MPC program with ALL_PROXY set.
