@@ -52,8 +52,20 @@ func (q *quietLog) warn(key, msg string, args ...any) {
 				}
 			}
 		}
-		k = &quiet{}
-		q.keys[key] = k
+		if len(q.keys) >= maxQuietKeys {
+			// Still full: every key not yet known shares one, so the map
+			// stays bounded and the log quiet.
+			key = ""
+		}
+		if k = q.keys[key]; k != nil && now.Before(k.next) {
+			k.suppressed++
+			q.mu.Unlock()
+			return
+		}
+		if k == nil {
+			k = &quiet{}
+			q.keys[key] = k
+		}
 	}
 	n := k.suppressed
 	k.next, k.suppressed = now.Add(q.interval), 0
@@ -75,8 +87,9 @@ type handshakeGuard struct {
 	load      *rate.Limiter // all sources together, before Retry kicks in
 	log       *quietLog
 
-	mu      sync.Mutex // guards sources
-	sources map[netip.Addr]*rate.Limiter
+	mu       sync.Mutex // guards sources and overflow
+	sources  map[netip.Addr]*rate.Limiter
+	overflow *rate.Limiter // shared by new sources while sources is full
 }
 
 // Handshake limits: a peer dials a handful of times per path change; a
@@ -115,8 +128,17 @@ func (g *handshakeGuard) admit(ctx context.Context, info *quic.ClientInfo) (cont
 				}
 			}
 		}
-		lim = rate.NewLimiter(g.perSource, g.burst)
-		g.sources[src] = lim
+		if len(g.sources) < maxGuardSources {
+			lim = rate.NewLimiter(g.perSource, g.burst)
+			g.sources[src] = lim
+		} else {
+			// Still full, all of them busy: sources not yet known share
+			// one limit, so the map stays bounded.
+			if g.overflow == nil {
+				g.overflow = rate.NewLimiter(g.perSource, g.burst)
+			}
+			lim = g.overflow
+		}
 	}
 	ok := lim.Allow()
 	g.mu.Unlock()

@@ -242,3 +242,46 @@ func TestLiveConnectionOutlivesItsRegistryEntry(t *testing.T) {
 	b.stop()
 	testkit.Eventually(t, "party 1 forgotten", func() bool { return peerOf(a.m, 1) == nil })
 }
+
+// TestGuardIsBounded: handshakes from more sources than the guard tracks,
+// each still busy, do not grow its map past maxGuardSources; the sources
+// past it share one limit, so a flood from many addresses is still refused,
+// and so are its warnings, which stay few.
+func TestGuardIsBounded(t *testing.T) {
+	var logs testkit.LogBuffer
+	g := newHandshakeGuard(newQuietLog(slog.New(slog.NewTextHandler(&logs, nil)), time.Minute))
+	g.perSource = 0.01 // no limiter refills (and becomes evictable) while the test fills them, however slow the machine
+	from := func(i int) *quic.ClientInfo {
+		a := netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})
+		return &quic.ClientInfo{RemoteAddr: net.UDPAddrFromAddrPort(netip.AddrPortFrom(a, 443))}
+	}
+	for i := range maxGuardSources {
+		for range handshakeBurst { // spend each source's burst: none is evictable
+			g.admit(context.Background(), from(i))
+		}
+	}
+	refused := 0
+	for i := maxGuardSources; i < maxGuardSources+1000; i++ {
+		if _, err := g.admit(context.Background(), from(i)); errors.Is(err, errHandshakeRate) {
+			refused++
+		}
+	}
+	g.mu.Lock()
+	n := len(g.sources)
+	g.mu.Unlock()
+	if n > maxGuardSources {
+		t.Errorf("the guard tracks %d sources; want at most %d", n, maxGuardSources)
+	}
+	if refused < 1000-2*handshakeBurst {
+		t.Errorf("%d of 1,000 handshakes from new sources past the bound refused; want all but a burst", refused)
+	}
+	g.log.mu.Lock()
+	keys := len(g.log.keys)
+	g.log.mu.Unlock()
+	if keys > maxQuietKeys+1 {
+		t.Errorf("the quiet log tracks %d keys; want at most %d", keys, maxQuietKeys+1)
+	}
+	if lines := strings.Count(logs.String(), "refusing handshakes"); lines > maxQuietKeys+1 {
+		t.Errorf("%d warnings; want one per tracked key at most", lines)
+	}
+}

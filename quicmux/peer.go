@@ -469,8 +469,18 @@ func (p *peer) connect(ctx context.Context) {
 	dialer := m.opts.PID < p.pid
 	start := time.Now() // answers from before are of paths that may be gone
 	warned := false
+	var lastRound time.Time
 	for {
-		p.sendChecks(true)
+		// A round goes out on the tick, on news of the peer, and on an
+		// answer (to try what the answer taught at once), but never
+		// sooner than half a check interval after the last: a member that
+		// answers every check at once would otherwise have a round sent,
+		// to every address it published, per answer, a flood aimed
+		// wherever it likes.
+		if now := time.Now(); now.Sub(lastRound) >= m.opts.CheckInterval/2 {
+			lastRound = now
+			p.sendChecks(true)
+		}
 		select {
 		case <-ctx.Done():
 			return

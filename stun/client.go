@@ -30,9 +30,19 @@ type Result struct {
 type Client struct {
 	send Sender
 
-	mu      sync.Mutex // guards pending
+	mu      sync.Mutex // guards pending and swept
 	pending map[TxID]pending
+	swept   time.Time // when expired transactions were last dropped
 }
+
+// ErrTooManyPending is Send's error when maxPending transactions wait for
+// answers: the request is not sent.
+var ErrTooManyPending = errors.New("too many stun transactions waiting for answers")
+
+// maxPending bounds the transactions a Client remembers: a study of a
+// dozen peers, each checked at two dozen addresses ten times a second,
+// for pendingTTL, stays below it.
+const maxPending = 1 << 15
 
 type pending struct {
 	key     string // integrity key the response must carry; "" for none
@@ -54,10 +64,19 @@ func NewClient(s Sender) *Client {
 func (c *Client) Send(to netip.AddrPort, pkt []byte, tx TxID, key string, deliver func(Result)) error {
 	now := time.Now()
 	c.mu.Lock()
-	for id, p := range c.pending {
-		if now.After(p.expires) {
-			delete(c.pending, id)
+	if now.Sub(c.swept) >= time.Second {
+		// A sweep a second at most: Send is called per check, and a scan
+		// per call grows with what waits.
+		c.swept = now
+		for id, p := range c.pending {
+			if now.After(p.expires) {
+				delete(c.pending, id)
+			}
 		}
+	}
+	if len(c.pending) >= maxPending {
+		c.mu.Unlock()
+		return fmt.Errorf("send stun to %v: %w", to, ErrTooManyPending)
 	}
 	c.pending[tx] = pending{key: key, deliver: deliver, expires: now.Add(pendingTTL)}
 	c.mu.Unlock()
@@ -83,7 +102,7 @@ func (c *Client) Handle(m *Message, from netip.AddrPort) bool {
 	}
 	c.mu.Lock()
 	p, ok := c.pending[m.TxID]
-	if ok && (p.key == "" || m.Verify(p.key) == nil) {
+	if ok && time.Now().Before(p.expires) && (p.key == "" || m.Verify(p.key) == nil) {
 		delete(c.pending, m.TxID)
 	} else {
 		ok = false

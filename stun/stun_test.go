@@ -246,3 +246,43 @@ func FuzzParse(f *testing.F) {
 		Answer(m, netip.MustParseAddrPort("127.0.0.1:1"), "k0123456789abcdef")
 	})
 }
+
+// discard is a Sender that writes nowhere.
+type discard struct{}
+
+func (discard) WriteTo(b []byte, _ net.Addr) (int, error) { return len(b), nil }
+
+// TestPendingIsBounded: a Client remembers at most maxPending unanswered
+// transactions, refusing to send more (ErrTooManyPending) rather than
+// growing, and an answer still reaches one it remembers.
+func TestPendingIsBounded(t *testing.T) {
+	c := NewClient(discard{})
+	to := netip.MustParseAddrPort("127.0.0.1:9")
+	var first TxID
+	for i := range maxPending {
+		tx := NewTxID()
+		if i == 0 {
+			first = tx
+		}
+		if err := c.Send(to, Request(tx), tx, "", func(Result) {}); err != nil {
+			t.Fatalf("send %d of %d: %v", i, maxPending, err)
+		}
+	}
+	tx := NewTxID()
+	if err := c.Send(to, Request(tx), tx, "", func(Result) {}); !errors.Is(err, ErrTooManyPending) {
+		t.Fatalf("send past the bound = %v; want ErrTooManyPending", err)
+	}
+	c.mu.Lock()
+	n := len(c.pending)
+	c.mu.Unlock()
+	if n != maxPending {
+		t.Errorf("%d transactions remembered; want %d", n, maxPending)
+	}
+	m, err := Parse(Response(first, to, ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Handle(m, to) {
+		t.Error("the answer to a remembered transaction was not taken")
+	}
+}
