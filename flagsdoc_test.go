@@ -28,7 +28,7 @@ func flagsDoc(t *testing.T) string {
 		"<!-- Generated from each command's -h by `make docs`; a test fails when it differs. Do not edit. -->\n\n" +
 		"Every flag takes one dash or two, and is also read from the environment variable shown, and from a\n" +
 		"config file (`--config FILE`, lines of `flag value`); flags beat the environment, which beats the file.\n")
-	for _, cmd := range []string{"", "registry", "status", "ping", "netcheck", "demo"} {
+	for _, cmd := range []string{"", "registry", "status", "ping", "gateway", "probe", "netcheck", "demo"} {
 		args := []string{"-h"}
 		title := "sfkit-proxy"
 		if cmd != "" {

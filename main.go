@@ -51,6 +51,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				return err
 			}
 			return admin.RunClient(ctx, args[0], cfg, stdout)
+		case "gateway":
+			cfg, err := config.ParseGatewayClient(args[1:], stderr)
+			if err != nil {
+				return err
+			}
+			return admin.RunGateway(ctx, cfg, stdout)
+		case "probe":
+			cfg, err := config.ParseProbeClient(args[1:], stderr)
+			if err != nil {
+				return err
+			}
+			return admin.RunProbe(ctx, cfg, stdout)
 		case "netcheck":
 			cfg, err := config.ParseNetcheck(args[1:], stderr)
 			if err != nil {

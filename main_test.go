@@ -449,13 +449,35 @@ func TestResetsCrossTheTunnel(t *testing.T) {
 // party's sidecar as a proxy. Even with --allow-ports all, party 1's own
 // SOCKS port (through which party 0 would connect onwards as party 1) and
 // its management API are closed to peers, while its other ports are open;
-// and a party that declared no port opens none.
+// and a party that declared no port opens none. Nor is a gateway that
+// party 1 adds at runtime (to party 3) open to party 0: through it party 0
+// would reach party 3 as party 1.
 func TestNoPivotThroughAPeersSidecar(t *testing.T) {
 	l := newLab(t)
 	echo := strconv.Itoa(int(testkit.Echo(t)))
 	s0, _ := l.party(0)
 	s1, _ := l.party(1, "--allow-ports", "all")
 	l.party(2, "--allow-ports", "none")
+	l.party(3, "--allow-ports", echo)
+	free, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gwPort := free.Addr().(*net.TCPAddr).Port
+	free.Close()
+	gwAddr := "127.0.0.1:" + strconv.Itoa(gwPort)
+	p3, _ := strconv.Atoi(echo)
+	api1 := &admin.Client{Addr: s1.Admin.String()}
+	var gwErr error
+	for range 100 { // until party 1 has party 3's published ports
+		if _, gwErr = api1.AddGateway(context.Background(), "tcp", gwAddr, admin.GatewayRequest{PID: 3, Port: uint16(p3)}); gwErr == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if gwErr != nil {
+		t.Fatalf("party 1's gateway to party 3: %v", gwErr)
+	}
 	d, err := xproxy.SOCKS5("tcp", s0.SOCKS.String(), nil, xproxy.Direct)
 	if err != nil {
 		t.Fatal(err)
@@ -502,6 +524,7 @@ func TestNoPivotThroughAPeersSidecar(t *testing.T) {
 			return nil
 		}},
 		{"party 2, which declared no port", func() error { return echoVia(d, "10.0.0.2:"+echo) }},
+		{"party 1's gateway to party 3", func() error { return echoVia(d, "10.0.0.1:"+strconv.Itoa(gwPort)) }},
 	} {
 		if err := tt.use(); err == nil {
 			t.Errorf("party 0 used %s; want it refused", tt.name)
@@ -512,7 +535,11 @@ func TestNoPivotThroughAPeersSidecar(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n := st.Counters.SOCKS["peer/not_allowed"]; n != 3 {
-		t.Errorf("party 0 counted %d requests not allowed; want 3 (SOCKS, API, party 2)", n)
+	if n := st.Counters.SOCKS["peer/not_allowed"]; n != 4 {
+		t.Errorf("party 0 counted %d requests not allowed; want 4 (SOCKS, API, party 2, the gateway)", n)
+	}
+	// The gateway itself works, for party 1's own programs.
+	if err := echoVia(xproxy.Direct, gwAddr); err != nil {
+		t.Errorf("party 1's own program through its gateway to party 3: %v", err)
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"sfkit-proxy/gateway"
 	"sfkit-proxy/status"
 )
 
@@ -34,6 +35,10 @@ type Options struct {
 	Ready func() error
 	// Debug serves Go profiles under /debug/pprof/.
 	Debug bool
+	// Gateways, when set, are served under /v1/gateways.
+	Gateways Gateways
+	// Probes, when set, are served under /v1/probes.
+	Probes *gateway.Probes
 }
 
 // ActionHeader must be set, to any value, on requests that make the sidecar
@@ -54,8 +59,7 @@ func NewHandler(opts Options) http.Handler {
 		writeJSON(w, http.StatusOK, opts.Status())
 	})
 	mux.HandleFunc("POST /v1/ping", func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get(ActionHeader) == "" {
-			writeJSON(w, http.StatusForbidden, map[string]string{"error": "missing " + ActionHeader + " header: actions are refused without it (sfkit-proxy ping sets it)"})
+		if !actionAllowed(w, r) {
 			return
 		}
 		pid, err := strconv.Atoi(r.URL.Query().Get("pid"))
@@ -84,6 +88,12 @@ func NewHandler(opts Options) http.Handler {
 		}
 		writeJSON(w, http.StatusOK, res)
 	})
+	if opts.Gateways != nil {
+		gatewayRoutes(mux, opts.Gateways)
+	}
+	if opts.Probes != nil {
+		probeRoutes(mux, opts.Probes)
+	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(opts.Logger.Handler(), slog.LevelWarn)}))
 	if opts.Debug {
 		// Profiles, for performance work, only when asked for (--admin-debug).

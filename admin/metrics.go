@@ -10,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"sfkit-proxy/gateway"
 	"sfkit-proxy/status"
 )
 
@@ -43,6 +44,10 @@ var (
 	descFlowResets  = prometheus.NewDesc("sfkit_proxy_flows_reset_total", "Tunnelled TCP connections reset, by reason.", []string{"reason"}, nil)
 	descRepairs     = prometheus.NewDesc("sfkit_proxy_path_repairs_total", "Paths to a peer repaired after they died.", []string{"peer"}, nil)
 	descLastRepair  = prometheus.NewDesc("sfkit_proxy_path_last_repair_seconds", "How long the last repair of the path to a peer took.", []string{"peer"}, nil)
+	descGwBytes     = prometheus.NewDesc("sfkit_proxy_gateway_bytes_total", "Bytes a gateway carried, toward its peer (sent) and back (received).", []string{"gateway", "direction"}, nil)
+	descGwConns     = prometheus.NewDesc("sfkit_proxy_gateway_connections_total", "Connections a gateway accepted and carried.", []string{"gateway"}, nil)
+	descGwOpen      = prometheus.NewDesc("sfkit_proxy_gateway_open_connections", "A gateway's connections open now.", []string{"gateway"}, nil)
+	descGwRefused   = prometheus.NewDesc("sfkit_proxy_gateway_refused_total", "Connections a gateway refused, by reason (source, rate, max_conns, tunnel).", []string{"gateway", "reason"}, nil)
 	peerStatesShown = []string{"connecting", "direct", "relayed", "repairing", "unreachable"}
 )
 
@@ -120,6 +125,16 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, why := range slices.Sorted(maps.Keys(k.FlowsReset)) {
 		counter(descFlowResets, k.FlowsReset[why], why)
+	}
+	for _, g := range s.Gateways { // at most gateway.MaxGateways: a bounded label
+		name := g.Proto + "/" + g.Listen
+		counter(descGwBytes, g.BytesToPeer, name, "sent")
+		counter(descGwBytes, g.BytesFromPeer, name, "received")
+		counter(descGwConns, g.Conns, name)
+		gauge(descGwOpen, float64(g.Open), name)
+		for _, why := range gateway.ReasonNames() {
+			counter(descGwRefused, g.Refused[why], name, why)
+		}
 	}
 	up := 0.0
 	if s.Registry.Reachable {

@@ -17,7 +17,8 @@ import (
 // docs/operations.md's table does not list, when the table lists one it
 // does not emit, or when an example alert rule uses one it does not emit.
 // The status has every part that makes a series: a peer with traffic and a
-// packet size, a relayed session, a SOCKS outcome and a reset reason.
+// packet size, a relayed session, a SOCKS outcome, a reset reason and a
+// gateway.
 func TestMetricsAreDocumented(t *testing.T) {
 	full := status.Status{
 		Peers: []status.Peer{{PID: 1, State: "direct", PacketSize: 1452,
@@ -25,6 +26,7 @@ func TestMetricsAreDocumented(t *testing.T) {
 		Counters: status.Counters{SOCKS: map[string]uint64{"peer/ok": 1}, FlowsReset: map[string]uint64{"resume_timeout": 1}},
 		PeerRelay: status.PeerRelay{Enabled: true, Sessions: 1,
 			Relaying: []status.RelaySession{{A: 0, B: 2, BytesAB: 1, BytesBA: 1}}},
+		Gateways: []status.Gateway{{Proto: "tcp", Listen: "127.0.0.1:9000", PID: 1, Port: 8000, Conns: 1, Refused: map[string]uint64{"rate": 1}}},
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collector{status: func() status.Status { return full }})

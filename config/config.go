@@ -168,6 +168,9 @@ type Sidecar struct {
 	Forwards []Forward
 	// ForwardAnyHost allows a forward to listen on a non-loopback address.
 	ForwardAnyHost bool
+	// GatewayAnyHost allows gateways added at runtime (the management
+	// API, sfkit-proxy gateway) to listen on a non-loopback address.
+	GatewayAnyHost bool
 	// MPCForward asks for forwards of the MPC config's peer ports.
 	MPCForward bool
 }
@@ -281,6 +284,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		socks    = fs.String("socks-listen", "127.0.0.1:1080", "SOCKS5 listen address")
 		anyHost  = fs.Bool("socks-any-host", false, "allow a non-loopback --socks-listen (anyone who reaches it can use your tunnels)")
 		fwdAny   = fs.Bool("forward-any-host", false, "allow a non-loopback --forward listen address (anyone who reaches it can use that tunnel)")
+		gwAny    = fs.Bool("gateway-any-host", false, "allow gateways added at runtime (sfkit-proxy gateway add) on non-loopback addresses: public gateways, with limits (anyone who reaches one can use that tunnel)")
 		udp      = fs.String("udp-listen", "0.0.0.0:0", "UDP address of the one socket used for STUN and QUIC")
 		stunList = stunFlag(fs)
 		cidr     = fs.String("peers-cidr", DefaultPeersCIDR, "virtual range: party N is the range's base + N")
@@ -297,7 +301,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 	)
 	fs.Var(&verbose, "v", "more logs: -v debug, -v -v trace (sfkit's spelling of --log-level)")
 	fs.Var(&forwards, "forward", "LOCAL=PID:PORT, repeatable: listen on LOCAL ([IP:]PORT, 127.0.0.1 by default) and carry each connection to party PID's port")
-	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, status, ping, netcheck, demo, version.\nFlags take one dash or two: sfkit's command line (-v -api URL -study ID -pid N -mpc FILE -socks URI -auth-key KEY) works as it is.")
+	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy [flags]\n\nRuns the sidecar: a SOCKS5 proxy that reaches party N's 127.0.0.1:PORT at 10.0.0.N:PORT.\nSubcommands: registry, status, ping, gateway, probe, netcheck, demo, version.\nFlags take one dash or two: sfkit's command line (-v -api URL -study ID -pid N -mpc FILE -socks URI -auth-key KEY) works as it is.")
 	if err := parse(fs, args, EnvPrefix); err != nil {
 		return nil, err
 	}
@@ -432,6 +436,7 @@ func ParseSidecar(args []string, out io.Writer) (*Sidecar, error) {
 		bad("--mpc-forward needs -mpc")
 	}
 	c.ForwardAnyHost = *fwdAny
+	c.GatewayAnyHost = *gwAny
 	for _, f := range forwards {
 		fw, err := ParseForward(f)
 		if err != nil {
@@ -788,6 +793,160 @@ func ParseAdminClient(cmd string, args []string, out io.Writer) (*AdminClient, e
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	return c, nil
+}
+
+// GatewayClient is how `sfkit-proxy gateway add|list|rm` runs.
+type GatewayClient struct {
+	Addr   string // the sidecar's management API
+	JSON   bool
+	Action string // add, list or rm
+	Proto  string // tcp
+	Listen string // [IP:]PORT, as given
+	PID    int
+	Port   uint16
+	Label  string
+	// Limits of a public gateway (add); zero leaves the defaults.
+	AllowFrom   []string
+	ConnRate    float64
+	MaxConns    int
+	IdleTimeout time.Duration
+	Drain       bool // rm: let open connections finish
+}
+
+// ParseGatewayClient parses the arguments of `sfkit-proxy gateway`.
+func ParseGatewayClient(args []string, out io.Writer) (*GatewayClient, error) {
+	fs := flag.NewFlagSet("sfkit-proxy gateway", flag.ContinueOnError)
+	var (
+		addr    = fs.String("admin-listen", DefaultAdminListen, "the sidecar's management API address")
+		jsonOut = fs.Bool("json", false, "print JSON")
+		label   = fs.String("label", "", "add: a name for people (at most 64 characters)")
+		allow   = fs.String("allow-from", "", "add: the source CIDRs a public gateway accepts, comma-separated (default: any)")
+		rateF   = fs.Float64("conn-rate", 0, "add: new connections per second from one source (default: 10 for a public gateway, else no limit)")
+		maxC    = fs.Int("max-conns", 0, "add: connections open at once (default: 256 public, 1024 loopback)")
+		idle    = fs.Duration("idle-timeout", 0, "add: cut a connection idle this long (default: 30m for a public gateway, else never)")
+		drain   = fs.Bool("drain", true, "rm: let open connections finish (--drain=false resets them)")
+	)
+	_ = fs.String("config", "", "the sidecar's config file")
+	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy gateway add|list|rm [flags] [tcp [IP:]PORT [PID PORT]]\n\n"+
+		"Adds (add tcp [IP:]PORT PID PORT), lists (list) and removes (rm tcp [IP:]PORT) the running sidecar's gateways:\n"+
+		"local listeners whose connections go to party PID's 127.0.0.1:PORT. IP is 127.0.0.1 when left out; one off\n"+
+		"loopback (public) needs the sidecar started with --gateway-any-host.")
+	pos, rest := splitArgs(args, "json", "drain")
+	if err := ParseFlags(fs, rest, ff.WithEnvVarPrefix(EnvPrefix), ff.WithConfigFileFlag("config"),
+		ff.WithConfigFileParser(ff.PlainParser), ff.WithIgnoreUndefined(true)); err != nil {
+		return nil, err
+	}
+	c := &GatewayClient{Addr: *addr, JSON: *jsonOut, Label: *label, ConnRate: *rateF, MaxConns: *maxC, IdleTimeout: *idle, Drain: *drain}
+	if *allow != "" {
+		c.AllowFrom = strings.Split(*allow, ",")
+	}
+	if len(pos) == 0 {
+		return nil, fmt.Errorf("gateway needs an action: add, list or rm (sfkit-proxy gateway -h)")
+	}
+	c.Action, pos = pos[0], pos[1:]
+	want := map[string]int{"add": 4, "list": 0, "rm": 2}
+	n, ok := want[c.Action]
+	if !ok {
+		return nil, fmt.Errorf("gateway %s: want add, list or rm", c.Action)
+	}
+	if len(pos) != n {
+		return nil, fmt.Errorf("gateway %s takes %d arguments, got %d: sfkit-proxy gateway -h", c.Action, n, len(pos))
+	}
+	if n >= 2 {
+		c.Proto, c.Listen = pos[0], pos[1]
+	}
+	if n == 4 {
+		pid, err := strconv.Atoi(pos[2])
+		if err != nil || pid < 0 {
+			return nil, fmt.Errorf("gateway add: party %q: want a party id, 0 or more", pos[2])
+		}
+		port, err := strconv.ParseUint(pos[3], 10, 16)
+		if err != nil || port == 0 {
+			return nil, fmt.Errorf("gateway add: port %q: want 1 to 65535", pos[3])
+		}
+		c.PID, c.Port = pid, uint16(port)
+	}
+	return c, nil
+}
+
+// ProbeClient is how `sfkit-proxy probe open|list|rm|check` runs.
+type ProbeClient struct {
+	Addr      string // the sidecar's management API
+	JSON      bool
+	Action    string // open, list, rm or check
+	Proto     string
+	Listen    string // [IP:]PORT (open, rm), or IP:PORT to reach (check)
+	Requester string
+	Token     string
+	TTL       time.Duration
+	Timeout   time.Duration
+}
+
+// ParseProbeClient parses the arguments of `sfkit-proxy probe`.
+func ParseProbeClient(args []string, out io.Writer) (*ProbeClient, error) {
+	fs := flag.NewFlagSet("sfkit-proxy probe", flag.ContinueOnError)
+	var (
+		addr    = fs.String("admin-listen", DefaultAdminListen, "the sidecar's management API address")
+		jsonOut = fs.Bool("json", false, "print JSON")
+		req     = fs.String("requester", "", "open: the IP or CIDR that may read the token (required)")
+		token   = fs.String("token", "", "open: the token to answer with (required; the requester chose it)")
+		ttl     = fs.Duration("ttl", 0, "open: close the probe after this long (default 1m, at most 10m)")
+		timeout = fs.Duration("timeout", 5*time.Second, "check: how long to wait for the answer")
+	)
+	_ = fs.String("config", "", "the sidecar's config file")
+	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy probe open|list|rm|check [flags] [tcp|udp ADDR [TOKEN]]\n\n"+
+		"Proves that an address is reachable from outside. open tcp|udp [IP:]PORT --requester CIDR --token T opens a\n"+
+		"temporary listener on the running sidecar that answers the requester with the token, and nobody else with\n"+
+		"anything (off loopback it needs --gateway-any-host); list and rm tcp|udp [IP:]PORT manage them; the requester\n"+
+		"runs check tcp|udp IP:PORT TOKEN, which prints reachable, or why not.")
+	pos, rest := splitArgs(args, "json")
+	if err := ParseFlags(fs, rest, ff.WithEnvVarPrefix(EnvPrefix), ff.WithConfigFileFlag("config"),
+		ff.WithConfigFileParser(ff.PlainParser), ff.WithIgnoreUndefined(true)); err != nil {
+		return nil, err
+	}
+	c := &ProbeClient{Addr: *addr, JSON: *jsonOut, Requester: *req, Token: *token, TTL: *ttl, Timeout: *timeout}
+	if len(pos) == 0 {
+		return nil, fmt.Errorf("probe needs an action: open, list, rm or check (sfkit-proxy probe -h)")
+	}
+	c.Action, pos = pos[0], pos[1:]
+	want := map[string]int{"open": 2, "list": 0, "rm": 2, "check": 3}
+	n, ok := want[c.Action]
+	if !ok {
+		return nil, fmt.Errorf("probe %s: want open, list, rm or check", c.Action)
+	}
+	if len(pos) != n {
+		return nil, fmt.Errorf("probe %s takes %d arguments, got %d: sfkit-proxy probe -h", c.Action, n, len(pos))
+	}
+	if n >= 2 {
+		c.Proto, c.Listen = pos[0], pos[1]
+	}
+	if n == 3 {
+		c.Token = pos[2]
+	}
+	if c.Action == "open" && (c.Requester == "" || c.Token == "") {
+		return nil, fmt.Errorf("probe open needs --requester IP/CIDR and --token TOKEN")
+	}
+	return c, nil
+}
+
+// splitArgs separates a command's positional arguments from its flags,
+// wherever they stand; every flag but the bool ones named takes the next
+// argument as its value unless written -flag=value.
+func splitArgs(args []string, bools ...string) (pos, flags []string) {
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if !strings.HasPrefix(a, "-") || a == "-" {
+			pos = append(pos, a)
+			continue
+		}
+		flags = append(flags, a)
+		name := strings.TrimLeft(a, "-")
+		if !strings.Contains(a, "=") && i+1 < len(args) && !slices.Contains(bools, name) && name != "h" && name != "help" {
+			i++
+			flags = append(flags, args[i])
+		}
+	}
+	return pos, flags
 }
 
 func takesValue(flagArg string) bool {

@@ -18,7 +18,10 @@
 # none of its text. Last, the relay carrying a paced transfer from party 1
 # to party 0 is stopped mid-transfer: the same connection completes through
 # the other, sha256-checked. `sfkit-proxy netcheck` must tell the
-# symmetric, cone and public parties apart.
+# symmetric, cone and public parties apart. Party 3 also exposes party 0's
+# web server to the lab internet through a public gateway added at runtime
+# (docs/gateways.md's commands), until it removes it, and proves its address
+# reachable with TCP and UDP probes.
 #
 # Usage: scripts/peer-relay-lab.sh [path/to/sfkit-proxy]   (env: SIZE_MB=10)
 set -euo pipefail
@@ -56,9 +59,11 @@ netcheck_is 2 endpoint-independent True
 netcheck_is 3 none True
 
 for i in 0 1 2 3 4; do
+	extra=()
+	[ "$i" = 3 ] && extra=(--gateway-any-host) # party 3 may expose public gateways
 	spawn "p$i" "$DIR/p$i.log" "$BIN" --pid "$i" --study e2e --registry http://203.0.113.10:8080/ \
 		--stun 203.0.113.10:3478,203.0.113.11:3478 --allow-ports 8000,9000,9100 --log-level debug \
-		--state-dir "$DIR/state$i" --auth-key-file "$DIR/token$i"
+		--state-dir "$DIR/state$i" --auth-key-file "$DIR/token$i" "${extra[@]}"
 	RELAY_PID[$i]=$!
 done
 wait_registered 5
@@ -93,6 +98,58 @@ for f in sys.argv[1:3]:
     assert r["enabled"]
 sys.exit(0 if n >= 3 and fwd >= 6 * (1 << 20) * int(sys.argv[3]) else 1)
 PY
+
+# A public gateway at runtime (docs/gateways.md, its blocks as written):
+# party 3, on a public address, exposes party 0's web server (behind a
+# symmetric NAT) to the lab internet; a plain curl there fetches party 0's
+# file through it; the counts match; a gateway to a port party 0 does not
+# allow is refused with the reason; once removed, the same curl is refused.
+mkdir -p "$DIR/bin" "$DIR/gw"
+ln -s "$BIN" "$DIR/bin/sfkit-proxy"
+gw_block() { # gw_block NS PAGE NAME: block NAME of PAGE, in namespace NS, in $DIR/gw
+	doc_block "$2" "$3" >"$DIR/gw-$3.sh"
+	inns "$1" env -C "$DIR/gw" PATH="$DIR/bin:$PATH" bash -e "$DIR/gw-$3.sh"
+}
+if gw_block p3 docs/gateways.md gateway-add >"$DIR/gw-add.out" 2>&1; then pass; else fail "gateway add: $(cat "$DIR/gw-add.out")"; fi
+gw_fetch() { rm -f "$DIR/gw/file"; timeout 30 ip netns exec "$(ns inet)" env -C "$DIR/gw" bash -e "$DIR/gw-gateway-fetch.sh"; }
+doc_block docs/gateways.md gateway-fetch >"$DIR/gw-gateway-fetch.sh"
+if gw_fetch 2>"$DIR/gw-fetch.err" && [ "$(sha256sum <"$DIR/gw/file" | cut -d' ' -f1)" = "$(cat "$DIR/sum0")" ]; then
+	log "a plain curl on the lab internet fetched party 0's file through party 3's public gateway: $(stat -c %s "$DIR/gw/file") bytes, sha256 ok"
+	pass
+else
+	fail "curl through party 3's public gateway: $(cat "$DIR/gw-fetch.err") $(stat -c %s "$DIR/gw/file" 2>/dev/null) bytes"
+fi
+gw_block p3 docs/gateways.md gateway-list >"$DIR/gw-list.out" 2>&1 || true
+cat "$DIR/gw-list.out"
+if inns p3 "$BIN" gateway list --json | python3 -c '
+import json, sys
+g = [g for g in json.load(sys.stdin) if g["listen"] == "203.0.113.23:8443"][0]
+assert g["public"] and g["conns"] == 1 and g["bytes_from_peer"] >= (int(sys.argv[1]) << 20) and g["label"] == "dashboard", g
+' "$SIZE_MB"; then pass; else fail "gateway list does not count the fetch through it"; fi
+if inns p3 "$BIN" gateway add tcp 203.0.113.23:8444 0 22 >"$DIR/gw-22.out" 2>&1; then
+	fail "a gateway to party 0's port 22, which it does not allow, was added"
+elif grep -q "party 0 does not allow port 22" "$DIR/gw-22.out"; then pass
+else fail "a gateway to a port party 0 does not allow: $(cat "$DIR/gw-22.out")"; fi
+if gw_block p3 docs/gateways.md gateway-rm >"$DIR/gw-rm.out" 2>&1 && ! gw_fetch 2>/dev/null; then
+	log "removed, the gateway refuses the same curl: $(cat "$DIR/gw-rm.out")"
+	pass
+else
+	fail "after gateway rm: $(cat "$DIR/gw-rm.out"); the curl still got through, or rm failed"
+fi
+
+# A probe on party 3's public address (docs/gateways.md's blocks): the lab
+# internet, its requester, reads the token back with the CLI and with ncat;
+# a UDP probe answers too.
+if gw_block p3 docs/gateways.md probe-open >"$DIR/probe-open.out" 2>&1; then pass; else fail "probe open: $(cat "$DIR/probe-open.out")"; fi
+if gw_block inet docs/gateways.md probe-check >"$DIR/probe-check.out" 2>&1 && grep -q "reachable: it answered with the token" "$DIR/probe-check.out"; then
+	log "the lab internet checked party 3's probe: $(cat "$DIR/probe-check.out")"
+	pass
+else
+	fail "probe check from the lab internet: $(cat "$DIR/probe-check.out")"
+fi
+if [ "$(inns inet timeout 10 ncat --recv-only 203.0.113.23 8445 2>&1)" = 6f1e0c2a9b7d41e8 ]; then pass; else fail "ncat did not read the probe's token"; fi
+inns p3 "$BIN" probe open udp 203.0.113.23:8446 --requester 203.0.113.0/24 --token udp-probe-token >/dev/null
+if inns inet "$BIN" probe check udp 203.0.113.23:8446 udp-probe-token >"$DIR/probe-udp.out" 2>&1; then pass; else fail "udp probe check: $(cat "$DIR/probe-udp.out")"; fi
 
 # The relays' metrics name the pairs they carry.
 for r in 3 4; do inns "p$r" curl -s http://127.0.0.1:1081/metrics >"$DIR/metrics$r.txt" || true; done

@@ -25,6 +25,7 @@ import (
 
 	"sfkit-proxy/admin"
 	"sfkit-proxy/config"
+	"sfkit-proxy/gateway"
 	"sfkit-proxy/httpserve"
 	"sfkit-proxy/identity"
 	"sfkit-proxy/metadata"
@@ -92,18 +93,10 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 			return fmt.Errorf("admin listen %v: %w (pick another --admin-listen, or off)", cfg.AdminListen, err)
 		}
 	}
-	forwards := cfg.Forwards
-	if cfg.MPCForward {
-		forwards = append(forwards, cfg.MPC.PeerPorts()...)
-	}
-	fwds := listenForwards(forwards, log)
 	closeListeners := func() {
 		ln.Close()
 		if adminLn != nil {
 			adminLn.Close()
-		}
-		for _, f := range fwds {
-			f.ln.Close()
 		}
 	}
 	rl, err := allocateRelay(ctx, cfg, log)
@@ -116,9 +109,10 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 	if adminLn != nil {
 		own = append(own, listenPort(adminLn))
 	}
-	for _, f := range fwds {
-		own = append(own, listenPort(f.ln))
-	}
+	// Nor are its gateways, those of the flags and those added later: a
+	// peer's connection to one would go on, as this party, to another.
+	var gws *gateway.Manager // made below, before anything runs
+	ownPort := func(port uint16) bool { return config.PortsOf(own...).Contains(port) || gws.Listens(port) }
 	if cfg.AllowPorts.Empty() {
 		log.Info("no local port is open to peers: they can reach nothing here; give -mpc (its listening ports open) or --allow-ports PORTS to open some")
 	}
@@ -126,7 +120,7 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 	stunNow := make(chan struct{}, 1)
 	mux, err := quicmux.Listen(cfg.UDPListen, rl, quicmux.Options{
 		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
-		AllowPort: cfg.Allows, OwnPort: config.PortsOf(own...).Contains,
+		AllowPort: cfg.Allows, OwnPort: ownPort,
 		WaitPort: cfg.Waits, LocalWait: cfg.TunnelWait,
 		Virtual: cfg.PeersCIDR, ResumeTimeout: cfg.ResumeTimeout,
 		ConnsPerPeer: cfg.ConnsPerPeer, MaxPacketSize: cfg.MaxPacketSize,
@@ -177,6 +171,13 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		opts.Route = cfg.MPC.Route
 	}
 	srv := socks.New(opts)
+	gws = gateway.New(gateway.Options{Logger: log, DialPeer: dialPeer, PeerAllows: policy.allows, Self: cfg.PID,
+		AnyHost: cfg.GatewayAnyHost, ConnectTimeout: cfg.TunnelWait + farWaitGrace})
+	forwards := cfg.Forwards
+	if cfg.MPCForward {
+		forwards = append(forwards, cfg.MPC.PeerPorts()...)
+	}
+	addForwards(gws, forwards, log)
 	log.Info("sidecar starting", "study", cfg.Study, "socks", ln.Addr(), "udp", mux.LocalAddr(), "pin", id.Pin,
 		"virtual_addr", cfg.VirtualAddr(cfg.PID), "allow_ports", cfg.AllowPorts.String(), "wait_ports", cfg.WaitPorts.String(), "discovery", cfg.Registry.Redacted())
 
@@ -187,21 +188,23 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		return disc.Run(gctx, self.snapshot, self.kick, func(v []registry.Entry) { apply(v, cfg.PID, mux, policy) })
 	})
 	g.Go(func() error { return srv.Serve(gctx, ln) })
-	for _, f := range fwds {
-		g.Go(func() error { return srv.Forward(gctx, f.ln, f.pid, f.port) })
-	}
+	g.Go(func() error { return gws.Run(gctx) })
+	probes := gateway.NewProbes(cfg.GatewayAnyHost)
+	defer probes.Close()
 	where := Listening{SOCKS: netip.MustParseAddrPort(ln.Addr().String())}
 	if adminLn != nil {
 		where.Admin = netip.MustParseAddrPort(adminLn.Addr().String())
 		h := admin.NewHandler(admin.Options{
 			Logger: log,
-			Status: func() status.Status { return st.status(cfg, mux, where.SOCKS) },
+			Status: func() status.Status { return st.status(cfg, mux, gws, where.SOCKS) },
 			Ping: func(ctx context.Context, pid int) (time.Duration, string, string, error) {
 				rtt, path, where, err := mux.Ping(ctx, pid)
 				return rtt, path.String(), where, err
 			},
-			Ready: st.ready,
-			Debug: cfg.AdminDebug,
+			Ready:    st.ready,
+			Debug:    cfg.AdminDebug,
+			Gateways: gws,
+			Probes:   probes,
 		})
 		g.Go(func() error {
 			return httpserve.Serve(gctx, &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}, adminLn, "", "")
@@ -237,34 +240,25 @@ func discovery(ctx context.Context, cfg *config.Sidecar, id *identity.Identity, 
 }
 
 // forward is a local listener whose connections go to a peer's port.
-type forward struct {
-	ln   net.Listener
-	pid  int
-	port uint16
-}
-
-// listenForwards listens for each forward. A port something else already
-// listens on (the local program itself) is left alone, and the log says so;
-// so does it of a forward off loopback (--forward-any-host).
-func listenForwards(fs []config.Forward, log *slog.Logger) []forward {
-	var out []forward
+// addForwards makes a gateway of each forward (--forward, --mpc-forward).
+// A port something else already listens on (the local program itself) is
+// left alone, and the log says so; so does it of a forward off loopback
+// (--forward-any-host).
+func addForwards(gws *gateway.Manager, fs []config.Forward, log *slog.Logger) {
 	for _, f := range fs {
 		if !f.Listen.Addr().IsLoopback() {
 			log.Warn("forward listener is not on loopback: anyone who can reach it can use this tunnel to the peer", "listen", f.Listen, "peer", f.PID, "port", f.Port)
 		}
-		ln, err := net.Listen("tcp", f.Listen.String())
-		if err != nil {
-			if errors.Is(err, syscall.EADDRINUSE) {
-				log.Info("not forwarding a port a local program already uses", "listen", f.Listen, "peer", f.PID, "port", f.Port)
-			} else {
-				log.Warn("cannot listen for a forward; skipping it", "listen", f.Listen, "peer", f.PID, "port", f.Port, "err", err)
-			}
-			continue
+		_, err := gws.Add(gateway.Spec{Proto: "tcp", Listen: f.Listen, PID: f.PID, Port: f.Port, Source: "flag"})
+		switch {
+		case errors.Is(err, gateway.ErrInUse):
+			log.Info("not forwarding a port a local program already uses", "listen", f.Listen, "peer", f.PID, "port", f.Port)
+		case err != nil:
+			log.Warn("cannot listen for a forward; skipping it", "listen", f.Listen, "peer", f.PID, "port", f.Port, "err", err)
+		default:
+			log.Info("forwarding", "listen", f.Listen, "peer", f.PID, "port", f.Port)
 		}
-		log.Info("forwarding", "listen", f.Listen, "peer", f.PID, "port", f.Port)
-		out = append(out, forward{ln: ln, pid: f.PID, port: f.Port})
 	}
-	return out
 }
 
 // listenPort is the port ln listens on.
@@ -501,7 +495,7 @@ func (st *state) ready() error {
 
 // status is the sidecar's status: its own parts from st and cfg, the
 // peers and counters from the mux (Mux.UpdateStatus).
-func (st *state) status(cfg *config.Sidecar, mux *quicmux.Mux, socksAddr netip.AddrPort) status.Status {
+func (st *state) status(cfg *config.Sidecar, mux *quicmux.Mux, gws *gateway.Manager, socksAddr netip.AddrPort) status.Status {
 	st.mu.Lock()
 	s := status.Status{
 		Study: cfg.Study, PID: cfg.PID, VirtualAddr: cfg.VirtualAddr(cfg.PID).String(), SOCKS: socksAddr.String(),
@@ -523,6 +517,7 @@ func (st *state) status(cfg *config.Sidecar, mux *quicmux.Mux, socksAddr netip.A
 	}
 	st.mu.Unlock()
 	mux.UpdateStatus(&s)
+	gws.UpdateStatus(&s)
 	return s
 }
 

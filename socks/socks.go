@@ -46,8 +46,8 @@ type Options struct {
 	// HandshakeTimeout bounds a client's greeting and request; zero means 10 s.
 	HandshakeTimeout time.Duration
 	// ConnectTimeout bounds reaching a destination, a peer's tunnel
-	// included: a CONNECT to a peer not connected yet waits that long, and
-	// so does a forwarded connection; zero means 20 s.
+	// included: a CONNECT to a peer not connected yet waits that long;
+	// zero means 20 s.
 	ConnectTimeout time.Duration
 	// OnConnect, if set, is told the outcome of every CONNECT.
 	OnConnect func(dest string, pid int, err error)
@@ -314,24 +314,6 @@ func (s *Server) dial(ctx context.Context, client net.Conn, network, addr string
 	local := &net.TCPAddr{IP: config.VirtualAddr(s.opts.Peers, s.opts.Self).AsSlice()}
 	remote := &net.TCPAddr{IP: config.VirtualAddr(s.opts.Peers, pid).AsSlice(), Port: int(port)}
 	return &pipeConn{Conn: c, client: client, local: local, remote: remote}, nil
-}
-
-// Forward carries every connection accepted on ln to port at party pid,
-// until ctx ends: a listener for programs that ignore ALL_PROXY. A
-// connection that cannot reach the peer within ConnectTimeout is reset.
-func (s *Server) Forward(ctx context.Context, ln net.Listener, pid int, port uint16) error {
-	return s.serve(ctx, ln, func(c net.Conn) {
-		dctx, cancel := context.WithTimeout(ctx, s.opts.ConnectTimeout)
-		target, err := s.opts.DialPeer(dctx, pid, port)
-		cancel()
-		s.report(ln.Addr().String(), pid, err)
-		if err != nil {
-			s.log.Info("forward: tunnel dial failed", "listen", ln.Addr(), "peer", pid, "port", port, "err", err)
-			resetTCP(c)
-			return
-		}
-		splice.Splice(c.(*net.TCPConn), target)
-	})
 }
 
 // pipeConn is the target as go-socks5 copies to and from it, with the

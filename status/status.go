@@ -23,6 +23,35 @@ type Status struct {
 	PeerRelay PeerRelay `json:"peer_relay"`
 	// Socket is what the kernel gave the UDP socket that carries QUIC.
 	Socket Socket `json:"udp_socket"`
+	// Gateways are the listeners that carry connections to peers
+	// (GET /v1/gateways gives the same).
+	Gateways []Gateway `json:"gateways"`
+}
+
+// Gateway is one gateway: a local listener whose connections go to a
+// peer's port. Sent is toward the peer, received from it.
+type Gateway struct {
+	Proto       string   `json:"proto"`
+	Listen      string   `json:"listen"`
+	PID         int      `json:"pid"`
+	Port        uint16   `json:"port"`
+	Label       string   `json:"label,omitempty"`
+	Source      string   `json:"source"` // "flag" or "api"
+	Public      bool     `json:"public"`
+	AllowFrom   []string `json:"allow_from,omitempty"`
+	ConnRate    float64  `json:"conn_rate,omitempty"` // new connections per second per source
+	MaxConns    int      `json:"max_conns"`
+	IdleTimeout string   `json:"idle_timeout,omitempty"`
+	Conns       uint64   `json:"conns"` // accepted and carried, all told
+	Open        uint64   `json:"open"`
+	// BytesToPeer and BytesFromPeer are the bytes carried each way.
+	BytesToPeer   uint64 `json:"bytes_to_peer"`
+	BytesFromPeer uint64 `json:"bytes_from_peer"`
+	Rate          Rates  `json:"rate"`
+	// Refused counts connections refused, by reason: source (not in
+	// allow_from), rate (over conn_rate), max_conns, tunnel (the dial to
+	// the peer failed, or the peer refused).
+	Refused map[string]uint64 `json:"refused"`
 }
 
 // Socket is the shared UDP socket's kernel buffers as granted (the kernel
@@ -165,6 +194,17 @@ type RelaySession struct {
 	BytesBA uint64    `json:"bytes_b_to_a"`
 	RateAB  float64   `json:"rate_a_to_b"`
 	RateBA  float64   `json:"rate_b_to_a"`
+}
+
+// Probe is an open probe: a temporary listener that answers its
+// requester with a token, to prove the address is reachable.
+type Probe struct {
+	Proto     string    `json:"proto"`
+	Listen    string    `json:"listen"`
+	Requester []string  `json:"requester"`
+	Expires   time.Time `json:"expires"`
+	Answered  uint64    `json:"answered"` // requesters given the token
+	Ignored   uint64    `json:"ignored"`  // others, given nothing
 }
 
 // PingResult is what POST /v1/ping returns.

@@ -24,6 +24,9 @@ func TestJSONNames(t *testing.T) {
 			FlowsMoved: 10, PoolConnsOpened: 11, PathStalls: 12, PacketSizeRaises: 13},
 		PeerRelay: PeerRelay{Enabled: true, Sessions: 1, Ends: 2, RateLimit: 3, BytesForwarded: 4, Dropped: 5, Refused: 6},
 		Socket:    Socket{ReadBuffer: 1, WriteBuffer: 2, GSO: true},
+		Gateways: []Gateway{{Proto: "tcp", Listen: "203.0.113.5:8443", PID: 2, Port: 8000, Label: "l", Source: "api", Public: true,
+			AllowFrom: []string{"203.0.113.0/24"}, ConnRate: 10, MaxConns: 256, IdleTimeout: "30m0s", Conns: 1, Open: 2,
+			BytesToPeer: 3, BytesFromPeer: 4, Rate: Rates{CurrentSent: 1}, Refused: map[string]uint64{"rate": 5}}},
 	}
 	const want = `{"study":"s","pid":1,"virtual_addr":"10.0.0.1","socks":"127.0.0.1:7080","external_addr":"192.0.2.1:4000","nat":"cone",` +
 		`"registry":{"url":"https://r","reachable":true,"published":true,"last_error":"e"},` +
@@ -36,7 +39,11 @@ func TestJSONNames(t *testing.T) {
 		`"counters":{"dials_ok":1,"dials_failed":2,"accepts_ok":3,"accepts_rejected":4,"checks_sent":5,"checks_answered":6,` +
 		`"socks":{"peer/ok":7},"flows_resumed":8,"flows_reset":{"timeout":9},"flows_moved":10,"pool_conns_opened":11,"path_stalls":12,"packet_size_raises":13},` +
 		`"peer_relay":{"enabled":true,"sessions":1,"ends":2,"rate_limit":3,"bytes_forwarded":4,"dropped":5,"refused":6},` +
-		`"udp_socket":{"read_buffer":1,"write_buffer":2,"gso":true}}`
+		`"udp_socket":{"read_buffer":1,"write_buffer":2,"gso":true},` +
+		`"gateways":[{"proto":"tcp","listen":"203.0.113.5:8443","pid":2,"port":8000,"label":"l","source":"api","public":true,` +
+		`"allow_from":["203.0.113.0/24"],"conn_rate":10,"max_conns":256,"idle_timeout":"30m0s","conns":1,"open":2,` +
+		`"bytes_to_peer":3,"bytes_from_peer":4,"rate":{"current_sent":1,"current_received":0,"average_sent":0,"average_received":0,"max_sent":0,"max_received":0},` +
+		`"refused":{"rate":5}}]}`
 	b, err := json.Marshal(s)
 	if err != nil {
 		t.Fatal(err)

@@ -91,9 +91,9 @@ func TestEveryCommandIsRunOrSaysWhyNot(t *testing.T) {
 				t.Errorf("%s:%d: the marker's lab: %v", rel, b.Line, err)
 				continue
 			}
-			// The lab fetches the block: docblock, or a lab-lib.sh wrapper
-			// of it (doc_block, run_block), with the page and the name.
-			fetch := regexp.MustCompile(`(?m)\b(docblock|doc_block|run_block)\b[^\n]*\s"?` + regexp.QuoteMeta(rel) + `"?\s+` + regexp.QuoteMeta(b.Name) + `([^\w-]|$)`)
+			// The lab fetches the block: docblock, or a wrapper of it
+			// (doc_block, run_block, …_block), with the page and the name.
+			fetch := regexp.MustCompile(`(?m)\b(docblock|\w*_block)\b[^\n]*\s"?` + regexp.QuoteMeta(rel) + `"?\s+` + regexp.QuoteMeta(b.Name) + `([^\w-]|$)`)
 			if !fetch.Match(script) {
 				t.Errorf("%s:%d: %s does not fetch block %q of %s (docblock %s %s)", rel, b.Line, b.Run, b.Name, rel, rel, b.Name)
 			}
