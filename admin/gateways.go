@@ -194,6 +194,12 @@ func parsePrefixOrAddr(s string) (netip.Prefix, error) {
 // actionAllowed refuses a request that changes the sidecar without the
 // action header.
 func actionAllowed(w http.ResponseWriter, r *http.Request) bool {
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil && !ap.Addr().Unmap().IsLoopback() {
+		// With --admin-any-host others may read the status; only this
+		// machine may act (ping, add or remove gateways and probes).
+		writeJSON(w, http.StatusForbidden, map[string]string{"error": "actions are taken only from this machine (a loopback address), even with --admin-any-host"})
+		return false
+	}
 	if r.Header.Get(ActionHeader) == "" {
 		writeJSON(w, http.StatusForbidden, map[string]string{"error": "missing " + ActionHeader + " header: actions are refused without it (sfkit-proxy sets it)"})
 		return false

@@ -100,9 +100,11 @@ type Manager struct {
 	done chan struct{} // closed by Close
 	wg   sync.WaitGroup
 
-	mu     sync.Mutex // guards gws and closed
-	gws    map[string]*gw
-	closed bool
+	mu       sync.Mutex // guards gws, runtime, draining and closed
+	gws      map[string]*gw
+	runtime  int              // gateways in gws added at runtime (not from flags)
+	draining map[*gw]struct{} // removed with drain, until their connections end
+	closed   bool
 }
 
 // New returns a Manager with no gateways.
@@ -113,7 +115,8 @@ func New(opts Options) *Manager {
 	if opts.ConnectTimeout <= 0 {
 		opts.ConnectTimeout = time.Minute
 	}
-	return &Manager{opts: opts, log: opts.Logger.With("component", "gateway"), done: make(chan struct{}), gws: make(map[string]*gw)}
+	return &Manager{opts: opts, log: opts.Logger.With("component", "gateway"), done: make(chan struct{}), gws: make(map[string]*gw),
+		draining: make(map[*gw]struct{})}
 }
 
 // Key names a gateway: "tcp/127.0.0.1:9000".
@@ -158,6 +161,9 @@ func (m *Manager) Add(spec Spec) (status.Gateway, error) {
 	if spec.ConnRate < 0 || spec.MaxConns < 0 || spec.IdleTimeout < 0 || len(spec.AllowFrom) > 256 {
 		return status.Gateway{}, fmt.Errorf("%w: limits must not be negative, and allow_from lists at most 256 prefixes", ErrBadSpec)
 	}
+	if spec.IdleTimeout > 0 && spec.IdleTimeout < 100*time.Millisecond {
+		return status.Gateway{}, fmt.Errorf("%w: idle timeout %v: at least 100ms, or none", ErrBadSpec, spec.IdleTimeout)
+	}
 	public := !spec.Listen.Addr().IsLoopback()
 	// A flag's gateway (--forward) has its own consent, --forward-any-host,
 	// checked with the flags; and none of the public limits' defaults: a
@@ -186,7 +192,7 @@ func (m *Manager) Add(spec Spec) (status.Gateway, error) {
 		return status.Gateway{}, ErrClosed
 	case m.gws[key] != nil:
 		return status.Gateway{}, fmt.Errorf("%w: %s", ErrExists, key)
-	case len(m.gws) >= MaxGateways:
+	case !fromFlag && m.runtime >= MaxGateways: // the flags' are bounded by the config
 		return status.Gateway{}, fmt.Errorf("%w: at most %d", ErrTooMany, MaxGateways)
 	}
 	ln, err := net.Listen("tcp", spec.Listen.String())
@@ -199,6 +205,9 @@ func (m *Manager) Add(spec Spec) (status.Gateway, error) {
 	g := &gw{spec: spec, key: key, public: public, ln: ln, stopped: make(chan struct{}), conns: make(map[*net.TCPConn]splice.Conn),
 		sources: make(map[netip.Addr]*rate.Limiter), meter: meter{start: time.Now(), last: time.Now()}}
 	m.gws[key] = g
+	if !fromFlag {
+		m.runtime++
+	}
 	m.wg.Go(func() { m.serve(g) })
 	m.log.Info("gateway added", "gateway", key, "peer", spec.PID, "port", spec.Port, "public", public, "source", spec.Source, "label", spec.Label)
 	return g.info(), nil
@@ -219,6 +228,12 @@ func (m *Manager) Remove(proto string, listen netip.AddrPort, drain bool) error 
 	m.mu.Lock()
 	g := m.gws[key]
 	delete(m.gws, key)
+	if g != nil && g.spec.Source != "flag" {
+		m.runtime--
+	}
+	if g != nil && drain && g.open.Load() > 0 {
+		m.draining[g] = struct{}{} // Close still cuts what is left
+	}
 	m.mu.Unlock()
 	if g == nil {
 		return fmt.Errorf("%w: %s", ErrNotFound, key)
@@ -316,10 +331,13 @@ func (m *Manager) Close() {
 	}
 	m.closed = true
 	close(m.done)
-	gs := make([]*gw, 0, len(m.gws))
+	gs := make([]*gw, 0, len(m.gws)+len(m.draining))
 	for key, g := range m.gws {
 		gs = append(gs, g)
 		delete(m.gws, key)
+	}
+	for g := range m.draining {
+		gs = append(gs, g)
 	}
 	m.mu.Unlock()
 	for _, g := range gs {
@@ -472,7 +490,11 @@ func (m *Manager) carry(g *gw, c *net.TCPConn) {
 		g.mu.Lock()
 		delete(g.conns, c)
 		g.mu.Unlock()
-		g.open.Add(^uint64(0))
+		if g.open.Add(^uint64(0)) == 0 {
+			m.mu.Lock()
+			delete(m.draining, g) // a removed gateway's last connection
+			m.mu.Unlock()
+		}
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), m.opts.ConnectTimeout)
 	m.wg.Go(func() { // ends the dial when the gateway is cut or closed; ends with it
@@ -483,8 +505,11 @@ func (m *Manager) carry(g *gw, c *net.TCPConn) {
 			drain := g.drained
 			g.mu.Unlock()
 			if drain {
-				<-ctx.Done()
-				return
+				select {
+				case <-ctx.Done():
+					return
+				case <-m.done:
+				}
 			}
 		case <-ctx.Done():
 			return
@@ -550,19 +575,58 @@ func (c *counted) Write(b []byte) (int, error) {
 	return n, err
 }
 
-// ReadFrom carries r (the client) to the peer, counting as it goes.
+// ReadFrom carries r (the client) to the peer, counting as it goes,
+// through the tunnel's own ReadFrom when it has one (a flow reads straight
+// into its send buffer).
 func (c *counted) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := c.Conn.(io.ReaderFrom); ok {
+		return rf.ReadFrom(countReader{r, c})
+	}
 	return io.Copy(struct{ io.Writer }{c}, r)
 }
 
-// WriteTo carries the peer's bytes to w (the client), counting as it goes.
+// WriteTo carries the peer's bytes to w (the client), counting as it goes,
+// through the tunnel's own WriteTo when it has one.
 func (c *counted) WriteTo(w io.Writer) (int64, error) {
+	if wt, ok := c.Conn.(io.WriterTo); ok {
+		return wt.WriteTo(countWriter{w, c})
+	}
 	return io.Copy(w, struct{ io.Reader }{c})
+}
+
+// countReader counts what the client sends toward the peer.
+type countReader struct {
+	r io.Reader
+	c *counted
+}
+
+func (r countReader) Read(b []byte) (int, error) {
+	n, err := r.r.Read(b)
+	if n > 0 {
+		r.c.g.toPeer.Add(uint64(n))
+		r.c.touch()
+	}
+	return n, err
+}
+
+// countWriter counts what the peer sends to the client.
+type countWriter struct {
+	w io.Writer
+	c *counted
+}
+
+func (w countWriter) Write(b []byte) (int, error) {
+	n, err := w.w.Write(b)
+	if n > 0 {
+		w.c.g.fromPeer.Add(uint64(n))
+		w.c.touch()
+	}
+	return n, err
 }
 
 // watchIdle resets client and tunnel once no byte has moved for timeout.
 func (c *counted) watchIdle(client *net.TCPConn, timeout time.Duration, stop <-chan struct{}) {
-	t := time.NewTicker(min(timeout/4, 10*time.Second))
+	t := time.NewTicker(max(min(timeout/4, 10*time.Second), 100*time.Millisecond))
 	defer t.Stop()
 	for {
 		select {

@@ -351,3 +351,36 @@ func TestGatewayTunnelFailureResets(t *testing.T) {
 		return g.Refused["tunnel"] == 1
 	})
 }
+
+// TestGatewayDrainedAreCutOnClose: a gateway removed with drain keeps its
+// open connection, and Close still ends it (both sides) and returns; an
+// idle timeout under a second is refused (a ticker of zero would panic).
+func TestGatewayDrainedAreCutOnClose(t *testing.T) {
+	m := manager(t, nil)
+	silent := testkit.Local(t, func(c net.Conn) { io.Copy(io.Discard, c); c.Close() })
+	ap := add(t, m, Spec{Port: silent})
+	c := dial(t, ap)
+	c.Write([]byte("x"))
+	testkit.Eventually(t, "the connection carried", func() bool {
+		g, _ := m.Get("tcp", ap)
+		return g.BytesToPeer == 1
+	})
+	if err := m.Remove("tcp", ap, true); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { m.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return while a drained gateway's connection was open")
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("the drained connection after Close: read = %v; want it cut", err)
+	}
+	m2 := manager(t, nil)
+	if _, err := m2.Add(Spec{Proto: "tcp", Listen: freeAddr(t), PID: 1, Port: 80, IdleTimeout: 3}); !errors.Is(err, ErrBadSpec) {
+		t.Errorf("an idle timeout of 3 ns = %v; want ErrBadSpec", err)
+	}
+}

@@ -296,7 +296,7 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 		endStream(str)
 		return
 	case m.opts.OwnPort(req.Port):
-		m.quiet.warn("own:"+strconv.Itoa(pid), "peer asked for one of this sidecar's own ports (SOCKS, management API or a forward): refused",
+		m.quiet.warn("own:"+strconv.Itoa(pid), "peer asked for one of this sidecar's own ports (SOCKS, management API or a gateway): refused",
 			"peer", pid, "port", req.Port)
 		reply(header.Reply{Status: header.StatusNotAllowed})
 		return
