@@ -39,17 +39,8 @@ func gatewayRoutes(mux *http.ServeMux, gws Gateways) {
 	mux.HandleFunc("GET /v1/gateways", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, gws.List())
 	})
-	target := func(w http.ResponseWriter, r *http.Request) (string, netip.AddrPort, bool) {
-		proto := r.PathValue("proto")
-		ap, err := gateway.ParseAddr(r.PathValue("addr"))
-		if err != nil {
-			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
-			return "", netip.AddrPort{}, false
-		}
-		return proto, ap, true
-	}
 	mux.HandleFunc("GET /v1/gateways/{proto}/{addr}", func(w http.ResponseWriter, r *http.Request) {
-		proto, ap, ok := target(w, r)
+		proto, ap, ok := pathTarget(w, r)
 		if !ok {
 			return
 		}
@@ -64,7 +55,7 @@ func gatewayRoutes(mux *http.ServeMux, gws Gateways) {
 		if !actionAllowed(w, r) {
 			return
 		}
-		proto, ap, ok := target(w, r)
+		proto, ap, ok := pathTarget(w, r)
 		if !ok {
 			return
 		}
@@ -104,7 +95,7 @@ func gatewayRoutes(mux *http.ServeMux, gws Gateways) {
 		if !actionAllowed(w, r) {
 			return
 		}
-		proto, ap, ok := target(w, r)
+		proto, ap, ok := pathTarget(w, r)
 		if !ok {
 			return
 		}
@@ -133,9 +124,8 @@ func probeRoutes(mux *http.ServeMux, ps *gateway.Probes) {
 		if !actionAllowed(w, r) {
 			return
 		}
-		ap, err := gateway.ParseAddr(r.PathValue("addr"))
-		if err != nil {
-			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+		proto, ap, ok := pathTarget(w, r)
+		if !ok {
 			return
 		}
 		var req ProbeRequest
@@ -145,7 +135,7 @@ func probeRoutes(mux *http.ServeMux, ps *gateway.Probes) {
 			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "body: " + err.Error() + `: want {"requester": "IP or CIDR", "token": "…"} and optional ttl`})
 			return
 		}
-		spec := gateway.ProbeSpec{Proto: r.PathValue("proto"), Listen: ap, Token: req.Token}
+		spec := gateway.ProbeSpec{Proto: proto, Listen: ap, Token: req.Token}
 		if p, err := parsePrefixOrAddr(req.Requester); err == nil {
 			spec.Requester = []netip.Prefix{p}
 		} else {
@@ -153,6 +143,7 @@ func probeRoutes(mux *http.ServeMux, ps *gateway.Probes) {
 			return
 		}
 		if req.TTL != "" {
+			var err error
 			if spec.TTL, err = time.ParseDuration(req.TTL); err != nil {
 				writeJSON(w, http.StatusBadRequest, map[string]string{"error": "ttl " + strconv.Quote(req.TTL) + ": want a duration such as 2m"})
 				return
@@ -169,16 +160,15 @@ func probeRoutes(mux *http.ServeMux, ps *gateway.Probes) {
 		if !actionAllowed(w, r) {
 			return
 		}
-		ap, err := gateway.ParseAddr(r.PathValue("addr"))
-		if err != nil {
-			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+		proto, ap, ok := pathTarget(w, r)
+		if !ok {
 			return
 		}
-		if err := ps.Remove(r.PathValue("proto"), ap); err != nil {
+		if err := ps.Remove(proto, ap); err != nil {
 			gatewayError(w, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, map[string]string{"removed": gateway.Key(r.PathValue("proto"), ap)})
+		writeJSON(w, http.StatusOK, map[string]string{"removed": gateway.Key(proto, ap)})
 	})
 }
 
@@ -189,6 +179,17 @@ func parsePrefixOrAddr(s string) (netip.Prefix, error) {
 	}
 	p, err := netip.ParsePrefix(s)
 	return p.Masked(), err
+}
+
+// pathTarget reads a gateway's or a probe's {proto}/{addr} from the path,
+// answering 400 when addr is not [IP:]PORT.
+func pathTarget(w http.ResponseWriter, r *http.Request) (string, netip.AddrPort, bool) {
+	ap, err := gateway.ParseAddr(r.PathValue("addr"))
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+		return "", netip.AddrPort{}, false
+	}
+	return r.PathValue("proto"), ap, true
 }
 
 // actionAllowed refuses a request that changes the sidecar without the
