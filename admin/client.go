@@ -176,6 +176,15 @@ func PrintStatus(w io.Writer, s status.Status) {
 		fmt.Fprintln(w, "\ngateways:")
 		PrintGateways(w, s.Gateways)
 	}
+	if u := s.UDP; u.Sent+u.Served+u.Received+u.Answered > 0 || u.Associations > 0 {
+		var dropped []string
+		for _, k := range slices.Sorted(maps.Keys(u.Dropped)) {
+			dropped = append(dropped, fmt.Sprintf("%s=%d", k, u.Dropped[k]))
+		}
+		fmt.Fprintf(w, "\nudp: %d associations here, %d peers' sockets; sent %d (%s), received %d (%s); served peers %d (%s), answered %d (%s); dropped %s\n",
+			u.Associations, u.PeerSockets, u.Sent, bytesText(float64(u.SentBytes)), u.Received, bytesText(float64(u.ReceivedBytes)),
+			u.Served, bytesText(float64(u.ServedBytes)), u.Answered, bytesText(float64(u.AnsweredBytes)), dash(strings.Join(dropped, " ")))
+	}
 }
 
 // PrintGateways writes gateways as a table.

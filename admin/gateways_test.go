@@ -69,7 +69,7 @@ func TestGatewayAPI(t *testing.T) {
 	}{
 		{"add without the header", "POST", "/v1/gateways/tcp/" + addr, `{"pid":1,"port":7}`, false, 403, "header"},
 		{"add with a bad body", "POST", "/v1/gateways/tcp/" + addr, `{"pid":1,"port":7,"color":"red"}`, true, 400, "unknown field"},
-		{"add udp", "POST", "/v1/gateways/udp/" + addr, `{"pid":1,"port":7}`, true, 400, "not carried yet"},
+		{"add udp where none is carried", "POST", "/v1/gateways/udp/" + addr, `{"pid":1,"port":7}`, true, 400, "carries no UDP"},
 		{"add to a port the peer does not allow", "POST", "/v1/gateways/tcp/" + addr, `{"pid":1,"port":22}`, true, 400, "does not allow port 22"},
 		{"add a public one with no consent", "POST", "/v1/gateways/tcp/203.0.113.5:8080", `{"pid":1,"port":7}`, true, 403, "--gateway-any-host"},
 		{"add a bad address", "POST", "/v1/gateways/tcp/nowhere", `{"pid":1,"port":7}`, true, 400, "[IP:]PORT"},

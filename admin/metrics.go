@@ -10,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"sfkit-proxy/dgram"
 	"sfkit-proxy/gateway"
 	"sfkit-proxy/status"
 )
@@ -48,6 +49,11 @@ var (
 	descGwConns     = prometheus.NewDesc("sfkit_proxy_gateway_connections_total", "Connections a gateway accepted and carried.", []string{"gateway"}, nil)
 	descGwOpen      = prometheus.NewDesc("sfkit_proxy_gateway_open_connections", "A gateway's connections open now.", []string{"gateway"}, nil)
 	descGwRefused   = prometheus.NewDesc("sfkit_proxy_gateway_refused_total", "Connections a gateway refused, by reason (source, rate, max_conns, tunnel).", []string{"gateway", "reason"}, nil)
+	descUDPDgrams   = prometheus.NewDesc("sfkit_proxy_udp_datagrams_total", "UDP datagrams through the tunnel: this party's associations' to peers (sent) and back (received), peers' to local ports here (served) and back (answered).", []string{"direction"}, nil)
+	descUDPBytes    = prometheus.NewDesc("sfkit_proxy_udp_bytes_total", "Payload bytes of those UDP datagrams, by the same directions.", []string{"direction"}, nil)
+	descUDPDropped  = prometheus.NewDesc("sfkit_proxy_udp_dropped_total", "UDP datagrams dropped, by reason.", []string{"reason"}, nil)
+	descUDPAssocs   = prometheus.NewDesc("sfkit_proxy_udp_associations", "UDP associations open here (SOCKS UDP ASSOCIATE, UDP gateways' clients).", nil, nil)
+	descUDPSockets  = prometheus.NewDesc("sfkit_proxy_udp_peer_sockets", "Local UDP sockets held for peers' associations.", nil, nil)
 	peerStatesShown = []string{"connecting", "direct", "relayed", "repairing", "unreachable"}
 )
 
@@ -136,6 +142,19 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			counter(descGwRefused, g.Refused[why], name, why)
 		}
 	}
+	u := s.UDP
+	for _, d := range []struct {
+		name     string
+		n, bytes uint64
+	}{{"sent", u.Sent, u.SentBytes}, {"received", u.Received, u.ReceivedBytes}, {"served", u.Served, u.ServedBytes}, {"answered", u.Answered, u.AnsweredBytes}} {
+		counter(descUDPDgrams, d.n, d.name)
+		counter(descUDPBytes, d.bytes, d.name)
+	}
+	for _, why := range dgram.DropReasons() {
+		counter(descUDPDropped, u.Dropped[why], why)
+	}
+	gauge(descUDPAssocs, float64(u.Associations))
+	gauge(descUDPSockets, float64(u.PeerSockets))
 	up := 0.0
 	if s.Registry.Reachable {
 		up = 1

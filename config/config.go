@@ -800,7 +800,7 @@ type GatewayClient struct {
 	Addr   string // the sidecar's management API
 	JSON   bool
 	Action string // add, list or rm
-	Proto  string // tcp
+	Proto  string // tcp or udp
 	Listen string // [IP:]PORT, as given
 	PID    int
 	Port   uint16
@@ -821,16 +821,16 @@ func ParseGatewayClient(args []string, out io.Writer) (*GatewayClient, error) {
 		jsonOut = fs.Bool("json", false, "print JSON")
 		label   = fs.String("label", "", "add: a name for people (at most 64 characters)")
 		allow   = fs.String("allow-from", "", "add: the source CIDRs a public gateway accepts, comma-separated (default: any)")
-		rateF   = fs.Float64("conn-rate", 0, "add: new connections per second from one source (default: 10 for a public gateway, else no limit)")
-		maxC    = fs.Int("max-conns", 0, "add: connections open at once (default: 256 public, 1024 loopback)")
-		idle    = fs.Duration("idle-timeout", 0, "add: cut a connection idle this long (default: 30m for a public gateway, else never)")
+		rateF   = fs.Float64("conn-rate", 0, "add: new connections (udp: client addresses) per second from one source (default: 10 for a public gateway, else no limit)")
+		maxC    = fs.Int("max-conns", 0, "add: connections (udp: client addresses) open at once (default: 256 public, 1024 loopback)")
+		idle    = fs.Duration("idle-timeout", 0, "add: cut a connection idle this long (default: 30m for a public gateway, else never; udp: 2m)")
 		drain   = fs.Bool("drain", true, "rm: let open connections finish (--drain=false resets them)")
 	)
 	_ = fs.String("config", "", "the sidecar's config file")
-	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy gateway add|list|rm [flags] [tcp [IP:]PORT [PID PORT]]\n\n"+
-		"Adds (add tcp [IP:]PORT PID PORT), lists (list) and removes (rm tcp [IP:]PORT) the running sidecar's gateways:\n"+
-		"local listeners whose connections go to party PID's 127.0.0.1:PORT. IP is 127.0.0.1 when left out; one off\n"+
-		"loopback (public) needs the sidecar started with --gateway-any-host.")
+	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy gateway add|list|rm [flags] [tcp|udp [IP:]PORT [PID PORT]]\n\n"+
+		"Adds (add tcp|udp [IP:]PORT PID PORT), lists (list) and removes (rm tcp|udp [IP:]PORT) the running sidecar's\n"+
+		"gateways: local sockets whose connections (tcp) or datagrams (udp) go to party PID's 127.0.0.1:PORT. IP is\n"+
+		"127.0.0.1 when left out; one off loopback (public) needs the sidecar started with --gateway-any-host.")
 	pos, rest := splitArgs(args, "json", "drain")
 	if err := ParseFlags(fs, rest, ff.WithEnvVarPrefix(EnvPrefix), ff.WithConfigFileFlag("config"),
 		ff.WithConfigFileParser(ff.PlainParser), ff.WithIgnoreUndefined(true)); err != nil {

@@ -1,7 +1,15 @@
 // Package gateway keeps the sidecar's gateways: local TCP listeners whose
-// connections are carried to a port of a peer, added and removed while the
-// sidecar runs (the management API's /v1/gateways, `sfkit-proxy gateway`),
-// besides those the flags make (--forward, --mpc-forward).
+// connections are carried to a port of a peer, and UDP sockets whose
+// clients' datagrams are, added and removed while the sidecar runs (the
+// management API's /v1/gateways, `sfkit-proxy gateway`), besides those the
+// flags make (--forward, --mpc-forward).
+//
+// A UDP gateway keeps one association through the tunnel per client
+// address (package dgram); its limits count associations as a TCP
+// gateway's count connections, and an association that carried nothing
+// either way for the idle timeout (DefaultUDPIdle when none is given)
+// ends. Removing a UDP gateway ends its associations at once: there is
+// nothing to drain.
 //
 // A gateway off loopback is public: anyone who reaches the address can use
 // the tunnel behind it. It needs the sidecar's consent (--gateway-any-host),
@@ -36,7 +44,7 @@ import (
 
 // Spec is what a gateway is asked to be.
 type Spec struct {
-	Proto  string         // "tcp" (UDP is not carried yet)
+	Proto  string         // "tcp" or "udp"
 	Listen netip.AddrPort // where it listens
 	PID    int            // the peer
 	Port   uint16         // the peer's local port
@@ -44,8 +52,8 @@ type Spec struct {
 	Source string         // "flag" or "api"
 	// Limits; zero values take Defaults (public gateways) or none.
 	AllowFrom   []netip.Prefix // sources accepted; empty: any
-	ConnRate    float64        // new connections per second from one source
-	MaxConns    int            // connections open at once
+	ConnRate    float64        // new connections (UDP: associations) per second from one source
+	MaxConns    int            // connections (UDP: associations) open at once
 	IdleTimeout time.Duration  // a connection with no byte either way this long is cut
 }
 
@@ -59,6 +67,9 @@ const (
 	// DefaultLocalMaxConns bounds a loopback or flag gateway's open
 	// connections (the peer's budget bounds them too).
 	DefaultLocalMaxConns = 1024
+	// DefaultUDPIdle ends a UDP gateway's association that carried
+	// nothing this long, when the gateway has no idle timeout of its own.
+	DefaultUDPIdle = 2 * time.Minute
 	// MaxGateways bounds the gateways of one sidecar, and with it the
 	// gateway label's cardinality in metrics.
 	MaxGateways = 64
@@ -80,6 +91,15 @@ type Options struct {
 	AnyHost bool
 	// ConnectTimeout bounds the tunnel dial of each connection.
 	ConnectTimeout time.Duration
+	// UDP opens an association through the tunnel whose answers go to
+	// recv (dgram.Carrier's Open); nil refuses UDP gateways.
+	UDP func(recv func(pid int, port uint16, data []byte)) (UDPAssoc, error)
+}
+
+// UDPAssoc is a UDP association through the tunnel (dgram.Assoc).
+type UDPAssoc interface {
+	Send(pid int, port uint16, data []byte) error
+	Close()
 }
 
 // Errors of Add and Remove, for the API's status codes.
@@ -140,11 +160,11 @@ func ParseAddr(s string) (netip.AddrPort, error) {
 
 // Add starts a gateway as spec says, and returns what it is.
 func (m *Manager) Add(spec Spec) (status.Gateway, error) {
-	if spec.Proto == "udp" {
-		return status.Gateway{}, fmt.Errorf("%w: udp gateways are not carried yet: only tcp", ErrBadSpec)
+	if spec.Proto != "tcp" && spec.Proto != "udp" {
+		return status.Gateway{}, fmt.Errorf("%w: protocol %q: want tcp or udp", ErrBadSpec, spec.Proto)
 	}
-	if spec.Proto != "tcp" {
-		return status.Gateway{}, fmt.Errorf("%w: protocol %q: want tcp", ErrBadSpec, spec.Proto)
+	if spec.Proto == "udp" && m.opts.UDP == nil {
+		return status.Gateway{}, fmt.Errorf("%w: this sidecar carries no UDP", ErrBadSpec)
 	}
 	if !spec.Listen.IsValid() || spec.Listen.Port() == 0 {
 		return status.Gateway{}, fmt.Errorf("%w: no listen address", ErrBadSpec)
@@ -195,20 +215,29 @@ func (m *Manager) Add(spec Spec) (status.Gateway, error) {
 	case !fromFlag && m.runtime >= MaxGateways: // the flags' are bounded by the config
 		return status.Gateway{}, fmt.Errorf("%w: at most %d", ErrTooMany, MaxGateways)
 	}
-	ln, err := net.Listen("tcp", spec.Listen.String())
+	g := &gw{spec: spec, key: key, public: public, stopped: make(chan struct{}), conns: make(map[*net.TCPConn]splice.Conn),
+		clients: make(map[netip.AddrPort]*udpClient), sources: make(map[netip.Addr]*rate.Limiter), meter: meter{start: time.Now(), last: time.Now()}}
+	var err error
+	if spec.Proto == "udp" {
+		g.pc, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(spec.Listen))
+	} else {
+		g.ln, err = net.Listen("tcp", spec.Listen.String())
+	}
 	if err != nil {
 		if errors.Is(err, syscall.EADDRINUSE) {
 			return status.Gateway{}, fmt.Errorf("%w: %v: another program listens there", ErrInUse, spec.Listen)
 		}
 		return status.Gateway{}, fmt.Errorf("listen on %v: %w", spec.Listen, err)
 	}
-	g := &gw{spec: spec, key: key, public: public, ln: ln, stopped: make(chan struct{}), conns: make(map[*net.TCPConn]splice.Conn),
-		sources: make(map[netip.Addr]*rate.Limiter), meter: meter{start: time.Now(), last: time.Now()}}
 	m.gws[key] = g
 	if !fromFlag {
 		m.runtime++
 	}
-	m.wg.Go(func() { m.serve(g) })
+	if g.pc != nil {
+		m.wg.Go(func() { m.serveUDP(g) })
+	} else {
+		m.wg.Go(func() { m.serve(g) })
+	}
 	m.log.Info("gateway added", "gateway", key, "peer", spec.PID, "port", spec.Port, "public", public, "source", spec.Source, "label", spec.Label)
 	return g.info(), nil
 }
@@ -231,7 +260,7 @@ func (m *Manager) Remove(proto string, listen netip.AddrPort, drain bool) error 
 	if g != nil && g.spec.Source != "flag" {
 		m.runtime--
 	}
-	if g != nil && drain && g.open.Load() > 0 {
+	if g != nil && drain && g.ln != nil && g.open.Load() > 0 {
 		m.draining[g] = struct{}{} // Close still cuts what is left
 	}
 	m.mu.Unlock()
@@ -243,13 +272,14 @@ func (m *Manager) Remove(proto string, listen netip.AddrPort, drain bool) error 
 	return nil
 }
 
-// Listens reports whether a gateway listens on port, on any address: a
-// peer's connection to that local port would reach it.
-func (m *Manager) Listens(port uint16) bool {
+// Listens reports whether a gateway of proto listens on port, on any
+// address: a peer's connection (or datagram) to that local port would
+// reach it.
+func (m *Manager) Listens(proto string, port uint16) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, g := range m.gws {
-		if g.spec.Listen.Port() == port {
+		if g.spec.Proto == proto && g.spec.Listen.Port() == port {
 			return true
 		}
 	}
@@ -287,7 +317,8 @@ func (m *Manager) List() []status.Gateway {
 // UpdateStatus fills the status's gateways.
 func (m *Manager) UpdateStatus(s *status.Status) { s.Gateways = m.List() }
 
-// Sample takes the 1 s rate sample of every gateway.
+// Sample takes the 1 s rate sample of every gateway, and ends UDP
+// associations idle past their timeout.
 func (m *Manager) Sample(now time.Time) {
 	m.mu.Lock()
 	gs := make([]*gw, 0, len(m.gws))
@@ -299,6 +330,9 @@ func (m *Manager) Sample(now time.Time) {
 		g.mu.Lock()
 		g.meter.sample(now, g.toPeer.Load(), g.fromPeer.Load())
 		g.mu.Unlock()
+		if g.pc != nil {
+			g.expireUDP(now)
+		}
 	}
 }
 
@@ -351,14 +385,16 @@ type gw struct {
 	spec    Spec
 	key     string
 	public  bool
-	ln      net.Listener
+	ln      net.Listener  // a TCP gateway's
+	pc      *net.UDPConn  // a UDP gateway's
 	stopped chan struct{} // closed by stop
 
 	total, open, toPeer, fromPeer atomic.Uint64
 	refused                       [numReasons]atomic.Uint64
 
-	mu      sync.Mutex                   // guards conns, sources, overflow, meter, drained
-	conns   map[*net.TCPConn]splice.Conn // each client's tunnel, nil until dialed
+	mu      sync.Mutex                    // guards conns, clients, sources, overflow, meter, drained
+	conns   map[*net.TCPConn]splice.Conn  // each client's tunnel, nil until dialed
+	clients map[netip.AddrPort]*udpClient // a UDP gateway's associations
 	sources map[netip.Addr]*rate.Limiter
 	// overflow is shared by sources not yet known while sources is full.
 	overflow *rate.Limiter
@@ -389,8 +425,18 @@ func (g *gw) stop(drain bool) {
 	if !drain {
 		maps.Copy(cut, g.conns)
 	}
+	clients := g.clients
+	g.clients = map[netip.AddrPort]*udpClient{}
 	g.mu.Unlock()
-	g.ln.Close()
+	if g.ln != nil {
+		g.ln.Close()
+	} else {
+		g.pc.Close()
+	}
+	for _, cl := range clients { // UDP: nothing to drain
+		cl.assoc.Close()
+		g.open.Add(^uint64(0))
+	}
 	for c, tunnel := range cut { // both sides: either may be the one a copy waits on
 		c.SetLinger(0)
 		c.Close()
@@ -443,12 +489,23 @@ func (g *gw) admit(c *net.TCPConn) (reason int, ok bool) {
 	if a, isTCP := c.RemoteAddr().(*net.TCPAddr); isTCP {
 		src = a.AddrPort()
 	}
-	ip := src.Addr().Unmap()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if why, ok := g.allowLocked(src.Addr().Unmap(), len(g.conns)); !ok {
+		return why, false
+	}
+	g.conns[c] = nil
+	g.total.Add(1)
+	g.open.Add(1)
+	return 0, true
+}
+
+// allowLocked applies the gateway's limits to a new connection or
+// association from ip, with open of them open now.
+func (g *gw) allowLocked(ip netip.Addr, open int) (reason int, ok bool) {
 	if len(g.spec.AllowFrom) > 0 && !slices.ContainsFunc(g.spec.AllowFrom, func(p netip.Prefix) bool { return p.Contains(ip) }) {
 		return reasonSource, false
 	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
 	if g.spec.ConnRate > 0 {
 		lim := g.sources[ip]
 		if lim == nil {
@@ -474,12 +531,9 @@ func (g *gw) admit(c *net.TCPConn) (reason int, ok bool) {
 			return reasonRate, false
 		}
 	}
-	if len(g.conns) >= g.spec.MaxConns {
+	if open >= g.spec.MaxConns {
 		return reasonMaxConns, false
 	}
-	g.conns[c] = nil
-	g.total.Add(1)
-	g.open.Add(1)
 	return 0, true
 }
 

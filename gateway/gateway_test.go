@@ -166,8 +166,8 @@ func TestGatewaySpecIsChecked(t *testing.T) {
 		want error
 		text string
 	}{
-		{Spec{Proto: "udp", Listen: free, PID: 1, Port: 80}, ErrBadSpec, "not carried yet"},
-		{Spec{Proto: "sctp", Listen: free, PID: 1, Port: 80}, ErrBadSpec, "want tcp"},
+		{Spec{Proto: "udp", Listen: free, PID: 1, Port: 80}, ErrBadSpec, "carries no UDP"},
+		{Spec{Proto: "sctp", Listen: free, PID: 1, Port: 80}, ErrBadSpec, "want tcp or udp"},
 		{Spec{Proto: "tcp", Listen: free, PID: 0, Port: 80}, ErrBadSpec, "another party"},
 		{Spec{Proto: "tcp", Listen: free, PID: 1, Port: 22}, ErrBadSpec, "does not allow port 22"},
 		{Spec{Proto: "tcp", Listen: netip.MustParseAddrPort("203.0.113.5:8080"), PID: 1, Port: 80}, ErrNoConsent, "not a loopback address"},

@@ -151,6 +151,20 @@ func (ps *Probes) List() []status.Probe {
 	return out
 }
 
+// Listens reports whether a probe of proto listens on port, on any
+// address: a peer's connection (or datagram) to that local port would
+// reach it.
+func (ps *Probes) Listens(proto string, port uint16) bool {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	for _, p := range ps.probes {
+		if p.spec.Proto == proto && p.spec.Listen.Port() == port {
+			return true
+		}
+	}
+	return false
+}
+
 // Close closes every probe and waits for them. It is safe to call twice.
 func (ps *Probes) Close() {
 	ps.mu.Lock()

@@ -225,7 +225,7 @@ func (m *Mux) serverTLS() *tls.Config {
 		pin := identity.PinOf(cs.PeerCertificates[0])
 		if _, _, err := m.claimed(cs.ServerName, pin); err != nil {
 			m.count.acceptsRejected.Add(1)
-			m.quiet.warn("reject:"+pin, "rejected handshake", "pin", pin, "err", err)
+			m.quiet.Warn("reject:"+pin, "rejected handshake", "pin", pin, "err", err)
 			return err
 		}
 		return nil

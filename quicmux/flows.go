@@ -279,7 +279,7 @@ func (m *Mux) newFlow(key flowKey, port uint16, l *link, log *slog.Logger) *flow
 					why = ResetResumeTimeout
 				case flow.EndProtocol:
 					why = ResetProtocol
-					m.quiet.warn("protocol:"+strconv.Itoa(key.pid), "peer broke the flow protocol; flow reset", "peer", key.pid)
+					m.quiet.Warn("protocol:"+strconv.Itoa(key.pid), "peer broke the flow protocol; flow reset", "peer", key.pid)
 				case flow.EndAbandoned:
 					if w := ResetReason(e.why.Load()); w != resetNone {
 						why = w

@@ -3,78 +3,15 @@ package quicmux
 import (
 	"context"
 	"errors"
-	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
-	"time"
 
 	"github.com/quic-go/quic-go"
 	"golang.org/x/time/rate"
+
+	"sfkit-proxy/quietlog"
 )
-
-// quietLog writes a repeated warning once per key and interval, saying how
-// many were held back since: a flood cannot flood the log.
-type quietLog struct {
-	log      *slog.Logger
-	interval time.Duration
-
-	mu   sync.Mutex // guards keys
-	keys map[string]*quiet
-}
-
-type quiet struct {
-	next       time.Time
-	suppressed int
-}
-
-const maxQuietKeys = 4096
-
-func newQuietLog(log *slog.Logger, interval time.Duration) *quietLog {
-	return &quietLog{log: log, interval: interval, keys: make(map[string]*quiet)}
-}
-
-// warn logs msg with args unless key was logged within the interval.
-func (q *quietLog) warn(key, msg string, args ...any) {
-	now := time.Now()
-	q.mu.Lock()
-	k := q.keys[key]
-	if k != nil && now.Before(k.next) {
-		k.suppressed++
-		q.mu.Unlock()
-		return
-	}
-	if k == nil {
-		if len(q.keys) >= maxQuietKeys {
-			for key, k := range q.keys {
-				if now.After(k.next) {
-					delete(q.keys, key)
-				}
-			}
-		}
-		if len(q.keys) >= maxQuietKeys {
-			// Still full: every key not yet known shares one, so the map
-			// stays bounded and the log quiet.
-			key = ""
-		}
-		if k = q.keys[key]; k != nil && now.Before(k.next) {
-			k.suppressed++
-			q.mu.Unlock()
-			return
-		}
-		if k == nil {
-			k = &quiet{}
-			q.keys[key] = k
-		}
-	}
-	n := k.suppressed
-	k.next, k.suppressed = now.Add(q.interval), 0
-	q.mu.Unlock()
-	if n > 0 {
-		args = append(args, "repeated", n, "over", q.interval)
-	}
-	q.log.Warn(msg, args...)
-}
 
 // handshakeGuard admits unauthenticated handshakes: at most a few per
 // second from one source IP, and with source address validation (a QUIC
@@ -85,7 +22,7 @@ type handshakeGuard struct {
 	perSource rate.Limit
 	burst     int
 	load      *rate.Limiter // all sources together, before Retry kicks in
-	log       *quietLog
+	log       *quietlog.Log
 
 	mu       sync.Mutex // guards sources and overflow
 	sources  map[netip.Addr]*rate.Limiter
@@ -101,7 +38,7 @@ const (
 	maxGuardSources     = 4096
 )
 
-func newHandshakeGuard(log *quietLog) *handshakeGuard {
+func newHandshakeGuard(log *quietlog.Log) *handshakeGuard {
 	return &handshakeGuard{perSource: handshakesPerSource, burst: handshakeBurst,
 		load: rate.NewLimiter(handshakesUnderLoad, 2*handshakesUnderLoad), log: log,
 		sources: make(map[netip.Addr]*rate.Limiter)}
@@ -143,7 +80,7 @@ func (g *handshakeGuard) admit(ctx context.Context, info *quic.ClientInfo) (cont
 	ok := lim.Allow()
 	g.mu.Unlock()
 	if !ok {
-		g.log.warn("handshake:"+src.String(), "refusing handshakes: too many from one address", "from", src,
+		g.log.Warn("handshake:"+src.String(), "refusing handshakes: too many from one address", "from", src,
 			"limit_per_s", float64(g.perSource))
 		return ctx, errHandshakeRate
 	}

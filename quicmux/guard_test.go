@@ -19,6 +19,7 @@ import (
 	"sfkit-proxy/flow"
 	"sfkit-proxy/identity"
 	"sfkit-proxy/internal/testkit"
+	"sfkit-proxy/quietlog"
 )
 
 // remoteOf is where pid's connection at m comes from; zero when none.
@@ -249,7 +250,7 @@ func TestLiveConnectionOutlivesItsRegistryEntry(t *testing.T) {
 // and so are its warnings, which stay few.
 func TestGuardIsBounded(t *testing.T) {
 	var logs testkit.LogBuffer
-	g := newHandshakeGuard(newQuietLog(slog.New(slog.NewTextHandler(&logs, nil)), time.Minute))
+	g := newHandshakeGuard(quietlog.New(slog.New(slog.NewTextHandler(&logs, nil)), time.Minute))
 	g.perSource = 0.01 // no limiter refills (and becomes evictable) while the test fills them, however slow the machine
 	from := func(i int) *quic.ClientInfo {
 		a := netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})
@@ -275,13 +276,10 @@ func TestGuardIsBounded(t *testing.T) {
 	if refused < 1000-2*handshakeBurst {
 		t.Errorf("%d of 1,000 handshakes from new sources past the bound refused; want all but a burst", refused)
 	}
-	g.log.mu.Lock()
-	keys := len(g.log.keys)
-	g.log.mu.Unlock()
-	if keys > maxQuietKeys+1 {
-		t.Errorf("the quiet log tracks %d keys; want at most %d", keys, maxQuietKeys+1)
+	if keys := g.log.Len(); keys > quietlog.MaxKeys+1 {
+		t.Errorf("the quiet log tracks %d keys; want at most %d", keys, quietlog.MaxKeys+1)
 	}
-	if lines := strings.Count(logs.String(), "refusing handshakes"); lines > maxQuietKeys+1 {
+	if lines := strings.Count(logs.String(), "refusing handshakes"); lines > quietlog.MaxKeys+1 {
 		t.Errorf("%d warnings; want one per tracked key at most", lines)
 	}
 }

@@ -46,6 +46,7 @@ import (
 	"sfkit-proxy/config"
 	"sfkit-proxy/flow"
 	"sfkit-proxy/identity"
+	"sfkit-proxy/quietlog"
 	"sfkit-proxy/status"
 	"sfkit-proxy/stun"
 )
@@ -164,6 +165,11 @@ type Options struct {
 	// others, shared equally among the peers with sessions; zero means
 	// config.DefaultPeerRelayRate.
 	PeerRelayRate int
+	// Datagram, if set, takes the peers' datagrams of the kinds from
+	// DatagramKindMin to DatagramKindMax (UDP carried through the tunnel):
+	// b is the whole datagram, its kind first. It is called on the
+	// connection's receive loop and must not block.
+	Datagram func(pid int, b []byte)
 }
 
 // populate fills in the documented defaults: the one place they live.
@@ -254,7 +260,7 @@ type Mux struct {
 	// at QUIC's minimum.
 	qcRelayed *quic.Config
 	prelay    peerRelays
-	quiet     *quietLog // warnings that strangers can provoke
+	quiet     *quietlog.Log // warnings that strangers can provoke
 	guard     *handshakeGuard
 	boot      uint64 // this run's id, told to peers in hellos
 
@@ -375,7 +381,7 @@ func newMux(pc net.PacketConn, relay *Relay, opts Options, tune tuning) (m *Mux,
 		return nil, err
 	}
 	log := opts.Logger.With("component", "quicmux")
-	quiet := newQuietLog(log, time.Minute)
+	quiet := quietlog.New(log, time.Minute)
 	m = &Mux{
 		opts:    opts,
 		tune:    tune,
@@ -698,7 +704,7 @@ func (m *Mux) screen(in PeerInfo) PeerInfo {
 		var out []netip.AddrPort
 		for _, a := range as {
 			if err := pol.CheckCandidate(a); err != nil {
-				m.quiet.warn("candidate:"+strconv.Itoa(in.PID)+":"+a.String(), "ignoring a candidate the peer published", "peer", in.PID, "err", err)
+				m.quiet.Warn("candidate:"+strconv.Itoa(in.PID)+":"+a.String(), "ignoring a candidate the peer published", "peer", in.PID, "err", err)
 				continue
 			}
 			out = append(out, a)
@@ -707,7 +713,7 @@ func (m *Mux) screen(in PeerInfo) PeerInfo {
 	}
 	in.Candidates, in.Relays = keep(in.Candidates), keep(in.Relays)
 	if len(in.Candidates) > config.MaxCandidates {
-		m.quiet.warn("candidates:"+strconv.Itoa(in.PID), "peer published too many candidates; using the first ones", "peer", in.PID,
+		m.quiet.Warn("candidates:"+strconv.Itoa(in.PID), "peer published too many candidates; using the first ones", "peer", in.PID,
 			"published", len(in.Candidates), "max", config.MaxCandidates)
 		in.Candidates = in.Candidates[:config.MaxCandidates]
 	}

@@ -47,6 +47,8 @@ type peer struct {
 	poolCap atomic.Int32
 	// answersOut are answers to the peer's checks, for sendAnswers.
 	answersOut chan checkAnswer
+	// dg is the connection SendDatagram uses.
+	dg linkCache
 
 	mu   sync.Mutex // guards the fields below
 	info PeerInfo
@@ -145,7 +147,7 @@ func (p *peer) setInfoLocked(in PeerInfo) {
 	p.cands.publish(in.Candidates, in.Relays)
 	key, err := p.m.opts.CheckKey.PairKey(p.m.opts.Study, p.m.opts.PID, p.pid, in.CheckKey)
 	if err != nil {
-		p.m.quiet.warn("checkkey:"+strconv.Itoa(p.pid), "peer published an unusable check key; no checks with it until it publishes a good one",
+		p.m.quiet.Warn("checkkey:"+strconv.Itoa(p.pid), "peer published an unusable check key; no checks with it until it publishes a good one",
 			"peer", p.pid, "err", err)
 	}
 	p.key = key

@@ -245,17 +245,10 @@ func (m *Mux) reshare(now time.Time) {
 // relayable is p's primary, when it can carry sessions: a connection of
 // its own (direct or through TURN), not itself relayed by a peer.
 func (m *Mux) relayable(pid int) *link {
-	p := m.peer(pid)
-	if p == nil {
-		return nil
+	if l := m.datagramLink(pid); l != nil && l.ep.session == nil {
+		return l
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	l := p.pool.primary
-	if l == nil || l.ep.session != nil || !l.datagrams || !p.path.state.Connected() {
-		return nil
-	}
-	return l
+	return nil
 }
 
 // relayRequest is R's side of a request from peer from for a session to
@@ -356,7 +349,7 @@ func (m *Mux) forward(ctx context.Context, s *relaySession, pid int, lc *linkCac
 		case <-ctx.Done():
 			return
 		case b := <-q:
-			l := lc.get(m, pid)
+			l := lc.get(m.relayable, pid)
 			if l == nil {
 				m.prelay.dropped.Add(1)
 				continue
@@ -371,15 +364,15 @@ func (m *Mux) forward(ctx context.Context, s *relaySession, pid int, lc *linkCac
 	}
 }
 
-// linkCache holds a peer's relayable link between packets, so that the
-// data path takes no lock of the Mux or the peer while the link lives
-// and is not replaced.
+// linkCache holds a peer's link between packets (the relayable one, or
+// the one for datagrams), so that the data path takes no lock of the Mux
+// or the peer while the link lives and is not replaced.
 type linkCache struct{ l atomic.Pointer[link] }
 
-func (c *linkCache) get(m *Mux, pid int) *link {
+func (c *linkCache) get(pick func(pid int) *link, pid int) *link {
 	l := c.l.Load()
 	if l == nil || l.draining.Load() || l.conn.Context().Err() != nil {
-		l = m.relayable(pid)
+		l = pick(pid)
 		c.l.Store(l)
 	}
 	return l
@@ -646,7 +639,7 @@ func (e *sessionEnd) WriteTo(b []byte, _ net.Addr) (int, error) {
 		return 0, net.ErrClosed
 	default:
 	}
-	l := e.link.get(e.m, e.via)
+	l := e.link.get(e.m.relayable, e.via)
 	if l == nil {
 		return len(b), nil
 	}

@@ -137,8 +137,9 @@ func sendFull(conn *quic.Conn, kind byte, nonce uint64) (int, error) {
 }
 
 // serveDatagrams answers the probes of peer pid on l, at most
-// echoesPerSec, hands echoes of ours to l's probe, and relayed packets
-// to the peer relay (peerrelay.go), until l closes.
+// echoesPerSec, hands echoes of ours to l's probe, relayed packets to the
+// peer relay (peerrelay.go) and carried UDP to Options.Datagram, until l
+// closes.
 func (m *Mux) serveDatagrams(ctx context.Context, pid int, l *link) {
 	if !l.datagrams {
 		return
@@ -170,6 +171,10 @@ func (m *Mux) serveDatagrams(ctx context.Context, pid int, l *link) {
 			}
 		case dgRelay:
 			m.relayDatagram(pid, b)
+		default:
+			if b[0] >= DatagramKindMin && b[0] <= DatagramKindMax && m.opts.Datagram != nil {
+				m.opts.Datagram(pid, b)
+			}
 		}
 	}
 }

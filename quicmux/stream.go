@@ -101,7 +101,7 @@ func (m *Mux) open(ctx context.Context, pid int, r header.Request) (*quic.Stream
 			return str, l, p.kindOf(l), reply, nil
 		}
 		if errors.Is(err, ErrTooManyConns) {
-			m.quiet.warn("streams:"+strconv.Itoa(pid), "refusing a tunnelled connection: the peer's limit of open connections is reached",
+			m.quiet.Warn("streams:"+strconv.Itoa(pid), "refusing a tunnelled connection: the peer's limit of open connections is reached",
 				"peer", pid, "port", r.Port, "limit", m.opts.MaxStreams)
 			return nil, nil, PathNone, header.Reply{}, fmt.Errorf("party %d port %d: %w", pid, r.Port, err)
 		}
@@ -296,7 +296,7 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 		endStream(str)
 		return
 	case m.opts.OwnPort(req.Port):
-		m.quiet.warn("own:"+strconv.Itoa(pid), "peer asked for one of this sidecar's own ports (SOCKS, management API or a gateway): refused",
+		m.quiet.Warn("own:"+strconv.Itoa(pid), "peer asked for one of this sidecar's own ports (SOCKS, management API or a gateway): refused",
 			"peer", pid, "port", req.Port)
 		reply(header.Reply{Status: header.StatusNotAllowed})
 		return
@@ -318,7 +318,7 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 		return
 	}
 	if !ok {
-		m.quiet.warn("flows:"+strconv.Itoa(pid), "refusing a tunnelled connection: the peer has spent its budget of open connections here",
+		m.quiet.Warn("flows:"+strconv.Itoa(pid), "refusing a tunnelled connection: the peer has spent its budget of open connections here",
 			"peer", pid, "port", req.Port, "limit", m.opts.MaxFlows)
 		reply(header.Reply{Status: header.StatusOverBudget})
 		return
@@ -381,7 +381,7 @@ func (m *Mux) dialLocal(ctx context.Context, pid int, pf *peerFlows, str *quic.S
 		return nil, err
 	}
 	if !pf.startWaiting(m.opts.MaxWaiting) {
-		m.quiet.warn("waiting:"+strconv.Itoa(pid), "refusing a connection that would wait for a local listener: the peer has too many waiting",
+		m.quiet.Warn("waiting:"+strconv.Itoa(pid), "refusing a connection that would wait for a local listener: the peer has too many waiting",
 			"peer", pid, "port", port, "limit", m.opts.MaxWaiting)
 		return nil, header.ErrOverBudget
 	}

@@ -21,7 +21,8 @@
 # symmetric, cone and public parties apart. Party 3 also exposes party 0's
 # web server to the lab internet through a public gateway added at runtime
 # (docs/gateways.md's commands), until it removes it, and proves its address
-# reachable with TCP and UDP probes.
+# reachable with TCP and UDP probes; UDP goes through the tunnel from SOCKS5
+# UDP ASSOCIATE and through a public UDP gateway, 10,000 datagrams each.
 #
 # Usage: scripts/peer-relay-lab.sh [path/to/sfkit-proxy]   (env: SIZE_MB=10)
 set -euo pipefail
@@ -150,6 +151,41 @@ fi
 if [ "$(inns inet timeout 10 ncat --recv-only 203.0.113.23 8445 2>&1)" = 6f1e0c2a9b7d41e8 ]; then pass; else fail "ncat did not read the probe's token"; fi
 inns p3 "$BIN" probe open udp 203.0.113.23:8446 --requester 203.0.113.0/24 --token udp-probe-token >/dev/null
 if inns inet "$BIN" probe check udp 203.0.113.23:8446 udp-probe-token >"$DIR/probe-udp.out" 2>&1; then pass; else fail "udp probe check: $(cat "$DIR/probe-udp.out")"; fi
+
+# UDP (docs/gateways.md#udp): a UDP echo on party 0's 127.0.0.1:9000
+# (behind a symmetric NAT). Party 2 (a cone NAT: relayed to party 0 through
+# party 3 or 4) reaches it through SOCKS5 UDP ASSOCIATE with a client
+# speaking RFC 1928 from Python's socket module: two associations, 5,000
+# datagrams each, every echo to the association that sent it. Then party 3
+# exposes the same echo to the lab internet through a public UDP gateway:
+# two clients there, 5,000 datagrams each, the same checks, and the
+# gateway's byte counts agree with what the clients sent and received.
+spawn p0 "$DIR/udpecho0.log" python3 "$REPO/scripts/udplab.py" echo 127.0.0.1 9000
+cp "$REPO/scripts/udplab.py" "$DIR/gw/"
+gw_block p2 docs/gateways.md udp-socks >"$DIR/udp-socks.out" 2>"$DIR/udp-socks.err" || true
+if python3 - "$DIR/udp-socks.out" <<'PY'; then pass; else fail "SOCKS5 UDP ASSOCIATE from party 2 to party 0: $(cat "$DIR/udp-socks.out" "$DIR/udp-socks.err")"; fi
+import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+print(f"SOCKS5 UDP ASSOCIATE, party 2 -> party 0 (relayed): {r['received']} of {r['sent']} datagrams echoed, {r['wrong']} to the wrong association")
+sys.exit(0 if r["sent"] == 10000 and r["wrong"] == 0 and r["received"] >= 9000 else 1)
+PY
+if gw_block p3 docs/gateways.md udp-gateway-add >"$DIR/udp-gw-add.out" 2>&1; then pass; else fail "udp gateway add: $(cat "$DIR/udp-gw-add.out")"; fi
+inns inet timeout 120 python3 "$REPO/scripts/udplab.py" plain 203.0.113.23 8447 5000 >"$DIR/udp-gw.out" 2>"$DIR/udp-gw.err" || true
+inns p3 "$BIN" gateway list --json >"$DIR/udp-gw-list.json" 2>&1 || true
+if python3 - "$DIR/udp-gw.out" "$DIR/udp-gw-list.json" <<'PY'; then pass; else fail "the public UDP gateway: $(cat "$DIR/udp-gw.out" "$DIR/udp-gw.err")"; fi
+import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+g = next(g for g in json.load(open(sys.argv[2])) if g["proto"] == "udp")
+print(f"public UDP gateway, the lab internet -> party 3 -> party 0: {r['received']} of {r['sent']} datagrams echoed, {r['wrong']} wrong; "
+      f"the gateway counts {g['conns']} associations, {g['bytes_to_peer']} bytes to party 0 and {g['bytes_from_peer']} back "
+      f"(the clients sent {r['bytes_sent']} and received {r['bytes_received']})")
+ok = r["sent"] == 10000 and r["wrong"] == 0 and r["received"] >= 9000 and g["conns"] == 2
+ok = ok and r["bytes_received"] <= g["bytes_from_peer"] <= g["bytes_to_peer"] <= r["bytes_sent"]
+sys.exit(0 if ok else 1)
+PY
+if inns p3 "$BIN" gateway rm udp 203.0.113.23:8447 >/dev/null 2>&1 &&
+	! inns inet timeout 30 python3 "$REPO/scripts/udplab.py" plain 203.0.113.23 8447 10 >/dev/null 2>&1; then pass
+else fail "after gateway rm udp, the lab internet's datagrams still came back"; fi
 
 # The relays' metrics name the pairs they carry.
 for r in 3 4; do inns "p$r" curl -s http://127.0.0.1:1081/metrics >"$DIR/metrics$r.txt" || true; done

@@ -25,6 +25,7 @@ import (
 
 	"sfkit-proxy/admin"
 	"sfkit-proxy/config"
+	"sfkit-proxy/dgram"
 	"sfkit-proxy/gateway"
 	"sfkit-proxy/httpserve"
 	"sfkit-proxy/identity"
@@ -43,6 +44,7 @@ import (
 // Listening is where a started sidecar listens.
 type Listening struct {
 	SOCKS, Admin netip.AddrPort // Admin is zero when the API is off
+	UDP          netip.AddrPort // the socket of QUIC and STUN
 }
 
 // farWaitGrace is how much longer a CONNECT to a peer waits than
@@ -112,19 +114,42 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 	// Nor are its gateways, those of the flags and those added later: a
 	// peer's connection to one would go on, as this party, to another.
 	var gws *gateway.Manager // made below, before anything runs
-	ownPort := func(port uint16) bool { return config.PortsOf(own...).Contains(port) || gws.Listens(port) }
+	var srv *socks.Server
+	probes := gateway.NewProbes(cfg.GatewayAnyHost)
+	defer probes.Close()
+	ownPort := func(port uint16) bool {
+		return config.PortsOf(own...).Contains(port) || gws.Listens("tcp", port) || probes.Listens("tcp", port)
+	}
+	// Nor, for UDP, the QUIC socket, the SOCKS front's UDP associations'
+	// sockets, UDP gateways and probes: a peer's datagram to one would
+	// speak as this party, or as its local client.
+	var mux *quicmux.Mux
+	ownUDP := func(port uint16) bool {
+		return mux.LocalAddr().Port() == port || srv.ListensUDP(port) || gws.Listens("udp", port) || probes.Listens("udp", port)
+	}
+	udp := dgram.New(dgram.Options{Logger: log, Self: cfg.PID,
+		Allow: func(pid int, port uint16) bool { return !ownUDP(port) && cfg.Allows(pid, port) },
+		Send: func(pid int, b []byte) error {
+			err := mux.SendDatagram(pid, b)
+			if errors.Is(err, quicmux.ErrNoPath) {
+				return dgram.ErrNoPath(err)
+			}
+			return err
+		}})
+	defer udp.Close()
 	if cfg.AllowPorts.Empty() {
 		log.Info("no local port is open to peers: they can reach nothing here; give -mpc (its listening ports open) or --allow-ports PORTS to open some")
 	}
 	checkKey := identity.CheckKeyOf(id)
 	stunNow := make(chan struct{}, 1)
-	mux, err := quicmux.Listen(cfg.UDPListen, rl, quicmux.Options{
+	mux, err = quicmux.Listen(cfg.UDPListen, rl, quicmux.Options{
 		Logger: log, Study: cfg.Study, PID: cfg.PID, Identity: id, CheckKey: checkKey,
 		AllowPort: cfg.Allows, OwnPort: ownPort,
 		WaitPort: cfg.Waits, LocalWait: cfg.TunnelWait,
 		Virtual: cfg.PeersCIDR, ResumeTimeout: cfg.ResumeTimeout,
 		ConnsPerPeer: cfg.ConnsPerPeer, MaxPacketSize: cfg.MaxPacketSize,
 		NoPeerRelay: cfg.NoPeerRelay, PeerRelayRate: cfg.PeerRelayRate,
+		Datagram: udp.Receive,
 		// A dead path may be a new NAT mapping: ask STUN now, so that a
 		// change is published at once.
 		OnPathLost: func() {
@@ -163,16 +188,19 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 	dialPeer := func(ctx context.Context, pid int, port uint16) (splice.Conn, error) {
 		return mux.Dial(ctx, pid, port)
 	}
+	openUDP := func(recv func(int, uint16, []byte)) (*dgram.Assoc, error) { return udp.Open(recv) }
 	opts := socks.Options{
 		Logger: log, Peers: cfg.PeersCIDR, Self: cfg.PID, Direct: cfg.Direct, PeerAllows: policy.allows,
 		DialPeer: dialPeer, ConnectTimeout: cfg.TunnelWait + farWaitGrace, OnConnect: st.socksRequest,
+		UDP: func(recv func(int, uint16, []byte)) (socks.UDPAssoc, error) { return assocOrNil(openUDP(recv)) },
 	}
 	if cfg.MPC != nil {
 		opts.Route = cfg.MPC.Route
 	}
-	srv := socks.New(opts)
+	srv = socks.New(opts)
 	gws = gateway.New(gateway.Options{Logger: log, DialPeer: dialPeer, PeerAllows: policy.allows, Self: cfg.PID,
-		AnyHost: cfg.GatewayAnyHost, ConnectTimeout: cfg.TunnelWait + farWaitGrace})
+		AnyHost: cfg.GatewayAnyHost, ConnectTimeout: cfg.TunnelWait + farWaitGrace,
+		UDP: func(recv func(int, uint16, []byte)) (gateway.UDPAssoc, error) { return assocOrNil(openUDP(recv)) }})
 	forwards := cfg.Forwards
 	if cfg.MPCForward {
 		forwards = append(forwards, cfg.MPC.PeerPorts()...)
@@ -189,14 +217,12 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 	})
 	g.Go(func() error { return srv.Serve(gctx, ln) })
 	g.Go(func() error { return gws.Run(gctx) })
-	probes := gateway.NewProbes(cfg.GatewayAnyHost)
-	defer probes.Close()
-	where := Listening{SOCKS: netip.MustParseAddrPort(ln.Addr().String())}
+	where := Listening{SOCKS: netip.MustParseAddrPort(ln.Addr().String()), UDP: mux.LocalAddr()}
 	if adminLn != nil {
 		where.Admin = netip.MustParseAddrPort(adminLn.Addr().String())
 		h := admin.NewHandler(admin.Options{
 			Logger: log,
-			Status: func() status.Status { return st.status(cfg, mux, gws, where.SOCKS) },
+			Status: func() status.Status { return st.status(cfg, mux, gws, udp, where.SOCKS) },
 			Ping: func(ctx context.Context, pid int) (time.Duration, string, string, error) {
 				rtt, path, where, err := mux.Ping(ctx, pid)
 				return rtt, path.String(), where, err
@@ -259,6 +285,18 @@ func addForwards(gws *gateway.Manager, fs []config.Forward, log *slog.Logger) {
 			log.Info("forwarding", "listen", f.Listen, "peer", f.PID, "port", f.Port)
 		}
 	}
+}
+
+// assocOrNil is an opened association as the interface its user takes:
+// nil, not a typed nil, on error.
+func assocOrNil(a *dgram.Assoc, err error) (interface {
+	Send(int, uint16, []byte) error
+	Close()
+}, error) {
+	if err != nil {
+		return nil, err
+	}
+	return a, nil
 }
 
 // listenPort is the port ln listens on.
@@ -495,7 +533,7 @@ func (st *state) ready() error {
 
 // status is the sidecar's status: its own parts from st and cfg, the
 // peers and counters from the mux (Mux.UpdateStatus).
-func (st *state) status(cfg *config.Sidecar, mux *quicmux.Mux, gws *gateway.Manager, socksAddr netip.AddrPort) status.Status {
+func (st *state) status(cfg *config.Sidecar, mux *quicmux.Mux, gws *gateway.Manager, udp *dgram.Carrier, socksAddr netip.AddrPort) status.Status {
 	st.mu.Lock()
 	s := status.Status{
 		Study: cfg.Study, PID: cfg.PID, VirtualAddr: cfg.VirtualAddr(cfg.PID).String(), SOCKS: socksAddr.String(),
@@ -518,6 +556,7 @@ func (st *state) status(cfg *config.Sidecar, mux *quicmux.Mux, gws *gateway.Mana
 	st.mu.Unlock()
 	mux.UpdateStatus(&s)
 	gws.UpdateStatus(&s)
+	udp.UpdateStatus(&s)
 	return s
 }
 

@@ -19,6 +19,7 @@ import (
 	socks5 "github.com/armon/go-socks5"
 
 	"sfkit-proxy/config"
+	"sfkit-proxy/quietlog"
 	"sfkit-proxy/splice"
 )
 
@@ -51,6 +52,10 @@ type Options struct {
 	ConnectTimeout time.Duration
 	// OnConnect, if set, is told the outcome of every CONNECT.
 	OnConnect func(dest string, pid int, err error)
+	// UDP, if set, opens a UDP association through the tunnel for a
+	// client's UDP ASSOCIATE (udp.go), whose answers go to recv; nil
+	// answers the command "not supported".
+	UDP func(recv func(pid int, port uint16, data []byte)) (UDPAssoc, error)
 }
 
 // Server serves SOCKS5.
@@ -58,8 +63,11 @@ type Server struct {
 	opts Options
 	log  *slog.Logger
 
-	mu    sync.Mutex // guards conns
-	conns map[net.Conn]struct{}
+	quiet *quietlog.Log
+
+	mu       sync.Mutex // guards conns and udpPorts
+	conns    map[net.Conn]struct{}
+	udpPorts map[uint16]int // the UDP associations' sockets' ports
 }
 
 // New returns a server.
@@ -73,7 +81,8 @@ func New(opts Options) *Server {
 	if opts.ConnectTimeout == 0 {
 		opts.ConnectTimeout = 20 * time.Second
 	}
-	return &Server{opts: opts, log: opts.Logger.With("component", "socks"), conns: make(map[net.Conn]struct{})}
+	log := opts.Logger.With("component", "socks")
+	return &Server{opts: opts, log: log, quiet: quietlog.New(log, time.Minute), conns: make(map[net.Conn]struct{}), udpPorts: make(map[uint16]int)}
 }
 
 // Serve accepts SOCKS clients on ln until ctx ends, then closes ln and
@@ -130,12 +139,14 @@ func (s *Server) serve(ctx context.Context, ln net.Listener, handle func(net.Con
 
 // serveConn runs one client through go-socks5, which has no deadlines of
 // its own: the handshake deadline is lifted once the request is read (in
-// the rule check, which runs just before the dial).
+// the rule check, which runs just before the dial). A UDP ASSOCIATE is
+// taken before go-socks5 sees it (udp.go).
 func (s *Server) serveConn(c net.Conn) {
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
 	srv, err := socks5.New(&socks5.Config{
-		Resolver: keepNames{},
-		Rules:    rules{s: s, c: c},
+		Resolver:    keepNames{},
+		AuthMethods: []socks5.Authenticator{interceptor{s: s, c: c}},
+		Rules:       rules{s: s, c: c},
 		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			target, err := s.dial(ctx, c, network, addr)
 			if err != nil {

@@ -63,8 +63,8 @@ func startServer(t *testing.T, opts Options) string {
 	return ln.Addr().String()
 }
 
-// connect performs a SOCKS5 CONNECT and returns the reply code and conn.
-func connect(t *testing.T, proxy string, atyp byte, host string, port uint16) (byte, net.Conn) {
+// greet connects to proxy and negotiates no authentication.
+func greet(t *testing.T, proxy string) net.Conn {
 	t.Helper()
 	c, err := net.Dial("tcp", proxy)
 	if err != nil {
@@ -77,6 +77,13 @@ func connect(t *testing.T, proxy string, atyp byte, host string, port uint16) (b
 	if _, err := io.ReadFull(c, sel[:]); err != nil || sel != [2]byte{5, 0} {
 		t.Fatalf("method selection = %v, %v", sel, err)
 	}
+	return c
+}
+
+// connect performs a SOCKS5 CONNECT and returns the reply code and conn.
+func connect(t *testing.T, proxy string, atyp byte, host string, port uint16) (byte, net.Conn) {
+	t.Helper()
+	c := greet(t, proxy)
 	req := []byte{5, 1, 0, atyp}
 	if atyp == 3 {
 		req = append(req, byte(len(host)))

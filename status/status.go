@@ -26,6 +26,26 @@ type Status struct {
 	// Gateways are the listeners that carry connections to peers
 	// (GET /v1/gateways gives the same).
 	Gateways []Gateway `json:"gateways"`
+	// UDP is the datagrams carried through the tunnel.
+	UDP UDP `json:"udp"`
+}
+
+// UDP is what the tunnel carried of UDP: this party's associations'
+// datagrams to peers (sent) and their answers (received), and the peers'
+// datagrams to local ports here (served) and the answers (answered).
+// Payload bytes only; dropped counts datagrams by reason.
+type UDP struct {
+	Associations  int               `json:"associations"` // open here (SOCKS UDP ASSOCIATE, UDP gateways' clients)
+	PeerSockets   int               `json:"peer_sockets"` // peers' associations' sockets to local ports
+	Sent          uint64            `json:"sent"`
+	SentBytes     uint64            `json:"sent_bytes"`
+	Received      uint64            `json:"received"`
+	ReceivedBytes uint64            `json:"received_bytes"`
+	Served        uint64            `json:"served"`
+	ServedBytes   uint64            `json:"served_bytes"`
+	Answered      uint64            `json:"answered"`
+	AnsweredBytes uint64            `json:"answered_bytes"`
+	Dropped       map[string]uint64 `json:"dropped,omitempty"`
 }
 
 // Gateway is one gateway: a local listener whose connections go to a

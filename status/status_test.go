@@ -27,6 +27,8 @@ func TestJSONNames(t *testing.T) {
 		Gateways: []Gateway{{Proto: "tcp", Listen: "203.0.113.5:8443", PID: 2, Port: 8000, Label: "l", Source: "api", Public: true,
 			AllowFrom: []string{"203.0.113.0/24"}, ConnRate: 10, MaxConns: 256, IdleTimeout: "30m0s", Conns: 1, Open: 2,
 			BytesToPeer: 3, BytesFromPeer: 4, Rate: Rates{CurrentSent: 1}, Refused: map[string]uint64{"rate": 5}}},
+		UDP: UDP{Associations: 1, PeerSockets: 2, Sent: 3, SentBytes: 4, Received: 5, ReceivedBytes: 6, Served: 7, ServedBytes: 8,
+			Answered: 9, AnsweredBytes: 10, Dropped: map[string]uint64{"too_large": 11}},
 	}
 	const want = `{"study":"s","pid":1,"virtual_addr":"10.0.0.1","socks":"127.0.0.1:7080","external_addr":"192.0.2.1:4000","nat":"cone",` +
 		`"registry":{"url":"https://r","reachable":true,"published":true,"last_error":"e"},` +
@@ -43,7 +45,9 @@ func TestJSONNames(t *testing.T) {
 		`"gateways":[{"proto":"tcp","listen":"203.0.113.5:8443","pid":2,"port":8000,"label":"l","source":"api","public":true,` +
 		`"allow_from":["203.0.113.0/24"],"conn_rate":10,"max_conns":256,"idle_timeout":"30m0s","conns":1,"open":2,` +
 		`"bytes_to_peer":3,"bytes_from_peer":4,"rate":{"current_sent":1,"current_received":0,"average_sent":0,"average_received":0,"max_sent":0,"max_received":0},` +
-		`"refused":{"rate":5}}]}`
+		`"refused":{"rate":5}}],` +
+		`"udp":{"associations":1,"peer_sockets":2,"sent":3,"sent_bytes":4,"received":5,"received_bytes":6,"served":7,"served_bytes":8,` +
+		`"answered":9,"answered_bytes":10,"dropped":{"too_large":11}}}`
 	b, err := json.Marshal(s)
 	if err != nil {
 		t.Fatal(err)

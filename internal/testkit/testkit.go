@@ -1,5 +1,5 @@
 // Package testkit holds what tests of several packages need: local TCP
-// servers that end with the test, and a log sink that is safe to read while
+// servers (TCP, and a UDP echo) that end with the test, and a log sink that is safe to read while
 // it is written.
 package testkit
 
@@ -46,6 +46,30 @@ func Echo(t testing.TB) uint16 {
 		defer c.Close()
 		io.Copy(c, c)
 	})
+}
+
+// UDPEcho is a local UDP server on a free port of 127.0.0.1 that sends
+// each datagram back to its sender until the test ends; it returns the
+// port.
+func UDPEcho(t testing.TB) uint16 {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc.SetReadBuffer(4 << 20)
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 65535)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteToUDPAddrPort(buf[:n], from)
+		}
+	}()
+	return uint16(pc.LocalAddr().(*net.UDPAddr).Port)
 }
 
 // LogBuffer is a log sink whose text can be read while it is written.
