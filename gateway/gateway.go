@@ -409,6 +409,8 @@ const (
 	reasonMaxConns        // max_conns open
 	reasonTunnel          // the tunnel dial failed (or the peer refused)
 	numReasons
+	// reasonStopped: accepted as the gateway was removed (not counted).
+	reasonStopped = numReasons
 )
 
 var reasonNames = [numReasons]string{"source", "rate", "max_conns", "tunnel"}
@@ -472,6 +474,11 @@ func (m *Manager) serve(g *gw) {
 		}
 		tc := c.(*net.TCPConn)
 		if why, ok := g.admit(tc); !ok {
+			if why == reasonStopped {
+				tc.SetLinger(0)
+				tc.Close()
+				return
+			}
 			g.refused[why].Add(1)
 			m.log.Debug("gateway refused a connection", "gateway", g.key, "from", tc.RemoteAddr(), "reason", reasonNames[why])
 			tc.SetLinger(0)
@@ -491,6 +498,11 @@ func (g *gw) admit(c *net.TCPConn) (reason int, ok bool) {
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	select {
+	case <-g.stopped: // accepted as it was removed: stop did not see it
+		return reasonStopped, false
+	default:
+	}
 	if why, ok := g.allowLocked(src.Addr().Unmap(), len(g.conns)); !ok {
 		return why, false
 	}

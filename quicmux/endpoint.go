@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync/atomic"
 
 	"github.com/quic-go/quic-go"
 
@@ -21,12 +22,14 @@ import (
 // transactions. It hands each connectivity check to its peer.
 type endpoint struct {
 	relay  bool
-	server string         // the relay's name
-	addr   netip.AddrPort // the relayed address peers send to (a relay's)
-	conn   net.PacketConn
-	tr     *quic.Transport
-	ln     *quic.Listener
-	stun   *stun.Client // nil on a session
+	server string // the relay's name
+	// addr is the relayed address peers send to (a relay's; invalid until
+	// allocated): a *netip.AddrPort, replaced when the relay re-allocates.
+	addr atomic.Pointer[netip.AddrPort]
+	conn net.PacketConn
+	tr   *quic.Transport
+	ln   *quic.Listener
+	stun *stun.Client // nil on a session
 	// session, when not nil, is the peer relay session the endpoint runs
 	// on (peerrelay.go): its connections are with session.peer only.
 	session *sessionEnd
@@ -49,6 +52,15 @@ func (m *Mux) newEndpoint(conn net.PacketConn, relay bool, server string) (*endp
 		return nil, fmt.Errorf("quic listen: %w", err)
 	}
 	return ep, nil
+}
+
+// relayed is the relayed address peers send to (a relay's), invalid until
+// there is one.
+func (ep *endpoint) relayed() netip.AddrPort {
+	if a := ep.addr.Load(); a != nil {
+		return *a
+	}
+	return netip.AddrPort{}
 }
 
 // close closes the listener, the transport and the socket.

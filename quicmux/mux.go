@@ -82,9 +82,11 @@ type PeerInfo struct {
 // when no direct path works.
 type Relay struct {
 	// Conn sends and receives through the relay; the Mux it is given to
-	// closes it.
+	// closes it. A relay that re-allocates keeps one Conn across its
+	// allocations (relay.Renewing) and tells SetRelayAddr.
 	Conn net.PacketConn
-	// Addr is the relayed address peers send to (published as a candidate).
+	// Addr is the relayed address peers send to (published as a
+	// candidate); invalid while none is allocated.
 	Addr netip.AddrPort
 	// Server names the relay, for logs and status.
 	Server string
@@ -418,7 +420,9 @@ func newMux(pc net.PacketConn, relay *Relay, opts Options, tune tuning) (m *Mux,
 			m.main.tr.Close()
 			return nil, err
 		}
-		m.relay.addr = relay.Addr
+		if relay.Addr.IsValid() {
+			m.relay.addr.Store(&relay.Addr)
+		}
 	}
 	return m, nil
 }

@@ -564,7 +564,7 @@ func (p *peer) peerRelayDue(start time.Time) bool {
 		return false
 	}
 	p.mu.Lock()
-	turn := m.relay != nil || len(p.cands.relays()) > 0
+	turn := m.relayUp() || len(p.cands.relays()) > 0
 	p.mu.Unlock()
 	wait := m.opts.RelayDelay
 	if turn {
@@ -611,9 +611,9 @@ func (p *peer) sendChecks(relay bool) {
 		}
 	}
 	send(m.main, viaMain, targets)
-	if relay && m.relay != nil && p.relaySending.CompareAndSwap(false, true) {
+	if relay && m.relayUp() && p.relaySending.CompareAndSwap(false, true) {
 		select {
-		case m.relayQ <- relayChecks{p, func() { send(m.relay, viaRelay, relayTargets(m.relay.addr.Addr(), relays, targets)) }}:
+		case m.relayQ <- relayChecks{p, func() { send(m.relay, viaRelay, relayTargets(m.relay.relayed().Addr(), relays, targets)) }}:
 		default:
 			p.relaySending.Store(false)
 		}
@@ -692,7 +692,7 @@ func (p *peer) viaLocked(l *link) string {
 	case l.direct.Load():
 		return ""
 	case l.ep.session != nil:
-		return "peer " + strconv.Itoa(l.ep.session.via)
+		return l.ep.session.where()
 	case l.ep.relay:
 		return l.ep.server
 	case p.cands.isRelay(l.remote):

@@ -10,6 +10,8 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -254,6 +256,48 @@ func (m *Mux) relayable(pid int) *link {
 // relayRequest is R's side of a request from peer from for a session to
 // peer to: it offers it to `to`, and binds it when taken.
 func (m *Mux) relayRequest(ctx context.Context, from, to int, id sessionID) header.Status {
+	return m.relayHop(ctx, from, to, id, id.request(header.KindRelayOffer, from), nil)
+}
+
+// Routes of two relays. Where no single member reaches both A and B, the
+// dialer A asks a relay R1 it reaches for a session to B through a second
+// relay R2 (a KindRelayVia request, its Route naming R2 and A): R1 asks R2
+// in turn (its Route naming B and A), R2 offers B a session with A, as a
+// single relay does, and binds R1–B; R1 then binds A–R2. The session's id
+// is the same at every hop, each hop forwarding only between the two
+// parties it bound, over its own authenticated connections: every hop
+// sees the inner connection's ciphertext only, and B's handshake still
+// checks A's pin. A route has two relays at most: a request for a route
+// that comes from a relay (its origin is not the asker) must end at the
+// far end. The dialer finds a route by asking: after every single relay
+// it reaches has said it does not reach B, it asks each of them for each
+// other member as the second relay (maxRoutes a round).
+
+// maxRoutes bounds the two-relay routes a dialer asks for in one round.
+const maxRoutes = 16
+
+// relayVia is a relay's side of a KindRelayVia request from peer from for
+// its hop of a two-relay route to peer to.
+func (m *Mux) relayVia(ctx context.Context, from, to int, route header.Route, id sessionID) header.Status {
+	next, origin := int(route.Next), int(route.Origin)
+	switch {
+	case next == to && origin != from && origin != to && origin != m.opts.PID:
+		// The last relay: from is the relay before it.
+		return m.relayHop(ctx, from, to, id, id.request(header.KindRelayOffer, origin), nil)
+	case origin == from && next != to && next != from && next != m.opts.PID:
+		// The first relay: from is the party the session is for.
+		return m.relayHop(ctx, from, next, id, id.request(header.KindRelayVia, to),
+			header.Route{Next: uint16(to), Origin: uint16(from)}.Append(nil))
+	}
+	m.prelay.refused.Add(1)
+	m.quiet.Warn("route:"+strconv.Itoa(from), "peer asked for a relayed route that is not one of two relays ending at its far end: refused",
+		"peer", from, "to", to, "next", next, "origin", origin)
+	return header.StatusBadRequest
+}
+
+// relayHop binds a session between peers from and to, once `to` takes
+// req (an offer, or the next relay's hop, with its trailer) over a stream.
+func (m *Mux) relayHop(ctx context.Context, from, to int, id sessionID, req header.Request, trailer []byte) header.Status {
 	r := &m.prelay
 	refuse := func(st header.Status, why string) header.Status {
 		r.refused.Add(1)
@@ -279,9 +323,13 @@ func (m *Mux) relayRequest(ctx context.Context, from, to int, id sessionID) head
 	if taken {
 		return refuse(header.StatusBadRequest, "session id in use")
 	}
-	octx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
+	wait := m.opts.HandshakeTimeout
+	if req.Kind == header.KindRelayVia {
+		wait *= 2 // the next relay offers it in turn
+	}
+	octx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	str, rep, err := openStream(octx, lb.conn, id.request(header.KindRelayOffer, from))
+	str, rep, err := openStream(octx, lb.conn, req, trailer...)
 	if err != nil {
 		return refuse(header.StatusUnreachable, "offer failed: "+err.Error())
 	}
@@ -459,6 +507,10 @@ type sessionEnd struct {
 	closed    chan struct{}
 	closeOnce sync.Once
 	link      linkCache // to the relay
+	// route is the relays the dialer's end goes through, via first (set
+	// before its connection is installed); nil at the other end, which
+	// knows only via.
+	route []int
 	// handshakes bounds the inner handshakes it accepts.
 	handshakes *rate.Limiter
 
@@ -665,6 +717,18 @@ func (e *sessionEnd) Close() error {
 	return nil
 }
 
+// where names the relays of e: "peer 2", or "peer 2 → peer 4".
+func (e *sessionEnd) where() string {
+	if len(e.route) < 2 {
+		return "peer " + strconv.Itoa(e.via)
+	}
+	var s []string
+	for _, r := range e.route {
+		s = append(s, "peer "+strconv.Itoa(r))
+	}
+	return strings.Join(s, " → ")
+}
+
 func (e *sessionEnd) LocalAddr() net.Addr { return relayAddr{via: e.via, peer: e.m.opts.PID} }
 
 func (e *sessionEnd) remote() net.Addr { return relayAddr{via: e.via, peer: e.peer} }
@@ -717,7 +781,9 @@ func (m *Mux) relayOffer(via, peer int, id sessionID) header.Status {
 
 // dialViaPeers asks each peer that p's dialer reaches by its own path, the
 // nearest first, for a session to p, and dials p through the first that
-// gives one. It reports whether a connection is up.
+// gives one; failing that, it asks them for routes of two relays, through
+// the members it does not reach itself. It reports whether a connection
+// is up.
 func (p *peer) dialViaPeers(ctx context.Context) bool {
 	m := p.m
 	now := time.Now()
@@ -735,12 +801,14 @@ func (p *peer) dialViaPeers(ctx context.Context) bool {
 		rtt time.Duration
 	}
 	var hops []hop
+	reached := map[int]bool{}
 	for _, r := range m.peerList() {
 		if r.pid == p.pid {
 			continue
 		}
 		if l := m.relayable(r.pid); l != nil {
 			hops = append(hops, hop{r.pid, l, l.conn.ConnectionStats().SmoothedRTT})
+			reached[r.pid] = true
 		}
 	}
 	slices.SortFunc(hops, func(a, b hop) int { return int(a.rtt - b.rtt) })
@@ -749,34 +817,67 @@ func (p *peer) dialViaPeers(ctx context.Context) bool {
 			return false
 		}
 		id := newSessionID()
-		rctx, cancel := context.WithTimeout(ctx, 2*m.opts.HandshakeTimeout)
-		str, rep, err := openStream(rctx, h.l.conn, id.request(header.KindRelay, p.pid))
-		cancel()
-		if err == nil && rep.Status != header.StatusOK {
-			err = errors.New(rep.Status.String())
+		if p.dialThrough(ctx, ctx, pin, h.l, []int{h.pid}, id, id.request(header.KindRelay, p.pid), nil, 2*m.opts.HandshakeTimeout) {
+			return true
 		}
-		if err != nil {
-			p.log.Debug("no relayed session", "via", h.pid, "err", err)
-			continue
+	}
+	// Two relays: the first one we reach, the second one we do not (one
+	// we reach would have been a single relay above). The search as a
+	// whole is bounded, so that the connect loop's checks go on.
+	sctx, cancel := context.WithTimeout(ctx, 4*m.opts.HandshakeTimeout)
+	defer cancel()
+	tried := 0
+	for _, h := range hops {
+		for _, r2 := range m.peerList() {
+			if r2.pid == p.pid || reached[r2.pid] {
+				continue
+			}
+			if tried++; tried > maxRoutes || sctx.Err() != nil {
+				return false
+			}
+			id := newSessionID()
+			route := header.Route{Next: uint16(r2.pid), Origin: uint16(m.opts.PID)}
+			if p.dialThrough(ctx, sctx, pin, h.l, []int{h.pid, r2.pid}, id, id.request(header.KindRelayVia, p.pid), route.Append(nil), 3*m.opts.HandshakeTimeout) {
+				return true
+			}
 		}
-		endStream(str)
-		e, err := m.newSessionEnd(id, h.pid, p.pid)
-		if err != nil {
-			p.log.Debug("no relayed session", "via", h.pid, "err", err)
-			continue
-		}
-		dctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
-		conn, err := e.ep.tr.Dial(dctx, e.remote(), m.clientTLS(p.pid, pin), m.qcRelayed)
-		cancel()
-		if err != nil {
-			p.log.Debug("dial through a peer relay failed", "via", h.pid, "err", err)
-			e.Close()
-			continue
-		}
-		m.count.dialsOK.Add(1)
-		p.log.Info("reached through a peer relay", "via", h.pid, "relay_rtt", h.rtt)
-		p.installConn(ctx, conn, e.ep)
-		return true
 	}
 	return false
+}
+
+// dialThrough asks the relay on l for session id to p (req, with its
+// trailer, waiting at most wait for the answer), and dials p through it,
+// within ctx; route names the relays, l's first. The connection lives
+// within life. It reports whether a connection is up.
+func (p *peer) dialThrough(life, ctx context.Context, pin string, l *link, route []int, id sessionID, req header.Request, trailer []byte, wait time.Duration) bool {
+	m := p.m
+	rctx, cancel := context.WithTimeout(ctx, wait)
+	str, rep, err := openStream(rctx, l.conn, req, trailer...)
+	cancel()
+	if err == nil && rep.Status != header.StatusOK {
+		err = errors.New(rep.Status.String())
+	}
+	if err != nil {
+		p.log.Debug("no relayed session", "route", route, "err", err)
+		return false
+	}
+	endStream(str)
+	e, err := m.newSessionEnd(id, route[0], p.pid)
+	if err != nil {
+		p.log.Debug("no relayed session", "route", route, "err", err)
+		return false
+	}
+	e.route = route
+	dctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
+	conn, err := e.ep.tr.Dial(dctx, e.remote(), m.clientTLS(p.pid, pin), m.qcRelayed)
+	cancel()
+	if err != nil {
+		p.log.Debug("dial through a peer relay failed", "route", route, "err", err)
+		e.Close()
+		return false
+	}
+	m.count.dialsOK.Add(1)
+	p.log.Info("reached through a peer relay", "via", route[0], "route", e.where(), "relay_rtt", l.conn.ConnectionStats().SmoothedRTT)
+	p.installConn(life, conn, e.ep)
+	return true
 }

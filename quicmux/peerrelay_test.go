@@ -249,6 +249,44 @@ func TestHostileRelayMember(t *testing.T) {
 		}
 	}
 	roundTrip(t, s.a.m, 1, echo, 256<<10)
+
+	// Routes of two relays. Party 4 cannot be the first hop of a route
+	// for another party (its origin must be itself), nor ask the relay to
+	// go on past a second relay.
+	askVia := func(to int, route header.Route) (sessionID, header.Status) {
+		id := newSessionID()
+		str, rep, err := openStream(ctxTimeout(t, 15*time.Second), qc, id.request(header.KindRelayVia, to), route.Append(nil)...)
+		if err != nil {
+			t.Fatalf("hostile route request: %v", err)
+		}
+		if str != nil {
+			endStream(str)
+		}
+		return id, rep.Status
+	}
+	if _, st := askVia(1, header.Route{Next: 2, Origin: 0}); st != header.StatusBadRequest {
+		t.Errorf("a first hop for party 0 asked by party 4: %v; want bad request", st)
+	}
+	if _, st := askVia(1, header.Route{Next: 2, Origin: 4}); st == header.StatusOK {
+		t.Errorf("a route of three relays: %v; want it refused", st)
+	}
+	// As the last hop, claiming to relay for party 0, it gets a session
+	// to party 1 (the relay cannot check the claim), but party 1 takes
+	// from it only an inner handshake with party 0's key: junk through the
+	// session installs nothing, and party 0's own path is unharmed.
+	before1 := peerStats(s.b.m, 0)
+	id, st := askVia(1, header.Route{Next: 1, Origin: 0})
+	if st == header.StatusOK {
+		for range 50 {
+			d := append(append([]byte{dgRelay}, id[:]...), pieceWhole, 0, 0)
+			qc.SendDatagram(append(d, bytes.Repeat([]byte{0xc3}, 1200)...))
+		}
+		time.Sleep(time.Second)
+	}
+	if after := peerStats(s.b.m, 0); after.Via != before1.Via || after.Repairs != before1.Repairs {
+		t.Errorf("party 1's path to party 0 moved after party 4's claimed session: %+v, was %+v", after, before1)
+	}
+	roundTrip(t, s.a.m, 1, echo, 256<<10)
 }
 
 // TestRelayedPieces: a packet too large for the outer connection's
@@ -408,5 +446,83 @@ func TestRelayLimits(t *testing.T) {
 	}
 	if add(4, 99) {
 		t.Fatalf("party 4 holds more than %d sessions", peerSessions)
+	}
+}
+
+// TestPeerRelayTwoHops: party 0 reaches only party 2, party 1 only party
+// 3, and parties 2 and 3 reach each other: no single member reaches both
+// 0 and 1, so 0 reaches 1 through a route of two relays, 2 then 3, both
+// ways, every byte right; each relay counts its hop.
+func TestPeerRelayTwoHops(t *testing.T) {
+	short := func(o *Options) { o.RelayDelay = 300 * time.Millisecond }
+	var fa, fb *testkit.FilterConn
+	a := startPartyConf(t, 0, partyConf{allow: allowAll, adjust: short, pc: func() *testkit.FilterConn {
+		fa = testkit.NewFilterConn(listenLoopback(t))
+		return fa
+	}()})
+	b := startPartyConf(t, 1, partyConf{allow: allowAll, adjust: short, pc: func() *testkit.FilterConn {
+		fb = testkit.NewFilterConn(listenLoopback(t))
+		return fb
+	}()})
+	r1 := startPartyWith(t, 2, nil, allowAll, short)
+	r2 := startPartyWith(t, 3, nil, allowAll, short)
+	fa.Drop(b.m.LocalAddr(), true)
+	fa.Drop(r2.m.LocalAddr(), true)
+	fb.Drop(r1.m.LocalAddr(), true)
+	introduce(a, b, r1, r2)
+	ps := waitPath(t, a.m, 1, PathPeerRelayed)
+	if ps.Via != "peer 2 → peer 3" {
+		t.Errorf("dialer's stats = %+v; want relayed via peer 2 → peer 3", ps)
+	}
+	echo := halfCloseEcho(t)
+	roundTrip(t, a.m, 1, echo, 1<<20)
+	roundTrip(t, b.m, 0, echo, 1<<20)
+	if ps := waitPath(t, b.m, 0, PathPeerRelayed); ps.Via != "peer 3" {
+		t.Errorf("acceptor's stats = %+v; want relayed via peer 3 (its own hop)", ps)
+	}
+	for _, r := range []*testParty{r1, r2} {
+		var carried uint64
+		for _, s := range r.m.Stats().PeerRelay.Relaying {
+			if s.BytesAB+s.BytesBA >= 2<<20 {
+				carried = s.BytesAB + s.BytesBA
+			}
+		}
+		if carried == 0 {
+			t.Errorf("relay %d's stats = %+v; want a session carrying the 4 MiB", r.info.PID, r.m.Stats().PeerRelay)
+		}
+	}
+}
+
+// TestRoutesAreBounded: a relay refuses a route request that is not the
+// first or the last hop of a route of two relays ending at its far end:
+// one that came from a relay and asks to go on (three relays or more), and
+// one whose origin is the relay itself.
+func TestRoutesAreBounded(t *testing.T) {
+	s := newRelayScene(t, 1, nil)
+	roundTrip(t, s.a.m, 1, halfCloseEcho(t), 1024) // the relay is connected to both
+	r := s.relays[0]
+	l := s.a.m.relayable(2)
+	if l == nil {
+		t.Fatal("party 0 has no connection to the relay of its own")
+	}
+	for _, tc := range []struct {
+		name  string
+		route header.Route
+	}{
+		{"a middle hop asked to go on", header.Route{Next: 1, Origin: 1}},
+		{"origin not the asker, next not the far end", header.Route{Next: 3, Origin: 5}},
+		{"origin the relay", header.Route{Next: 1, Origin: 2}},
+		{"next the asker", header.Route{Next: 0, Origin: 0}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			id := newSessionID()
+			_, rep, err := openStream(ctxTimeout(t, 10*time.Second), l.conn, id.request(header.KindRelayVia, 1), tc.route.Append(nil)...)
+			if err == nil && rep.Status == header.StatusOK {
+				t.Errorf("route %+v to party 1 was taken", tc.route)
+			}
+		})
+	}
+	if rs := r.m.Stats().PeerRelay; rs.Sessions != 1 {
+		t.Errorf("relay sessions = %d; want only the first one", rs.Sessions)
 	}
 }

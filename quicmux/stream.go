@@ -76,7 +76,7 @@ func (m *Mux) Ping(ctx context.Context, pid int) (rtt time.Duration, path PathKi
 	endStream(str)
 	where = l.remote.String()
 	if s := l.ep.session; s != nil {
-		where = "peer " + strconv.Itoa(s.via)
+		where = s.where()
 	}
 	return rtt, kind, where, nil
 }
@@ -149,8 +149,9 @@ func connectionDead(conn *quic.Conn, err error) bool {
 
 // openStream opens a stream and exchanges the request and reply. It does
 // not wait for the peer to allow more streams: past the limit it fails at
-// once with ErrTooManyConns. A reply other than OK closes the stream.
-func openStream(ctx context.Context, conn *quic.Conn, r header.Request) (*quic.Stream, header.Reply, error) {
+// once with ErrTooManyConns. A reply other than OK closes the stream. The
+// trailer, if any, follows the request (a KindRelayVia's Route).
+func openStream(ctx context.Context, conn *quic.Conn, r header.Request, trailer ...byte) (*quic.Stream, header.Reply, error) {
 	str, err := conn.OpenStream()
 	if err != nil {
 		if _, ok := errors.AsType[*quic.StreamLimitReachedError](err); ok {
@@ -169,7 +170,7 @@ func openStream(ctx context.Context, conn *quic.Conn, r header.Request) (*quic.S
 	})
 	var hdr [header.ReplyLen]byte
 	var reply header.Reply
-	_, err = str.Write(r.Append(nil))
+	_, err = str.Write(append(r.Append(nil), trailer...))
 	if err == nil {
 		_, err = io.ReadFull(str, hdr[:])
 	}
@@ -289,6 +290,19 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 		return
 	case req.Kind == header.KindRelay:
 		reply(header.Reply{Status: m.relayRequest(ctx, pid, int(req.Port), sessionOf(req))})
+		endStream(str)
+		return
+	case req.Kind == header.KindRelayVia:
+		var rb [header.RouteLen]byte
+		str.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err := io.ReadFull(str, rb[:])
+		str.SetReadDeadline(time.Time{})
+		route, perr := header.ParseRoute(rb[:])
+		if err != nil || perr != nil {
+			reply(header.Reply{Status: header.StatusBadRequest})
+			return
+		}
+		reply(header.Reply{Status: m.relayVia(ctx, pid, int(req.Port), route, sessionOf(req))})
 		endStream(str)
 		return
 	case req.Kind == header.KindRelayOffer:

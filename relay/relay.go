@@ -140,6 +140,11 @@ type Allocation struct {
 	Conn   net.PacketConn
 	Addr   netip.AddrPort // the relayed address peers send to
 	Server string         // the URL of the server
+
+	client *turn.Client
+	// mapped is the address the server saw the client's socket come from
+	// when it allocated (invalid if it did not say): Renewing compares.
+	mapped netip.AddrPort
 }
 
 // Allocate tries each server in turn and returns the first allocation.
@@ -244,11 +249,14 @@ func allocate(ctx context.Context, u URL, opts Options) (*Allocation, error) {
 		return nil, fmt.Errorf("allocate: relayed address %v is not UDP", r.pc.LocalAddr())
 	}
 	ap := ua.AddrPort()
-	return &Allocation{
+	a := &Allocation{
 		Conn:   &allocConn{PacketConn: r.pc, client: client, base: base},
 		Addr:   netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()),
 		Server: u.String(),
-	}, nil
+		client: client,
+	}
+	a.mapped, _ = a.check(ctx)
+	return a, nil
 }
 
 // allocConn closes the allocation, the client and its connection together.

@@ -2,7 +2,9 @@ package relay
 
 import (
 	"context"
+	"fmt"
 	"net"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -126,4 +128,50 @@ func FuzzParseRelayURL(f *testing.F) {
 			t.Errorf("ParseURL(%q).String() = %q parses back as %+v, %v", s, u, again, err)
 		}
 	})
+}
+
+// TestRenewing: a Renewing whose server is not up at start allocates once
+// it is, and allocates again when the server restarts (its TCP connection
+// resets and the old allocation is gone), telling OnChange each time; the
+// same socket carries through each allocation.
+func TestRenewing(t *testing.T) {
+	port := relaytest.FreePort(t)
+	u, err := ParseURL(fmt.Sprintf("turn:127.0.0.1:%d?transport=tcp", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := NewRenewing(nil, Options{URLs: []URL{u}, User: "party", Password: "relay-password", Timeout: 2 * time.Second})
+	defer r.Close()
+	changed := make(chan netip.AddrPort, 4)
+	r.OnChange = func(a netip.AddrPort, _ string) { changed <- a }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	if _, err := r.WriteTo([]byte("lost"), &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 9}); err != nil {
+		t.Errorf("a write with no allocation = %v; want it dropped quietly", err)
+	}
+	wait := func(what string) netip.AddrPort {
+		t.Helper()
+		select {
+		case a := <-changed:
+			return a
+		case <-time.After(40 * time.Second):
+			t.Fatalf("no allocation %s", what)
+		}
+		return netip.AddrPort{}
+	}
+	c := relaytest.Start(t, relaytest.Options{Port: port})
+	first := wait("once the server is up")
+	exchange(t, &Allocation{Conn: r, Addr: first})
+	c.Stop()
+	relaytest.Start(t, relaytest.Options{Port: port})
+	second := wait("after the server restarted")
+	if r.Current() == nil || r.Current().Addr != second {
+		t.Errorf("current allocation %v; want the one told, %v", r.Current(), second)
+	}
+	exchange(t, &Allocation{Conn: r, Addr: second})
 }

@@ -7,8 +7,9 @@
 # few seconds in, and both must complete with no byte lost or repeated and
 # no line dropped. The repair time of each fault is printed.
 #
-#   the direct path blocked for good (the relay carries on), then the relay
-#   dies while the direct path is back
+#   the direct path blocked for good (the relay carries on), then, while
+#   relayed, the NAT of the TURN client rebinds (it allocates again), then
+#   the relay dies while the direct path is back
 #   the dialing party's NAT rebinds (new port range, mappings flushed)
 #   the accepting party's NAT rebinds
 #   the dialing party's router gets a new WAN address
@@ -94,10 +95,19 @@ run() {
 run "none (baseline)" true
 check_status 0 2 "'direct'"
 
-# The relay first, while the allocations are fresh: a NAT rebinding also
-# moves the TURN client's mapping, which ends its allocation (see README).
+# The relay first. Then, while relayed, party 0's NAT rebinds: it moves
+# the TURN client's socket too, whose allocation the server no longer
+# knows; party 0 allocates again, publishes the new relayed address, and
+# the transfer completes over it (docs/connections.md).
 BLOCK="-p udp -d 203.0.113.21 -j DROP"
 run "the direct path blocked for good (relay available)" "ip netns exec $r0 iptables -I FORWARD 1 $BLOCK"
+check_status 0 2 "'relayed'"
+run "the TURN client's NAT rebinds while relayed" \
+	"ip netns exec $r0 iptables -t nat -I POSTROUTING 1 -o wan -p udp -j MASQUERADE --to-ports 42000-42999; ip netns exec $r0 conntrack -D -p udp >/dev/null 2>&1 || true"
+if grep 'msg="relay allocation lost; allocating again"' "$DIR/p0.log" | grep -q 'NAT rebound'; then
+	log "  party 0 allocated again: $(grep 'msg="relay allocated"' "$DIR/p0.log" | tail -1 | grep -o 'addr=[^ ]*')"
+	pass
+else fail "party 0 did not notice its TURN allocation lost to the NAT rebinding"; fi
 check_status 0 2 "'relayed'"
 TURN_PID=$(cat "$DIR/turn.pid")
 run "the relay dies while relayed, the direct path back" \

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -52,6 +53,23 @@ func (l *local) setMapping(m stun.Mapping) {
 	l.entry.NAT = m.NAT
 	l.mu.Unlock()
 	l.log.Info("external address learned", "addr", m.Addr, "nat", m.NAT)
+	select {
+	case l.kick <- struct{}{}:
+	default:
+	}
+}
+
+// setRelay records a new relayed address, to be published at once.
+func (l *local) setRelay(addr netip.AddrPort) {
+	l.mu.Lock()
+	cands := []registry.Candidate{{Kind: registry.KindRelay, Addr: addr}}
+	for _, c := range l.entry.Candidates {
+		if c.Kind != registry.KindRelay {
+			cands = append(cands, c)
+		}
+	}
+	l.entry.Candidates = cands
+	l.mu.Unlock()
 	select {
 	case l.kick <- struct{}{}:
 	default:

@@ -101,7 +101,7 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 			adminLn.Close()
 		}
 	}
-	rl, err := allocateRelay(ctx, cfg, log)
+	rl, renewing, err := allocateRelay(ctx, cfg, log)
 	if err != nil {
 		closeListeners()
 		return err
@@ -167,8 +167,16 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		addrs: config.AddrPolicy{Loopback: config.IsLoopbackHost(cfg.Registry.Hostname()), Virtual: cfg.PeersCIDR},
 		entry: registry.Entry{PID: cfg.PID, Pin: id.Pin, CheckKey: checkKey.Public(), Instance: identity.NewInstance(),
 			NAT: stun.NATUnknown, AllowPorts: cfg.AllowPorts.String()}}
-	if rl != nil {
+	if rl != nil && rl.Addr.IsValid() {
 		self.entry.Candidates = []registry.Candidate{{Kind: registry.KindRelay, Addr: rl.Addr}}
+	}
+	if renewing != nil {
+		// A new allocation (the old one lost, or the first one late) is
+		// sent from and published at once.
+		renewing.OnChange = func(addr netip.AddrPort, server string) {
+			mux.SetRelayAddr(addr, server)
+			self.setRelay(addr)
+		}
 	}
 	policy := &peerPolicy{ports: make(map[int]config.PortSet)}
 	var symmetricWarned atomic.Bool // once a run
@@ -211,6 +219,9 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return mux.Run(gctx) })
+	if renewing != nil {
+		g.Go(func() error { return renewing.Run(gctx) })
+	}
 	g.Go(func() error { return ka.Run(gctx) })
 	g.Go(func() error {
 		return disc.Run(gctx, self.snapshot, self.kick, func(v []registry.Entry) { apply(v, cfg.PID, mux, policy) })
@@ -315,24 +326,31 @@ func warnSymmetric(log *slog.Logger, noPeerRelay bool) {
 }
 
 // allocateRelay gets a relayed address from the first --relay that gives
-// one. Without one the sidecar still runs (direct paths only), and says so.
-func allocateRelay(ctx context.Context, cfg *config.Sidecar, log *slog.Logger) (*quicmux.Relay, error) {
+// one, kept allocated by the Renewing it returns (run it): a lost
+// allocation is made again, and so is one that failed here. Until then
+// the sidecar runs with direct paths and peer relays, and says so.
+func allocateRelay(ctx context.Context, cfg *config.Sidecar, log *slog.Logger) (*quicmux.Relay, *relay.Renewing, error) {
 	if len(cfg.Relays) == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
 	o, err := relayOptions(cfg.RelayFlags, log)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	actx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	a, err := relay.Allocate(actx, o)
+	rl := &quicmux.Relay{Server: cfg.Relays[0]}
 	if err != nil {
-		log.Warn("no relay allocated: parties that no direct path reaches go through a peer relay, or stay unreachable", "err", err)
-		return nil, nil
+		log.Warn("no relay allocated yet (trying again in the background): parties that no direct path reaches go through a peer relay meanwhile, or stay unreachable", "err", err)
+		a = nil
+	} else {
+		log.Info("relay allocated", "relay", a.Server, "addr", a.Addr)
+		rl.Addr, rl.Server = a.Addr, a.Server
 	}
-	log.Info("relay allocated", "relay", a.Server, "addr", a.Addr)
-	return &quicmux.Relay{Conn: a.Conn, Addr: a.Addr, Server: a.Server}, nil
+	r := relay.NewRenewing(a, o)
+	rl.Conn = r
+	return rl, r, nil
 }
 
 // relayOptions are the relay package's options for cfg: its URLs, and

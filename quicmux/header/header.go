@@ -45,7 +45,34 @@ const (
 	// party port, relayed by the opener (quicmux's peerrelay.go).
 	KindRelay      Kind = 5
 	KindRelayOffer Kind = 6
+	// KindRelayVia asks the acceptor for its hop of a route of two relays
+	// to party port (flow and rcvd: the session's id); a Route follows the
+	// request on the stream.
+	KindRelayVia Kind = 7
 )
+
+// RouteLen is the size of a Route.
+const RouteLen = 4
+
+// Route follows a KindRelayVia request: Next is the relay after the
+// acceptor (the far end itself when the acceptor is the last relay), and
+// Origin the party the session is for.
+type Route struct {
+	Next, Origin uint16
+}
+
+// Append appends r's encoding to b.
+func (r Route) Append(b []byte) []byte {
+	return binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint16(b, r.Next), r.Origin)
+}
+
+// ParseRoute reads a Route.
+func ParseRoute(b []byte) (Route, error) {
+	if len(b) < RouteLen {
+		return Route{}, io.ErrUnexpectedEOF
+	}
+	return Route{Next: binary.BigEndian.Uint16(b[0:2]), Origin: binary.BigEndian.Uint16(b[2:4])}, nil
+}
 
 // Request is a stream's header.
 type Request struct {
@@ -136,7 +163,7 @@ func ParseRequest(b []byte) (Request, error) {
 	}
 	r := Request{Kind: Kind(b[1]), Port: binary.BigEndian.Uint16(b[2:4]),
 		Flow: binary.BigEndian.Uint64(b[4:12]), Rcvd: binary.BigEndian.Uint64(b[12:20])}
-	if r.Kind > KindRelayOffer {
+	if r.Kind > KindRelayVia {
 		return Request{}, fmt.Errorf("%w %d", ErrKind, b[1])
 	}
 	return r, nil

@@ -81,3 +81,16 @@ func FuzzParseReply(f *testing.F) {
 		}
 	})
 }
+
+func FuzzParseRoute(f *testing.F) {
+	f.Add(Route{Next: 2, Origin: 0}.Append(nil))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := ParseRoute(b)
+		if err != nil {
+			return
+		}
+		if r2, err := ParseRoute(r.Append(nil)); err != nil || r2 != r {
+			t.Errorf("round trip of %+v = %+v, %v", r, r2, err)
+		}
+	})
+}

@@ -29,12 +29,16 @@ type Coturn struct {
 	Secret  string // set when started with the REST scheme
 	RootCAs *x509.CertPool
 	Log     string // path of its log
+	cmd     *exec.Cmd
 }
 
 // Options for Start.
 type Options struct {
 	// Secret selects coturn's shared-secret (REST) scheme instead of a user.
 	Secret string
+	// Port, when not zero, is the UDP and TCP port (to start a server
+	// again where one stopped); zero picks a free one.
+	Port uint16
 }
 
 // Start runs turnserver on 127.0.0.1 until the test ends, relaying to
@@ -46,7 +50,11 @@ func Start(t *testing.T, o Options) *Coturn {
 		t.Skip("turnserver (Debian package coturn) is not installed: apt-get install coturn")
 	}
 	dir := t.TempDir()
-	c := &Coturn{Port: freePort(t), TLSPort: freePort(t), User: "party", Pass: "relay-password", Secret: o.Secret,
+	port := o.Port
+	if port == 0 {
+		port = freePort(t)
+	}
+	c := &Coturn{Port: port, TLSPort: freePort(t), User: "party", Pass: "relay-password", Secret: o.Secret,
 		Log: filepath.Join(dir, "turn.log")}
 	cert, key, pool := testCert(t, dir)
 	c.RootCAs = pool
@@ -64,10 +72,8 @@ func Start(t *testing.T, o Options) *Coturn {
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start turnserver: %v", err)
 	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
+	c.cmd = cmd
+	t.Cleanup(c.Stop)
 	for range 100 {
 		if conn, err := net.Dial("tcp", c.Addr()); err == nil {
 			conn.Close()
@@ -79,6 +85,17 @@ func Start(t *testing.T, o Options) *Coturn {
 	t.Fatalf("turnserver did not come up:\n%s", log)
 	return nil
 }
+
+// Stop kills the server (its allocations die with it); safe to call twice.
+func (c *Coturn) Stop() {
+	if c.cmd.ProcessState == nil {
+		c.cmd.Process.Kill()
+		c.cmd.Wait()
+	}
+}
+
+// FreePort is a port free for UDP and TCP on 127.0.0.1 now.
+func FreePort(t *testing.T) uint16 { return freePort(t) }
 
 // Addr is the TURN address for UDP and TCP.
 func (c *Coturn) Addr() string { return fmt.Sprintf("127.0.0.1:%d", c.Port) }

@@ -1,0 +1,292 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"sfkit-proxy/backoff"
+)
+
+// A TURN allocation belongs to the 5-tuple it was made from: when the
+// client's own NAT rebinds (a new external port or address for its
+// socket), the server no longer knows the client's packets, the
+// allocation stops carrying anything, and it cannot be refreshed. Renewing
+// notices and makes a new one: every CheckInterval it asks the server
+// (a STUN Binding through the same socket) what address it sees, and it
+// allocates again when that address changed, when two checks in a row get
+// no answer, or when the socket fails (a TURN-over-TCP connection reset).
+// Until one succeeds it retries with backoff, so a relay that is down at
+// start is allocated once it is up. The new relayed address is told to
+// OnChange (the sidecar publishes it; the Mux sends its checks from it),
+// and the connections over the old one move, as on any path change.
+
+// CheckInterval is how often Renewing asks the server what it sees.
+const CheckInterval = 2 * time.Second
+
+// checkTimeout bounds one check's answer.
+const checkTimeout = 2 * time.Second
+
+// Renewing is a relayed socket that outlives its allocations: a
+// net.PacketConn over the current one, whose reads go on across a
+// replacement. Run keeps it allocated; Close releases it.
+type Renewing struct {
+	opts Options
+	log  *slog.Logger
+	// OnChange, if set before Run, is told each new relayed address.
+	OnChange func(addr netip.AddrPort, server string)
+	dead     chan struct{} // a token when a read found the allocation's socket failed
+	done     chan struct{} // closed by Close
+
+	mu       sync.Mutex  // guards cur, swapped, closed and deadline
+	cur      *Allocation // nil until one is allocated
+	swapped  chan struct{}
+	closed   bool
+	deadline time.Time // the last read deadline set
+}
+
+// NewRenewing returns a Renewing over a, which may be nil (none could be
+// allocated yet: Run tries again). It takes a: Close closes it.
+func NewRenewing(a *Allocation, opts Options) *Renewing {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Renewing{opts: opts, log: opts.Logger.With("component", "relay"), cur: a, swapped: make(chan struct{}),
+		dead: make(chan struct{}, 1), done: make(chan struct{})}
+}
+
+// Current is the allocation now, nil while there is none.
+func (r *Renewing) Current() *Allocation {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cur
+}
+
+// Run checks the allocation every CheckInterval and replaces it when it
+// is lost, until ctx ends or Close.
+func (r *Renewing) Run(ctx context.Context) error {
+	t := time.NewTicker(CheckInterval)
+	defer t.Stop()
+	misses := 0
+	for {
+		why := ""
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-r.done:
+			return nil
+		case <-r.dead:
+			why = "its socket failed"
+		case <-t.C:
+			a := r.Current()
+			if a == nil {
+				why = "none was allocated yet"
+				break
+			}
+			mapped, err := a.check(ctx)
+			if err == nil && !a.mapped.IsValid() {
+				a.mapped = mapped // the first answer, when allocating had none
+			}
+			switch {
+			case err == nil && a.mapped.IsValid() && mapped != a.mapped:
+				why = "this party's NAT rebound its socket (" + a.mapped.String() + " is now " + mapped.String() + ")"
+			case err != nil:
+				if misses++; misses >= 2 {
+					why = "the server did not answer two checks"
+				}
+			default:
+				misses = 0
+			}
+		}
+		if why == "" {
+			continue
+		}
+		misses = 0
+		if err := r.renew(ctx, why); err != nil {
+			return nil // closed, or ctx ended
+		}
+	}
+}
+
+// renew allocates again, with backoff until it succeeds, and swaps.
+func (r *Renewing) renew(ctx context.Context, why string) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // ends the goroutine below
+	go func() {
+		select {
+		case <-r.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	old := r.Current()
+	if old != nil {
+		r.log.Warn("relay allocation lost; allocating again", "relay", old.Server, "addr", old.Addr, "why", why)
+	}
+	b := backoff.Backoff{Min: time.Second, Max: 30 * time.Second}
+	for {
+		a, err := Allocate(ctx, r.opts)
+		if err == nil {
+			r.swap(a)
+			r.log.Info("relay allocated", "relay", a.Server, "addr", a.Addr)
+			if r.OnChange != nil {
+				r.OnChange(a.Addr, a.Server)
+			}
+			return nil
+		}
+		if werr := b.Wait(ctx); werr != nil {
+			return werr
+		}
+	}
+}
+
+// swap makes a the current allocation and releases the old one, whose
+// blocked read then goes on on a.
+func (r *Renewing) swap(a *Allocation) {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		a.Conn.Close()
+		return
+	}
+	old := r.cur
+	r.cur = a
+	if !r.deadline.IsZero() {
+		a.Conn.SetReadDeadline(r.deadline)
+	}
+	close(r.swapped)
+	r.swapped = make(chan struct{})
+	r.mu.Unlock()
+	if old != nil {
+		old.Conn.Close()
+	}
+}
+
+// ReadFrom reads from the current allocation, across replacements.
+func (r *Renewing) ReadFrom(b []byte) (int, net.Addr, error) {
+	for {
+		r.mu.Lock()
+		a, swapped, closed := r.cur, r.swapped, r.closed
+		r.mu.Unlock()
+		if closed {
+			return 0, nil, net.ErrClosed
+		}
+		if a != nil {
+			n, from, err := a.Conn.ReadFrom(b)
+			var ne net.Error
+			if err == nil || errors.As(err, &ne) && ne.Timeout() {
+				return n, from, err
+			}
+			if r.Current() != a {
+				continue // replaced while this read waited
+			}
+			select {
+			case r.dead <- struct{}{}:
+			default:
+			}
+		}
+		select {
+		case <-swapped:
+		case <-r.done:
+			return 0, nil, net.ErrClosed
+		}
+	}
+}
+
+// WriteTo writes through the current allocation; with none, the packet
+// is lost, as on a path that is down.
+func (r *Renewing) WriteTo(b []byte, to net.Addr) (int, error) {
+	a := r.Current()
+	if a == nil {
+		return len(b), nil
+	}
+	return a.Conn.WriteTo(b, to)
+}
+
+// Close releases the allocation; reads and Run end. It is safe to call
+// twice.
+func (r *Renewing) Close() error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil
+	}
+	r.closed = true
+	close(r.done)
+	a := r.cur
+	r.mu.Unlock()
+	if a != nil {
+		return a.Conn.Close()
+	}
+	return nil
+}
+
+// LocalAddr is the current relayed address (0.0.0.0:0 with none).
+func (r *Renewing) LocalAddr() net.Addr {
+	if a := r.Current(); a != nil {
+		return net.UDPAddrFromAddrPort(a.Addr)
+	}
+	return &net.UDPAddr{IP: net.IPv4zero}
+}
+
+func (r *Renewing) SetDeadline(t time.Time) error {
+	r.SetWriteDeadline(t)
+	return r.SetReadDeadline(t)
+}
+
+func (r *Renewing) SetReadDeadline(t time.Time) error {
+	r.mu.Lock()
+	r.deadline = t
+	a := r.cur
+	r.mu.Unlock()
+	if a != nil {
+		return a.Conn.SetReadDeadline(t)
+	}
+	return nil
+}
+
+func (r *Renewing) SetWriteDeadline(t time.Time) error {
+	if a := r.Current(); a != nil {
+		return a.Conn.SetWriteDeadline(t)
+	}
+	return nil
+}
+
+// check asks the server what address it sees this allocation's socket
+// come from.
+func (a *Allocation) check(ctx context.Context) (netip.AddrPort, error) {
+	if a.client == nil {
+		return netip.AddrPort{}, errors.New("no client")
+	}
+	type result struct {
+		addr net.Addr
+		err  error
+	}
+	ch := make(chan result, 1)
+	go func() { // pion's transaction has no ctx; it ends when its retries do or the client closes
+		addr, err := a.client.SendBindingRequest()
+		ch <- result{addr, err}
+	}()
+	t := time.NewTimer(checkTimeout)
+	defer t.Stop()
+	select {
+	case res := <-ch:
+		if res.err != nil {
+			return netip.AddrPort{}, res.err
+		}
+		ua, ok := res.addr.(*net.UDPAddr)
+		if !ok {
+			return netip.AddrPort{}, errors.New("binding answer is not a UDP address")
+		}
+		ap := ua.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+	case <-t.C:
+		return netip.AddrPort{}, errors.New("no answer to a binding check")
+	case <-ctx.Done():
+		return netip.AddrPort{}, ctx.Err()
+	}
+}
