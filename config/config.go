@@ -721,6 +721,9 @@ type Netcheck struct {
 	UDPListen netip.AddrPort
 	RelayFlags
 	JSON bool
+	// Admin is the running sidecar's management API, asked for its peers
+	// (what each published of its NAT, and its path now); "" asks none.
+	Admin string
 }
 
 // ParseNetcheck reads netcheck's flags: the sidecar's STUN, UDP and relay
@@ -732,8 +735,9 @@ func ParseNetcheck(args []string, out io.Writer) (*Netcheck, error) {
 	udp := fs.String("udp-listen", "0.0.0.0:0", "UDP address to check from")
 	relayFl := addRelayFlags(fs)
 	jsonOut := fs.Bool("json", false, "print JSON")
+	admin := fs.String("admin-listen", DefaultAdminListen, "the running sidecar's management API, asked for its peers (off: none)")
 	_ = fs.String("config", "", "the sidecar's config file")
-	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy netcheck [flags]\n\nTells what this network lets the sidecar do: the NAT's mapping behaviour (from two STUN servers),\nwhether UDP gets out, whether the TURN relays answer, and what paths to expect to peers.")
+	fs.Usage = Usage(fs, out, EnvPrefix, "sfkit-proxy netcheck [flags]\n\nTells what this network lets the sidecar do: the NAT's mapping behaviour (from two STUN servers),\nwhether UDP gets out, whether the TURN relays answer, and what paths to expect to peers: by their\nkind, and, when the sidecar runs, to each of its peers, with the path it has now.")
 	if err := ParseFlags(fs, args, ff.WithEnvVarPrefix(EnvPrefix), ff.WithConfigFileFlag("config"),
 		ff.WithConfigFileParser(ff.PlainParser), ff.WithIgnoreUndefined(true)); err != nil {
 		return nil, err
@@ -741,6 +745,9 @@ func ParseNetcheck(args []string, out io.Writer) (*Netcheck, error) {
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
 	c := &Netcheck{STUN: stunList(bad), RelayFlags: relayFl(bad), JSON: *jsonOut}
+	if *admin != "off" {
+		c.Admin = *admin
+	}
 	var err error
 	if c.UDPListen, err = netip.ParseAddrPort(*udp); err != nil {
 		bad("--udp-listen %q: want IP:PORT, e.g. 0.0.0.0:0", *udp)

@@ -76,6 +76,9 @@ type PeerInfo struct {
 	Candidates []netip.AddrPort
 	// Relays are the candidates that are relayed addresses.
 	Relays []netip.AddrPort
+	// NAT is the mapping behaviour the peer published (stun.NAT*, or
+	// "none" for a public address), for status; "" when unknown.
+	NAT string
 }
 
 // Relay is a relayed allocation (a TURN allocation) to reach peers through

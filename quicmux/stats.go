@@ -49,6 +49,7 @@ type PeerStats struct {
 	State      State
 	Path       PathKind // of the path in use, PathNone when not connected
 	Via        string   // the relay, when relayed
+	NAT        string   // what the peer published of its NAT (PeerInfo.NAT)
 	RemoteAddr netip.AddrPort
 	RTT        time.Duration
 	// PacketSize is the largest QUIC packet its connection sends now, in
@@ -231,7 +232,7 @@ func (p *peer) stats(now time.Time) PeerStats {
 	pf.mu.Unlock()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	ps := PeerStats{PID: p.pid, State: p.path.state, StateSince: p.path.since,
+	ps := PeerStats{PID: p.pid, State: p.path.state, StateSince: p.path.since, NAT: p.info.NAT,
 		Repairs: p.repairs, LastRepair: p.lastRepair, LastRepairReason: p.repairWhy, Waiting: waiting}
 	if p.lastErr != nil {
 		ps.LastError = p.lastErr.Error()
@@ -274,7 +275,7 @@ func (m *Mux) UpdateStatus(s *status.Status) {
 	s.PeerRelay = st.PeerRelay
 	s.Socket = st.Socket
 	for _, p := range st.Peers {
-		sp := status.Peer{PID: p.PID, State: p.State.String(), Via: p.Via, RTTMillis: float64(p.RTT.Microseconds()) / 1000, PacketSize: p.PacketSize,
+		sp := status.Peer{PID: p.PID, State: p.State.String(), Via: p.Via, NAT: p.NAT, RTTMillis: float64(p.RTT.Microseconds()) / 1000, PacketSize: p.PacketSize,
 			OpenConns: p.OpenConns, QUICConns: p.QUICConns, WaitingConns: p.Waiting, BytesSent: p.BytesSent, BytesReceived: p.BytesRecv,
 			LastError: p.LastError, Repairs: p.Repairs, LastRepairSeconds: p.LastRepair.Seconds(), LastRepairReason: p.LastRepairReason,
 			Rate: status.Rates{CurrentSent: p.RateSent, CurrentReceived: p.RateRecv, AverageSent: p.AvgSent,

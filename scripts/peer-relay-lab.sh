@@ -23,6 +23,8 @@
 # (docs/gateways.md's commands), until it removes it, and proves its address
 # reachable with TCP and UDP probes; UDP goes through the tunnel from SOCKS5
 # UDP ASSOCIATE and through a public UDP gateway, 10,000 datagrams each.
+# With firewalls that let party 0 reach only party 3 and party 1 only
+# party 4, party 0 reaches party 1 through both (a route of two relays).
 #
 # Usage: scripts/peer-relay-lab.sh [path/to/sfkit-proxy]   (env: SIZE_MB=10)
 set -euo pipefail
@@ -77,6 +79,22 @@ for i in 0 1; do
 done
 for a in 0 1 2 3 4; do check_status "$a" 5 "'direct' if b >= 3 or me >= 3 else 'relayed'"; done
 inns p0 "$BIN" status | tee "$DIR/status-table.txt"
+
+# netcheck beside a running sidecar names each peer: party 0 (symmetric)
+# expects direct paths to the public parties, relays to the NATed ones,
+# and says what each has now.
+inns p0 "$BIN" netcheck --json --stun 203.0.113.10:3478,203.0.113.11:3478 >"$DIR/netcheck-peers.json" 2>&1 || true
+if python3 - "$DIR/netcheck-peers.json" <<'PY'; then pass; else fail "netcheck beside party 0's sidecar: $(cat "$DIR/netcheck-peers.json")"; fi
+import json, sys
+r = json.load(open(sys.argv[1]))
+peers = {p["pid"]: p for p in r.get("peers", [])}
+for pid, p in sorted(peers.items()):
+    print(f"netcheck at party 0: party {pid} (NAT {p['nat']}): expect {p['expect']}; now {p['now']}")
+ok = len(peers) == 4 and all(peers[i]["nat"] == "none" and peers[i]["expect"] == "direct" and peers[i]["now"].startswith("direct") for i in (3, 4))
+ok = ok and peers[1]["nat"] == "endpoint-dependent" and peers[2]["nat"] == "endpoint-independent"
+ok = ok and all(peers[i]["expect"] != "direct" and peers[i]["now"].startswith("relayed via peer") for i in (1, 2))
+sys.exit(0 if ok else 1)
+PY
 
 # via A B: the relay party A names for B ("peer 3").
 via() { inns "p$1" "$BIN" status --json | python3 -c 'import json, sys; print(next(p.get("via", "") for p in json.load(sys.stdin)["peers"] if p["pid"] == int(sys.argv[1])))' "$2"; }
@@ -187,6 +205,48 @@ if inns p3 "$BIN" gateway rm udp 203.0.113.23:8447 >/dev/null 2>&1 &&
 	! inns inet timeout 30 python3 "$REPO/scripts/udplab.py" plain 203.0.113.23 8447 10 >/dev/null 2>&1; then pass
 else fail "after gateway rm udp, the lab internet's datagrams still came back"; fi
 
+# Two relays: firewalls let party 0 reach only party 3, and party 1 only
+# party 4 (and the STUN servers). No single member then reaches both, so
+# party 0 reaches party 1 through a route of two relays, 3 then 4 (public
+# both: they reach each other); a file goes across, sha256-checked, and
+# the status names the route. The firewalls go again after.
+twohop() { # twohop ROUTER PEER_ADDR add|del
+	local r; r=$(ns "$1")
+	if [ "$3" = add ]; then
+		ip netns exec "$r" iptables -N TWOHOP
+		for a in "$2" 203.0.113.10 203.0.113.11; do
+			ip netns exec "$r" iptables -A TWOHOP -d "$a" -j RETURN
+			ip netns exec "$r" iptables -A TWOHOP -s "$a" -j RETURN
+		done
+		ip netns exec "$r" iptables -A TWOHOP -j DROP
+		ip netns exec "$r" iptables -I FORWARD 1 -p udp -j TWOHOP
+	else
+		ip netns exec "$r" iptables -D FORWARD -p udp -j TWOHOP
+		ip netns exec "$r" iptables -F TWOHOP
+		ip netns exec "$r" iptables -X TWOHOP
+	fi
+}
+twohop r0 203.0.113.23 add
+twohop r1 203.0.113.24 add
+route=""
+for _ in $(seq 1 90); do
+	route=$(via 0 1)
+	[ "$route" = "peer 3 → peer 4" ] && break
+	sleep 1
+done
+if [ "$route" = "peer 3 → peer 4" ]; then
+	log "with party 0 reaching only party 3 and party 1 only party 4, party 0 reaches party 1 via $route"
+	pass
+	printf '%-5s %-5s %12s %8s %9s  %s\n' from to bytes seconds MB/s result
+	fetch 0 1
+	fetch 1 0
+	if [ "$(via 0 1)" = "peer 3 → peer 4" ]; then pass; else fail "after the transfers, party 0 reaches party 1 via '$(via 0 1)'"; fi
+else
+	fail "party 0 does not reach party 1 through two relays: via '$route'"
+fi
+twohop r0 203.0.113.23 del
+twohop r1 203.0.113.24 del
+
 # The relays' metrics name the pairs they carry.
 for r in 3 4; do inns "p$r" curl -s http://127.0.0.1:1081/metrics >"$DIR/metrics$r.txt" || true; done
 if cat "$DIR/metrics3.txt" "$DIR/metrics4.txt" | grep -q '^sfkit_proxy_peer_relay_session_bytes_total{from="[0-2]",to="[0-2]"} [1-9]'; then pass
@@ -211,7 +271,7 @@ no_plaintext $((SIZE_MB << 20)) "$DIR/relay3.pcap" "$DIR/relay4.pcap"
 # (20 chunks of 100 kB) at party 1, fetched by party 0; its relay is
 # stopped 5 s in; the same connection completes through the other.
 paced_source 1 20
-first=$(via 0 1)
+first=$(via 0 1 | cut -d' ' -f1-2) # the first relay, of a route of two too
 log "a paced transfer 1 -> 0 (2 MB over 20 s) through $first; stopping it after 5 s"
 ip netns exec "$(ns p0)" timeout 120 ncat --recv-only --proxy 127.0.0.1:1080 --proxy-type socks5 10.0.0.1 9100 \
 	>"$DIR/slow.out" 2>"$DIR/slow.err" &

@@ -117,7 +117,7 @@ func apply(entries []registry.Entry, self int, mux *quicmux.Mux, policy *peerPol
 		if e.PID == self {
 			continue
 		}
-		in := quicmux.PeerInfo{PID: e.PID, Pin: e.Pin, CheckKey: e.CheckKey, Instance: e.Instance}
+		in := quicmux.PeerInfo{PID: e.PID, Pin: e.Pin, CheckKey: e.CheckKey, Instance: e.Instance, NAT: peerNAT(e)}
 		for _, c := range e.Candidates {
 			in.Candidates = append(in.Candidates, c.Addr)
 			if c.Kind == registry.KindRelay {
@@ -136,6 +136,28 @@ func apply(entries []registry.Entry, self int, mux *quicmux.Mux, policy *peerPol
 	policy.ports = ports
 	policy.mu.Unlock()
 	mux.SetPeers(infos)
+}
+
+// peerNAT is what e says of its party's NAT: "none" when the address STUN
+// saw is one of its host addresses (a public address), else the mapping
+// behaviour it published ("" when it published none: the sfkit website
+// carries no NAT).
+func peerNAT(e registry.Entry) string {
+	hosts := map[netip.AddrPort]bool{}
+	for _, c := range e.Candidates {
+		if c.Kind == registry.KindHost {
+			hosts[c.Addr] = true
+		}
+	}
+	for _, c := range e.Candidates {
+		if c.Kind == registry.KindSrflx && hosts[c.Addr] {
+			return NATNone
+		}
+	}
+	if e.NAT == stun.NATUnknown {
+		return ""
+	}
+	return e.NAT
 }
 
 // registryDiscovery publishes to and long-polls our registry.

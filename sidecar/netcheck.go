@@ -11,8 +11,10 @@ import (
 	"net/netip"
 	"time"
 
+	"sfkit-proxy/admin"
 	"sfkit-proxy/config"
 	"sfkit-proxy/relay"
+	"sfkit-proxy/status"
 	"sfkit-proxy/stun"
 )
 
@@ -31,6 +33,9 @@ type NetReport struct {
 	Relays []RelayAnswer `json:"relays,omitempty"`
 	// Expect is what path to expect to a peer, by the peer's kind.
 	Expect map[string]string `json:"expect"`
+	// Peers are the running sidecar's peers, with what to expect to each
+	// and the path it has now; none when no sidecar answers.
+	Peers []PeerExpect `json:"peers,omitempty"`
 	// Advice is one line: what to do, if anything.
 	Advice string `json:"advice"`
 }
@@ -47,6 +52,14 @@ type RelayAnswer struct {
 	Relay     string `json:"relay"`
 	Allocated string `json:"allocated,omitempty"`
 	Error     string `json:"error,omitempty"`
+}
+
+// PeerExpect is what to expect to one peer of the running sidecar.
+type PeerExpect struct {
+	PID    int    `json:"pid"`
+	NAT    string `json:"nat"`    // what it published: none (public), endpoint-independent, endpoint-dependent or unknown
+	Expect string `json:"expect"` // the path to expect
+	Now    string `json:"now"`    // its state, and the path it has now
 }
 
 // NATNone is netcheck's name for no NAT at all: the address STUN sees is
@@ -157,7 +170,41 @@ func netcheck(ctx context.Context, cfg *config.Netcheck) (NetReport, error) {
 		}
 	}
 	r.Expect, r.Advice = expect(r, turnOK, len(cfg.Relays) > 0)
+	if cfg.Admin != "" {
+		actx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		st, err := (&admin.Client{Addr: cfg.Admin}).Status(actx)
+		cancel()
+		if err == nil {
+			r.Peers = peerExpectations(r, st.Peers)
+		}
+	}
 	return r, nil
+}
+
+// peerExpectations is what to expect to each of peers, by what each
+// published of its NAT, beside its path now.
+func peerExpectations(r NetReport, peers []status.Peer) []PeerExpect {
+	var out []PeerExpect
+	for _, p := range peers {
+		e := PeerExpect{PID: p.PID, NAT: p.NAT, Now: p.State}
+		switch p.NAT {
+		case NATNone:
+			e.Expect = r.Expect["public"]
+		case stun.NATEndpointIndependent:
+			e.Expect = r.Expect["endpoint-independent NAT"]
+		case stun.NATEndpointDependent:
+			e.Expect = r.Expect["endpoint-dependent NAT"]
+		default:
+			e.NAT, e.Expect = stun.NATUnknown, "unknown: it published no NAT kind (the sfkit website carries none)"
+		}
+		if p.Via != "" {
+			e.Now += " via " + p.Via
+		} else if p.Path != "" {
+			e.Now += " " + p.RemoteAddr
+		}
+		out = append(out, e)
+	}
+	return out
 }
 
 // bindTo asks STUN server s (host:port) for the mapped address.
@@ -282,6 +329,12 @@ func printReport(w io.Writer, r NetReport) {
 			who = "a public peer"
 		}
 		fmt.Fprintf(w, "  to %s: %s\n", who, r.Expect[k])
+	}
+	if len(r.Peers) > 0 {
+		fmt.Fprintln(w, "peers of the running sidecar:")
+		for _, p := range r.Peers {
+			fmt.Fprintf(w, "  party %d (NAT %s): expect %s; now %s\n", p.PID, p.NAT, p.Expect, p.Now)
+		}
 	}
 	fmt.Fprintln(w, r.Advice)
 }

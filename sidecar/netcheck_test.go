@@ -3,14 +3,19 @@ package sidecar
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"sfkit-proxy/config"
+	"sfkit-proxy/status"
 	"sfkit-proxy/stun"
 )
 
@@ -95,5 +100,45 @@ func TestNetcheckAdvice(t *testing.T) {
 		if !strings.HasPrefix(advice, tt.want) || e["endpoint-dependent NAT"] != tt.wantDeps {
 			t.Errorf("%+v turn %v/%v: advice %q, to endpoint-dependent %q; want %q…, %q", tt.r, tt.turnOK, tt.turn, advice, e["endpoint-dependent NAT"], tt.want, tt.wantDeps)
 		}
+	}
+}
+
+// TestNetcheckPeers: with a sidecar's API answering, netcheck says what
+// to expect to each of its peers, by what each published of its NAT, and
+// the path each has now.
+func TestNetcheckPeers(t *testing.T) {
+	st := status.Status{Peers: []status.Peer{
+		{PID: 0, State: "relayed", Path: "peer-relayed", Via: "peer 3", NAT: stun.NATEndpointDependent},
+		{PID: 3, State: "direct", Path: "direct", RemoteAddr: "203.0.113.23:4000", NAT: NATNone},
+		{PID: 4, State: "connecting"},
+	}}
+	api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v1/status" {
+			http.NotFound(w, r)
+			return
+		}
+		json.NewEncoder(w).Encode(st)
+	}))
+	defer api.Close()
+	a, b := stunServer(t), stunServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cfg := &config.Netcheck{STUN: []string{a, b}, UDPListen: netip.MustParseAddrPort("127.0.0.1:0"), Admin: strings.TrimPrefix(api.URL, "http://")}
+	r, err := netcheck(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []PeerExpect{
+		{PID: 0, NAT: stun.NATEndpointDependent, Expect: "direct", Now: "relayed via peer 3"},
+		{PID: 3, NAT: NATNone, Expect: "direct", Now: "direct 203.0.113.23:4000"},
+		{PID: 4, NAT: stun.NATUnknown, Expect: "unknown: it published no NAT kind (the sfkit website carries none)", Now: "connecting"},
+	}
+	if !slices.Equal(r.Peers, want) {
+		t.Errorf("peers = %+v; want %+v", r.Peers, want)
+	}
+	var out bytes.Buffer
+	printReport(&out, r)
+	if !strings.Contains(out.String(), "party 0 (NAT endpoint-dependent): expect direct; now relayed via peer 3") {
+		t.Errorf("report:\n%s", out.String())
 	}
 }

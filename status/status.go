@@ -109,6 +109,7 @@ type Peer struct {
 	State      string  `json:"state"`
 	Path       string  `json:"path,omitempty"`
 	Via        string  `json:"via,omitempty"` // the relay, when relayed
+	NAT        string  `json:"nat,omitempty"` // what it published of its NAT ("none": a public address)
 	RemoteAddr string  `json:"remote_addr,omitempty"`
 	RTTMillis  float64 `json:"rtt_ms"`
 	// PacketSize is the largest QUIC packet the connection sends now, in
