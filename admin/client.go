@@ -187,7 +187,7 @@ func PrintStatus(w io.Writer, s status.Status) {
 	}
 }
 
-// PrintGateways writes gateways as a table.
+// PrintGateways writes gateways as a table, then their open connections.
 func PrintGateways(w io.Writer, gws []status.Gateway) {
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "GATEWAY	TO	SOURCE	LIMITS	CONNS	OPEN	SENT	RECEIVED	RATE OUT (now/avg/max)	RATE IN (now/avg/max)	REFUSED	LABEL")
@@ -216,6 +216,23 @@ func PrintGateways(w io.Writer, gws []status.Gateway) {
 			rates(g.Rate.CurrentReceived, g.Rate.AverageReceived, g.Rate.MaxReceived), dash(strings.Join(refused, " ")), dash(g.Label))
 	}
 	tw.Flush()
+	var open []string
+	for _, g := range gws {
+		for _, c := range g.Connections {
+			open = append(open, fmt.Sprintf("%s/%s	%s	%s	%s	%s	%s	%s", g.Proto, g.Listen, c.Client, time.Since(c.Since).Round(time.Second),
+				bytesText(float64(c.BytesToPeer)), bytesText(float64(c.BytesFromPeer)),
+				rates(c.Rate.CurrentSent, c.Rate.AverageSent, c.Rate.MaxSent), rates(c.Rate.CurrentReceived, c.Rate.AverageReceived, c.Rate.MaxReceived)))
+		}
+	}
+	if len(open) > 0 {
+		fmt.Fprintln(w, "\nopen connections:")
+		tw = tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "GATEWAY	CLIENT	FOR	SENT	RECEIVED	RATE OUT (now/avg/max)	RATE IN (now/avg/max)")
+		for _, l := range open {
+			fmt.Fprintln(tw, l)
+		}
+		tw.Flush()
+	}
 }
 
 // RunGateway runs `sfkit-proxy gateway add|list|rm`.

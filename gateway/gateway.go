@@ -216,6 +216,7 @@ func (m *Manager) Add(spec Spec) (status.Gateway, error) {
 		return status.Gateway{}, fmt.Errorf("%w: at most %d", ErrTooMany, MaxGateways)
 	}
 	g := &gw{spec: spec, key: key, public: public, stopped: make(chan struct{}), conns: make(map[*net.TCPConn]splice.Conn),
+		meters:  make(map[*net.TCPConn]*connMeter),
 		clients: make(map[netip.AddrPort]*udpClient), sources: make(map[netip.Addr]*rate.Limiter), meter: meter{start: time.Now(), last: time.Now()}}
 	var err error
 	if spec.Proto == "udp" {
@@ -329,6 +330,12 @@ func (m *Manager) Sample(now time.Time) {
 	for _, g := range gs {
 		g.mu.Lock()
 		g.meter.sample(now, g.toPeer.Load(), g.fromPeer.Load())
+		for _, cm := range g.meters {
+			cm.meter.sample(now, cm.to.Load(), cm.from.Load())
+		}
+		for _, cl := range g.clients {
+			cl.meter.sample(now, cl.to.Load(), cl.from.Load())
+		}
 		g.mu.Unlock()
 		if g.pc != nil {
 			g.expireUDP(now)
@@ -392,8 +399,9 @@ type gw struct {
 	total, open, toPeer, fromPeer atomic.Uint64
 	refused                       [numReasons]atomic.Uint64
 
-	mu      sync.Mutex                    // guards conns, clients, sources, overflow, meter, drained
+	mu      sync.Mutex                    // guards conns, meters, clients, sources, overflow, meter, drained, and each connMeter's meter
 	conns   map[*net.TCPConn]splice.Conn  // each client's tunnel, nil until dialed
+	meters  map[*net.TCPConn]*connMeter   // each open connection's counts
 	clients map[netip.AddrPort]*udpClient // a UDP gateway's associations
 	sources map[netip.Addr]*rate.Limiter
 	// overflow is shared by sources not yet known while sources is full.
@@ -507,6 +515,7 @@ func (g *gw) admit(c *net.TCPConn) (reason int, ok bool) {
 		return why, false
 	}
 	g.conns[c] = nil
+	g.meters[c] = newConnMeter(src)
 	g.total.Add(1)
 	g.open.Add(1)
 	return 0, true
@@ -555,6 +564,7 @@ func (m *Manager) carry(g *gw, c *net.TCPConn) {
 	defer func() {
 		g.mu.Lock()
 		delete(g.conns, c)
+		delete(g.meters, c)
 		g.mu.Unlock()
 		if g.open.Add(^uint64(0)) == 0 {
 			m.mu.Lock()
@@ -596,12 +606,13 @@ func (m *Manager) carry(g *gw, c *net.TCPConn) {
 	if open {
 		g.conns[c] = target
 	}
+	cm := g.meters[c]
 	g.mu.Unlock()
 	if !open { // cut while dialing
 		target.Reset()
 		return
 	}
-	cc := &counted{Conn: target, g: g}
+	cc := &counted{Conn: target, g: g, cm: cm}
 	cc.touch()
 	if g.spec.IdleTimeout > 0 {
 		stop := make(chan struct{})
@@ -616,28 +627,40 @@ func (m *Manager) carry(g *gw, c *net.TCPConn) {
 type counted struct {
 	splice.Conn
 	g    *gw
+	cm   *connMeter
 	last atomic.Int64 // unix nanoseconds of the last byte either way
 }
 
 func (c *counted) touch() { c.last.Store(time.Now().UnixNano()) }
 
+// sent counts n bytes toward the peer; received, n from it.
+func (c *counted) sent(n int) {
+	if n > 0 {
+		c.g.toPeer.Add(uint64(n))
+		c.cm.to.Add(uint64(n))
+		c.touch()
+	}
+}
+
+func (c *counted) received(n int) {
+	if n > 0 {
+		c.g.fromPeer.Add(uint64(n))
+		c.cm.from.Add(uint64(n))
+		c.touch()
+	}
+}
+
 // Read is a read from the peer.
 func (c *counted) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
-	if n > 0 {
-		c.g.fromPeer.Add(uint64(n))
-		c.touch()
-	}
+	c.received(n)
 	return n, err
 }
 
 // Write is a write to the peer.
 func (c *counted) Write(b []byte) (int, error) {
 	n, err := c.Conn.Write(b)
-	if n > 0 {
-		c.g.toPeer.Add(uint64(n))
-		c.touch()
-	}
+	c.sent(n)
 	return n, err
 }
 
@@ -668,10 +691,7 @@ type countReader struct {
 
 func (r countReader) Read(b []byte) (int, error) {
 	n, err := r.r.Read(b)
-	if n > 0 {
-		r.c.g.toPeer.Add(uint64(n))
-		r.c.touch()
-	}
+	r.c.sent(n)
 	return n, err
 }
 
@@ -683,10 +703,7 @@ type countWriter struct {
 
 func (w countWriter) Write(b []byte) (int, error) {
 	n, err := w.w.Write(b)
-	if n > 0 {
-		w.c.g.fromPeer.Add(uint64(n))
-		w.c.touch()
-	}
+	w.c.received(n)
 	return n, err
 }
 
@@ -726,10 +743,37 @@ func (g *gw) info() status.Gateway {
 			out.Refused[n] = v
 		}
 	}
+	now := time.Now()
 	g.mu.Lock()
-	out.Rate = g.meter.rates(time.Now(), out.BytesToPeer, out.BytesFromPeer)
+	out.Rate = g.meter.rates(now, out.BytesToPeer, out.BytesFromPeer)
+	cms := slices.Collect(maps.Values(g.meters))
+	for _, cl := range g.clients {
+		cms = append(cms, cl.connMeter)
+	}
+	slices.SortFunc(cms, func(a, b *connMeter) int { return a.meter.start.Compare(b.meter.start) })
+	for _, cm := range cms[:min(len(cms), MaxListedConns)] {
+		to, from := cm.to.Load(), cm.from.Load()
+		out.Connections = append(out.Connections, status.GatewayConn{Client: cm.client.String(), Since: cm.meter.start,
+			BytesToPeer: to, BytesFromPeer: from, Rate: cm.meter.rates(now, to, from)})
+	}
 	g.mu.Unlock()
 	return out
+}
+
+// MaxListedConns bounds the connections a gateway's status lists (the
+// oldest first); its counts cover them all.
+const MaxListedConns = 64
+
+// connMeter is one connection's (or UDP client's) counts and rates.
+type connMeter struct {
+	client   netip.AddrPort
+	to, from atomic.Uint64 // bytes toward the peer, and back
+	meter    meter         // guarded by its gateway's mu
+}
+
+func newConnMeter(client netip.AddrPort) *connMeter {
+	now := time.Now()
+	return &connMeter{client: client, meter: meter{start: now, last: now}}
 }
 
 // ReasonNames are the refusal reasons, for metrics.

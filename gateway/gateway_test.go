@@ -93,13 +93,22 @@ func TestGatewayCarriesAndCounts(t *testing.T) {
 	c := dial(t, ap)
 	msg := make([]byte, 1<<20)
 	rand.Read(msg)
-	go func() {
-		c.Write(msg)
-		c.CloseWrite()
-	}()
-	got, err := io.ReadAll(c)
-	if err != nil || !bytes.Equal(got, msg) {
-		t.Fatalf("echo through the gateway: %d bytes, %v; want the 1 MiB sent", len(got), err)
+	go c.Write(msg)
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("echo through the gateway: %v; want the 1 MiB sent", err)
+	}
+	// While open, the connection is listed with its client and its counts.
+	testkit.Eventually(t, "the connection's counts", func() bool {
+		g, _ := m.Get("tcp", ap)
+		return len(g.Connections) == 1 && g.Connections[0].BytesFromPeer == 1<<20
+	})
+	if g, _ := m.Get("tcp", ap); g.Connections[0].Client != c.LocalAddr().String() || g.Connections[0].BytesToPeer != 1<<20 {
+		t.Errorf("connections = %+v; want client %v with 1 MiB each way", g.Connections, c.LocalAddr())
+	}
+	c.CloseWrite()
+	if rest, err := io.ReadAll(c); err != nil || len(rest) != 0 {
+		t.Errorf("after the echo: %d more bytes, %v; want a clean end", len(rest), err)
 	}
 	c.Close()
 	testkit.Eventually(t, "the connection closed in the gateway's counts", func() bool {
@@ -107,7 +116,7 @@ func TestGatewayCarriesAndCounts(t *testing.T) {
 		return err == nil && g.Open == 0 && g.Conns == 1
 	})
 	g, _ := m.Get("tcp", ap)
-	if g.BytesToPeer != 1<<20 || g.BytesFromPeer != 1<<20 || g.Label != "echo" || g.Source != "api" || g.Public {
+	if g.BytesToPeer != 1<<20 || g.BytesFromPeer != 1<<20 || g.Label != "echo" || g.Source != "api" || g.Public || len(g.Connections) != 0 {
 		t.Errorf("gateway = %+v; want 1 MiB each way, label echo, source api, not public", g)
 	}
 	if list := m.List(); len(list) != 1 || list[0].Listen != ap.String() {

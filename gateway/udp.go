@@ -10,6 +10,7 @@ import (
 
 // udpClient is one client address of a UDP gateway and its association.
 type udpClient struct {
+	*connMeter
 	assoc UDPAssoc
 	last  atomic.Int64 // unix nanoseconds of the last datagram either way
 }
@@ -44,6 +45,7 @@ func (m *Manager) serveUDP(g *gw) {
 		cl.touch()
 		if err := cl.assoc.Send(g.spec.PID, g.spec.Port, buf[:n]); err == nil {
 			g.toPeer.Add(uint64(n))
+			cl.to.Add(uint64(n))
 		}
 	}
 }
@@ -59,10 +61,11 @@ func (g *gw) udpClient(from netip.AddrPort, open func(func(int, uint16, []byte))
 	if why, ok := g.allowLocked(from.Addr(), len(g.clients)); !ok {
 		return nil, why
 	}
-	cl := &udpClient{}
+	cl := &udpClient{connMeter: newConnMeter(from)}
 	assoc, err := open(func(pid int, port uint16, data []byte) {
 		if _, err := g.pc.WriteToUDPAddrPort(data, from); err == nil {
 			g.fromPeer.Add(uint64(len(data)))
+			cl.from.Add(uint64(len(data)))
 			cl.touch()
 		}
 	})

@@ -78,6 +78,13 @@ func TestUDPGateway(t *testing.T) {
 	if g.Conns != 2 || g.Open != 2 || g.BytesToPeer > sent || g.BytesToPeer < gotBytes || g.BytesFromPeer < gotBytes {
 		t.Errorf("gateway %+v; want 2 associations, %d bytes sent at most, at least %d back", g, sent, gotBytes)
 	}
+	var listed uint64
+	for _, c := range g.Connections {
+		listed += c.BytesFromPeer
+	}
+	if len(g.Connections) != 2 || listed != g.BytesFromPeer {
+		t.Errorf("connections %+v; want the 2 clients, their bytes adding up to %d", g.Connections, g.BytesFromPeer)
+	}
 	if !m.Listens("udp", ap.Port()) || m.Listens("tcp", ap.Port()) {
 		t.Errorf("Listens(udp, %d) = %v, Listens(tcp) = %v; want true, false", ap.Port(), m.Listens("udp", ap.Port()), m.Listens("tcp", ap.Port()))
 	}

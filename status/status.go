@@ -68,10 +68,23 @@ type Gateway struct {
 	BytesToPeer   uint64 `json:"bytes_to_peer"`
 	BytesFromPeer uint64 `json:"bytes_from_peer"`
 	Rate          Rates  `json:"rate"`
+	// Connections are the open connections (a UDP gateway's: its client
+	// addresses), the oldest first, at most 64 listed.
+	Connections []GatewayConn `json:"connections,omitempty"`
 	// Refused counts connections refused, by reason: source (not in
 	// allow_from), rate (over conn_rate), max_conns, tunnel (the dial to
 	// the peer failed, or the peer refused).
 	Refused map[string]uint64 `json:"refused"`
+}
+
+// GatewayConn is one open connection of a gateway: its client, and the
+// bytes and rates toward the peer (sent) and back (received).
+type GatewayConn struct {
+	Client        string    `json:"client"`
+	Since         time.Time `json:"since"`
+	BytesToPeer   uint64    `json:"bytes_to_peer"`
+	BytesFromPeer uint64    `json:"bytes_from_peer"`
+	Rate          Rates     `json:"rate"`
 }
 
 // Socket is the shared UDP socket's kernel buffers as granted (the kernel
