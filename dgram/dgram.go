@@ -21,8 +21,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -30,6 +32,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"golang.org/x/time/rate"
 
 	"sfkit-proxy/dgram/frame"
 	"sfkit-proxy/quietlog"
@@ -40,6 +43,12 @@ import (
 const (
 	DefaultIdle       = 2 * time.Minute
 	DefaultMaxPerPeer = 256
+	// DefaultRate bounds the UDP bytes per second this party sends to one
+	// peer (its associations' and its local ports' answers together):
+	// quic-go sends datagrams before stream data, so UDP past it would
+	// starve the peer's tunnelled TCP connections. Past it, datagrams are
+	// dropped (over_rate).
+	DefaultRate = 8 << 20
 	// MaxDests bounds the (peer, port) destinations of one association.
 	MaxDests = 256
 	// readBuf is a far socket's read buffer: larger than any datagram a
@@ -68,6 +77,9 @@ type Options struct {
 	// MaxPerPeer bounds the far sockets one peer holds here; zero means
 	// DefaultMaxPerPeer. Past it, its new associations are refused.
 	MaxPerPeer int
+	// Rate bounds the bytes per second sent to one peer; zero means
+	// DefaultRate.
+	Rate int
 }
 
 // Drop reasons, as status and metrics name them.
@@ -79,10 +91,11 @@ const (
 	dropUnknown           // for no association, or from a destination it never sent to
 	dropBadFrame          // a frame that does not parse
 	dropSendFailed        // the local socket or the connection refused it
+	dropOverRate          // past the rate to its peer
 	numDrops
 )
 
-var dropNames = [numDrops]string{"too_large", "no_path", "not_allowed", "over_budget", "unknown_association", "bad_frame", "send_failed"}
+var dropNames = [numDrops]string{"too_large", "no_path", "not_allowed", "over_budget", "unknown_association", "bad_frame", "send_failed", "over_rate"}
 
 // DropReasons are the drop reasons, for metrics.
 func DropReasons() []string { return dropNames[:] }
@@ -104,11 +117,12 @@ type Carrier struct {
 	answered, answeredBytes atomic.Uint64 // local ports' answers to peers
 	dropped                 [numDrops]atomic.Uint64
 
-	mu      sync.Mutex // guards near, far, perPeer and closed
-	near    map[uint64]*Assoc
-	far     map[farKey]*farSocket
-	perPeer map[int]int
-	closed  bool
+	mu       sync.Mutex // guards near, far, perPeer, limiters and closed
+	near     map[uint64]*Assoc
+	far      map[farKey]*farSocket
+	perPeer  map[int]int
+	limiters map[int]*rate.Limiter // per peer sent to
+	closed   bool
 }
 
 // New returns a Carrier.
@@ -125,9 +139,12 @@ func New(opts Options) *Carrier {
 	if opts.MaxPerPeer <= 0 {
 		opts.MaxPerPeer = DefaultMaxPerPeer
 	}
+	if opts.Rate <= 0 {
+		opts.Rate = DefaultRate
+	}
 	log := opts.Logger.With("component", "udp")
 	c := &Carrier{opts: opts, log: log, quiet: quietlog.New(log, time.Minute), refusals: make(chan refusal, 64), done: make(chan struct{}),
-		near: make(map[uint64]*Assoc), far: make(map[farKey]*farSocket), perPeer: make(map[int]int)}
+		near: make(map[uint64]*Assoc), far: make(map[farKey]*farSocket), perPeer: make(map[int]int), limiters: make(map[int]*rate.Limiter)}
 	c.wg.Go(c.sendRefusals)
 	return c
 }
@@ -203,15 +220,24 @@ func (c *Carrier) Open(recv func(pid int, port uint16, data []byte)) (*Assoc, er
 	return a, nil
 }
 
-// Close ends the association: answers after it are dropped. The peers'
-// sockets for it close when idle.
+// Close ends the association: answers after it are dropped, and each
+// destination is told (KindClose), so that its socket there closes at
+// once, not when idle. It is safe to call twice.
 func (a *Assoc) Close() {
 	a.mu.Lock()
+	was := a.closed
 	a.closed = true
+	dests := slices.Collect(maps.Keys(a.dests))
 	a.mu.Unlock()
 	a.c.mu.Lock()
 	delete(a.c.near, a.id)
 	a.c.mu.Unlock()
+	if was {
+		return
+	}
+	for _, d := range dests {
+		a.c.send(d.pid, frame.Append(nil, frame.Frame{Kind: frame.KindClose, Assoc: a.id, Port: d.port}))
+	}
 }
 
 // Send sends data to port at party pid. Like UDP, a nil error does not
@@ -259,6 +285,12 @@ func (c *Carrier) send(pid int, b []byte) error {
 		c.Receive(pid, b)
 		return nil
 	}
+	if !c.limiter(pid).AllowN(time.Now(), len(b)) {
+		c.dropped[dropOverRate].Add(1)
+		c.quiet.Warn("rate:"+strconv.Itoa(pid), "UDP to a peer is over its rate: datagrams dropped (the tunnel's TCP connections to it come first)",
+			"peer", pid, "bytes_per_second", c.opts.Rate)
+		return errOverRate
+	}
 	err := c.opts.Send(pid, b)
 	if err == nil {
 		return nil
@@ -280,6 +312,20 @@ func (c *Carrier) send(pid int, b []byte) error {
 	return err
 }
 
+// limiter is the rate of what is sent to pid.
+func (c *Carrier) limiter(pid int) *rate.Limiter {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	l := c.limiters[pid]
+	if l == nil {
+		l = rate.NewLimiter(rate.Limit(c.opts.Rate), max(c.opts.Rate/8, 64<<10))
+		c.limiters[pid] = l
+	}
+	return l
+}
+
+var errOverRate = errors.New("udp to the peer is over its rate")
+
 // errNoPath is what the Send of Options returns, wrapped, when there is
 // no path to the peer; the sidecar maps quicmux.ErrNoPath to it.
 var errNoPath = errors.New("no path")
@@ -298,6 +344,13 @@ func (c *Carrier) Receive(pid int, b []byte) {
 	switch f.Kind {
 	case frame.KindTo:
 		c.toLocal(pid, f)
+	case frame.KindClose:
+		c.mu.Lock()
+		fs := c.far[farKey{pid, f.Assoc, f.Port}]
+		c.mu.Unlock()
+		if fs != nil {
+			fs.conn.Close() // serveFar forgets it
+		}
 	case frame.KindBack, frame.KindRefused:
 		c.mu.Lock()
 		a := c.near[f.Assoc]

@@ -269,3 +269,44 @@ func TestToSelf(t *testing.T) {
 		t.Errorf("echo to self: %q", got)
 	}
 }
+
+// TestCloseEndsFarSockets: an association that closes tells its
+// destinations, whose sockets close at once, not when idle.
+func TestCloseEndsFarSockets(t *testing.T) {
+	p := newPair(t, allowAll, nil)
+	port := testkit.UDPEcho(t)
+	col := newCollector()
+	a, _ := p.a.Open(col.recv)
+	a.Send(1, port, []byte("hi"))
+	if got := col.wait(1, 5*time.Second); len(got) != 1 {
+		t.Fatalf("echo: %q", got)
+	}
+	a.Close()
+	var s status.Status
+	testkit.Eventually(t, "the far socket closed", func() bool {
+		p.b.UpdateStatus(&s)
+		return s.UDP.PeerSockets == 0
+	})
+	if err := a.Send(1, port, []byte("after")); !errors.Is(err, ErrClosed) {
+		t.Errorf("Send after Close = %v; want ErrClosed", err)
+	}
+}
+
+// TestRateToAPeer: past its rate to a peer, datagrams are dropped and
+// counted, not queued.
+func TestRateToAPeer(t *testing.T) {
+	p := newPair(t, allowAll, func(o *Options) { o.Rate = 64 << 10 })
+	port := testkit.UDPEcho(t)
+	a, _ := p.a.Open(func(int, uint16, []byte) {})
+	over := 0
+	for range 200 {
+		if err := a.Send(1, port, make([]byte, 1000)); errors.Is(err, errOverRate) {
+			over++
+		}
+	}
+	var s status.Status
+	p.a.UpdateStatus(&s)
+	if over < 100 || s.UDP.Dropped["over_rate"] != uint64(over) {
+		t.Errorf("%d of 200 datagrams of 1 kB over a 64 KiB/s rate, dropped %v; want most, all counted", over, s.UDP.Dropped)
+	}
+}

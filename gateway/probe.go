@@ -210,9 +210,9 @@ func (p *probe) serveTCP(ln net.Listener) {
 			return // closed
 		}
 		if a, ok := c.RemoteAddr().(*net.TCPAddr); ok && p.requester(a.AddrPort().Addr()) {
+			p.answered.Add(1) // counted before the requester can read it
 			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
 			c.Write([]byte(p.spec.Token + "\n"))
-			p.answered.Add(1)
 		} else {
 			p.ignored.Add(1)
 		}
@@ -238,8 +238,8 @@ func (p *probe) serveUDP(pc *net.UDPConn) {
 			continue
 		}
 		last = time.Now()
+		p.answered.Add(1) // counted before the requester can read it
 		pc.WriteToUDPAddrPort([]byte(p.spec.Token+"\n"), from)
-		p.answered.Add(1)
 	}
 }
 

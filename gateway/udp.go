@@ -37,6 +37,9 @@ func (m *Manager) serveUDP(g *gw) {
 		}
 		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
 		cl, why := g.udpClient(from, m.opts.UDP)
+		if cl == nil && why == reasonStopped {
+			return
+		}
 		if cl == nil {
 			g.refused[why].Add(1)
 			m.log.Debug("gateway refused a UDP client", "gateway", g.key, "from", from, "reason", reasonNames[why])
@@ -58,10 +61,16 @@ func (g *gw) udpClient(from netip.AddrPort, open func(func(int, uint16, []byte))
 	if cl := g.clients[from]; cl != nil {
 		return cl, 0
 	}
+	select {
+	case <-g.stopped: // read as it was removed: stop did not see it
+		return nil, reasonStopped
+	default:
+	}
 	if why, ok := g.allowLocked(from.Addr(), len(g.clients)); !ok {
 		return nil, why
 	}
 	cl := &udpClient{connMeter: newConnMeter(from)}
+	cl.touch() // not idle before its first datagram
 	assoc, err := open(func(pid int, port uint16, data []byte) {
 		if _, err := g.pc.WriteToUDPAddrPort(data, from); err == nil {
 			g.fromPeer.Add(uint64(len(data)))

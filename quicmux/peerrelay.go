@@ -2,7 +2,9 @@ package quicmux
 
 import (
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -262,8 +264,10 @@ func (m *Mux) relayRequest(ctx context.Context, from, to int, id sessionID) head
 // Routes of two relays. Where no single member reaches both A and B, the
 // dialer A asks a relay R1 it reaches for a session to B through a second
 // relay R2 (a KindRelayVia request, its Route naming R2 and A): R1 asks R2
-// in turn (its Route naming B and A), R2 offers B a session with A, as a
-// single relay does, and binds R1–B; R1 then binds A–R2. The session's id
+// in turn (its Route naming B and A), R2 offers B a session with A (a
+// KindRelayVia to B itself, carrying A's proof: a MAC over the session
+// keyed with A and B's pair key, which B checks, so that no member can
+// claim to relay for A), and binds R1–B; R1 then binds A–R2. The session's id
 // is the same at every hop, each hop forwarding only between the two
 // parties it bound, over its own authenticated connections: every hop
 // sees the inner connection's ciphertext only, and B's handshake still
@@ -276,23 +280,59 @@ func (m *Mux) relayRequest(ctx context.Context, from, to int, id sessionID) head
 // maxRoutes bounds the two-relay routes a dialer asks for in one round.
 const maxRoutes = 16
 
-// relayVia is a relay's side of a KindRelayVia request from peer from for
-// its hop of a two-relay route to peer to.
+// relayVia is a party's side of a KindRelayVia request from peer from for
+// its hop of a two-relay route to peer to: the first relay's, the last
+// relay's, or the far end's (the offer of the session, taken only with
+// the origin's proof, so that no member can spend the origin's sessions
+// here by claiming to relay for it).
 func (m *Mux) relayVia(ctx context.Context, from, to int, route header.Route, id sessionID) header.Status {
 	next, origin := int(route.Next), int(route.Origin)
 	switch {
-	case next == to && origin != from && origin != to && origin != m.opts.PID:
+	case to == m.opts.PID && next == to && origin != from:
+		if !m.routeProven(origin, id, route.MAC) {
+			m.prelay.refused.Add(1)
+			m.quiet.Warn("route-mac:"+strconv.Itoa(from), "peer offered a session of a route of two relays without the proof of the party it names: refused",
+				"peer", from, "for", origin)
+			return header.StatusBadRequest
+		}
+		return m.relayOffer(from, origin, id)
+	case next == to && to != m.opts.PID && origin != from && origin != to && origin != m.opts.PID:
 		// The last relay: from is the relay before it.
-		return m.relayHop(ctx, from, to, id, id.request(header.KindRelayOffer, origin), nil)
-	case origin == from && next != to && next != from && next != m.opts.PID:
+		return m.relayHop(ctx, from, to, id, id.request(header.KindRelayVia, to),
+			header.Route{Next: uint16(to), Origin: uint16(origin), MAC: route.MAC}.Append(nil))
+	case origin == from && to != m.opts.PID && next != to && next != from && next != m.opts.PID:
 		// The first relay: from is the party the session is for.
 		return m.relayHop(ctx, from, next, id, id.request(header.KindRelayVia, to),
-			header.Route{Next: uint16(to), Origin: uint16(from)}.Append(nil))
+			header.Route{Next: uint16(to), Origin: uint16(from), MAC: route.MAC}.Append(nil))
 	}
 	m.prelay.refused.Add(1)
 	m.quiet.Warn("route:"+strconv.Itoa(from), "peer asked for a relayed route that is not one of two relays ending at its far end: refused",
 		"peer", from, "to", to, "next", next, "origin", origin)
 	return header.StatusBadRequest
+}
+
+// routeMAC is origin's proof to the far end that it asked for session id
+// through two relays: keyed with their pair key (the checks' integrity
+// key, which only the two hold).
+func routeMAC(key string, id sessionID, origin, far int) [16]byte {
+	h := hmac.New(sha256.New, []byte(key))
+	h.Write([]byte("sfkit-proxy relay route"))
+	h.Write(id[:])
+	h.Write(binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint16(nil, uint16(origin)), uint16(far)))
+	return [16]byte(h.Sum(nil))
+}
+
+// routeProven reports whether mac is origin's proof of session id to us.
+func (m *Mux) routeProven(origin int, id sessionID, mac [16]byte) bool {
+	p := m.peer(origin)
+	if p == nil {
+		return false
+	}
+	p.mu.Lock()
+	key := p.key
+	p.mu.Unlock()
+	want := routeMAC(key, id, origin, m.opts.PID)
+	return key != "" && hmac.Equal(want[:], mac[:])
 }
 
 // relayHop binds a session between peers from and to, once `to` takes
@@ -793,7 +833,7 @@ func (p *peer) dialViaPeers(ctx context.Context) bool {
 		return false
 	}
 	p.nextViaPeer = now.Add(relayRetry)
-	pin := p.info.Pin
+	pin, key := p.info.Pin, p.key
 	p.mu.Unlock()
 	type hop struct {
 		pid int
@@ -828,6 +868,9 @@ func (p *peer) dialViaPeers(ctx context.Context) bool {
 	defer cancel()
 	tried := 0
 	for _, h := range hops {
+		if key == "" {
+			break // no proof for the far end without the pair key
+		}
 		for _, r2 := range m.peerList() {
 			if r2.pid == p.pid || reached[r2.pid] {
 				continue
@@ -836,7 +879,7 @@ func (p *peer) dialViaPeers(ctx context.Context) bool {
 				return false
 			}
 			id := newSessionID()
-			route := header.Route{Next: uint16(r2.pid), Origin: uint16(m.opts.PID)}
+			route := header.Route{Next: uint16(r2.pid), Origin: uint16(m.opts.PID), MAC: routeMAC(key, id, m.opts.PID, p.pid)}
 			if p.dialThrough(ctx, sctx, pin, h.l, []int{h.pid, r2.pid}, id, id.request(header.KindRelayVia, p.pid), route.Append(nil), 3*m.opts.HandshakeTimeout) {
 				return true
 			}

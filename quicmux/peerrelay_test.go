@@ -270,19 +270,24 @@ func TestHostileRelayMember(t *testing.T) {
 	if _, st := askVia(1, header.Route{Next: 2, Origin: 4}); st == header.StatusOK {
 		t.Errorf("a route of three relays: %v; want it refused", st)
 	}
-	// As the last hop, claiming to relay for party 0, it gets a session
-	// to party 1 (the relay cannot check the claim), but party 1 takes
-	// from it only an inner handshake with party 0's key: junk through the
-	// session installs nothing, and party 0's own path is unharmed.
+	// As the last hop, claiming to relay for party 0: party 1 takes no
+	// such session without party 0's proof, so party 4 spends none of
+	// party 0's sessions there; junk with that id reaches nobody, and
+	// party 0's own path is unharmed.
 	before1 := peerStats(s.b.m, 0)
-	id, st := askVia(1, header.Route{Next: 1, Origin: 0})
+	refusedBefore := s.b.m.Stats().PeerRelay.Refused
+	id, st := askVia(1, header.Route{Next: 1, Origin: 0, MAC: [16]byte{1, 2, 3}})
 	if st == header.StatusOK {
-		for range 50 {
-			d := append(append([]byte{dgRelay}, id[:]...), pieceWhole, 0, 0)
-			qc.SendDatagram(append(d, bytes.Repeat([]byte{0xc3}, 1200)...))
-		}
-		time.Sleep(time.Second)
+		t.Errorf("a session claimed for party 0 with no proof: taken")
 	}
+	if s.b.m.Stats().PeerRelay.Refused == refusedBefore {
+		t.Errorf("party 1 did not count the refusal of the claimed session")
+	}
+	for range 50 {
+		d := append(append([]byte{dgRelay}, id[:]...), pieceWhole, 0, 0)
+		qc.SendDatagram(append(d, bytes.Repeat([]byte{0xc3}, 1200)...))
+	}
+	time.Sleep(time.Second)
 	if after := peerStats(s.b.m, 0); after.Via != before1.Via || after.Repairs != before1.Repairs {
 		t.Errorf("party 1's path to party 0 moved after party 4's claimed session: %+v, was %+v", after, before1)
 	}

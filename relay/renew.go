@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"time"
 
@@ -94,7 +95,9 @@ func (r *Renewing) Run(ctx context.Context) error {
 			switch {
 			case err == nil && a.mapped.IsValid() && mapped != a.mapped:
 				why = "this party's NAT rebound its socket (" + a.mapped.String() + " is now " + mapped.String() + ")"
-			case err != nil:
+			case err != nil && a.mapped.IsValid():
+				// (A server that never answered a Binding, some do not,
+				// is judged by its socket alone.)
 				if misses++; misses >= 2 {
 					why = "the server did not answer two checks"
 				}
@@ -170,7 +173,7 @@ func (r *Renewing) swap(a *Allocation) {
 func (r *Renewing) ReadFrom(b []byte) (int, net.Addr, error) {
 	for {
 		r.mu.Lock()
-		a, swapped, closed := r.cur, r.swapped, r.closed
+		a, swapped, closed, deadline := r.cur, r.swapped, r.closed, r.deadline
 		r.mu.Unlock()
 		if closed {
 			return 0, nil, net.ErrClosed
@@ -189,22 +192,58 @@ func (r *Renewing) ReadFrom(b []byte) (int, net.Addr, error) {
 			default:
 			}
 		}
+		var expired <-chan time.Time
+		var t *time.Timer
+		if !deadline.IsZero() {
+			t = time.NewTimer(time.Until(deadline))
+			expired = t.C
+		}
+		var err error
 		select {
 		case <-swapped:
 		case <-r.done:
-			return 0, nil, net.ErrClosed
+			err = net.ErrClosed
+		case <-expired:
+			err = os.ErrDeadlineExceeded
+		}
+		if t != nil {
+			t.Stop()
+		}
+		if err != nil {
+			return 0, nil, err
 		}
 	}
 }
 
-// WriteTo writes through the current allocation; with none, the packet
-// is lost, as on a path that is down.
+// WriteTo writes through the current allocation. With none, or when the
+// write fails (a socket closed by a replacement, a server gone), the
+// packet is lost, as on a path that is down: an error would end the QUIC
+// transport over it, and with it every connection.
 func (r *Renewing) WriteTo(b []byte, to net.Addr) (int, error) {
+	if a := r.Current(); a != nil {
+		if _, err := a.Conn.WriteTo(b, to); err != nil {
+			r.log.Debug("relayed write lost", "relay", a.Server, "err", err)
+		}
+	}
+	return len(b), nil
+}
+
+// ClientPort is the local port of the current allocation's socket to its
+// server (0 for none, or over TCP): a peer's datagram to that port must
+// not reach it.
+func (r *Renewing) ClientPort() uint16 {
 	a := r.Current()
 	if a == nil {
-		return len(b), nil
+		return 0
 	}
-	return a.Conn.WriteTo(b, to)
+	ac, ok := a.Conn.(*allocConn)
+	if !ok {
+		return 0
+	}
+	if ua, ok := ac.base.LocalAddr().(*net.UDPAddr); ok {
+		return uint16(ua.Port)
+	}
+	return 0
 }
 
 // Close releases the allocation; reads and Run end. It is safe to call

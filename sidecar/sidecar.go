@@ -121,11 +121,13 @@ func Run(ctx context.Context, cfg *config.Sidecar, log *slog.Logger, onReady fun
 		return config.PortsOf(own...).Contains(port) || gws.Listens("tcp", port) || probes.Listens("tcp", port)
 	}
 	// Nor, for UDP, the QUIC socket, the SOCKS front's UDP associations'
-	// sockets, UDP gateways and probes: a peer's datagram to one would
-	// speak as this party, or as its local client.
+	// sockets, UDP gateways and probes, and the TURN client's socket: a
+	// peer's datagram to one would speak as this party, or as its local
+	// client. (They are all set before anything runs.)
 	var mux *quicmux.Mux
 	ownUDP := func(port uint16) bool {
-		return mux.LocalAddr().Port() == port || srv.ListensUDP(port) || gws.Listens("udp", port) || probes.Listens("udp", port)
+		return mux.LocalAddr().Port() == port || srv.ListensUDP(port) || gws.Listens("udp", port) || probes.Listens("udp", port) ||
+			renewing != nil && renewing.ClientPort() == port
 	}
 	udp := dgram.New(dgram.Options{Logger: log, Self: cfg.PID,
 		Allow: func(pid int, port uint16) bool { return !ownUDP(port) && cfg.Allows(pid, port) },

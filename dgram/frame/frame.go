@@ -7,7 +7,8 @@
 //
 // KindTo goes to the party whose port it names; KindBack is a datagram
 // that port sent back; KindRefused (no payload but a reason byte) says the
-// party will not carry the association to that port.
+// party will not carry the association to that port; KindClose (no
+// payload) says the association ended, so its socket there can close.
 package frame
 
 import (
@@ -22,6 +23,7 @@ const (
 	KindTo      = 0x10
 	KindBack    = 0x11
 	KindRefused = 0x12
+	KindClose   = 0x13
 )
 
 // HeaderLen is the header's size before the payload.
@@ -63,12 +65,14 @@ func Parse(b []byte) (Frame, error) {
 	}
 	f := Frame{Kind: b[0], Assoc: binary.BigEndian.Uint64(b[1:9]), Port: binary.BigEndian.Uint16(b[9:11]), Data: b[HeaderLen:]}
 	switch {
-	case f.Kind < KindTo || f.Kind > KindRefused:
+	case f.Kind < KindTo || f.Kind > KindClose:
 		return Frame{}, fmt.Errorf("%w: %#x", ErrKind, f.Kind)
 	case f.Port == 0:
 		return Frame{}, ErrPort
 	case f.Kind == KindRefused && len(f.Data) != 1:
 		return Frame{}, fmt.Errorf("%w: a refusal carries one reason byte, not %d", ErrShort, len(f.Data))
+	case f.Kind == KindClose && len(f.Data) != 0:
+		return Frame{}, fmt.Errorf("%w: a close carries nothing, not %d bytes", ErrKind, len(f.Data))
 	}
 	return f, nil
 }

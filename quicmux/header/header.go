@@ -52,18 +52,22 @@ const (
 )
 
 // RouteLen is the size of a Route.
-const RouteLen = 4
+const RouteLen = 20
 
 // Route follows a KindRelayVia request: Next is the relay after the
-// acceptor (the far end itself when the acceptor is the last relay), and
-// Origin the party the session is for.
+// acceptor (the far end itself when the acceptor is the last relay, or
+// is the far end), Origin the party the session is for, and MAC the
+// origin's proof to the far end that it asked for this session (keyed
+// with a key only the two ends hold; the relays pass it on).
 type Route struct {
 	Next, Origin uint16
+	MAC          [16]byte
 }
 
 // Append appends r's encoding to b.
 func (r Route) Append(b []byte) []byte {
-	return binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint16(b, r.Next), r.Origin)
+	b = binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint16(b, r.Next), r.Origin)
+	return append(b, r.MAC[:]...)
 }
 
 // ParseRoute reads a Route.
@@ -71,7 +75,7 @@ func ParseRoute(b []byte) (Route, error) {
 	if len(b) < RouteLen {
 		return Route{}, io.ErrUnexpectedEOF
 	}
-	return Route{Next: binary.BigEndian.Uint16(b[0:2]), Origin: binary.BigEndian.Uint16(b[2:4])}, nil
+	return Route{Next: binary.BigEndian.Uint16(b[0:2]), Origin: binary.BigEndian.Uint16(b[2:4]), MAC: [16]byte(b[4:20])}, nil
 }
 
 // Request is a stream's header.
