@@ -414,6 +414,9 @@ func (m *Mux) dialLocal(ctx context.Context, pid int, pf *peerFlows, str *quic.S
 			return c.(*net.TCPConn), nil
 		}
 		if !errors.Is(err, syscall.ECONNREFUSED) {
+			if wctx.Err() != nil {
+				break // the wait ran out during this dial: still not listening
+			}
 			return nil, err
 		}
 	}

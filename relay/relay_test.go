@@ -2,9 +2,11 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -154,6 +156,24 @@ func TestRenewing(t *testing.T) {
 	if _, err := r.WriteTo([]byte("lost"), &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 9}); err != nil {
 		t.Errorf("a write with no allocation = %v; want it dropped quietly", err)
 	}
+	// A read waiting for an allocation ends when a deadline is set (as
+	// quic-go's Transport.Close does to end its reader).
+	read := make(chan error, 1)
+	go func() {
+		_, _, err := r.ReadFrom(make([]byte, 64))
+		read <- err
+	}()
+	time.Sleep(100 * time.Millisecond)
+	r.SetReadDeadline(time.Now())
+	select {
+	case err := <-read:
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("ReadFrom after SetReadDeadline(now) = %v; want a deadline error", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a read waiting for an allocation did not end at its deadline")
+	}
+	r.SetReadDeadline(time.Time{})
 	wait := func(what string) netip.AddrPort {
 		t.Helper()
 		select {

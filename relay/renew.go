@@ -43,11 +43,12 @@ type Renewing struct {
 	dead     chan struct{} // a token when a read found the allocation's socket failed
 	done     chan struct{} // closed by Close
 
-	mu       sync.Mutex  // guards cur, swapped, closed and deadline
-	cur      *Allocation // nil until one is allocated
-	swapped  chan struct{}
-	closed   bool
-	deadline time.Time // the last read deadline set
+	mu        sync.Mutex  // guards cur, swapped, closed, deadline and dlChanged
+	cur       *Allocation // nil until one is allocated
+	swapped   chan struct{}
+	closed    bool
+	deadline  time.Time     // the last read deadline set
+	dlChanged chan struct{} // closed when the deadline changes (quic-go's Close sets one to end a read)
 }
 
 // NewRenewing returns a Renewing over a, which may be nil (none could be
@@ -57,7 +58,7 @@ func NewRenewing(a *Allocation, opts Options) *Renewing {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	return &Renewing{opts: opts, log: opts.Logger.With("component", "relay"), cur: a, swapped: make(chan struct{}),
-		dead: make(chan struct{}, 1), done: make(chan struct{})}
+		dlChanged: make(chan struct{}), dead: make(chan struct{}, 1), done: make(chan struct{})}
 }
 
 // Current is the allocation now, nil while there is none.
@@ -173,7 +174,7 @@ func (r *Renewing) swap(a *Allocation) {
 func (r *Renewing) ReadFrom(b []byte) (int, net.Addr, error) {
 	for {
 		r.mu.Lock()
-		a, swapped, closed, deadline := r.cur, r.swapped, r.closed, r.deadline
+		a, swapped, closed, deadline, dlChanged := r.cur, r.swapped, r.closed, r.deadline, r.dlChanged
 		r.mu.Unlock()
 		if closed {
 			return 0, nil, net.ErrClosed
@@ -201,6 +202,7 @@ func (r *Renewing) ReadFrom(b []byte) (int, net.Addr, error) {
 		var err error
 		select {
 		case <-swapped:
+		case <-dlChanged:
 		case <-r.done:
 			err = net.ErrClosed
 		case <-expired:
@@ -280,6 +282,8 @@ func (r *Renewing) SetDeadline(t time.Time) error {
 func (r *Renewing) SetReadDeadline(t time.Time) error {
 	r.mu.Lock()
 	r.deadline = t
+	close(r.dlChanged) // a read waiting for an allocation looks again
+	r.dlChanged = make(chan struct{})
 	a := r.cur
 	r.mu.Unlock()
 	if a != nil {
