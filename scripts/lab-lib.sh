@@ -38,12 +38,34 @@ log() { printf '%s %s: %s\n' "$(date +%T)" "$LAB" "$*"; }
 pass() { PASSED=$((PASSED + 1)); }
 fail() { echo "FAIL: $*"; FAILED=$((FAILED + 1)); }
 
+# alive PID: the process runs and is this lab's child (neither gone, nor
+# a zombie, nor another process that got the number since).
+alive() {
+	local st
+	st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	st=${st##*) } # past the command's name: state, ppid, …
+	[ "${st%% *}" != Z ] && [ "$(echo "$st" | cut -d' ' -f2)" = "$$" ]
+}
+
 cleanup() {
 	local rc=$?
 	set +e
 	for c in "${CLEANUPS[@]}"; do eval "$c"; done
 	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+	# Each must stop within 20 s of SIGTERM: one that does not is a bug
+	# (the lab fails, with its goroutines in its log), not a hang.
+	local until=$((SECONDS + 20))
+	for p in "${PIDS[@]}"; do
+		while alive "$p" && [ "$SECONDS" -lt "$until" ]; do sleep 0.2; done
+		if alive "$p"; then
+			echo "FAIL: process $p ($(tr '\0' ' ' </proc/"$p"/cmdline | cut -c1-100)) did not stop within 20 s of SIGTERM"
+			kill -QUIT "$p" 2>/dev/null
+			sleep 1
+			kill -9 "$p" 2>/dev/null
+			[ "$rc" -eq 0 ] && rc=1
+		fi
+		wait "$p" 2>/dev/null
+	done
 	# Whatever still runs in our namespaces was started by this lab too.
 	for n in "${NETNS[@]}"; do ip netns pids "$n" 2>/dev/null | xargs -r kill 2>/dev/null; done
 	sleep 0.2
