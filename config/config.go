@@ -208,8 +208,9 @@ const (
 )
 
 // DefaultPeerRelayRate is what a party relays for others by default, in
-// bytes per second (32 MiB/s).
-const DefaultPeerRelayRate = 32 << 20
+// bytes per second (128 MiB/s, about a gigabit link): enough not to slow
+// the study's own traffic that it carries, on most links.
+const DefaultPeerRelayRate = 128 << 20
 
 // DefaultTunnelWait is how long a CONNECT to a peer waits for its tunnel
 // (--dial-timeout): long enough for every party of a study to start, and

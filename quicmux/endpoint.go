@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -86,6 +87,10 @@ func (m *Mux) readLoop(ctx context.Context, ep *endpoint) error {
 		}
 		from := ua.AddrPort()
 		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+		if n > 0 && buf[0] == rawRelay && ep == m.main {
+			m.rawIn(from, slices.Clone(buf[:n]))
+			continue
+		}
 		msg, err := stun.Parse(buf[:n])
 		if err != nil {
 			m.log.Debug("ignoring non-quic packet", "from", from, "err", err)

@@ -39,6 +39,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -265,9 +266,11 @@ type Mux struct {
 	// at QUIC's minimum.
 	qcRelayed *quic.Config
 	prelay    peerRelays
-	quiet     *quietlog.Log // warnings that strangers can provoke
-	guard     *handshakeGuard
-	boot      uint64 // this run's id, told to peers in hellos
+	// noGSO is set once the main socket refused a UDP GSO send (rawhop.go).
+	noGSO atomic.Bool
+	quiet *quietlog.Log // warnings that strangers can provoke
+	guard *handshakeGuard
+	boot  uint64 // this run's id, told to peers in hellos
 
 	updates chan []PeerInfo  // latest registry view, for Run
 	relayQ  chan relayChecks // rounds of checks for relaySender

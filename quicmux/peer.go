@@ -235,6 +235,15 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 	// are fixed; their schedule is the link's, across calls of keep.
 	rg := &l.regrow
 	regrowOn := dialer && m.opts.MaxPacketSize == 0 && l.ep.session == nil
+	// On TURN, the dialer looks for a nearer peer relay (rankPeerRelays).
+	var rank *time.Timer
+	var rankC <-chan time.Time
+	ranked := make(chan bool, 1)
+	if dialer && !m.opts.NoPeerRelay && p.kindOf(l) == PathRelayed {
+		rank = time.NewTimer(rankFirst)
+		defer rank.Stop()
+		rankC = rank.C
+	}
 	for {
 		select {
 		case r := <-l.trials:
@@ -330,6 +339,13 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 				m.resetFlows(p.pid, ResetPeerRestarted, nil)
 			}
 			return
+		case <-rankC:
+			m.wg.Go(func() { ranked <- p.rankPeerRelays(ctx, l) })
+		case moved := <-ranked:
+			if moved {
+				return
+			}
+			rank.Reset(rankEvery)
 		case <-directChecks:
 			p.sendChecks(false)
 		case <-p.answerCh:

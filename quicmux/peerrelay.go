@@ -29,10 +29,11 @@ import (
 // member of the study, R, with a connection to each, carries A–B: A's
 // QUIC connection to B, with pinned mutual TLS end to end, runs as QUIC
 // datagrams (RFC 9221) on the authenticated A–R and R–B connections that
-// already exist. No new socket, port or punching: R sees the inner
-// connection's ciphertext inside its own connections' encryption, and
-// cannot read it, change it undetected, or speak as A or B (B's handshake
-// checks A's pin, and that the session is A's).
+// already exist, and then, on each hop where that works, as raw UDP
+// packets between the same sockets (rawhop.go). No new socket, port or
+// punching: R sees only the inner connection's ciphertext, and cannot
+// read it, change it undetected, or speak as A or B (B's handshake checks
+// A's pin, and that the session is A's).
 //
 // A session is brokered. The dialer A (the lower pid) asks R over a stream
 // for a session to B, with a random 128-bit id; R offers it to B over
@@ -46,9 +47,9 @@ import (
 // connection sends keepalives both ways; junk from a relay keeps
 // nothing). R limits sessions per pair and per peer, and the bytes per
 // second it forwards (opts.PeerRelayRate, shared out equally among the
-// peers sending bulk data), dropping what is over: quic-go sends
-// datagrams before stream data, so that cap is what relaying may take
-// from R's own flows on the same connections. An end accepts a few inner
+// peers sending bulk data), dropping what is over: on a hop still on
+// datagrams, quic-go sends them before stream data, so that cap is what
+// relaying may take from R's own flows there. An end accepts a few inner
 // handshakes, then one a second, and no pool members: the relay's own
 // connections carry one inner connection.
 //
@@ -136,8 +137,8 @@ type peerRelays struct {
 	ends     map[sessionID]*sessionEnd
 	limiters map[int]*source // per source peer of relayed packets
 	total    *rate.Limiter   // all sources together
-	// Counters.
-	forwarded, dropped, refused atomic.Uint64
+	// Counters; rawIn and rawOut count raw packets (rawhop.go).
+	forwarded, dropped, refused, rawIn, rawOut atomic.Uint64
 }
 
 func (r *peerRelays) init(total int) {
@@ -158,8 +159,10 @@ type relaySession struct {
 	// Bytes forwarded each way.
 	bytesAB, bytesBA atomic.Uint64
 	since            time.Time
-	// links are the connections it forwards on, to a and to b (linkCache).
+	// links are the connections it forwards on, to a and to b (linkCache);
+	// raws, their hops' raw packets.
 	linkA, linkB linkCache
+	rawA, rawB   rawHop
 }
 
 // fullLocked reports whether a session between a and b would pass a
@@ -406,8 +409,8 @@ func (m *Mux) runRelaySession(s *relaySession) {
 		cancel()
 	}()
 	var wg sync.WaitGroup
-	wg.Go(func() { m.forward(ctx, s, s.a, &s.linkA, s.toA, &s.bytesBA) })
-	wg.Go(func() { m.forward(ctx, s, s.b, &s.linkB, s.toB, &s.bytesAB) })
+	wg.Go(func() { m.forward(ctx, s, s.a, &s.linkA, &s.rawA, s.toA, &s.bytesBA) })
+	wg.Go(func() { m.forward(ctx, s, s.b, &s.linkB, &s.rawB, s.toB, &s.bytesAB) })
 	t := time.NewTicker(relayIdle / 6)
 	defer t.Stop()
 	for ctx.Err() == nil {
@@ -431,25 +434,40 @@ func (m *Mux) runRelaySession(s *relaySession) {
 
 // forward sends the packets of q to peer pid's primary until ctx ends,
 // counting their bytes in n.
-func (m *Mux) forward(ctx context.Context, s *relaySession, pid int, lc *linkCache, q <-chan []byte, n *atomic.Uint64) {
+func (m *Mux) forward(ctx context.Context, s *relaySession, pid int, lc *linkCache, h *rawHop, q <-chan []byte, n *atomic.Uint64) {
+	var rb rawBatch
+	batch := make([][]byte, 0, gsoMax)
+	seq := func() uint16 { return uint16(s.seq.Add(1)) | 0x8000 }
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case b := <-q:
+			batch = takeBatch(batch, b, q)
 			l := lc.get(m.relayable, pid)
 			if l == nil {
-				m.prelay.dropped.Add(1)
+				m.prelay.dropped.Add(uint64(len(batch)))
 				continue
 			}
-			if sendRelayed(l.conn, b, func() uint16 { return uint16(s.seq.Add(1)) | 0x8000 }) != nil {
-				m.prelay.dropped.Add(1)
-				continue
-			}
-			m.prelay.forwarded.Add(uint64(len(b) - relayHeaderLen))
-			n.Add(uint64(len(b) - relayHeaderLen))
+			sent := m.sendHops(l, h, batch, &rb, seq)
+			m.prelay.forwarded.Add(uint64(sent))
+			n.Add(uint64(sent))
 		}
 	}
+}
+
+// takeBatch is first and what else waits in q, up to gsoMax, in batch.
+func takeBatch(batch [][]byte, first []byte, q <-chan []byte) [][]byte {
+	batch = append(batch[:0], first)
+	for len(batch) < gsoMax {
+		select {
+		case b := <-q:
+			batch = append(batch, b)
+		default:
+			return batch
+		}
+	}
+	return batch
 }
 
 // linkCache holds a peer's link between packets (the relayable one, or
@@ -539,6 +557,8 @@ type sessionEnd struct {
 	via, peer int
 	ep        *endpoint
 	in        chan []byte
+	// out holds the inner packets that go raw, for write to send together.
+	out chan []byte
 	// last is the unix nanoseconds of its last packet sent: its inner
 	// transport sends only for a live connection or a handshake, so a
 	// relay that sends junk cannot keep it.
@@ -547,6 +567,7 @@ type sessionEnd struct {
 	closed    chan struct{}
 	closeOnce sync.Once
 	link      linkCache // to the relay
+	raw       rawHop    // its raw packets
 	// route is the relays the dialer's end goes through, via first (set
 	// before its connection is installed); nil at the other end, which
 	// knows only via.
@@ -573,7 +594,7 @@ const partialAge = time.Second
 // via, with its QUIC transport and listener, or refuses it (at most
 // pairSessions with one peer through one relay, viaSessions through it).
 func (m *Mux) newSessionEnd(id sessionID, via, peer int) (*sessionEnd, error) {
-	e := &sessionEnd{m: m, id: id, via: via, peer: peer, in: make(chan []byte, relayQueue), closed: make(chan struct{}),
+	e := &sessionEnd{m: m, id: id, via: via, peer: peer, in: make(chan []byte, relayQueue), out: make(chan []byte, relayQueue), closed: make(chan struct{}),
 		partials: map[uint16]*partial{}, dlCh: make(chan struct{}), handshakes: rate.NewLimiter(sessionHandshakes, sessionBurst)}
 	e.last.Store(time.Now().UnixNano())
 	r := &m.prelay
@@ -622,11 +643,9 @@ func (e *sessionEnd) run() {
 	m := e.m
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		m.acceptLoop(ctx, e.ep)
-	}()
+	var wg sync.WaitGroup
+	wg.Go(func() { m.acceptLoop(ctx, e.ep) })
+	wg.Go(func() { e.write(ctx) })
 	t := time.NewTicker(relayIdle / 6)
 	defer t.Stop()
 	for idle := false; !idle; {
@@ -641,7 +660,25 @@ func (e *sessionEnd) run() {
 	}
 	cancel()
 	e.ep.close()
-	<-done
+	wg.Wait()
+}
+
+// write sends the packets of e.out until ctx ends, those waiting together.
+func (e *sessionEnd) write(ctx context.Context) {
+	var rb rawBatch
+	batch := make([][]byte, 0, gsoMax)
+	seq := func() uint16 { return uint16(e.seq.Add(1)) &^ 0x8000 }
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case b := <-e.out:
+			batch = takeBatch(batch, b, e.out)
+			if l := e.link.get(e.m.relayable, e.via); l != nil {
+				e.m.sendHops(l, &e.raw, batch, &rb, seq)
+			}
+		}
+	}
 }
 
 // take delivers a packet (or a piece of one) of the session from its relay.
@@ -737,8 +774,21 @@ func (e *sessionEnd) WriteTo(b []byte, _ net.Addr) (int, error) {
 	}
 	d := make([]byte, 0, relayHeaderLen+len(b))
 	d = append(append(append(d, dgRelay), e.id[:]...), pieceWhole, 0, 0)
-	if err := sendRelayed(l.conn, append(d, b...), func() uint16 { return uint16(e.seq.Add(1)) &^ 0x8000 }); err == nil {
-		e.last.Store(time.Now().UnixNano())
+	d = append(d, b...)
+	now := time.Now().UnixNano()
+	if e.m.rawCapable(l) && e.raw.fresh(now) {
+		// Raw: with what else the inner connection sends now. A full
+		// queue loses the packet, as a full socket buffer would.
+		select {
+		case e.out <- d:
+			e.last.Store(now)
+		default:
+			e.m.prelay.dropped.Add(1)
+		}
+		return len(b), nil
+	}
+	if err := e.m.sendHop(l, &e.raw, d, func() uint16 { return uint16(e.seq.Add(1)) &^ 0x8000 }); err == nil {
+		e.last.Store(now)
 	}
 	return len(b), nil
 }
@@ -835,29 +885,17 @@ func (p *peer) dialViaPeers(ctx context.Context) bool {
 	p.nextViaPeer = now.Add(relayRetry)
 	pin, key := p.info.Pin, p.key
 	p.mu.Unlock()
-	type hop struct {
-		pid int
-		l   *link
-		rtt time.Duration
-	}
-	var hops []hop
+	hops := p.relayHops()
 	reached := map[int]bool{}
-	for _, r := range m.peerList() {
-		if r.pid == p.pid {
-			continue
-		}
-		if l := m.relayable(r.pid); l != nil {
-			hops = append(hops, hop{r.pid, l, l.conn.ConnectionStats().SmoothedRTT})
-			reached[r.pid] = true
-		}
+	for _, h := range hops {
+		reached[h.pid] = true
 	}
-	slices.SortFunc(hops, func(a, b hop) int { return int(a.rtt - b.rtt) })
 	for _, h := range hops {
 		if ctx.Err() != nil {
 			return false
 		}
 		id := newSessionID()
-		if p.dialThrough(ctx, ctx, pin, h.l, []int{h.pid}, id, id.request(header.KindRelay, p.pid), nil, 2*m.opts.HandshakeTimeout) {
+		if p.dialThrough(ctx, ctx, pin, h.l, []int{h.pid}, id, id.request(header.KindRelay, p.pid), nil, 2*m.opts.HandshakeTimeout, nil) {
 			return true
 		}
 	}
@@ -880,9 +918,94 @@ func (p *peer) dialViaPeers(ctx context.Context) bool {
 			}
 			id := newSessionID()
 			route := header.Route{Next: uint16(r2.pid), Origin: uint16(m.opts.PID), MAC: routeMAC(key, id, m.opts.PID, p.pid)}
-			if p.dialThrough(ctx, sctx, pin, h.l, []int{h.pid, r2.pid}, id, id.request(header.KindRelayVia, p.pid), route.Append(nil), 3*m.opts.HandshakeTimeout) {
+			if p.dialThrough(ctx, sctx, pin, h.l, []int{h.pid, r2.pid}, id, id.request(header.KindRelayVia, p.pid), route.Append(nil), 3*m.opts.HandshakeTimeout, nil) {
 				return true
 			}
+		}
+	}
+	return false
+}
+
+// relayHop is a party this party reaches by its own path, with that
+// connection and its round trip.
+type relayHop struct {
+	pid int
+	l   *link
+	rtt time.Duration
+}
+
+// relayHops are the parties other than p that could relay for p, the
+// nearest first.
+func (p *peer) relayHops() []relayHop {
+	var hops []relayHop
+	for _, r := range p.m.peerList() {
+		if r.pid == p.pid {
+			continue
+		}
+		if l := p.m.relayable(r.pid); l != nil {
+			hops = append(hops, relayHop{r.pid, l, l.conn.ConnectionStats().SmoothedRTT})
+		}
+	}
+	slices.SortFunc(hops, func(a, b relayHop) int { return int(a.rtt - b.rtt) })
+	return hops
+}
+
+// Ranking against TURN. A pair whose dialer has TURN is tried on TURN
+// first (it needs no third party). While it is, the dialer looks for a
+// peer relay with a shorter round trip, rankFirst after the connection
+// and every rankEvery: a relay it reaches in less than the TURN path's
+// round trip (more cannot beat it) is asked for a session, and its
+// answer carries its own round trip to the far end (hopRTT); when the
+// two hops together beat TURN (a fifth shorter, and by rankMargin at
+// least: noise on a short path is no reason to move), the dialer
+// connects through it and the connection moves there, as to a direct
+// path: the flows resume, nothing lost. Round trips are quic-go's
+// minimum of each connection. A session not dialed ends idle at both.
+const (
+	rankFirst  = 2 * time.Second
+	rankEvery  = time.Minute
+	rankMargin = 5 * time.Millisecond
+)
+
+// beats reports whether a round trip of rtt beats one of than.
+func beats(rtt, than time.Duration) bool {
+	return rtt > 0 && rtt < than*4/5 && than-rtt >= rankMargin
+}
+
+// hopRTT is this party's round trip to pid, in microseconds, for a
+// relay's answer (0: none).
+func (m *Mux) hopRTT(pid int) uint64 {
+	if l := m.relayable(pid); l != nil {
+		return uint64(l.conn.ConnectionStats().MinRTT.Microseconds())
+	}
+	return 0
+}
+
+// rankPeerRelays moves p from its TURN link l to a peer relay with a
+// shorter round trip, if one has, and reports whether it did.
+func (p *peer) rankPeerRelays(ctx context.Context, l *link) bool {
+	m := p.m
+	turn := l.conn.ConnectionStats().MinRTT
+	p.mu.Lock()
+	pin := p.info.Pin
+	p.mu.Unlock()
+	for _, h := range p.relayHops() {
+		first := h.l.conn.ConnectionStats().MinRTT
+		if ctx.Err() != nil || l.conn.Context().Err() != nil || !beats(first, turn) {
+			continue
+		}
+		id := newSessionID()
+		better := func(rep header.Reply) bool {
+			rtt := first + time.Duration(rep.Rcvd)*time.Microsecond
+			if rep.Rcvd == 0 || !beats(rtt, turn) {
+				p.log.Debug("peer relay does not beat TURN", "via", h.pid, "rtt", rtt, "turn_rtt", turn)
+				return false
+			}
+			p.log.Info("peer relay is nearer than TURN; moving to it", "via", h.pid, "rtt", rtt, "turn_rtt", turn)
+			return true
+		}
+		if p.dialThrough(ctx, ctx, pin, h.l, []int{h.pid}, id, id.request(header.KindRelay, p.pid), nil, 2*m.opts.HandshakeTimeout, better) {
+			return true
 		}
 	}
 	return false
@@ -891,8 +1014,10 @@ func (p *peer) dialViaPeers(ctx context.Context) bool {
 // dialThrough asks the relay on l for session id to p (req, with its
 // trailer, waiting at most wait for the answer), and dials p through it,
 // within ctx; route names the relays, l's first. The connection lives
-// within life. It reports whether a connection is up.
-func (p *peer) dialThrough(life, ctx context.Context, pin string, l *link, route []int, id sessionID, req header.Request, trailer []byte, wait time.Duration) bool {
+// within life. better, when not nil, judges the relay's answer first. It
+// reports whether a connection is up.
+func (p *peer) dialThrough(life, ctx context.Context, pin string, l *link, route []int, id sessionID, req header.Request, trailer []byte, wait time.Duration,
+	better func(header.Reply) bool) bool {
 	m := p.m
 	rctx, cancel := context.WithTimeout(ctx, wait)
 	str, rep, err := openStream(rctx, l.conn, req, trailer...)
@@ -905,6 +1030,9 @@ func (p *peer) dialThrough(life, ctx context.Context, pin string, l *link, route
 		return false
 	}
 	endStream(str)
+	if better != nil && !better(rep) {
+		return false
+	}
 	e, err := m.newSessionEnd(id, route[0], p.pid)
 	if err != nil {
 		p.log.Debug("no relayed session", "route", route, "err", err)

@@ -16,6 +16,7 @@ import (
 
 	"sfkit-proxy/internal/testkit"
 	"sfkit-proxy/quicmux/header"
+	"sfkit-proxy/relay/relaytest"
 )
 
 // relayScene is parties 0 and 1 with no direct path between them (party
@@ -88,6 +89,11 @@ func TestPeerRelay(t *testing.T) {
 		rs.Relaying[0].A != 0 || rs.Relaying[0].B != 1 || rs.Relaying[0].BytesAB < 2<<20 || rs.Relaying[0].BytesBA < 2<<20 {
 		t.Errorf("relay's stats = %+v; want 1 session between 0 and 1, at least 2 MiB each way", rs)
 	}
+	// Both hops carry the packets raw: most of the 4 MiB's packets went
+	// from the relay's socket, not as datagrams.
+	if len(rs.Relaying) == 1 && (!rs.Relaying[0].Raw || rs.RawIn < 2000 || rs.RawOut < 2000) {
+		t.Errorf("relay's stats = %+v; want both hops raw, most packets raw", rs)
+	}
 	// Parallel flows share the one connection through the relay (the
 	// relay's own connections carry it: no pool inside).
 	check := echoFlows(t, s.a.m, 1, testkit.Echo(t), 3, 256<<10)
@@ -127,6 +133,90 @@ func echoAcross(t *testing.T, m *Mux, pid int, echo uint16, wait time.Duration, 
 	if err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("the same connection across %s: got %d of %d bytes, %v", what, len(got), len(want), err)
 	}
+}
+
+// TestRawHopFallsBack: a middlebox at party 0 drops every raw packet
+// mid-transfer (it passes only QUIC): the hop goes back to datagrams and
+// the transfer completes, every byte right; the hop goes raw again when
+// the middlebox lets raw packets through.
+func TestRawHopFallsBack(t *testing.T) {
+	s := newRelayScene(t, 1, nil)
+	echo := halfCloseEcho(t)
+	roundTrip(t, s.a.m, 1, echo, 1<<20)
+	relay := s.relays[0].m
+	raw := func() bool {
+		rs := relay.Stats().PeerRelay
+		return len(rs.Relaying) == 1 && rs.Relaying[0].Raw
+	}
+	testkit.Eventually(t, "both hops raw", raw)
+	echoAcross(t, s.a.m, 1, echo, 30*time.Second, "raw packets dropped", func() {
+		s.firewall.DropLeading(rawRelay, true)
+	})
+	testkit.Eventually(t, "party 0's hop back on datagrams", func() bool { return !raw() })
+	before := s.a.m.Stats().PeerRelay.RawIn
+	roundTrip(t, s.a.m, 1, echo, 1<<20)
+	if got := s.a.m.Stats().PeerRelay.RawIn; got != before {
+		t.Errorf("party 0 took %d raw packets through the middlebox", got-before)
+	}
+	s.firewall.DropLeading(rawRelay, false)
+	testkit.Eventually(t, "both hops raw again", func() bool {
+		roundTrip(t, s.a.m, 1, echo, 64<<10)
+		return raw()
+	})
+	if ps := peerStats(s.a.m, 1); ps.Path != PathPeerRelayed {
+		t.Errorf("party 0's path to party 1 = %v; want still peer-relayed", ps.Path)
+	}
+}
+
+// TestPeerRelayBeatsTURN: parties 0 and 1 have no direct path; party 0
+// has TURN, 40 ms away, and party 2 reaches both in well under a
+// millisecond. The pair starts on TURN, then moves to the peer relay,
+// which measures a shorter round trip, in the middle of a transfer that
+// completes with every byte right. With the relay as far away as TURN is
+// near, the pair stays on TURN and asks the relay for nothing.
+func TestPeerRelayBeatsTURN(t *testing.T) {
+	c := relaytest.Start(t, relaytest.Options{})
+	short := func(o *Options) { o.RelayDelay = 300 * time.Millisecond }
+	t.Run("nearer", func(t *testing.T) {
+		a, firewall := startRelayedPartyWith(t, 0, c, "udp", func(pc net.PacketConn) net.PacketConn { return testkit.NewDelayConn(pc, 40*time.Millisecond) }, nil)
+		b := startPartyWith(t, 1, nil, allowAll, short)
+		r := startPartyWith(t, 2, nil, allowAll, short)
+		firewall.Drop(b.m.LocalAddr(), true)
+		introduce(a, b, r)
+		echo := halfCloseEcho(t)
+		roundTrip(t, a.m, 1, echo, 64<<10)
+		if ps := peerStats(a.m, 1); ps.Path != PathRelayed && ps.Path != PathPeerRelayed {
+			t.Fatalf("party 0's path to party 1 = %v; want TURN first, or already the peer relay", ps.Path)
+		}
+		echoAcross(t, a.m, 1, echo, 60*time.Second, "the move from TURN to the peer relay", func() {
+			waitPath(t, a.m, 1, PathPeerRelayed)
+		})
+		if ps := peerStats(a.m, 1); ps.Via != "peer 2" {
+			t.Errorf("party 0's path to party 1 = %+v; want relayed via peer 2", ps)
+		}
+		if ps := waitPath(t, b.m, 0, PathPeerRelayed); ps.Via != "peer 2" {
+			t.Errorf("party 1's path to party 0 = %+v; want relayed via peer 2", ps)
+		}
+	})
+	t.Run("farther", func(t *testing.T) {
+		a, firewall := startRelayedPartyWith(t, 0, c, "udp", nil, nil)
+		b := startPartyWith(t, 1, nil, allowAll, short)
+		r := startPartyConf(t, 2, partyConf{allow: allowAll, adjust: short, pc: testkit.NewDelayConn(listenLoopback(t), 40*time.Millisecond)})
+		firewall.Drop(b.m.LocalAddr(), true)
+		introduce(a, b, r)
+		echo := halfCloseEcho(t)
+		roundTrip(t, a.m, 1, echo, 64<<10)
+		waitPath(t, a.m, 1, PathRelayed)
+		testkit.Eventually(t, "party 0 reaches party 2", func() bool { return a.m.relayable(2) != nil })
+		time.Sleep(rankFirst + time.Second)
+		roundTrip(t, a.m, 1, echo, 64<<10)
+		if ps := peerStats(a.m, 1); ps.Path != PathRelayed {
+			t.Errorf("party 0's path to party 1 = %v; want still TURN", ps.Path)
+		}
+		if rs := r.m.Stats().PeerRelay; rs.Refused != 0 || rs.Sessions != 0 {
+			t.Errorf("the far relay was asked: %+v", rs)
+		}
+	})
 }
 
 // TestPeerRelayGoesAway: the relay carrying a live transfer stops; the
@@ -204,6 +294,22 @@ func TestHostileRelayMember(t *testing.T) {
 		return r.m.Stats().PeerRelay.Dropped >= before.Dropped+150
 	})
 	roundTrip(t, s.a.m, 1, echo, 256<<10) // the live session is unharmed
+	// The same as raw packets from party 4's own socket, to the relay and
+	// to both ends: dropped, none taken, none forwarded.
+	before, beforeA, beforeB := r.m.Stats().PeerRelay, s.a.m.Stats().PeerRelay, s.b.m.Stats().PeerRelay
+	for range 100 {
+		d := append(append([]byte{rawRelay}, live[:]...), pieceWhole, 0, 0)
+		d = append(d, bytes.Repeat([]byte{0xee}, 1000)...)
+		for _, to := range []*testParty{r, s.a, s.b} {
+			h.tr.WriteTo(d, net.UDPAddrFromAddrPort(to.m.LocalAddr()))
+		}
+		time.Sleep(time.Millisecond) // quic-go queues 32 non-QUIC packets
+	}
+	testkit.Eventually(t, "the forged raw packets dropped", func() bool {
+		return r.m.Stats().PeerRelay.Dropped >= before.Dropped+100 && s.a.m.Stats().PeerRelay.Dropped >= beforeA.Dropped+100 &&
+			s.b.m.Stats().PeerRelay.Dropped >= beforeB.Dropped+100
+	})
+	roundTrip(t, s.a.m, 1, echo, 256<<10)
 
 	ask := func(kind header.Kind, pid int) header.Status {
 		ctx := ctxTimeout(t, 15*time.Second)

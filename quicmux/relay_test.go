@@ -20,19 +20,36 @@ import (
 // socket behind a filter (a firewall the test opens and closes).
 func startRelayedParty(t *testing.T, pid int, c *relaytest.Coturn, transport string) (*testParty, *testkit.FilterConn) {
 	t.Helper()
+	return startRelayedPartyWith(t, pid, c, transport, nil, nil)
+}
+
+// startRelayedPartyWith is startRelayedParty with the relay's conn
+// wrapped by wrap (when not nil), and adjust.
+func startRelayedPartyWith(t *testing.T, pid int, c *relaytest.Coturn, transport string, wrap func(net.PacketConn) net.PacketConn,
+	adjust func(*Options)) (*testParty, *testkit.FilterConn) {
+	t.Helper()
 	raw := "turn:" + c.Addr() + "?transport=" + transport
 	u, _ := relay.ParseURL(raw)
 	a, err := relay.Allocate(context.Background(), relay.Options{URLs: []relay.URL{u}, User: c.User, Password: c.Pass})
 	if err != nil {
 		t.Fatal(err)
 	}
+	rc := a.Conn
+	if wrap != nil {
+		rc = wrap(rc)
+	}
 	udp, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	fc := testkit.NewFilterConn(udp)
-	p := startPartyConf(t, pid, partyConf{allow: allowAll, pc: fc, relay: &Relay{Conn: a.Conn, Addr: a.Addr, Server: a.Server},
-		adjust: func(o *Options) { o.RelayDelay = 300 * time.Millisecond }})
+	p := startPartyConf(t, pid, partyConf{allow: allowAll, pc: fc, relay: &Relay{Conn: rc, Addr: a.Addr, Server: a.Server},
+		adjust: func(o *Options) {
+			o.RelayDelay = 300 * time.Millisecond
+			if adjust != nil {
+				adjust(o)
+			}
+		}})
 	p.info.Candidates = append(p.info.Candidates, a.Addr)
 	p.info.Relays = []netip.AddrPort{a.Addr}
 	return p, fc

@@ -203,7 +203,8 @@ func (m *Mux) Stats() Stats {
 		RateLimit: m.opts.PeerRelayRate}
 	for _, s := range r.relayed {
 		ab, ba := s.bytesAB.Load(), s.bytesBA.Load()
-		rs := status.RelaySession{A: s.a, B: s.b, Since: s.since, BytesAB: ab, BytesBA: ba}
+		now := time.Now().UnixNano()
+		rs := status.RelaySession{A: s.a, B: s.b, Since: s.since, BytesAB: ab, BytesBA: ba, Raw: s.rawA.fresh(now) && s.rawB.fresh(now)}
 		if el := time.Since(s.since).Seconds(); el > 0 {
 			rs.RateAB, rs.RateBA = float64(ab)/el, float64(ba)/el
 		}
@@ -212,6 +213,7 @@ func (m *Mux) Stats() Stats {
 	r.mu.Unlock()
 	slices.SortFunc(st.PeerRelay.Relaying, func(a, b status.RelaySession) int { return a.Since.Compare(b.Since) })
 	st.PeerRelay.BytesForwarded, st.PeerRelay.Dropped, st.PeerRelay.Refused = r.forwarded.Load(), r.dropped.Load(), r.refused.Load()
+	st.PeerRelay.RawIn, st.PeerRelay.RawOut = r.rawIn.Load(), r.rawOut.Load()
 	for why := ResetByPeer; why < numResetReasons; why++ {
 		if n := m.count.flowResets[why].Load(); n > 0 {
 			st.FlowsReset[why.String()] = n

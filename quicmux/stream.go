@@ -289,7 +289,11 @@ func (m *Mux) serveStream(ctx context.Context, pid int, str *quic.Stream, l *lin
 		m.resumed(pid, req, str, l)
 		return
 	case req.Kind == header.KindRelay:
-		reply(header.Reply{Status: m.relayRequest(ctx, pid, int(req.Port), sessionOf(req))})
+		rep := header.Reply{Status: m.relayRequest(ctx, pid, int(req.Port), sessionOf(req))}
+		if rep.Status == header.StatusOK {
+			rep.Rcvd = m.hopRTT(int(req.Port))
+		}
+		reply(rep)
 		endStream(str)
 		return
 	case req.Kind == header.KindRelayVia:

@@ -6,7 +6,9 @@
 # relay and peer relays are off), then through party 3 (no TURN). Each
 # round measures the time from the sidecars' start to the first byte of a
 # tunnelled fetch from party 1 to party 0, a 64 MiB transfer's rate, and
-# the CPU the relay spent on it (coturn's, or party 3's sidecar's) per GB.
+# the CPU the relay spent on it (coturn's, or party 3's sidecar's) per GB,
+# then the peer relay's rate as a share of TURN's (the target: 0.8) and
+# how many packets party 3 sent raw (rawhop.go) rather than as datagrams.
 #
 # Usage: scripts/peer-relay-bench.sh [path/to/sfkit-proxy]   (env: SIZE_MB=64)
 set -euo pipefail
@@ -57,15 +59,20 @@ round() {
 	secs=$(awk "BEGIN{print $t1 - $t0}")
 	local path
 	path=$(inns p0 "$BIN" status --json | python3 -c 'import json,sys; p=[p for p in json.load(sys.stdin)["peers"] if p["pid"]==1][0]; print(p.get("path"), p.get("via", ""))')
-	printf '%-11s %-28s %9.2f %9.1f %12.1f\n' "$name" "$path" "$first" "$(awk "BEGIN{print $SIZE_MB*1.048576/$secs}")" \
+	RATE[$name]=$(awk "BEGIN{print $SIZE_MB*1.048576/$secs}")
+	[ "$name" = peer-relay ] && RAW=$(inns p3 "$BIN" status --json | python3 -c 'import json,sys; r=json.load(sys.stdin)["peer_relay"]; print(r["raw_out"])')
+	printf '%-11s %-28s %9.2f %9.1f %12.1f\n' "$name" "$path" "$first" "${RATE[$name]}" \
 		"$(awk -v t="$(getconf CLK_TCK)" "BEGIN{print ($c1-$c0)/t/($SIZE_MB*1.048576/1000)}")"
 	for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
 	rm -f "$DIR/out"
 }
 
+declare -A RATE
+RAW=0
 wait_for_registry() { for _ in $(seq 1 50); do inns p0 curl -s -o /dev/null http://203.0.113.10:8080/ && return; sleep 0.1; done; }
 wait_for_registry
 printf '%-11s %-28s %9s %9s %12s\n' round path "first s" "MB/s" "relay CPU-s/GB"
 round turn "$(cat "$DIR/turn.pid")" --peer-relay off --relay "turn:203.0.113.10:3478?transport=udp" --relay-secret-file "$DIR/turn-secret"
 round peer-relay party3
+echo "peer relay / TURN: $(awk "BEGIN{printf \"%.2f\", ${RATE[peer-relay]}/${RATE[turn]}}")x (target 0.8x); party 3 sent $RAW packets raw"
 finish

@@ -214,6 +214,11 @@ type PeerRelay struct {
 	// Refused counts sessions refused (off, no connection to both, over
 	// the limit, a bad request).
 	Refused uint64 `json:"refused"`
+	// RawIn and RawOut count relayed packets it took and sent raw (as
+	// UDP packets of their own, not datagrams of a peer connection), as a
+	// relay or an end.
+	RawIn  uint64 `json:"raw_in"`
+	RawOut uint64 `json:"raw_out"`
 	// Relaying lists the sessions it relays now.
 	Relaying []RelaySession `json:"relaying,omitempty"`
 }
@@ -228,6 +233,9 @@ type RelaySession struct {
 	BytesBA uint64    `json:"bytes_b_to_a"`
 	RateAB  float64   `json:"rate_a_to_b"`
 	RateBA  float64   `json:"rate_b_to_a"`
+	// Raw is whether both its hops carry raw packets now (else datagrams
+	// of the connections to A and B, on one hop or both).
+	Raw bool `json:"raw"`
 }
 
 // Probe is an open probe: a temporary listener that answers its

@@ -22,7 +22,7 @@ func TestJSONNames(t *testing.T) {
 		Counters: Counters{DialsOK: 1, DialsFailed: 2, AcceptsOK: 3, AcceptsRejected: 4, ChecksSent: 5, ChecksAnswered: 6,
 			SOCKS: map[string]uint64{"peer/ok": 7}, FlowsResumed: 8, FlowsReset: map[string]uint64{"timeout": 9},
 			FlowsMoved: 10, PoolConnsOpened: 11, PathStalls: 12, PacketSizeRaises: 13},
-		PeerRelay: PeerRelay{Enabled: true, Sessions: 1, Ends: 2, RateLimit: 3, BytesForwarded: 4, Dropped: 5, Refused: 6},
+		PeerRelay: PeerRelay{Enabled: true, Sessions: 1, Ends: 2, RateLimit: 3, BytesForwarded: 4, Dropped: 5, Refused: 6, RawIn: 7, RawOut: 8},
 		Socket:    Socket{ReadBuffer: 1, WriteBuffer: 2, GSO: true},
 		Gateways: []Gateway{{Proto: "tcp", Listen: "203.0.113.5:8443", PID: 2, Port: 8000, Label: "l", Source: "api", Public: true,
 			AllowFrom: []string{"203.0.113.0/24"}, ConnRate: 10, MaxConns: 256, IdleTimeout: "30m0s", Conns: 1, Open: 2,
@@ -40,7 +40,7 @@ func TestJSONNames(t *testing.T) {
 		`"state_since":"2025-01-02T03:04:05Z","repairs":1,"last_repair_seconds":0.5,"last_repair_reason":"stall"}],` +
 		`"counters":{"dials_ok":1,"dials_failed":2,"accepts_ok":3,"accepts_rejected":4,"checks_sent":5,"checks_answered":6,` +
 		`"socks":{"peer/ok":7},"flows_resumed":8,"flows_reset":{"timeout":9},"flows_moved":10,"pool_conns_opened":11,"path_stalls":12,"packet_size_raises":13},` +
-		`"peer_relay":{"enabled":true,"sessions":1,"ends":2,"rate_limit":3,"bytes_forwarded":4,"dropped":5,"refused":6},` +
+		`"peer_relay":{"enabled":true,"sessions":1,"ends":2,"rate_limit":3,"bytes_forwarded":4,"dropped":5,"refused":6,"raw_in":7,"raw_out":8},` +
 		`"udp_socket":{"read_buffer":1,"write_buffer":2,"gso":true},` +
 		`"gateways":[{"proto":"tcp","listen":"203.0.113.5:8443","pid":2,"port":8000,"label":"l","source":"api","public":true,` +
 		`"allow_from":["203.0.113.0/24"],"conn_rate":10,"max_conns":256,"idle_timeout":"30m0s","conns":1,"open":2,` +

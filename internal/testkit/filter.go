@@ -9,7 +9,8 @@ import (
 // FilterConn is a UDP socket as a test double of the network beyond it,
 // in the manner of wireguard-go's bindtest: per remote address it drops
 // packets both ways (a firewall that blocks UDP), drops those larger than
-// a size both ways (a path whose MTU shrank, with no ICMP), or holds every
+// a size both ways (a path whose MTU shrank, with no ICMP), drops those
+// that begin with a byte (a middlebox that passes only QUIC), or holds every
 // write until released (a stalled network, or a kernel queue that never
 // drains).
 // Everything else passes. The code under test gets it where it takes a
@@ -17,9 +18,10 @@ import (
 type FilterConn struct {
 	net.PacketConn
 
-	mu      sync.Mutex // guards dropped, stalled, maxSize, largest
+	mu      sync.Mutex // guards dropped, leading, stalled, maxSize, largest
 	largest int        // the largest packet written or read
 	dropped map[netip.AddrPort]bool
+	leading [256]bool
 	stalled map[netip.AddrPort]<-chan struct{}
 	maxSize map[netip.AddrPort]int
 }
@@ -49,12 +51,20 @@ func (f *FilterConn) Largest() int {
 	return f.largest
 }
 
-// passes reports whether a packet of n bytes to or from ap goes through.
-func (f *FilterConn) passes(ap netip.AddrPort, n int) bool {
+// passes reports whether packet b to or from ap goes through.
+func (f *FilterConn) passes(ap netip.AddrPort, b []byte) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	max := f.maxSize[ap]
-	return !f.dropped[ap] && (max == 0 || n <= max)
+	return !f.dropped[ap] && (max == 0 || len(b) <= max) && (len(b) == 0 || !f.leading[b[0]])
+}
+
+// DropLeading drops every packet, both ways, whose first byte is first,
+// while on.
+func (f *FilterConn) DropLeading(first byte, on bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.leading[first] = on
 }
 
 // Drop drops every packet to and from ap while on.
@@ -95,7 +105,7 @@ func (f *FilterConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	if release != nil {
 		<-release
 	}
-	if !f.passes(ap, len(b)) {
+	if !f.passes(ap, b) {
 		return len(b), nil
 	}
 	return f.PacketConn.WriteTo(b, addr)
@@ -111,7 +121,7 @@ func (f *FilterConn) ReadFrom(b []byte) (int, net.Addr, error) {
 		f.mu.Lock()
 		f.largest = max(f.largest, n)
 		f.mu.Unlock()
-		if f.passes(addrPort(addr), n) {
+		if f.passes(addrPort(addr), b[:n]) {
 			return n, addr, nil
 		}
 	}
