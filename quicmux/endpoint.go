@@ -87,7 +87,7 @@ func (m *Mux) readLoop(ctx context.Context, ep *endpoint) error {
 		}
 		from := ua.AddrPort()
 		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
-		if n > 0 && buf[0] == rawRelay && ep == m.main {
+		if n > 0 && (buf[0] == rawHeard || buf[0] == rawUnheard) && ep == m.main {
 			m.rawIn(from, slices.Clone(buf[:n]))
 			continue
 		}

@@ -26,7 +26,7 @@ func writeGSO(c *net.UDPConn, buf, oob []byte, segs [][]byte, to *net.UDPAddr) (
 	h.SetLen(unix.CmsgLen(2))
 	binary.NativeEndian.PutUint16(oob[unix.CmsgLen(0):], uint16(len(segs[0])))
 	_, _, err := c.WriteMsgUDP(buf, oob, to)
-	for _, no := range []error{unix.EIO, unix.EINVAL, unix.ENOPROTOOPT, unix.EOPNOTSUPP} {
+	for _, no := range []error{unix.EIO, unix.EINVAL, unix.ENOPROTOOPT, unix.EOPNOTSUPP, unix.EMSGSIZE} {
 		if errors.Is(err, no) {
 			return false, nil
 		}

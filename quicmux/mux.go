@@ -36,6 +36,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"sync"
@@ -266,11 +267,14 @@ type Mux struct {
 	// at QUIC's minimum.
 	qcRelayed *quic.Config
 	prelay    peerRelays
-	// noGSO is set once the main socket refused a UDP GSO send (rawhop.go).
-	noGSO atomic.Bool
-	quiet *quietlog.Log // warnings that strangers can provoke
-	guard *handshakeGuard
-	boot  uint64 // this run's id, told to peers in hellos
+	// rawGSO is whether raw hops send with UDP GSO (the main socket has it,
+	// and QUIC_GO_DISABLE_GSO does not turn it off, as for quic-go); noGSO
+	// is set once the socket refused such a send anyway (rawhop.go).
+	rawGSO bool
+	noGSO  atomic.Bool
+	quiet  *quietlog.Log // warnings that strangers can provoke
+	guard  *handshakeGuard
+	boot   uint64 // this run's id, told to peers in hellos
 
 	updates chan []PeerInfo  // latest registry view, for Run
 	relayQ  chan relayChecks // rounds of checks for relaySender
@@ -420,6 +424,8 @@ func newMux(pc net.PacketConn, relay *Relay, opts Options, tune tuning) (m *Mux,
 		return nil, err
 	}
 	m.socket = socketInfo(pc) // quic-go has set its buffers
+	off, perr := strconv.ParseBool(os.Getenv("QUIC_GO_DISABLE_GSO"))
+	m.rawGSO = m.socket.GSO && (perr != nil || !off)
 	if relay != nil {
 		if m.relay, err = m.newEndpoint(relay.Conn, true, relay.Server); err != nil {
 			m.main.ln.Close()

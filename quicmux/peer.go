@@ -77,6 +77,11 @@ type peer struct {
 	// nextViaPeer: no session through a peer relay is asked for before
 	// this (dialer).
 	nextViaPeer time.Time
+	// rankedAt is when a ranking last moved p from TURN to a peer relay,
+	// rankWait how long the next one waits after a move that did not
+	// hold (rankPeerRelays).
+	rankedAt time.Time
+	rankWait time.Duration
 }
 
 // link is a QUIC connection to a peer and what it runs over.
@@ -96,6 +101,9 @@ type link struct {
 	// direct is set once the link moved from a relay to the direct path: by
 	// migration on the dialer, by the dialer's notice on the acceptor.
 	direct atomic.Bool
+	// turn is whether it was made through a TURN relay, either side's
+	// (set before it is installed).
+	turn bool
 	// draining is set once a newer connection replaced this one: it
 	// carries the flows it has to their end (or until they move), and
 	// takes no new ones.
@@ -235,12 +243,15 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 	// are fixed; their schedule is the link's, across calls of keep.
 	rg := &l.regrow
 	regrowOn := dialer && m.opts.MaxPacketSize == 0 && l.ep.session == nil
-	// On TURN, the dialer looks for a nearer peer relay (rankPeerRelays).
+	// On TURN, the dialer looks for a nearer peer relay (rankPeerRelays),
+	// within rankCtx: what it finds after this returns is not installed.
 	var rank *time.Timer
 	var rankC <-chan time.Time
 	ranked := make(chan bool, 1)
+	rankCtx, rankCancel := context.WithCancel(ctx)
+	defer rankCancel()
 	if dialer && !m.opts.NoPeerRelay && p.kindOf(l) == PathRelayed {
-		rank = time.NewTimer(rankFirst)
+		rank = time.NewTimer(p.rankDelay())
 		defer rank.Stop()
 		rankC = rank.C
 	}
@@ -340,7 +351,7 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 			}
 			return
 		case <-rankC:
-			m.wg.Go(func() { ranked <- p.rankPeerRelays(ctx, l) })
+			m.wg.Go(func() { ranked <- p.rankPeerRelays(ctx, rankCtx, l) })
 		case moved := <-ranked:
 			if moved {
 				return
@@ -743,7 +754,7 @@ func (p *peer) installConn(ctx context.Context, conn *quic.Conn, ep *endpoint) {
 	}
 	kind := p.kindLocked(l)
 	via := p.viaLocked(l)
-	l.tr = p.trafficLocked(kind)
+	l.tr, l.turn = p.trafficLocked(kind), kind == PathRelayed
 	var repaired time.Duration
 	p.path, repaired = p.path.next(evConnected, kind, time.Now())
 	old, closing := p.pool.replace(l)

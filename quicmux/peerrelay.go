@@ -676,6 +676,8 @@ func (e *sessionEnd) write(ctx context.Context) {
 			batch = takeBatch(batch, b, e.out)
 			if l := e.link.get(e.m.relayable, e.via); l != nil {
 				e.m.sendHops(l, &e.raw, batch, &rb, seq)
+			} else {
+				e.m.prelay.dropped.Add(uint64(len(batch)))
 			}
 		}
 	}
@@ -961,11 +963,30 @@ func (p *peer) relayHops() []relayHop {
 // connects through it and the connection moves there, as to a direct
 // path: the flows resume, nothing lost. Round trips are quic-go's
 // minimum of each connection. A session not dialed ends idle at both.
+// A relay that draws the pair and then does not carry it (it lies about
+// its round trip, or drops what it relays) has the pair back on TURN:
+// each time that happens within rankEvery of the move, the next ranking
+// waits twice as long, rankEvery at least and rankMaxWait at most.
 const (
-	rankFirst  = 2 * time.Second
-	rankEvery  = time.Minute
-	rankMargin = 5 * time.Millisecond
+	rankFirst   = 2 * time.Second
+	rankEvery   = time.Minute
+	rankMaxWait = 16 * time.Minute
+	rankMargin  = 5 * time.Millisecond
+	// rankMaxRTT bounds a relay's claimed round trip to the far end.
+	rankMaxRTT = 10 * time.Second
 )
+
+// rankDelay is how long p, back on TURN, waits for its first ranking.
+func (p *peer) rankDelay() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.rankedAt.IsZero() && time.Since(p.rankedAt) < rankEvery {
+		p.rankWait = min(max(2*p.rankWait, rankEvery), rankMaxWait)
+		return p.rankWait
+	}
+	p.rankWait = 0
+	return rankFirst
+}
 
 // beats reports whether a round trip of rtt beats one of than.
 func beats(rtt, than time.Duration) bool {
@@ -982,8 +1003,9 @@ func (m *Mux) hopRTT(pid int) uint64 {
 }
 
 // rankPeerRelays moves p from its TURN link l to a peer relay with a
-// shorter round trip, if one has, and reports whether it did.
-func (p *peer) rankPeerRelays(ctx context.Context, l *link) bool {
+// shorter round trip, if one has, and reports whether it did; the new
+// connection lives within life, and is made only while ctx lasts.
+func (p *peer) rankPeerRelays(life, ctx context.Context, l *link) bool {
 	m := p.m
 	turn := l.conn.ConnectionStats().MinRTT
 	p.mu.Lock()
@@ -996,7 +1018,7 @@ func (p *peer) rankPeerRelays(ctx context.Context, l *link) bool {
 		}
 		id := newSessionID()
 		better := func(rep header.Reply) bool {
-			rtt := first + time.Duration(rep.Rcvd)*time.Microsecond
+			rtt := first + min(time.Duration(rep.Rcvd)*time.Microsecond, rankMaxRTT)
 			if rep.Rcvd == 0 || !beats(rtt, turn) {
 				p.log.Debug("peer relay does not beat TURN", "via", h.pid, "rtt", rtt, "turn_rtt", turn)
 				return false
@@ -1004,7 +1026,10 @@ func (p *peer) rankPeerRelays(ctx context.Context, l *link) bool {
 			p.log.Info("peer relay is nearer than TURN; moving to it", "via", h.pid, "rtt", rtt, "turn_rtt", turn)
 			return true
 		}
-		if p.dialThrough(ctx, ctx, pin, h.l, []int{h.pid}, id, id.request(header.KindRelay, p.pid), nil, 2*m.opts.HandshakeTimeout, better) {
+		if p.dialThrough(life, ctx, pin, h.l, []int{h.pid}, id, id.request(header.KindRelay, p.pid), nil, 2*m.opts.HandshakeTimeout, better) {
+			p.mu.Lock()
+			p.rankedAt = time.Now()
+			p.mu.Unlock()
 			return true
 		}
 	}
@@ -1042,6 +1067,10 @@ func (p *peer) dialThrough(life, ctx context.Context, pin string, l *link, route
 	dctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
 	conn, err := e.ep.tr.Dial(dctx, e.remote(), m.clientTLS(p.pid, pin), m.qcRelayed)
 	cancel()
+	if err == nil && ctx.Err() != nil {
+		err = ctx.Err() // made after the search ended: the peer moved on
+		conn.CloseWithError(codeReplaced, "the search for a path ended")
+	}
 	if err != nil {
 		p.log.Debug("dial through a peer relay failed", "route", route, "err", err)
 		e.Close()

@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"sfkit-proxy/internal/testkit"
 	"sfkit-proxy/quicmux/header"
 	"sfkit-proxy/relay/relaytest"
+	"sfkit-proxy/status"
 )
 
 // relayScene is parties 0 and 1 with no direct path between them (party
@@ -135,36 +137,55 @@ func echoAcross(t *testing.T, m *Mux, pid int, echo uint16, wait time.Duration, 
 	}
 }
 
-// TestRawHopFallsBack: a middlebox at party 0 drops every raw packet
-// mid-transfer (it passes only QUIC): the hop goes back to datagrams and
-// the transfer completes, every byte right; the hop goes raw again when
-// the middlebox lets raw packets through.
+// TestRawHopFallsBack: a middlebox at party 0 drops raw packets
+// mid-transfer (it passes only QUIC), both ways or only party 0's own
+// (one way): the hop goes back to datagrams before the path would count
+// as lost, and the transfer completes, every byte right; the hop goes raw again when the middlebox lets raw
+// packets through.
 func TestRawHopFallsBack(t *testing.T) {
-	s := newRelayScene(t, 1, nil)
-	echo := halfCloseEcho(t)
-	roundTrip(t, s.a.m, 1, echo, 1<<20)
-	relay := s.relays[0].m
-	raw := func() bool {
-		rs := relay.Stats().PeerRelay
-		return len(rs.Relaying) == 1 && rs.Relaying[0].Raw
-	}
-	testkit.Eventually(t, "both hops raw", raw)
-	echoAcross(t, s.a.m, 1, echo, 30*time.Second, "raw packets dropped", func() {
-		s.firewall.DropLeading(rawRelay, true)
-	})
-	testkit.Eventually(t, "party 0's hop back on datagrams", func() bool { return !raw() })
-	before := s.a.m.Stats().PeerRelay.RawIn
-	roundTrip(t, s.a.m, 1, echo, 1<<20)
-	if got := s.a.m.Stats().PeerRelay.RawIn; got != before {
-		t.Errorf("party 0 took %d raw packets through the middlebox", got-before)
-	}
-	s.firewall.DropLeading(rawRelay, false)
-	testkit.Eventually(t, "both hops raw again", func() bool {
-		roundTrip(t, s.a.m, 1, echo, 64<<10)
-		return raw()
-	})
-	if ps := peerStats(s.a.m, 1); ps.Path != PathPeerRelayed {
-		t.Errorf("party 0's path to party 1 = %v; want still peer-relayed", ps.Path)
+	for _, tt := range []struct {
+		name string
+		drop func(f *testkit.FilterConn, first byte, on bool)
+	}{
+		{"both ways", (*testkit.FilterConn).DropLeading},
+		{"one way", (*testkit.FilterConn).DropLeadingOut},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newRelayScene(t, 1, nil)
+			echo := halfCloseEcho(t)
+			roundTrip(t, s.a.m, 1, echo, 1<<20)
+			relay := s.relays[0].m
+			// (The session of a connection that was lost stays until it is idle.)
+			raw := func() bool {
+				return slices.ContainsFunc(relay.Stats().PeerRelay.Relaying, func(r status.RelaySession) bool { return r.Raw })
+			}
+			testkit.Eventually(t, "both hops raw", raw)
+			block := func(on bool) {
+				tt.drop(s.firewall, rawHeard, on)
+				tt.drop(s.firewall, rawUnheard, on)
+			}
+			repairs := peerStats(s.a.m, 1).Repairs
+			echoAcross(t, s.a.m, 1, echo, 30*time.Second, "raw packets dropped", func() { block(true) })
+			testkit.Eventually(t, "party 0's hop back on datagrams", func() bool { return !raw() })
+			if ps := peerStats(s.a.m, 1); ps.Repairs != repairs {
+				t.Errorf("party 0's path to party 1 was lost and repaired (%+v): the hop went back to datagrams too late", ps)
+			}
+			// Now only probes go raw from party 0: one a second at most.
+			before := s.a.m.Stats().PeerRelay.RawOut
+			start := time.Now()
+			roundTrip(t, s.a.m, 1, echo, 1<<20)
+			if got, most := s.a.m.Stats().PeerRelay.RawOut-before, uint64(time.Since(start)/rawProbe)+2; got > most {
+				t.Errorf("party 0 sent %d raw packets through the middlebox in %v; want probes only, %d at most", got, time.Since(start), most)
+			}
+			block(false)
+			testkit.Eventually(t, "both hops raw again", func() bool {
+				roundTrip(t, s.a.m, 1, echo, 64<<10)
+				return raw()
+			})
+			if ps := peerStats(s.a.m, 1); ps.Path != PathPeerRelayed {
+				t.Errorf("party 0's path to party 1 = %v; want still peer-relayed", ps.Path)
+			}
+		})
 	}
 }
 
@@ -298,7 +319,7 @@ func TestHostileRelayMember(t *testing.T) {
 	// to both ends: dropped, none taken, none forwarded.
 	before, beforeA, beforeB := r.m.Stats().PeerRelay, s.a.m.Stats().PeerRelay, s.b.m.Stats().PeerRelay
 	for range 100 {
-		d := append(append([]byte{rawRelay}, live[:]...), pieceWhole, 0, 0)
+		d := append(append([]byte{rawHeard}, live[:]...), pieceWhole, 0, 0)
 		d = append(d, bytes.Repeat([]byte{0xee}, 1000)...)
 		for _, to := range []*testParty{r, s.a, s.b} {
 			h.tr.WriteTo(d, net.UDPAddrFromAddrPort(to.m.LocalAddr()))

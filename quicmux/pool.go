@@ -316,6 +316,7 @@ func (p *peer) installMember(ctx context.Context, primary *link, conn *quic.Conn
 	}
 	l.direct.Store(primary.direct.Load())
 	l.tr = p.trafficLocked(p.kindLocked(l))
+	l.turn = p.kindLocked(l) == PathRelayed
 	p.pool.members = append(p.pool.members, l)
 	evicted := p.pool.evict()
 	m.count.poolOpened.Add(1)

@@ -10,9 +10,9 @@ import (
 // Raw hops. A hop of a session (an end to its relay, a relay to an end or
 // to the next relay) carries the session's packets as QUIC datagrams of
 // the two parties' authenticated connection until it can carry them raw:
-// the same relayed packet, its first byte rawRelay, sent as a UDP packet
-// from the main socket to the neighbour's address, as Tailscale's peer
-// relays and TURN do. The inner packet is already the end-to-end QUIC
+// the same relayed packet, its first byte rawHeard or rawUnheard, sent
+// as a UDP packet from the main socket to the neighbour's address, as
+// Tailscale's peer relays and TURN do. The inner packet is already the end-to-end QUIC
 // connection's ciphertext; the hop's own encryption costs every party
 // on the path a decryption and an encryption per packet and makes each
 // relay a QUIC endpoint of two connections, and on a CPU-bound relay that
@@ -29,32 +29,41 @@ import (
 // packet is then taken exactly as a datagram from that party would be:
 // the same limits, queues and counters.
 //
-// A hop goes raw only once it works: a sender sends raw to a neighbour
-// while raw packets from that neighbour for the session came within
-// rawFresh; otherwise it sends datagrams, and once every rawProbe also a
-// raw copy of one, which tells the neighbour that raw packets reach it
-// (QUIC drops the duplicate). A hop whose raw packets stop (a firewall, a
-// NAT rebinding that moved the connection to a new address, a connection
-// that now runs through TURN) is back on datagrams within rawFresh, until
-// a new connection joins the two. Only a connection made on the main
-// socket goes raw: its NAT mapping is the one a raw packet from that
-// socket takes.
+// A hop goes raw only once it works both ways: a sender sends raw to a
+// neighbour while raw packets from that neighbour for the session came
+// within rawFresh (they reach us) and the last of them said that ours
+// reach it (its first byte rawHeard, not rawUnheard); otherwise it sends
+// datagrams, and once every rawProbe also a raw copy of one, which tells
+// the neighbour that raw packets reach it and whether its reach us (QUIC
+// drops the duplicate). A hop whose raw packets stop either way (a
+// firewall, even one way; a NAT rebinding that moved the connection to a
+// new address) is back on datagrams within rawFresh and a round trip,
+// less than a path takes to count as lost, until a new connection joins
+// the two. rawFresh is longer than the inner connection's keepalive
+// interval, so an idle hop stays raw. Only a connection made on the
+// main socket, not through TURN, goes raw: its NAT mapping is the one a
+// raw packet from that socket takes.
 
-// rawRelay is the first byte of a raw relayed packet; the rest is the
-// datagram's header and bytes.
-const rawRelay = 0x2a
+// rawHeard and rawUnheard are the first bytes of a raw relayed packet
+// (the rest is the datagram's header and bytes): whether its sender
+// hears the receiver's raw packets.
+const (
+	rawHeard   = 0x2a
+	rawUnheard = 0x2b
+)
 
 const (
-	rawFresh = 3 * time.Second
+	rawFresh = 2500 * time.Millisecond
 	rawProbe = time.Second
 )
 
 // rawHop is what a party knows of one hop's raw packets: when one came
-// from the neighbour, when it last probed, and where it sends them.
+// from the neighbour (unix nanoseconds), whether the last said that ours
+// reach it, when it last probed; and where it sends them.
 type rawHop struct {
-	heard  atomic.Int64 // unix nanoseconds
-	probed atomic.Int64
-	dst    atomic.Pointer[rawDst]
+	heard, probed atomic.Int64
+	confirmed     atomic.Bool
+	dst           atomic.Pointer[rawDst]
 }
 
 // rawDst is the neighbour's address on a link.
@@ -63,8 +72,25 @@ type rawDst struct {
 	ua *net.UDPAddr
 }
 
-// fresh reports whether the neighbour's raw packets came within rawFresh.
-func (h *rawHop) fresh(now int64) bool { return now-h.heard.Load() < int64(rawFresh) }
+// hears reports whether the neighbour's raw packets came within rawFresh.
+func (h *rawHop) hears(now int64) bool { return now-h.heard.Load() < int64(rawFresh) }
+
+// fresh reports whether the hop works raw both ways now.
+func (h *rawHop) fresh(now int64) bool { return h.hears(now) && h.confirmed.Load() }
+
+// took notes a raw packet from the neighbour whose first byte was first.
+func (h *rawHop) took(first byte, now int64) {
+	h.heard.Store(now)
+	h.confirmed.Store(first == rawHeard)
+}
+
+// lead is the first byte of a raw packet to the neighbour.
+func (h *rawHop) lead(now int64) byte {
+	if h.hears(now) {
+		return rawHeard
+	}
+	return rawUnheard
+}
 
 // to is where raw packets to the neighbour on l go: l's remote address.
 func (h *rawHop) to(l *link) *net.UDPAddr {
@@ -77,9 +103,9 @@ func (h *rawHop) to(l *link) *net.UDPAddr {
 }
 
 // rawCapable reports whether l can carry a hop raw: a connection made on
-// the main socket that did not move from a relay.
+// the main socket, not through TURN, that did not move from a relay.
 func (m *Mux) rawCapable(l *link) bool {
-	return l != nil && l.ep == m.main && !l.direct.Load()
+	return l != nil && l.ep == m.main && !l.turn && !l.direct.Load()
 }
 
 // rawFrom reports whether a raw packet from `from` is from the neighbour on l.
@@ -113,7 +139,7 @@ func (m *Mux) rawIn(from netip.AddrPort, b []byte) {
 		r.dropped.Add(1)
 		return
 	}
-	hop.heard.Store(time.Now().UnixNano())
+	hop.took(b[0], time.Now().UnixNano())
 	r.rawIn.Add(1)
 	b[0] = dgRelay
 	m.relayDatagram(pid, b)
@@ -129,11 +155,11 @@ func (m *Mux) sendHop(l *link, h *rawHop, b []byte, seq func() uint16) error {
 	}
 	now := time.Now().UnixNano()
 	if h.fresh(now) {
-		return m.writeRaw(b, h.to(l))
+		return m.writeRaw(b, h.lead(now), h.to(l))
 	}
 	err := sendRelayed(l.conn, b, seq) // a copy of b is queued
 	if last := h.probed.Load(); now-last >= int64(rawProbe) && h.probed.CompareAndSwap(last, now) {
-		m.writeRaw(b, h.to(l))
+		m.writeRaw(b, h.lead(now), h.to(l))
 	}
 	return err
 }
@@ -160,7 +186,7 @@ func (m *Mux) sendHops(l *link, h *rawHop, bs [][]byte, rb *rawBatch, seq func()
 	raw := m.rawCapable(l) && h.fresh(now)
 	for _, b := range bs {
 		if raw && b[17] == pieceWhole {
-			b[0] = rawRelay
+			b[0] = rawHeard
 			rb.pkts = append(rb.pkts, b)
 			continue
 		}
@@ -175,7 +201,7 @@ func (m *Mux) sendHops(l *link, h *rawHop, bs [][]byte, rb *rawBatch, seq func()
 	}
 	to := h.to(l)
 	uc, gso := m.main.conn.(*net.UDPConn)
-	gso = gso && !m.noGSO.Load()
+	gso = gso && m.rawGSO && !m.noGSO.Load()
 	for p := rb.pkts; len(p) > 0; {
 		// A run of packets of one size; the last may be shorter.
 		n, size := 1, len(p[0])
@@ -207,7 +233,7 @@ func (m *Mux) sendHops(l *link, h *rawHop, bs [][]byte, rb *rawBatch, seq func()
 			gso = false
 		}
 		for _, b := range run {
-			if m.writeRaw(b, to) == nil {
+			if m.writeRaw(b, rawHeard, to) == nil {
 				sent += len(b) - relayHeaderLen
 			} else {
 				m.prelay.dropped.Add(1)
@@ -217,9 +243,9 @@ func (m *Mux) sendHops(l *link, h *rawHop, bs [][]byte, rb *rawBatch, seq func()
 	return sent
 }
 
-// writeRaw sends b raw to `to` from the main socket.
-func (m *Mux) writeRaw(b []byte, to *net.UDPAddr) error {
-	b[0] = rawRelay
+// writeRaw sends b raw to `to` from the main socket, first its first byte.
+func (m *Mux) writeRaw(b []byte, first byte, to *net.UDPAddr) error {
+	b[0] = first
 	if _, err := m.main.tr.WriteTo(b, to); err != nil {
 		return err
 	}

@@ -145,6 +145,9 @@ type Allocation struct {
 	// mapped is the address the server saw the client's socket come from
 	// when it allocated (invalid if it did not say): Renewing compares.
 	mapped netip.AddrPort
+	// granted is set once the server granted a permission that held
+	// asked for (Renewing's goroutine only).
+	granted bool
 }
 
 // Allocate tries each server in turn and returns the first allocation.

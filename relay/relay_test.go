@@ -195,3 +195,46 @@ func TestRenewing(t *testing.T) {
 	}
 	exchange(t, &Allocation{Conn: r, Addr: second})
 }
+
+// TestRenewingAfterUDPRestart: over UDP nothing fails when the server
+// restarts (its Binding answers say the same address; the socket is
+// fine), but the allocation is gone: Renewing asks the server whether it
+// still holds it, and allocates again, telling OnChange.
+func TestRenewingAfterUDPRestart(t *testing.T) {
+	port := relaytest.FreePort(t)
+	u, err := ParseURL(fmt.Sprintf("turn:127.0.0.1:%d?transport=udp", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := relaytest.Start(t, relaytest.Options{Port: port})
+	a, err := Allocate(context.Background(), Options{URLs: []URL{u}, User: "party", Password: "relay-password", Timeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := NewRenewing(a, Options{URLs: []URL{u}, User: "party", Password: "relay-password", Timeout: 2 * time.Second})
+	defer r.Close()
+	changed := make(chan netip.AddrPort, 4)
+	r.OnChange = func(a netip.AddrPort, _ string) { changed <- a }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	exchange(t, &Allocation{Conn: r, Addr: a.Addr})
+	time.Sleep(2 * CheckInterval) // checks that find it held
+	select {
+	case a := <-changed:
+		t.Fatalf("allocated again (%v) while the server held the allocation", a)
+	default:
+	}
+	c.Stop()
+	relaytest.Start(t, relaytest.Options{Port: port})
+	select {
+	case second := <-changed:
+		exchange(t, &Allocation{Conn: r, Addr: second})
+	case <-time.After(20 * time.Second):
+		t.Fatal("no new allocation after the server restarted")
+	}
+}

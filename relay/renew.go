@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/pion/stun/v3"
+
 	"sfkit-proxy/backoff"
 )
 
@@ -18,9 +20,11 @@ import (
 // socket), the server no longer knows the client's packets, the
 // allocation stops carrying anything, and it cannot be refreshed. Renewing
 // notices and makes a new one: every CheckInterval it asks the server
-// (a STUN Binding through the same socket) what address it sees, and it
-// allocates again when that address changed, when two checks in a row get
-// no answer, or when the socket fails (a TURN-over-TCP connection reset).
+// (a STUN Binding through the same socket) what address it sees, and
+// whether it still holds the allocation (held), and it allocates again
+// when that address changed, when the server lost the allocation (it
+// restarted: on UDP nothing else tells), when two checks in a row get no
+// answer, or when the socket fails (a TURN-over-TCP connection reset).
 // Until one succeeds it retries with backoff, so a relay that is down at
 // start is allocated once it is up. The new relayed address is told to
 // OnChange (the sidecar publishes it; the Mux sends its checks from it),
@@ -96,6 +100,8 @@ func (r *Renewing) Run(ctx context.Context) error {
 			switch {
 			case err == nil && a.mapped.IsValid() && mapped != a.mapped:
 				why = "this party's NAT rebound its socket (" + a.mapped.String() + " is now " + mapped.String() + ")"
+			case err == nil && !a.held(ctx):
+				why = "the server no longer holds it (it restarted, or expired it)"
 			case err != nil && a.mapped.IsValid():
 				// (A server that never answered a Binding, some do not,
 				// is judged by its socket alone.)
@@ -297,6 +303,44 @@ func (r *Renewing) SetWriteDeadline(t time.Time) error {
 		return a.Conn.SetWriteDeadline(t)
 	}
 	return nil
+}
+
+// held reports whether the server still holds the allocation, as far as
+// it says: it asks for a permission to this party's own address, and a
+// server that lost the allocation (one that restarted, on UDP, where
+// nothing else tells) refuses it: 437, allocation mismatch (RFC 8656), or
+// 400, bad request (coturn). Only a server that granted this allocation
+// such a permission before is judged so, and any other answer, or none,
+// counts as held: the checks of the mapping and the socket judge those.
+func (a *Allocation) held(ctx context.Context) bool {
+	if a.client == nil || !a.mapped.IsValid() {
+		return true
+	}
+	to := net.UDPAddrFromAddrPort(a.mapped)
+	ch := make(chan error, 1)
+	go func() { // as check: pion's transaction has no ctx
+		err := a.client.CreatePermission(to)
+		var te *stun.TurnError
+		if err != nil && !errors.As(err, &te) {
+			err = a.client.CreatePermission(to) // a stale nonce, now renewed
+		}
+		ch <- err
+	}()
+	t := time.NewTimer(checkTimeout)
+	defer t.Stop()
+	select {
+	case err := <-ch:
+		if err == nil {
+			a.granted = true
+			return true
+		}
+		var te *stun.TurnError
+		return !a.granted || !errors.As(err, &te) ||
+			(te.ErrorCodeAttr.Code != stun.CodeAllocMismatch && te.ErrorCodeAttr.Code != stun.CodeBadRequest)
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	return true
 }
 
 // check asks the server what address it sees this allocation's socket

@@ -21,7 +21,7 @@ type FilterConn struct {
 	mu      sync.Mutex // guards dropped, leading, stalled, maxSize, largest
 	largest int        // the largest packet written or read
 	dropped map[netip.AddrPort]bool
-	leading [256]bool
+	leading [256]uint8 // dropOut, dropIn
 	stalled map[netip.AddrPort]<-chan struct{}
 	maxSize map[netip.AddrPort]int
 }
@@ -51,20 +51,37 @@ func (f *FilterConn) Largest() int {
 	return f.largest
 }
 
-// passes reports whether packet b to or from ap goes through.
-func (f *FilterConn) passes(ap netip.AddrPort, b []byte) bool {
+// Directions of DropLeading.
+const (
+	dropOut = 1 << iota
+	dropIn
+)
+
+// passes reports whether packet b to or from ap (way: dropOut or dropIn)
+// goes through.
+func (f *FilterConn) passes(ap netip.AddrPort, b []byte, way uint8) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	max := f.maxSize[ap]
-	return !f.dropped[ap] && (max == 0 || len(b) <= max) && (len(b) == 0 || !f.leading[b[0]])
+	return !f.dropped[ap] && (max == 0 || len(b) <= max) && (len(b) == 0 || f.leading[b[0]]&way == 0)
 }
 
-// DropLeading drops every packet, both ways, whose first byte is first,
-// while on.
-func (f *FilterConn) DropLeading(first byte, on bool) {
+// DropLeading drops every packet whose first byte is first, written and
+// read, while on.
+func (f *FilterConn) DropLeading(first byte, on bool) { f.dropLeading(first, dropOut|dropIn, on) }
+
+// DropLeadingOut drops every packet written whose first byte is first,
+// while on (a one-way filter).
+func (f *FilterConn) DropLeadingOut(first byte, on bool) { f.dropLeading(first, dropOut, on) }
+
+func (f *FilterConn) dropLeading(first, way byte, on bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.leading[first] = on
+	if on {
+		f.leading[first] |= way
+	} else {
+		f.leading[first] &^= way
+	}
 }
 
 // Drop drops every packet to and from ap while on.
@@ -105,7 +122,7 @@ func (f *FilterConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	if release != nil {
 		<-release
 	}
-	if !f.passes(ap, b) {
+	if !f.passes(ap, b, dropOut) {
 		return len(b), nil
 	}
 	return f.PacketConn.WriteTo(b, addr)
@@ -121,7 +138,7 @@ func (f *FilterConn) ReadFrom(b []byte) (int, net.Addr, error) {
 		f.mu.Lock()
 		f.largest = max(f.largest, n)
 		f.mu.Unlock()
-		if f.passes(addrPort(addr), b[:n]) {
+		if f.passes(addrPort(addr), b[:n], dropIn) {
 			return n, addr, nil
 		}
 	}
