@@ -77,11 +77,12 @@ type peer struct {
 	// nextViaPeer: no session through a peer relay is asked for before
 	// this (dialer).
 	nextViaPeer time.Time
-	// rankedAt is when a ranking last moved p from TURN to a peer relay,
-	// rankWait how long the next one waits after a move that did not
-	// hold (rankPeerRelays).
-	rankedAt time.Time
-	rankWait time.Duration
+	// rankedAt is when a ranking last moved p from TURN to a peer relay
+	// (zero once judged), rankWait how long the next ranking waits after
+	// moves that did not hold, and rankNext when it may come
+	// (rankPeerRelays).
+	rankedAt, rankNext time.Time
+	rankWait           time.Duration
 }
 
 // link is a QUIC connection to a peer and what it runs over.
@@ -249,7 +250,12 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 	var rankC <-chan time.Time
 	ranked := make(chan bool, 1)
 	rankCtx, rankCancel := context.WithCancel(ctx)
-	defer rankCancel()
+	defer func() { rankCancel() }()
+	// stopRank ends a ranking under way, before a move of keep's own.
+	stopRank := func() {
+		rankCancel()
+		rankCtx, rankCancel = context.WithCancel(ctx)
+	}
 	if dialer && !m.opts.NoPeerRelay && p.kindOf(l) == PathRelayed {
 		rank = time.NewTimer(p.rankDelay())
 		defer rank.Stop()
@@ -263,6 +269,7 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 				p.log.Debug("no larger packets on the path", "packet_size", r.size, "trial", r.got, "err", r.err, "next_in", rg.wait)
 				continue
 			}
+			stopRank() // a ranking would replace what this installs
 			if p.raisePackets(ctx, l, r) {
 				return
 			}
@@ -351,7 +358,8 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 			}
 			return
 		case <-rankC:
-			m.wg.Go(func() { ranked <- p.rankPeerRelays(ctx, rankCtx, l) })
+			rctx := rankCtx
+			m.wg.Go(func() { ranked <- p.rankPeerRelays(ctx, rctx, l) })
 		case moved := <-ranked:
 			if moved {
 				return
@@ -367,6 +375,7 @@ func (p *peer) keep(ctx context.Context, l *link, inst string) {
 			pk, ok := p.cands.best(time.Now(), since, false)
 			p.mu.Unlock()
 			if ok {
+				stopRank()
 				p.upgrade(ctx, l, pk.to)
 				return
 			}

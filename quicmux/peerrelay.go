@@ -976,16 +976,22 @@ const (
 	rankMaxRTT = 10 * time.Second
 )
 
-// rankDelay is how long p, back on TURN, waits for its first ranking.
+// rankDelay is how long p, on TURN, waits for its first ranking: once
+// back from a move that did not hold, longer each time.
 func (p *peer) rankDelay() time.Duration {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if !p.rankedAt.IsZero() && time.Since(p.rankedAt) < rankEvery {
+	now := time.Now()
+	switch {
+	case p.rankedAt.IsZero():
+	case now.Sub(p.rankedAt) < rankEvery:
 		p.rankWait = min(max(2*p.rankWait, rankEvery), rankMaxWait)
-		return p.rankWait
+		p.rankNext = now.Add(p.rankWait)
+	default: // it held
+		p.rankWait, p.rankNext = 0, time.Time{}
 	}
-	p.rankWait = 0
-	return rankFirst
+	p.rankedAt = time.Time{}
+	return max(rankFirst, p.rankNext.Sub(now))
 }
 
 // beats reports whether a round trip of rtt beats one of than.
@@ -1004,7 +1010,7 @@ func (m *Mux) hopRTT(pid int) uint64 {
 
 // rankPeerRelays moves p from its TURN link l to a peer relay with a
 // shorter round trip, if one has, and reports whether it did; the new
-// connection lives within life, and is made only while ctx lasts.
+// connection lives within life, and is dialled only while ctx lasts.
 func (p *peer) rankPeerRelays(life, ctx context.Context, l *link) bool {
 	m := p.m
 	turn := l.conn.ConnectionStats().MinRTT
@@ -1067,10 +1073,8 @@ func (p *peer) dialThrough(life, ctx context.Context, pin string, l *link, route
 	dctx, cancel := context.WithTimeout(ctx, m.opts.HandshakeTimeout)
 	conn, err := e.ep.tr.Dial(dctx, e.remote(), m.clientTLS(p.pid, pin), m.qcRelayed)
 	cancel()
-	if err == nil && ctx.Err() != nil {
-		err = ctx.Err() // made after the search ended: the peer moved on
-		conn.CloseWithError(codeReplaced, "the search for a path ended")
-	}
+	// (A connection made is installed, even if the search ended meanwhile:
+	// the far end took it as the newest already.)
 	if err != nil {
 		p.log.Debug("dial through a peer relay failed", "route", route, "err", err)
 		e.Close()

@@ -240,6 +240,34 @@ func TestPeerRelayBeatsTURN(t *testing.T) {
 	})
 }
 
+// TestRankBackoff: a pair back on TURN within a minute of a ranking's
+// move waits a minute before ranking again, then twice as long each time
+// that happens, up to rankMaxWait; going back to TURN again without a new
+// move (its keep starting over) does not stretch the wait, nor end it;
+// a move that held makes the next ranking come at rankFirst.
+func TestRankBackoff(t *testing.T) {
+	p := &peer{}
+	near := func(got, want time.Duration) bool { return got <= want && got > want-time.Second }
+	if got := p.rankDelay(); got != rankFirst {
+		t.Errorf("first ranking after %v; want %v", got, rankFirst)
+	}
+	want := rankEvery
+	for range 7 {
+		p.rankedAt = time.Now().Add(-10 * time.Second) // a move that did not hold
+		if got := p.rankDelay(); !near(got, want) {
+			t.Errorf("after a move that did not hold: %v; want %v", got, want)
+		}
+		if got := p.rankDelay(); !near(got, want) {
+			t.Errorf("keep starting over on TURN: %v; want still %v", got, want)
+		}
+		want = min(2*want, rankMaxWait)
+	}
+	p.rankedAt = time.Now().Add(-2 * rankEvery) // a move that held
+	if got := p.rankDelay(); got != rankFirst {
+		t.Errorf("after a move that held: %v; want %v", got, rankFirst)
+	}
+}
+
 // TestPeerRelayGoesAway: the relay carrying a live transfer stops; the
 // connection moves to the other relay within the path-loss time, and the
 // transfer completes with every byte right.

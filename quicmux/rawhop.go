@@ -37,10 +37,13 @@ import (
 // the neighbour that raw packets reach it and whether its reach us (QUIC
 // drops the duplicate). A hop whose raw packets stop either way (a
 // firewall, even one way; a NAT rebinding that moved the connection to a
-// new address) is back on datagrams within rawFresh and a round trip,
-// less than a path takes to count as lost, until a new connection joins
-// the two. rawFresh is longer than the inner connection's keepalive
-// interval, so an idle hop stays raw. Only a connection made on the
+// new address) is back on datagrams within rawFresh and the next packet
+// of the side that stops hearing, less than a path takes to count as lost
+// while it carries traffic, until a new connection joins the two.
+// rawFresh is longer than the inner connection's keepalive interval (2 s
+// after the last packet received), so an idle hop stays raw on paths of
+// up to a few hundred milliseconds' round trip; on longer ones it goes
+// back to datagrams between keepalives, which loses nothing. Only a connection made on the
 // main socket, not through TURN, goes raw: its NAT mapping is the one a
 // raw packet from that socket takes.
 

@@ -19,6 +19,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/pion/logging"
@@ -146,8 +147,10 @@ type Allocation struct {
 	// when it allocated (invalid if it did not say): Renewing compares.
 	mapped netip.AddrPort
 	// granted is set once the server granted a permission that held
-	// asked for (Renewing's goroutine only).
+	// asked for (Renewing's goroutine only); asking is set while such a
+	// request is under way (one that is not answered outlives held).
 	granted bool
+	asking  atomic.Bool
 }
 
 // Allocate tries each server in turn and returns the first allocation.

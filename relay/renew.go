@@ -310,15 +310,18 @@ func (r *Renewing) SetWriteDeadline(t time.Time) error {
 // server that lost the allocation (one that restarted, on UDP, where
 // nothing else tells) refuses it: 437, allocation mismatch (RFC 8656), or
 // 400, bad request (coturn). Only a server that granted this allocation
-// such a permission before is judged so, and any other answer, or none,
+// such a permission before is judged so, and any other answer, or none
+// (pion's server does not answer a request without an allocation),
 // counts as held: the checks of the mapping and the socket judge those.
+// One request is under way at a time.
 func (a *Allocation) held(ctx context.Context) bool {
-	if a.client == nil || !a.mapped.IsValid() {
+	if a.client == nil || !a.mapped.IsValid() || !a.asking.CompareAndSwap(false, true) {
 		return true
 	}
 	to := net.UDPAddrFromAddrPort(a.mapped)
 	ch := make(chan error, 1)
 	go func() { // as check: pion's transaction has no ctx
+		defer a.asking.Store(false)
 		err := a.client.CreatePermission(to)
 		var te *stun.TurnError
 		if err != nil && !errors.As(err, &te) {
