@@ -117,11 +117,11 @@ type Carrier struct {
 	answered, answeredBytes atomic.Uint64 // local ports' answers to peers
 	dropped                 [numDrops]atomic.Uint64
 
-	mu       sync.Mutex // guards near, far, perPeer, limiters and closed
+	mu       sync.Mutex // guards near, far, perPeer and closed
 	near     map[uint64]*Assoc
 	far      map[farKey]*farSocket
 	perPeer  map[int]int
-	limiters map[int]*rate.Limiter // per peer sent to
+	limiters sync.Map // pid → *rate.Limiter, per peer sent to (the send path takes no lock)
 	closed   bool
 }
 
@@ -144,7 +144,7 @@ func New(opts Options) *Carrier {
 	}
 	log := opts.Logger.With("component", "udp")
 	c := &Carrier{opts: opts, log: log, quiet: quietlog.New(log, time.Minute), refusals: make(chan refusal, 64), done: make(chan struct{}),
-		near: make(map[uint64]*Assoc), far: make(map[farKey]*farSocket), perPeer: make(map[int]int), limiters: make(map[int]*rate.Limiter)}
+		near: make(map[uint64]*Assoc), far: make(map[farKey]*farSocket), perPeer: make(map[int]int)}
 	c.wg.Go(c.sendRefusals)
 	return c
 }
@@ -164,14 +164,7 @@ func (c *Carrier) Close() {
 		close(c.done)
 	}
 	c.closed = true
-	fs := make([]*farSocket, 0, len(c.far))
-	for _, f := range c.far {
-		fs = append(fs, f)
-	}
-	as := make([]*Assoc, 0, len(c.near))
-	for _, a := range c.near {
-		as = append(as, a)
-	}
+	fs, as := slices.Collect(maps.Values(c.far)), slices.Collect(maps.Values(c.near))
 	c.mu.Unlock()
 	for _, f := range fs {
 		f.conn.Close()
@@ -314,14 +307,11 @@ func (c *Carrier) send(pid int, b []byte) error {
 
 // limiter is the rate of what is sent to pid.
 func (c *Carrier) limiter(pid int) *rate.Limiter {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	l := c.limiters[pid]
-	if l == nil {
-		l = rate.NewLimiter(rate.Limit(c.opts.Rate), max(c.opts.Rate/8, 64<<10))
-		c.limiters[pid] = l
+	if l, ok := c.limiters.Load(pid); ok {
+		return l.(*rate.Limiter)
 	}
-	return l
+	l, _ := c.limiters.LoadOrStore(pid, rate.NewLimiter(rate.Limit(c.opts.Rate), max(c.opts.Rate/8, 64<<10)))
+	return l.(*rate.Limiter)
 }
 
 var errOverRate = errors.New("udp to the peer is over its rate")

@@ -322,10 +322,7 @@ func (m *Manager) UpdateStatus(s *status.Status) { s.Gateways = m.List() }
 // associations idle past their timeout.
 func (m *Manager) Sample(now time.Time) {
 	m.mu.Lock()
-	gs := make([]*gw, 0, len(m.gws))
-	for _, g := range m.gws {
-		gs = append(gs, g)
-	}
+	gs := slices.Collect(maps.Values(m.gws))
 	m.mu.Unlock()
 	for _, g := range gs {
 		g.mu.Lock()
