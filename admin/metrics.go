@@ -39,6 +39,7 @@ var (
 	descRelayDrops  = prometheus.NewDesc("sfkit_proxy_peer_relay_dropped_total", "Relayed packets dropped: over the rate, a full queue, an unknown session or a sender that is not its end.", nil, nil)
 	descRelayPair   = prometheus.NewDesc("sfkit_proxy_peer_relay_session_bytes_total", "Bytes relayed in a live session, by its ends and direction (from, to).", []string{"from", "to"}, nil)
 	descRelayRefuse = prometheus.NewDesc("sfkit_proxy_peer_relay_refused_total", "Relay sessions refused.", nil, nil)
+	descRelayRaw    = prometheus.NewDesc("sfkit_proxy_peer_relay_raw_packets_total", "Relayed packets taken (in) and sent (out) raw, as UDP packets of their own rather than datagrams, as a relay or an end.", []string{"direction"}, nil)
 	descPoolOpened  = prometheus.NewDesc("sfkit_proxy_pool_conns_opened_total", "QUIC connections added to peers' pools.", nil, nil)
 	descPeerQUIC    = prometheus.NewDesc("sfkit_proxy_peer_quic_conns", "QUIC connections to the peer (its pool).", []string{"peer"}, nil)
 	descPeerWaiting = prometheus.NewDesc("sfkit_proxy_peer_waiting_connections", "The peer's tunnelled connections waiting for a local program to listen on their port.", []string{"peer"}, nil)
@@ -121,6 +122,8 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descRelayBytes, s.PeerRelay.BytesForwarded)
 	counter(descRelayDrops, s.PeerRelay.Dropped)
 	counter(descRelayRefuse, s.PeerRelay.Refused)
+	counter(descRelayRaw, s.PeerRelay.RawIn, "in")
+	counter(descRelayRaw, s.PeerRelay.RawOut, "out")
 	pairs := map[[2]int]uint64{} // sessions of one pair add up: one series each way
 	for _, r := range s.PeerRelay.Relaying {
 		pairs[[2]int{r.A, r.B}] += r.BytesAB

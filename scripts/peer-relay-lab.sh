@@ -254,6 +254,8 @@ twohop r1 203.0.113.24 del
 for r in 3 4; do inns "p$r" curl -s http://127.0.0.1:1081/metrics >"$DIR/metrics$r.txt" || true; done
 if cat "$DIR/metrics3.txt" "$DIR/metrics4.txt" | grep -q '^sfkit_proxy_peer_relay_session_bytes_total{from="[0-2]",to="[0-2]"} [1-9]'; then pass
 else fail "no relay's /metrics shows the bytes of a session: $(cat "$DIR/metrics3.txt" "$DIR/metrics4.txt" | grep peer_relay | tr '\n' ' ')"; fi
+if cat "$DIR/metrics3.txt" "$DIR/metrics4.txt" | grep -q '^sfkit_proxy_peer_relay_raw_packets_total{direction="out"} [1-9]'; then pass
+else fail "no relay's /metrics counts raw packets sent: $(cat "$DIR/metrics3.txt" "$DIR/metrics4.txt" | grep raw_packets | tr '\n' ' ')"; fi
 
 # The relay sees only ciphertext: capture on parties 3 and 4 while party 0
 # fetches party 1's text file (both behind symmetric NATs: through one).
