@@ -72,11 +72,17 @@ func (g *gw) udpClient(from netip.AddrPort, open func(func(int, uint16, []byte))
 	cl := &udpClient{connMeter: newConnMeter(from)}
 	cl.touch() // not idle before its first datagram
 	assoc, err := open(func(pid int, port uint16, data []byte) {
-		if _, err := g.pc.WriteToUDPAddrPort(data, from); err == nil {
-			g.fromPeer.Add(uint64(len(data)))
-			cl.from.Add(uint64(len(data)))
-			cl.touch()
+		// Counted before the write: a client that has the datagram sees it
+		// counted; one the socket refuses is taken back.
+		n := uint64(len(data))
+		g.fromPeer.Add(n)
+		cl.from.Add(n)
+		if _, err := g.pc.WriteToUDPAddrPort(data, from); err != nil {
+			g.fromPeer.Add(-n)
+			cl.from.Add(-n)
+			return
 		}
+		cl.touch()
 	})
 	if err != nil {
 		return nil, reasonTunnel
