@@ -520,6 +520,14 @@ func (m *Mux) relayDatagram(from int, b []byte) {
 		src = r.limiters[from]
 	}
 	r.mu.Unlock()
+	m.relayTake(from, b, s, e, src)
+}
+
+// relayTake is relayDatagram's packet b from peer from once looked up: s
+// the session it relays with that id, e the one it ends (either nil), src
+// from's limiter when s is not nil.
+func (m *Mux) relayTake(from int, b []byte, s *relaySession, e *sessionEnd, src *source) {
+	r := &m.prelay
 	switch {
 	case s != nil && (from == s.a || from == s.b):
 		now := time.Now()
@@ -557,7 +565,7 @@ type sessionEnd struct {
 	via, peer int
 	ep        *endpoint
 	in        chan []byte
-	// out holds the inner packets that go raw, for write to send together.
+	// out holds the inner packets for write to send, together.
 	out chan []byte
 	// last is the unix nanoseconds of its last packet sent: its inner
 	// transport sends only for a live connection or a handshake, so a
@@ -776,21 +784,13 @@ func (e *sessionEnd) WriteTo(b []byte, _ net.Addr) (int, error) {
 	}
 	d := make([]byte, 0, relayHeaderLen+len(b))
 	d = append(append(append(d, dgRelay), e.id[:]...), pieceWhole, 0, 0)
-	d = append(d, b...)
-	now := time.Now().UnixNano()
-	if e.m.rawCapable(l) && e.raw.fresh(now) {
-		// Raw: with what else the inner connection sends now. A full
-		// queue loses the packet, as a full socket buffer would.
-		select {
-		case e.out <- d:
-			e.last.Store(now)
-		default:
-			e.m.prelay.dropped.Add(1)
-		}
-		return len(b), nil
-	}
-	if err := e.m.sendHop(l, &e.raw, d, func() uint16 { return uint16(e.seq.Add(1)) &^ 0x8000 }); err == nil {
-		e.last.Store(now)
+	// The writer sends it with what else the inner connection sends now;
+	// a full queue loses it, as a full socket buffer would.
+	select {
+	case e.out <- append(d, b...):
+		e.last.Store(time.Now().UnixNano())
+	default:
+		e.m.prelay.dropped.Add(1)
 	}
 	return len(b), nil
 }
@@ -929,7 +929,7 @@ func (p *peer) dialViaPeers(ctx context.Context) bool {
 }
 
 // relayHop is a party this party reaches by its own path, with that
-// connection and its round trip.
+// connection and its round trip (quic-go's minimum).
 type relayHop struct {
 	pid int
 	l   *link
@@ -945,7 +945,7 @@ func (p *peer) relayHops() []relayHop {
 			continue
 		}
 		if l := p.m.relayable(r.pid); l != nil {
-			hops = append(hops, relayHop{r.pid, l, l.conn.ConnectionStats().SmoothedRTT})
+			hops = append(hops, relayHop{r.pid, l, l.conn.ConnectionStats().MinRTT})
 		}
 	}
 	slices.SortFunc(hops, func(a, b relayHop) int { return int(a.rtt - b.rtt) })
@@ -1018,13 +1018,12 @@ func (p *peer) rankPeerRelays(life, ctx context.Context, l *link) bool {
 	pin := p.info.Pin
 	p.mu.Unlock()
 	for _, h := range p.relayHops() {
-		first := h.l.conn.ConnectionStats().MinRTT
-		if ctx.Err() != nil || l.conn.Context().Err() != nil || !beats(first, turn) {
+		if ctx.Err() != nil || l.conn.Context().Err() != nil || !beats(h.rtt, turn) {
 			continue
 		}
 		id := newSessionID()
 		better := func(rep header.Reply) bool {
-			rtt := first + min(time.Duration(rep.Rcvd)*time.Microsecond, rankMaxRTT)
+			rtt := h.rtt + min(time.Duration(rep.Rcvd)*time.Microsecond, rankMaxRTT)
 			if rep.Rcvd == 0 || !beats(rtt, turn) {
 				p.log.Debug("peer relay does not beat TURN", "via", h.pid, "rtt", rtt, "turn_rtt", turn)
 				return false

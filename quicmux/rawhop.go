@@ -121,22 +121,28 @@ func (m *Mux) rawFrom(l *link, from netip.AddrPort) bool {
 // as a datagram from the party it matches; anything else is dropped.
 func (m *Mux) rawIn(from netip.AddrPort, b []byte) {
 	r := &m.prelay
-	if len(b) < relayHeaderLen {
+	if len(b) < relayHeaderLen || b[17] > pieceSecond {
 		r.dropped.Add(1)
 		return
 	}
 	id := sessionID(b[1:17])
 	r.mu.Lock()
 	s, e := r.relayed[id], r.ends[id]
+	var srcA, srcB *source
+	if s != nil {
+		srcA, srcB = r.limiters[s.a], r.limiters[s.b]
+	}
 	r.mu.Unlock()
-	pid, hop := -1, (*rawHop)(nil)
+	var hop *rawHop
+	var src *source
+	pid := -1
 	switch {
 	case s != nil && m.rawFrom(s.linkA.get(m.relayable, s.a), from):
-		pid, hop = s.a, &s.rawA
+		pid, hop, src, e = s.a, &s.rawA, srcA, nil
 	case s != nil && m.rawFrom(s.linkB.get(m.relayable, s.b), from):
-		pid, hop = s.b, &s.rawB
+		pid, hop, src, e = s.b, &s.rawB, srcB, nil
 	case e != nil && m.rawFrom(e.link.get(m.relayable, e.via), from):
-		pid, hop = e.via, &e.raw
+		pid, hop, s = e.via, &e.raw, nil
 	}
 	if hop == nil {
 		r.dropped.Add(1)
@@ -145,7 +151,7 @@ func (m *Mux) rawIn(from netip.AddrPort, b []byte) {
 	hop.took(b[0], time.Now().UnixNano())
 	r.rawIn.Add(1)
 	b[0] = dgRelay
-	m.relayDatagram(pid, b)
+	m.relayTake(pid, b, s, e, src)
 }
 
 // sendHop sends the relayed packet b (header included; the caller's to

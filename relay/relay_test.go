@@ -132,6 +132,24 @@ func FuzzParseRelayURL(f *testing.F) {
 	})
 }
 
+// runRenewing runs a Renewing over a (nil: none yet) with the test
+// server's credentials at u until the test ends; each new relayed
+// address comes on the channel.
+func runRenewing(t *testing.T, a *Allocation, u URL) (*Renewing, <-chan netip.AddrPort) {
+	r := NewRenewing(a, Options{URLs: []URL{u}, User: "party", Password: "relay-password", Timeout: 2 * time.Second})
+	changed := make(chan netip.AddrPort, 4)
+	r.OnChange = func(a netip.AddrPort, _ string) { changed <- a }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		r.Close()
+	})
+	return r, changed
+}
+
 // TestRenewing: a Renewing whose server is not up at start allocates once
 // it is, and allocates again when the server restarts (its TCP connection
 // resets and the old allocation is gone), telling OnChange each time; the
@@ -142,17 +160,7 @@ func TestRenewing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := NewRenewing(nil, Options{URLs: []URL{u}, User: "party", Password: "relay-password", Timeout: 2 * time.Second})
-	defer r.Close()
-	changed := make(chan netip.AddrPort, 4)
-	r.OnChange = func(a netip.AddrPort, _ string) { changed <- a }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	defer func() {
-		cancel()
-		<-done
-	}()
+	r, changed := runRenewing(t, nil, u)
 	if _, err := r.WriteTo([]byte("lost"), &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 9}); err != nil {
 		t.Errorf("a write with no allocation = %v; want it dropped quietly", err)
 	}
@@ -211,17 +219,7 @@ func TestRenewingAfterUDPRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := NewRenewing(a, Options{URLs: []URL{u}, User: "party", Password: "relay-password", Timeout: 2 * time.Second})
-	defer r.Close()
-	changed := make(chan netip.AddrPort, 4)
-	r.OnChange = func(a netip.AddrPort, _ string) { changed <- a }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	defer func() {
-		cancel()
-		<-done
-	}()
+	r, changed := runRenewing(t, a, u)
 	exchange(t, &Allocation{Conn: r, Addr: a.Addr})
 	time.Sleep(2 * CheckInterval) // checks that find it held
 	select {
