@@ -994,6 +994,13 @@ func (p *peer) rankDelay() time.Duration {
 	return max(rankFirst, p.rankNext.Sub(now))
 }
 
+// viaRTT is the round trip through a relay first away whose answer
+// claimed far microseconds to the far end, taken as rankMaxRTT at most
+// (a relay's number: it must not wrap around).
+func viaRTT(first time.Duration, far uint64) time.Duration {
+	return first + time.Duration(min(far, uint64(rankMaxRTT/time.Microsecond)))*time.Microsecond
+}
+
 // beats reports whether a round trip of rtt beats one of than.
 func beats(rtt, than time.Duration) bool {
 	return rtt > 0 && rtt < than*4/5 && than-rtt >= rankMargin
@@ -1023,7 +1030,7 @@ func (p *peer) rankPeerRelays(life, ctx context.Context, l *link) bool {
 		}
 		id := newSessionID()
 		better := func(rep header.Reply) bool {
-			rtt := h.rtt + min(time.Duration(rep.Rcvd)*time.Microsecond, rankMaxRTT)
+			rtt := viaRTT(h.rtt, rep.Rcvd)
 			if rep.Rcvd == 0 || !beats(rtt, turn) {
 				p.log.Debug("peer relay does not beat TURN", "via", h.pid, "rtt", rtt, "turn_rtt", turn)
 				return false

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"io"
+	"math"
 	"net"
 	"slices"
 	"strconv"
@@ -265,6 +266,23 @@ func TestRankBackoff(t *testing.T) {
 	p.rankedAt = time.Now().Add(-2 * rankEvery) // a move that held
 	if got := p.rankDelay(); got != rankFirst {
 		t.Errorf("after a move that held: %v; want %v", got, rankFirst)
+	}
+}
+
+// TestRelayClaimsAreBounded: a hostile relay's answer claims a round trip
+// to the far end; the largest it can send counts as rankMaxRTT, and does
+// not wrap around into one that beats TURN.
+func TestRelayClaimsAreBounded(t *testing.T) {
+	for _, far := range []uint64{math.MaxUint64, math.MaxInt64, 1 << 63, uint64(rankMaxRTT/time.Microsecond) + 1} {
+		if got := viaRTT(time.Millisecond, far); got != time.Millisecond+rankMaxRTT {
+			t.Errorf("viaRTT(1ms, %d) = %v; want %v", far, got, time.Millisecond+rankMaxRTT)
+		}
+		if beats(viaRTT(time.Millisecond, far), 40*time.Millisecond) {
+			t.Errorf("a claim of %d µs beats a TURN path of 40 ms", far)
+		}
+	}
+	if got := viaRTT(time.Millisecond, 500); got != 1500*time.Microsecond {
+		t.Errorf("viaRTT(1ms, 500) = %v; want 1.5ms", got)
 	}
 }
 
