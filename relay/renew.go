@@ -319,31 +319,42 @@ func (a *Allocation) held(ctx context.Context) bool {
 		return true
 	}
 	to := net.UDPAddrFromAddrPort(a.mapped)
-	ch := make(chan error, 1)
-	go func() { // as check: pion's transaction has no ctx
+	err, ok := answer(ctx, func() error {
 		defer a.asking.Store(false)
 		err := a.client.CreatePermission(to)
 		var te *stun.TurnError
 		if err != nil && !errors.As(err, &te) {
 			err = a.client.CreatePermission(to) // a stale nonce, now renewed
 		}
-		ch <- err
-	}()
+		return err
+	})
+	switch {
+	case !ok:
+		return true
+	case err == nil:
+		a.granted = true
+		return true
+	}
+	var te *stun.TurnError
+	return !a.granted || !errors.As(err, &te) ||
+		(te.ErrorCodeAttr.Code != stun.CodeAllocMismatch && te.ErrorCodeAttr.Code != stun.CodeBadRequest)
+}
+
+// answer runs f, a pion transaction (which has no ctx: it ends when its
+// retries do or the client closes), and waits checkTimeout at most for its
+// result; ok is false when it did not come in time.
+func answer[T any](ctx context.Context, f func() T) (res T, ok bool) {
+	ch := make(chan T, 1)
+	go func() { ch <- f() }()
 	t := time.NewTimer(checkTimeout)
 	defer t.Stop()
 	select {
-	case err := <-ch:
-		if err == nil {
-			a.granted = true
-			return true
-		}
-		var te *stun.TurnError
-		return !a.granted || !errors.As(err, &te) ||
-			(te.ErrorCodeAttr.Code != stun.CodeAllocMismatch && te.ErrorCodeAttr.Code != stun.CodeBadRequest)
+	case res = <-ch:
+		return res, true
 	case <-t.C:
 	case <-ctx.Done():
 	}
-	return true
+	return res, false
 }
 
 // check asks the server what address it sees this allocation's socket
@@ -356,27 +367,22 @@ func (a *Allocation) check(ctx context.Context) (netip.AddrPort, error) {
 		addr net.Addr
 		err  error
 	}
-	ch := make(chan result, 1)
-	go func() { // pion's transaction has no ctx; it ends when its retries do or the client closes
+	res, ok := answer(ctx, func() result {
 		addr, err := a.client.SendBindingRequest()
-		ch <- result{addr, err}
-	}()
-	t := time.NewTimer(checkTimeout)
-	defer t.Stop()
-	select {
-	case res := <-ch:
-		if res.err != nil {
-			return netip.AddrPort{}, res.err
-		}
-		ua, ok := res.addr.(*net.UDPAddr)
-		if !ok {
-			return netip.AddrPort{}, errors.New("binding answer is not a UDP address")
-		}
-		ap := ua.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
-	case <-t.C:
-		return netip.AddrPort{}, errors.New("no answer to a binding check")
-	case <-ctx.Done():
+		return result{addr, err}
+	})
+	switch {
+	case ctx.Err() != nil:
 		return netip.AddrPort{}, ctx.Err()
+	case !ok:
+		return netip.AddrPort{}, errors.New("no answer to a binding check")
+	case res.err != nil:
+		return netip.AddrPort{}, res.err
 	}
+	ua, isUDP := res.addr.(*net.UDPAddr)
+	if !isUDP {
+		return netip.AddrPort{}, errors.New("binding answer is not a UDP address")
+	}
+	ap := ua.AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
 }
